@@ -1,0 +1,381 @@
+"""A small video DiT for rectified flow, its samplers, and the safetensors checkpoint format.
+
+Flow convention, used everywhere in postflow:
+    x_t = (1 - t) * x0 + t * x1,   x0 ~ N(0, I) noise,  x1 data,  target velocity v = x1 - x0,
+    sampling integrates t from 0 (noise) to 1 (data).
+The network predicts the clean clip x1 ("x-prediction") and the velocity is derived from it,
+v = (x1_hat - x_t) / (1 - t). In pixel space with 4x4 patches a velocity-predicting net has to emit
+per-patch noise it cannot represent and leaves speckles; a clean-data target lies on the low-dimensional
+data manifold (Li & He 2025, "Back to Basics: Let Denoising Generative Models Denoise"). The loss is
+still taken on v, so the sampler and the SDE of Stage II see an ordinary flow model.
+
+Attention is factorised: spatial attention within each frame, then temporal attention across frames at
+each spatial position. On 8 frames of 8x8 tokens that costs 8*64^2 + 64*8^2 pair scores per clip
+against 512^2 for joint attention, an 8x saving that buys depth on a 2-core CPU.
+
+Run `python model.py --ckpt=X.safetensors --prompts="a fast red circle moving left" --out=clip.gif`
+to render any checkpoint.
+"""
+import hashlib
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import data
+
+
+# ----------------------------------------------------------------------------- configuration
+@dataclass
+class ModelConfig:
+    frames: int = 8        # frames per clip
+    size: int = 32         # frame height = width
+    channels: int = 3      # RGB
+    patch: int = 4         # spatial patch edge
+    tpatch: int = 1        # frames per patch
+    dim: int = 128         # token width
+    depth: int = 6         # transformer blocks
+    heads: int = 4         # attention heads
+    mlp_ratio: float = 4.0 # MLP hidden = mlp_ratio * dim
+    vocab: int = len(data.VOCAB)
+    max_tokens: int = data.MAX_TOKENS
+    t_eps: float = 0.05    # floor on (1 - t) when turning x1_hat into a velocity
+
+
+PRESETS = {
+    "tiny": dict(dim=32, depth=2, heads=2, mlp_ratio=2.0, frames=4, size=16),  # tests: seconds
+    "small": dict(dim=128, depth=6, heads=4, tpatch=2),                              # the 2-core CPU default
+    "base": dict(dim=384, depth=12, heads=6, frames=16, size=64),             # one GPU
+}
+
+
+def preset(name, **overrides):
+    if name not in PRESETS:
+        raise ValueError(f"unknown model preset {name!r}; choose from {list(PRESETS)}")
+    return ModelConfig(**{**PRESETS[name], **overrides})
+
+
+# ----------------------------------------------------------------------------- the network
+def modulate(x, shift, scale):
+    return x * (1 + scale) + shift
+
+
+def timestep_embedding(t, dim, max_period=10000.0):
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+    args = t.float()[:, None] * 1000 * freqs[None]
+    return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+
+
+def sincos_1d(n, dim):
+    pos = torch.arange(n, dtype=torch.float32)[:, None]
+    freqs = torch.exp(-math.log(10000.0) * torch.arange(dim // 2, dtype=torch.float32) / (dim // 2))
+    return torch.cat([torch.sin(pos * freqs), torch.cos(pos * freqs)], dim=-1)  # (n, dim)
+
+
+class Attention(nn.Module):
+    def __init__(self, dim, heads):
+        super().__init__()
+        self.heads = heads
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x):  # (N, L, D)
+        N, L, D = x.shape
+        q, k, v = self.qkv(x).view(N, L, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)
+        y = F.scaled_dot_product_attention(q, k, v)  # (N, heads, L, D/heads)
+        return self.proj(y.transpose(1, 2).reshape(N, L, D))
+
+
+class Block(nn.Module):
+    """Spatial attention, temporal attention, MLP; each pre-normed and adaLN-modulated by the condition."""
+
+    def __init__(self, dim, heads, mlp_ratio):
+        super().__init__()
+        self.norms = nn.ModuleList([nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6) for _ in range(3)])
+        self.spatial, self.temporal = Attention(dim, heads), Attention(dim, heads)
+        hidden = int(dim * mlp_ratio)
+        self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim))
+        self.ada = nn.Sequential(nn.SiLU(), nn.Linear(dim, 9 * dim))
+
+    def forward(self, x, c):  # x (B, T, S, D), c (B, D)
+        B, T, S, D = x.shape
+        mods = self.ada(c)[:, None, None].chunk(9, dim=-1)  # 9 x (B, 1, 1, D)
+        h = modulate(self.norms[0](x), mods[0], mods[1]).reshape(B * T, S, D)
+        x = x + mods[2] * self.spatial(h).view(B, T, S, D)
+        h = modulate(self.norms[1](x), mods[3], mods[4]).transpose(1, 2).reshape(B * S, T, D)
+        x = x + mods[5] * self.temporal(h).view(B, S, T, D).transpose(1, 2)
+        return x + mods[8] * self.mlp(modulate(self.norms[2](x), mods[6], mods[7]))
+
+
+class VideoDiT(nn.Module):
+    """Predicts the clean clip from a noisy one, the caption and optional context frames.
+
+    Context frames (image-to-video, or the last frames of a previous clip for continuation) enter as
+    extra input channels: the clean context where given, and a mask channel saying which frames it covers."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        c, p, tp, D = cfg.channels, cfg.patch, cfg.tpatch, cfg.dim
+        assert cfg.size % p == 0 and cfg.frames % tp == 0 and D % (2 * cfg.heads) == 0
+        self.grid = (cfg.frames // tp, cfg.size // p, cfg.size // p)  # (T, h, w) tokens
+        self.patch_embed = nn.Conv3d(2 * c + 1, D, kernel_size=(tp, p, p), stride=(tp, p, p))
+        T, h, w = self.grid
+        pos_hw = torch.cat([sincos_1d(h, D // 2)[:, None].expand(h, w, D // 2),
+                            sincos_1d(w, D // 2)[None].expand(h, w, D // 2)], dim=-1).reshape(h * w, D)
+        self.register_buffer("pos_space", pos_hw, persistent=False)    # (S, D)
+        self.register_buffer("pos_time", sincos_1d(T, D), persistent=False)  # (T, D)
+        self.t_embed = nn.Sequential(nn.Linear(D, D), nn.SiLU(), nn.Linear(D, D))
+        self.word_embed = nn.Embedding(cfg.vocab, D, padding_idx=0)
+        self.null_text = nn.Parameter(torch.zeros(D))  # the dropped condition of classifier-free guidance
+        self.text_mlp = nn.Sequential(nn.Linear(D, D), nn.SiLU(), nn.Linear(D, D))
+        self.blocks = nn.ModuleList([Block(D, cfg.heads, cfg.mlp_ratio) for _ in range(cfg.depth)])
+        self.final_norm = nn.LayerNorm(D, elementwise_affine=False, eps=1e-6)
+        self.final_ada = nn.Sequential(nn.SiLU(), nn.Linear(D, 2 * D))
+        self.final = nn.Linear(D, tp * p * p * c)
+        self.initialize()
+
+    def initialize(self):
+        """Xavier everywhere, then adaLN-Zero: every block starts as the identity and the output as 0."""
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)
+                nn.init.zeros_(m.bias)
+        w = self.patch_embed.weight
+        nn.init.xavier_uniform_(w.view(w.shape[0], -1))
+        nn.init.zeros_(self.patch_embed.bias)
+        nn.init.normal_(self.word_embed.weight, std=0.02)
+        for blk in self.blocks:
+            nn.init.zeros_(blk.ada[-1].weight)
+            nn.init.zeros_(blk.ada[-1].bias)
+        for lin in (self.final_ada[-1], self.final):
+            nn.init.zeros_(lin.weight)
+            nn.init.zeros_(lin.bias)
+
+    def text(self, tokens, drop=None):
+        """Pooled caption embedding (B, D). drop: (B,) bool, True = unconditional."""
+        mask = (tokens != 0).float()[..., None]                             # (B, L, 1)
+        pooled = (self.word_embed(tokens) * mask).sum(1) / mask.sum(1).clamp(min=1)
+        if drop is not None:
+            pooled = torch.where(drop[:, None], self.null_text.expand_as(pooled), pooled)
+        return self.text_mlp(pooled)
+
+    def forward(self, x, t, tokens, ctx=None, ctx_mask=None, drop=None):
+        """x (B, C, F, H, W) noisy clip, t (B,), tokens (B, L); ctx like x, ctx_mask (B, F) bool.
+        Returns x1_hat, the predicted clean clip (B, C, F, H, W)."""
+        B, C, Fr, H, W = x.shape
+        if ctx is None:
+            ctx, ctx_mask = torch.zeros_like(x), torch.zeros(B, Fr, dtype=torch.bool, device=x.device)
+        m = ctx_mask.to(x.dtype)[:, None, :, None, None]                     # (B, 1, F, 1, 1)
+        inp = torch.cat([x, ctx * m, m.expand(B, 1, Fr, H, W)], dim=1)       # (B, 2C+1, F, H, W)
+        T, h, w = self.grid
+        tok = self.patch_embed(inp).flatten(3).permute(0, 2, 3, 1)           # (B, T, S, D)
+        tok = tok + self.pos_space[None, None] + self.pos_time[None, :, None]
+        c = self.t_embed(timestep_embedding(t, self.cfg.dim)) + self.text(tokens, drop)  # (B, D)
+        for blk in self.blocks:
+            tok = blk(tok, c)
+        shift, scale = self.final_ada(c)[:, None, None].chunk(2, dim=-1)
+        out = self.final(modulate(self.final_norm(tok), shift, scale))       # (B, T, S, tp*p*p*C)
+        p, tp = self.cfg.patch, self.cfg.tpatch
+        out = out.view(B, T, h, w, tp, p, p, C).permute(0, 7, 1, 4, 2, 5, 3, 6)
+        return out.reshape(B, C, Fr, H, W)
+
+    def velocity(self, x, t, tokens, **kw):
+        """The flow the samplers integrate. (B, C, F, H, W)"""
+        return to_velocity(self(x, t, tokens, **kw), x, t, self.cfg.t_eps)
+
+
+def to_velocity(x1_hat, x, t, t_eps):
+    """v = (x1_hat - x_t) / (1 - t), with 1 - t floored at t_eps."""
+    return (x1_hat - x) / (1 - t).clamp(min=t_eps)[:, None, None, None, None]
+
+
+# ----------------------------------------------------------------------------- flow matching
+def sample_t(n, gen, mean=-0.4, std=1.0, device="cpu"):
+    """Logit-normal training times: t = sigmoid(N(mean, std)); a negative mean leans toward noise."""
+    return torch.sigmoid(torch.randn(n, generator=gen) * std + mean).to(device)
+
+
+def flow_loss(model, x1, tokens, gen, cond_drop=0.1, ctx_mask=None, t_mean=-0.4, t_std=1.0):
+    """Rectified-flow loss on v, per sample (B,), and the sampled t (B,). Context frames are given clean
+    and excluded from the loss. gen: a CPU torch.Generator, so runs are reproducible on any device."""
+    B, dev = x1.shape[0], x1.device
+    t = sample_t(B, gen, t_mean, t_std, dev)
+    x0 = torch.randn(x1.shape, generator=gen).to(dev)
+    drop = (torch.rand(B, generator=gen) < cond_drop).to(dev)
+    tt = t[:, None, None, None, None]
+    xt = (1 - tt) * x0 + tt * x1
+    ctx = x1 if ctx_mask is not None else None
+    t_eps = getattr(model, "module", model).cfg.t_eps  # model may be wrapped in DDP, which only calls forward
+    v_hat = to_velocity(model(xt, t, tokens, ctx=ctx, ctx_mask=ctx_mask, drop=drop), xt, t, t_eps)
+    err = (v_hat - (x1 - x0)) ** 2                                          # (B, C, F, H, W)
+    if ctx_mask is None:
+        return err.mean(dim=(1, 2, 3, 4)), t
+    keep = (~ctx_mask).to(err.dtype)[:, None, :, None, None]
+    return (err * keep).sum(dim=(1, 2, 3, 4)) / (keep.sum(dim=(1, 2, 3, 4)) * err[0, :, 0].numel()).clamp(min=1), t
+
+
+def guided_velocity(model, x, t, tokens, cfg_scale, ctx=None, ctx_mask=None):
+    """Classifier-free guidance: v_u + w (v_c - v_u), both halves in one batch."""
+    tvec = torch.full((x.shape[0],), float(t), device=x.device)
+    if cfg_scale == 1.0:
+        return model.velocity(x, tvec, tokens, ctx=ctx, ctx_mask=ctx_mask)
+    two = lambda a: None if a is None else torch.cat([a, a])
+    drop = torch.cat([torch.zeros(x.shape[0], dtype=torch.bool), torch.ones(x.shape[0], dtype=torch.bool)]).to(x.device)
+    v = model.velocity(two(x), two(tvec), two(tokens), ctx=two(ctx), ctx_mask=two(ctx_mask), drop=drop)
+    v_c, v_u = v.chunk(2)
+    return v_u + cfg_scale * (v_c - v_u)
+
+
+def time_grid(steps, shift=1.0):
+    """t from 0 to 1. shift > 1 spends more steps near the noise end (t small)."""
+    s = torch.linspace(0, 1, steps + 1)
+    return s / (shift - (shift - 1) * s)
+
+
+@torch.no_grad()
+def sample(model, tokens, noise, steps=20, cfg_scale=3.0, ctx=None, ctx_mask=None, shift=1.0):
+    """Euler ODE from noise (t=0) to data (t=1). noise: (B, C, F, H, W). Context frames are pinned."""
+    x, grid = noise, time_grid(steps, shift)
+    for i in range(steps):
+        t, t_next = float(grid[i]), float(grid[i + 1])
+        x = x + (t_next - t) * guided_velocity(model, x, t, tokens, cfg_scale, ctx, ctx_mask)
+    if ctx is not None:
+        x = torch.where(ctx_mask[:, None, :, None, None], ctx, x)
+    return x.clamp(-1, 1)
+
+
+def sde_step(x, v, t, t_next, t_first, noise_level=0.7, eps=None, x_next=None):
+    """One step of the SDE with the same marginals as the flow ODE (Flow-GRPO), as a Gaussian policy.
+
+    Written in sigma = 1 - t (sigma = 1 is noise); v is the t-convention velocity (= minus Flow-GRPO's).
+    t_first: the grid's second time, used where sigma = 1 would divide by zero. Returns x_next, its
+    mean, the std of the step's noise (std * sqrt(-dsigma)), and the log-probability of x_next in fp32,
+    averaged over the non-batch dimensions (a mean, not a sum: clip ranges and beta scale with it).
+    Pass x_next to score a stored transition instead of drawing a new one."""
+    x, v = x.float(), v.float()
+    sigma, dsigma = 1.0 - t, t - t_next                       # dsigma = sigma_next - sigma < 0
+    std = noise_level * math.sqrt(sigma / max(1.0 - sigma, t_first))
+    mean = x * (1 + std ** 2 * dsigma / (2 * sigma)) - v * (1 + std ** 2 * (1 - sigma) / (2 * sigma)) * dsigma
+    step_std = std * math.sqrt(-dsigma)
+    if x_next is None:
+        x_next = mean + step_std * (eps if eps is not None else torch.randn_like(mean))
+    logp = (-((x_next.float() - mean) ** 2) / (2 * step_std ** 2) - math.log(step_std) - 0.5 * math.log(2 * math.pi))
+    return x_next, mean, step_std, logp.mean(dim=tuple(range(1, x.dim())))
+
+
+# ----------------------------------------------------------------------------- checkpoints
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be used: missing, truncated, not postflow's, or another model shape."""
+
+
+def file_hash(path):
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()[:16]
+
+
+def lineage_record(stage, parent="", step=0, data_preset="", **extra):
+    """Where a checkpoint came from: stage, parent file and its hash, step, data, time."""
+    return dict(stage=stage, parent=str(parent), parent_hash=file_hash(parent) if parent else "",
+                step=step, data=data_preset, time=time.strftime("%Y-%m-%dT%H:%M:%S"), **extra)
+
+
+def save_checkpoint(path, tensors, cfg: ModelConfig, lineage, **meta):
+    """Write tensors + model config + lineage atomically: a temp file, then rename."""
+    from safetensors.torch import save_file
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp{os.getpid()}"
+    metadata = {"format": "postflow", "model_config": json.dumps(asdict(cfg)), "lineage": json.dumps(lineage)}
+    metadata.update({k: json.dumps(v) for k, v in meta.items()})
+    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=metadata)
+    os.replace(tmp, path)
+
+
+def read_checkpoint(path):
+    """Returns (tensors, ModelConfig, metadata dict with JSON values decoded). One-line errors."""
+    from safetensors import safe_open
+    if not os.path.isfile(path):
+        raise CheckpointError(f"checkpoint not found: {path}")
+    try:
+        with safe_open(path, framework="pt") as f:
+            meta = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as e:
+        raise CheckpointError(f"checkpoint {path} is truncated or not a safetensors file ({type(e).__name__})") from None
+    if meta.get("format") != "postflow":
+        raise CheckpointError(f"checkpoint {path} has no postflow metadata (model config and lineage)")
+    meta = {k: json.loads(v) for k, v in meta.items() if k != "format"}
+    return tensors, ModelConfig(**meta.pop("model_config")), meta
+
+
+def load_weights(model, tensors, path="checkpoint", prefix=""):
+    """Copy tensors[prefix + name] into the model; a shape mismatch is a one-line error naming it."""
+    own = model.state_dict()
+    got = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+    missing = sorted(set(own) - set(got))
+    if missing:
+        raise CheckpointError(f"{path} lacks {len(missing)} weights of this model (first: {missing[0]})")
+    for k, v in own.items():
+        if got[k].shape != v.shape:
+            raise CheckpointError(f"{path}: weight {k} has shape {tuple(got[k].shape)} but this model needs "
+                                  f"{tuple(v.shape)}")
+    model.load_state_dict({k: got[k].to(v.dtype) for k, v in own.items()})
+
+
+def check_config(cfg: ModelConfig, expected: ModelConfig, path):
+    diff = [f"{k}={getattr(cfg, k)} (model has {getattr(expected, k)})"
+            for k in asdict(cfg) if getattr(cfg, k) != getattr(expected, k)]
+    if diff:
+        raise CheckpointError(f"checkpoint {path} is for another model shape: {', '.join(diff)}")
+
+
+def load_model(path, device="cpu", expect: ModelConfig = None):
+    """A VideoDiT with the weights of a hand-off checkpoint, and the checkpoint's metadata."""
+    tensors, cfg, meta = read_checkpoint(path)
+    if expect is not None:
+        check_config(cfg, expect, path)
+    model = VideoDiT(cfg)
+    load_weights(model, tensors, path)
+    return model.to(device).eval(), meta
+
+
+# ----------------------------------------------------------------------------- render any checkpoint
+def main(argv):
+    from stability import parse_config, run_cli
+
+    @dataclass
+    class RenderConfig:
+        ckpt: str = "checkpoints/base_small.safetensors"  # hand-off checkpoint to sample
+        prompts: str = "a fast red circle moving right;a slow green square moving up"  # ';'-separated
+        seeds: int = 4            # clips per prompt (seeds 0..seeds-1)
+        steps: int = 20           # Euler steps
+        cfg_scale: float = 3.0    # classifier-free guidance weight
+        out: str = "render.gif"   # .gif, or .mp4 with imageio-ffmpeg installed
+        overwrite: bool = False   # replace an existing output file
+
+    cfg = parse_config(RenderConfig, argv)
+    if os.path.exists(cfg.out) and not cfg.overwrite:
+        raise FileExistsError(f"{cfg.out} exists; pass --overwrite=true to replace it")
+    prompts = [p.strip() for p in cfg.prompts.split(";") if p.strip()]
+    tokens = data.tokenize(prompts).repeat_interleave(cfg.seeds, 0)
+    model, _ = load_model(cfg.ckpt)
+    gen = torch.Generator().manual_seed(0)
+    noise = torch.randn(len(tokens), model.cfg.channels, model.cfg.frames, model.cfg.size, model.cfg.size, generator=gen)
+    videos = sample(model, tokens, noise, cfg.steps, cfg.cfg_scale)
+    data.write_video(data.video_grid(videos, len(prompts), cfg.seeds), cfg.out)
+    print(f"wrote {cfg.out}: {len(prompts)} prompts (rows) x {cfg.seeds} seeds (columns)")
+
+
+if __name__ == "__main__":
+    from stability import run_cli
+    run_cli(main, sys.argv[1:])

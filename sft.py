@@ -1,0 +1,200 @@
+"""Stage I: supervised policy shaping, and pretraining, with one flow-matching loop.
+
+    python sft.py                                          # SFT: shipped base -> curated data
+    python sft.py --init= --data=web --steps=2400 --out_dir=runs/base   # pretraining from scratch
+    torchrun --standalone --nproc_per_node=2 sft.py        # the same file, DDP over gloo / nccl
+
+From scratch on noisy web data this is pretraining; from a checkpoint on curated data it shapes a stable,
+controllable reference policy for Stages II and III. Either way the loop is the same: flow loss (logged
+per t-bin), warmup, global grad clipping, a guard against non-finite steps, EMA, atomic resumable
+checkpoints, and at the end a hand-off checkpoint of the EMA weights plus a GIF grid of samples.
+"""
+import json
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+from torch.nn.parallel import DistributedDataParallel as DDP
+from tqdm import tqdm
+
+import data
+import model as M
+from stability import (EMA, NonFiniteGuard, ConfigError, clip_gradients, load_optimizer_tensors, make_logger,
+                       optimizer_tensors, parse_config, prepare_out_dir, print_config, run_cli, setup_distributed,
+                       warmup_cosine, all_mean)
+
+
+@dataclass
+class Config:
+    # ---- what to train
+    init: str = "checkpoints/base_small.safetensors"  # start weights; '' trains from scratch (pretraining)
+    data: str = "curated"      # 'web' (noisy pretraining data) or 'curated' (clean SFT data)
+    preset: str = "small"      # model preset, used only when training from scratch
+    out_dir: str = "runs/sft"  # ckpt.safetensors, state.safetensors, log.jsonl, samples.gif
+    # ---- optimisation
+    steps: int = 400           # optimizer steps
+    batch_size: int = 32       # clips per step, summed over ranks
+    lr: float = 2e-4           # peak learning rate (pretraining from scratch: 1e-3)
+    warmup: int = 50           # linear warmup steps, then cosine decay to lr / 10
+    weight_decay: float = 0.0  # AdamW decoupled weight decay
+    grad_clip: float = 1.0     # global grad-norm clip
+    ema_decay: float = 0.998   # EMA of weights; samples and the hand-off checkpoint use the EMA
+    cond_drop: float = 0.1     # caption dropout, so classifier-free guidance has an unconditional model
+    ctx_prob: float = 0.25     # fraction of clips trained with context frames (first frame or first half)
+    t_mean: float = -0.4       # logit-normal t: mean (negative leans toward noise)
+    t_std: float = 1.0         # logit-normal t: std
+    # ---- bookkeeping
+    seed: int = 0              # data, noise and t are drawn from (seed, step, rank): resumes are exact
+    log_every: int = 25        # steps between log lines
+    ckpt_every: int = 200      # steps between resumable checkpoints
+    val_clips: int = 256       # clips per split for the final validation flow loss
+    sample_steps: int = 20     # Euler steps for the sample grid
+    cfg_scale: float = 3.0     # guidance weight for the sample grid
+    resume: bool = False       # continue the run in out_dir from its state.safetensors
+    overwrite: bool = False    # replace whatever out_dir holds
+    device: str = "auto"       # 'cpu', 'cuda' or 'auto'
+
+
+# Six training combinations, then two that no training split shows (rows of samples.gif).
+SAMPLE_PROMPTS = ([data.caption(c, s, d, sp) for c, s, d, sp in [(0, 1, 1, 1), (1, 2, 3, 0), (2, 0, 3, 1),
+                                                                 (3, 1, 0, 0), (4, 0, 2, 1), (5, 1, 0, 0)]]
+                  + [data.caption(c, s, d, 1) for c, s, d in sorted(data.HELDOUT_COMBOS)[:2]])
+
+
+def context_mask(n, frames, prob, gen):
+    """Which frames are given as clean context: none, the first frame (image-to-video), or the first
+    half (continuing a previous clip). (n, frames) bool."""
+    kind = torch.randint(2, (n,), generator=gen)
+    used = torch.rand(n, generator=gen) < prob
+    k = torch.where(kind == 0, torch.ones_like(kind), torch.full_like(kind, frames // 2)) * used
+    return torch.arange(frames)[None] < k[:, None]
+
+
+@torch.no_grad()
+def validation_loss(net, world, n, seed=1234):
+    """Flow loss of `net` on clean held-out clips (fixed noise and t): curated val and unseen combos."""
+    out = {}
+    for split in ("val", "heldout"):
+        gen = torch.Generator().manual_seed(seed)
+        losses = []
+        for i in range(0, n, 64):
+            b = data.make_batch(split, min(64, n - i), seed=seed, step=i, world=world)
+            dev = next(net.parameters()).device
+            loss, _ = M.flow_loss(net, b.videos.to(dev), b.tokens.to(dev), gen, cond_drop=0.0)
+            losses.append(loss)
+        out[split] = float(torch.cat(losses).mean())
+    return out
+
+
+def train(cfg: Config, stop_after=None):
+    """Run the loop; stop_after ends it early after that step's checkpoint (tests use it to interrupt)."""
+    if cfg.data not in ("web", "curated"):
+        raise ConfigError(f"--data must be 'web' or 'curated', got {cfg.data!r}")
+    d = setup_distributed(cfg.device)
+    log = make_logger(d)
+    if cfg.batch_size % d.world:
+        raise ConfigError(f"batch_size {cfg.batch_size} does not divide over {d.world} ranks")
+    if d.main:
+        prepare_out_dir(cfg.out_dir, cfg.resume, cfg.overwrite)
+    state_path, ckpt_path = os.path.join(cfg.out_dir, "state.safetensors"), os.path.join(cfg.out_dir, "ckpt.safetensors")
+
+    # ---- model: from a parent checkpoint, from scratch, or resumed from this run's own state
+    if cfg.init:
+        net, parent_meta = M.load_model(cfg.init, d.device)
+        mcfg = net.cfg
+    else:
+        mcfg, parent_meta = M.preset(cfg.preset), {}
+        torch.manual_seed(cfg.seed)  # the initial weights, like everything else, follow from the seed
+        net = M.VideoDiT(mcfg).to(d.device)
+    net.train()
+    world = data.WorldConfig(frames=mcfg.frames, size=mcfg.size)
+    ema = EMA(net, cfg.ema_decay)
+    opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    start = 0
+    if cfg.resume:
+        tensors, scfg, meta = M.read_checkpoint(state_path)
+        M.check_config(scfg, mcfg, state_path)
+        M.load_weights(net, tensors, state_path, prefix="model.")
+        M.load_weights(ema.model, tensors, state_path, prefix="ema.")
+        load_optimizer_tensors(opt, net.named_parameters(), tensors)
+        start = meta["step"]
+        log(f"resumed {state_path} at step {start}")
+    train_net = DDP(net) if d.world > 1 else net
+    per_rank = cfg.batch_size // d.world
+    stage = "pretrain" if not cfg.init else "sft"
+    lineage = lambda step: M.lineage_record(stage, cfg.init, step, cfg.data, config=asdict(cfg),
+                                            parent_stage=parent_meta.get("lineage", {}).get("stage", ""))
+    log(f"{stage}: {sum(p.numel() for p in net.parameters()) / 1e6:.2f}M params, {d.world} rank(s) x "
+        f"{per_rank} clips = {cfg.batch_size} per step, {cfg.steps} steps, data={cfg.data}, device={d.device}")
+    print_config(cfg, log)
+
+    def save_state(step):
+        if d.main:
+            tensors = {**{f"model.{k}": v for k, v in net.state_dict().items()},
+                       **{f"ema.{k}": v for k, v in ema.model.state_dict().items()},
+                       **optimizer_tensors(opt, net.named_parameters())}
+            M.save_checkpoint(state_path, tensors, mcfg, lineage(step), step=step)
+
+    guard, bins = NonFiniteGuard(), torch.linspace(0, 1, 5)
+    logf = open(os.path.join(cfg.out_dir, "log.jsonl"), "a") if d.main else None
+    t0, window = time.time(), []
+    bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, disable=not d.main, desc=stage)
+    for step in bar:
+        # Everything random in a step comes from (seed, step, rank), so a resumed run repeats it exactly.
+        gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step * d.world + d.rank)
+        b = data.make_batch(cfg.data, per_rank, seed=cfg.seed, step=step * d.world + d.rank, world=world)
+        ctx_mask = context_mask(per_rank, mcfg.frames, cfg.ctx_prob, gen).to(d.device)
+        lr = warmup_cosine(step, cfg.lr, cfg.warmup, cfg.steps)
+        for group in opt.param_groups:
+            group["lr"] = lr
+        per_sample, t = M.flow_loss(train_net, b.videos.to(d.device), b.tokens.to(d.device), gen, cfg.cond_drop,
+                                    ctx_mask, cfg.t_mean, cfg.t_std)
+        loss = per_sample.mean()
+        loss.backward()
+        grad_norm = clip_gradients(net.parameters(), cfg.grad_clip)
+        if guard.ok(loss.item(), grad_norm):
+            opt.step()
+            ema.update(net)
+        opt.zero_grad(set_to_none=True)
+        window.append((loss.item(), grad_norm, t.detach().cpu(), per_sample.detach().cpu()))
+
+        if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps:
+            ts, ls = torch.cat([w[2] for w in window]), torch.cat([w[3] for w in window])
+            which = torch.bucketize(ts, bins[1:-1])
+            per_bin = [round(float(ls[which == i].mean()), 4) if (which == i).any() else None for i in range(4)]
+            rec = dict(step=step + 1, loss=float(all_mean(torch.tensor(sum(w[0] for w in window) / len(window)), d)),
+                       loss_by_t=per_bin, grad_norm=max(w[1] for w in window), lr=lr, skipped=guard.skipped,
+                       elapsed_s=round(time.time() - t0, 1))
+            window = []
+            bar.set_postfix(loss=f"{rec['loss']:.4f}", gnorm=f"{rec['grad_norm']:.2f}", skipped=guard.skipped)
+            if d.main:
+                logf.write(json.dumps(rec) + "\n")
+                logf.flush()
+        if (step + 1) % cfg.ckpt_every == 0 or step + 1 == cfg.steps:
+            save_state(step + 1)
+        if stop_after is not None and step + 1 >= stop_after:
+            return None
+
+    # ---- hand-off: EMA weights, validation loss, a sample grid
+    if d.main:
+        val = validation_loss(ema.model, world, cfg.val_clips)
+        M.save_checkpoint(ckpt_path, ema.model.state_dict(), mcfg, lineage(cfg.steps), val_loss=val,
+                          train_seconds=round(time.time() - t0, 1))
+        tokens = data.tokenize(SAMPLE_PROMPTS).repeat_interleave(4, 0).to(d.device)
+        noise = torch.randn(len(tokens), mcfg.channels, mcfg.frames, mcfg.size, mcfg.size,
+                            generator=torch.Generator().manual_seed(0)).to(d.device)
+        videos = M.sample(ema.model, tokens, noise, cfg.sample_steps, cfg.cfg_scale)
+        data.write_video(data.video_grid(videos, len(SAMPLE_PROMPTS), 4), os.path.join(cfg.out_dir, "samples.gif"))
+        log(f"done in {time.time() - t0:.0f}s: {ckpt_path}; validation flow loss val={val['val']:.4f} "
+            f"heldout={val['heldout']:.4f}; {guard.skipped} skipped steps; samples.gif rows: " + " | ".join(SAMPLE_PROMPTS))
+        logf.write(json.dumps(dict(final=True, val_loss=val, skipped=guard.skipped)) + "\n")
+        logf.close()
+    if d.world > 1:
+        torch.distributed.destroy_process_group()
+    return ckpt_path
+
+
+if __name__ == "__main__":
+    run_cli(lambda argv: train(parse_config(Config, argv)), sys.argv[1:])

@@ -1,0 +1,231 @@
+"""postflow's tests: tiny configs, the whole suite in a few minutes on 2 CPU cores.  Run: make test"""
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import data
+import model as M
+import sft
+import stability
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+TINY_WORLD = data.WorldConfig(frames=4, size=16)
+
+
+def tiny_model(seed=0, randomize=False):
+    torch.manual_seed(seed)
+    net = M.VideoDiT(M.preset("tiny"))
+    if randomize:  # adaLN-Zero makes a fresh model output 0; give it a response to check conditioning
+        with torch.no_grad():
+            for p in net.parameters():
+                if p.abs().sum() == 0:
+                    p.normal_(0, 0.05)
+    return net
+
+
+def cli(*args):
+    return subprocess.run([sys.executable, *args], cwd=HERE, capture_output=True, text=True, timeout=300)
+
+
+# ----------------------------------------------------------------------------- data
+def test_batch_shapes_and_determinism():
+    a = data.make_batch("web", 6, seed=3, step=5)
+    b = data.make_batch("web", 6, seed=3, step=5)
+    c = data.make_batch("web", 6, seed=3, step=6)
+    assert a.videos.shape == (6, 3, 8, 32, 32) and a.tokens.shape == (6, data.MAX_TOKENS)
+    assert a.videos.min() >= -1 and a.videos.max() <= 1
+    assert torch.equal(a.videos, b.videos) and a.prompts == b.prompts
+    assert not torch.equal(a.videos, c.videos)
+
+
+def test_ground_truth_positions_follow_direction_and_speed():
+    b = data.make_batch("curated", 32, seed=1)
+    step = (b.centers[:, 1] - b.centers[:, 0] + 16) % 32 - 16       # displacement on the torus
+    dirs = torch.tensor([data.DIRECTIONS[d] for d in data.DIRECTION_NAMES])[b.attrs["direction"]]
+    speed = torch.tensor([data.SPEEDS[s] for s in data.SPEED_NAMES])[b.attrs["speed"]]
+    assert torch.allclose(step, dirs * speed[:, None], atol=1e-4)
+    # the drawn object sits at its ground-truth centre: circular mean of the lit pixels
+    lit = (b.videos[:, :, 0] > -0.5).any(1).float()                 # (B, H, W), frame 0
+    ang = (torch.arange(32) + 0.5) / 32 * 2 * math.pi
+    cx = torch.atan2((lit * ang.sin()[None, None]).sum((1, 2)), (lit * ang.cos()[None, None]).sum((1, 2)))
+    cx = (cx % (2 * math.pi)) / (2 * math.pi) * 32
+    err = (cx - b.centers[:, 0, 0] + 16) % 32 - 16
+    assert err.abs().max() < 0.6
+    # colours come out as the palette colour of the true attribute
+    inside = (b.videos + 1).sum(1) > 1.0                             # (B, F, H, W)
+    mean_rgb = (b.videos * inside[:, None]).sum((2, 3, 4)) / inside[:, None].sum((2, 3, 4))
+    assert torch.cdist(mean_rgb, data.PALETTE).argmin(1).tolist() == b.attrs["colour"].tolist()
+
+
+def test_heldout_combinations_never_in_training_splits():
+    for split in ("web", "curated", "val"):
+        b = data.make_batch(split, 512, seed=7)
+        seen = set(zip(b.attrs["colour"].tolist(), b.attrs["shape"].tolist(), b.attrs["direction"].tolist()))
+        assert not seen & data.HELDOUT_COMBOS
+    h = data.make_batch("heldout", 64, seed=7)
+    assert set(zip(h.attrs["colour"].tolist(), h.attrs["shape"].tolist(), h.attrs["direction"].tolist())) <= data.HELDOUT_COMBOS
+
+
+def test_web_defects_present_and_curated_clean():
+    web, cur = data.make_batch("web", 400, seed=2), data.make_batch("curated", 400, seed=2)
+    assert all(not v.any() for v in cur.defects.values())
+    assert 0.1 < web.defects["noise"].float().mean() < 0.3
+    truth = [data.caption(*(int(web.attrs[k][i]) for k in data.ATTRIBUTES)) for i in range(400)]
+    wrong = sum(p != t for p, t in zip(web.prompts, truth)) / 400
+    assert 0.2 < wrong < 0.6  # some captions drop or misstate attributes
+    assert all(p == data.caption(*(int(cur.attrs[k][i]) for k in data.ATTRIBUTES)) for i, p in enumerate(cur.prompts))
+
+
+def test_tokenizer_errors_and_parse():
+    with pytest.raises(data.PromptError, match="unknown word 'purple'"):
+        data.tokenize(["a purple circle"])
+    with pytest.raises(data.PromptError, match="empty prompt list"):
+        data.tokenize([])
+    assert data.parse_prompt("a red circle moving up") == {"colour": 0, "shape": 0, "direction": 2, "speed": -1}
+
+
+def test_video_grid_writes_gif(tmp_path):
+    v = data.make_batch("curated", 4, world=TINY_WORLD).videos
+    path = tmp_path / "g.gif"
+    data.write_video(data.video_grid(v, 2, 2), path)
+    import imageio.v3 as iio
+    assert iio.imread(path).shape[0] == 4
+
+
+# ----------------------------------------------------------------------------- model and flow
+def test_model_shapes_and_adaln_zero_start():
+    net = tiny_model()
+    x = torch.randn(3, 3, 4, 16, 16)
+    out = net(x, torch.rand(3), data.tokenize(["a red circle"] * 3))
+    assert out.shape == x.shape and out.abs().max() == 0  # adaLN-Zero: the untrained net outputs 0
+
+
+def test_flow_loss_falls_on_fixed_batch():
+    net = tiny_model()
+    b = data.make_batch("curated", 8, world=TINY_WORLD)
+    opt = torch.optim.AdamW(net.parameters(), lr=2e-3)
+    losses = []
+    for i in range(40):
+        gen = torch.Generator().manual_seed(0)  # same t and noise every step: a fixed regression problem
+        loss, _ = M.flow_loss(net, b.videos, b.tokens, gen)
+        loss.mean().backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.mean().item())
+    assert losses[-1] < 0.7 * losses[0]
+
+
+def test_sampler_is_deterministic_and_seeded():
+    net = tiny_model(randomize=True).eval()
+    tok = data.tokenize(["a red circle", "a blue square"])
+    n1 = torch.randn(2, 3, 4, 16, 16, generator=torch.Generator().manual_seed(0))
+    n2 = torch.randn(2, 3, 4, 16, 16, generator=torch.Generator().manual_seed(1))
+    a, b, c = M.sample(net, tok, n1, steps=4), M.sample(net, tok, n1, steps=4), M.sample(net, tok, n2, steps=4)
+    assert torch.equal(a, b) and not torch.equal(a, c)
+
+
+def test_context_frames_condition_the_model_and_are_pinned():
+    net = tiny_model(randomize=True).eval()
+    tok = data.tokenize(["a red circle moving left"] * 2)
+    noise = torch.randn(2, 3, 4, 16, 16, generator=torch.Generator().manual_seed(0))
+    mask = torch.tensor([[True, False, False, False]] * 2)
+    ctx_a = data.make_batch("curated", 2, seed=1, world=TINY_WORLD).videos
+    ctx_b = data.make_batch("curated", 2, seed=2, world=TINY_WORLD).videos
+    out_a = M.sample(net, tok, noise, steps=4, ctx=ctx_a, ctx_mask=mask)
+    out_b = M.sample(net, tok, noise, steps=4, ctx=ctx_b, ctx_mask=mask)
+    assert torch.equal(out_a[:, :, 0], ctx_a[:, :, 0])                # the context frame is kept
+    assert (out_a[:, :, 1:] - out_b[:, :, 1:]).abs().mean() > 1e-3    # and it steers the generated frames
+
+
+def test_sde_step_logprob_is_gaussian_density():
+    torch.manual_seed(0)
+    x, v = torch.randn(3, 3, 4, 8, 8), torch.randn(3, 3, 4, 8, 8)
+    x_next, mean, std, logp = M.sde_step(x, v, t=0.3, t_next=0.4, t_first=0.1)
+    ref = torch.distributions.Normal(mean, std).log_prob(x_next).mean(dim=(1, 2, 3, 4))
+    assert torch.allclose(logp, ref, atol=1e-5) and logp.dtype == torch.float32
+    # as the noise level goes to 0 the step is the Euler ODE step
+    _, mean0, _, _ = M.sde_step(x, v, t=0.3, t_next=0.4, t_first=0.1, noise_level=1e-6)
+    assert torch.allclose(mean0, x + 0.1 * v, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------- checkpoints
+def test_checkpoint_round_trip_and_errors(tmp_path):
+    net = tiny_model(randomize=True).eval()
+    path = str(tmp_path / "a.safetensors")
+    M.save_checkpoint(path, net.state_dict(), net.cfg, M.lineage_record("test", step=3))
+    loaded, meta = M.load_model(path)
+    x, tok = torch.randn(1, 3, 4, 16, 16), data.tokenize(["a red circle"])
+    assert torch.equal(loaded(x, torch.tensor([0.5]), tok), net(x, torch.tensor([0.5]), tok))
+    assert meta["lineage"]["stage"] == "test" and meta["lineage"]["step"] == 3
+    assert not [f for f in os.listdir(tmp_path) if ".tmp" in f]     # the temp file was renamed away
+
+    with pytest.raises(M.CheckpointError, match="another model shape: dim=32"):
+        M.load_model(path, expect=M.preset("tiny", dim=48))
+    other = M.VideoDiT(M.preset("tiny", dim=48))
+    with pytest.raises(M.CheckpointError, match="has shape"):
+        M.load_weights(other, M.read_checkpoint(path)[0], path)
+    with pytest.raises(M.CheckpointError, match="not found"):
+        M.load_model(str(tmp_path / "missing.safetensors"))
+    cut = tmp_path / "cut.safetensors"
+    cut.write_bytes(open(path, "rb").read()[:1000])
+    with pytest.raises(M.CheckpointError, match="truncated"):
+        M.load_model(str(cut))
+
+
+def test_config_parsing():
+    cfg = stability.parse_config(sft.Config, ["--steps=7", "--lr=0.5", "--resume=true", "--init="])
+    assert (cfg.steps, cfg.lr, cfg.resume, cfg.init) == (7, 0.5, True, "")
+    with pytest.raises(stability.ConfigError, match="unknown config key 'stpes'"):
+        stability.parse_config(sft.Config, ["--stpes=7"])
+    with pytest.raises(stability.ConfigError, match="expects int"):
+        stability.parse_config(sft.Config, ["--steps=many"])
+
+
+def test_cli_errors_are_one_line(tmp_path):
+    for args, needle in [(["sft.py", "--bogus=1"], "unknown config key 'bogus'"),
+                         (["sft.py", f"--init={tmp_path}/none.safetensors", f"--out_dir={tmp_path}/o"], "not found"),
+                         (["model.py", "--prompts=a purple circle", f"--out={tmp_path}/x.gif"], "unknown word"),
+                         (["model.py", "--prompts=;", f"--out={tmp_path}/x.gif"], "empty prompt list")]:
+        r = cli(*args)
+        assert r.returncode == 2 and needle in r.stderr and "Traceback" not in r.stderr, (args, r.stderr)
+        assert len(r.stderr.strip().splitlines()) == 1
+
+
+# ----------------------------------------------------------------------------- Stage I
+def tiny_sft(out_dir, **kw):
+    base = dict(init="", data="web", preset="tiny", out_dir=str(out_dir), steps=6, batch_size=4, lr=1e-3, warmup=2,
+                ckpt_every=3, log_every=2, val_clips=8, sample_steps=2, device="cpu")
+    return sft.Config(**{**base, **kw})
+
+
+def test_sft_smoke_pretrain_then_shape(tmp_path):
+    base = sft.train(tiny_sft(tmp_path / "base"))
+    for f in ("ckpt.safetensors", "state.safetensors", "log.jsonl", "samples.gif"):
+        assert os.path.exists(tmp_path / "base" / f)
+    shaped = sft.train(tiny_sft(tmp_path / "sft", init=base, data="curated", steps=3))
+    _, meta = M.load_model(shaped)
+    assert meta["lineage"]["stage"] == "sft" and meta["lineage"]["parent_hash"] == M.file_hash(base)
+    with pytest.raises(FileExistsError, match="already holds a run"):  # never overwrite unasked
+        sft.train(tiny_sft(tmp_path / "sft", init=base, data="curated", steps=3))
+
+
+def test_interrupted_sft_resumes_to_identical_weights(tmp_path):
+    full = sft.train(tiny_sft(tmp_path / "full"))
+    assert sft.train(tiny_sft(tmp_path / "cut"), stop_after=3) is None
+    resumed = sft.train(tiny_sft(tmp_path / "cut", resume=True))
+    a, b = M.read_checkpoint(full)[0], M.read_checkpoint(resumed)[0]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_sft_runs_under_torchrun_two_ranks(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "sft.py",
+                        "--init=", "--data=web", "--preset=tiny", f"--out_dir={tmp_path}/ddp", "--steps=2",
+                        "--batch_size=4", "--val_clips=4", "--sample_steps=2", "--device=cpu"],
+                       cwd=HERE, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "2 rank(s) x 2 clips" in r.stdout + r.stderr
+    assert os.path.exists(tmp_path / "ddp" / "ckpt.safetensors")
