@@ -11,7 +11,7 @@ test: setup
 
 # Pretrain the base from scratch on web data (the shipped checkpoints/base_small.safetensors came from this).
 base: setup
-	$(PY) sft.py --init= --data=web --lr=1e-3 --steps=2400 --ema_decay=0.999 --out_dir=runs/base
+	$(PY) sft.py --init= --data=web --lr=1e-3 --steps=1800 --warmup=100 --ema_decay=0.999 --ckpt_every=100 --out_dir=runs/base
 
 # The main job: Stage I SFT from the shipped base, then samples of both checkpoints.
 pipeline: setup

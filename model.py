@@ -252,6 +252,24 @@ def sample(model, tokens, noise, steps=20, cfg_scale=3.0, ctx=None, ctx_mask=Non
     return x.clamp(-1, 1)
 
 
+@torch.no_grad()
+def sample_long(model, tokens, gen, chunks, steps=20, cfg_scale=3.0, overlap=None):
+    """A clip of several chunks: each new chunk takes the previous chunk's last `overlap` frames as
+    context and adds F - overlap frames. Returns (B, C, F + (chunks - 1) * (F - overlap), H, W)."""
+    c = model.cfg
+    overlap = c.frames // 2 if overlap is None else overlap
+    dev = tokens.device
+    shape = (len(tokens), c.channels, c.frames, c.size, c.size)
+    clip = sample(model, tokens, torch.randn(shape, generator=gen).to(dev), steps, cfg_scale)
+    mask = (torch.arange(c.frames) < overlap)[None].expand(len(tokens), -1).to(dev)
+    for _ in range(chunks - 1):
+        ctx = torch.zeros(shape, device=dev)
+        ctx[:, :, :overlap] = clip[:, :, -overlap:]
+        nxt = sample(model, tokens, torch.randn(shape, generator=gen).to(dev), steps, cfg_scale, ctx, mask)
+        clip = torch.cat([clip, nxt[:, :, overlap:]], dim=2)
+    return clip
+
+
 def sde_step(x, v, t, t_next, t_first, noise_level=0.7, eps=None, x_next=None):
     """One step of the SDE with the same marginals as the flow ODE (Flow-GRPO), as a Gaussian policy.
 
@@ -345,7 +363,8 @@ def load_model(path, device="cpu", expect: ModelConfig = None):
     if expect is not None:
         check_config(cfg, expect, path)
     model = VideoDiT(cfg)
-    load_weights(model, tensors, path)
+    # A run's resumable state file holds "ema.*" weights too: render those, so a run can be watched.
+    load_weights(model, tensors, path, prefix="ema." if any(k.startswith("ema.") for k in tensors) else "")
     return model.to(device).eval(), meta
 
 
@@ -355,12 +374,13 @@ def main(argv):
 
     @dataclass
     class RenderConfig:
-        ckpt: str = "checkpoints/base_small.safetensors"  # hand-off checkpoint to sample
+        ckpt: str = "checkpoints/base_small.safetensors"  # hand-off checkpoint, or a run's state.safetensors (EMA)
         prompts: str = "a fast red circle moving right;a slow green square moving up"  # ';'-separated
         seeds: int = 4            # clips per prompt (seeds 0..seeds-1)
         steps: int = 20           # Euler steps
         cfg_scale: float = 3.0    # classifier-free guidance weight
         out: str = "render.gif"   # .gif, or .mp4 with imageio-ffmpeg installed
+        seed: int = 0             # noise seed
         overwrite: bool = False   # replace an existing output file
 
     cfg = parse_config(RenderConfig, argv)
@@ -369,7 +389,7 @@ def main(argv):
     prompts = [p.strip() for p in cfg.prompts.split(";") if p.strip()]
     tokens = data.tokenize(prompts).repeat_interleave(cfg.seeds, 0)
     model, _ = load_model(cfg.ckpt)
-    gen = torch.Generator().manual_seed(0)
+    gen = torch.Generator().manual_seed(cfg.seed)
     noise = torch.randn(len(tokens), model.cfg.channels, model.cfg.frames, model.cfg.size, model.cfg.size, generator=gen)
     videos = sample(model, tokens, noise, cfg.steps, cfg.cfg_scale)
     data.write_video(data.video_grid(videos, len(prompts), cfg.seeds), cfg.out)
