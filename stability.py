@@ -111,6 +111,10 @@ def prepare_out_dir(path, resume, overwrite, marker="state.safetensors"):
                               f"or --overwrite=true to replace it, or choose another --out_dir")
     if resume and not os.path.exists(os.path.join(path, marker)):
         raise FileExistsError(f"--resume=true but {os.path.join(path, marker)} does not exist")
+    if overwrite and not resume and os.path.isdir(path):
+        for name in os.listdir(path):  # an overwritten run leaves nothing of the old one (its log included)
+            if os.path.isfile(os.path.join(path, name)):
+                os.remove(os.path.join(path, name))
     os.makedirs(path, exist_ok=True)
 
 
