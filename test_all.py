@@ -141,6 +141,14 @@ def test_context_frames_condition_the_model_and_are_pinned():
     assert (out_a[:, :, 1:] - out_b[:, :, 1:]).abs().mean() > 1e-3    # and it steers the generated frames
 
 
+def test_long_clip_by_chunked_continuation():
+    net = tiny_model(randomize=True).eval()
+    tok = data.tokenize(["a red circle moving left"] * 2)
+    a = M.sample_long(net, tok, torch.Generator().manual_seed(0), chunks=4, steps=2)
+    b = M.sample_long(net, tok, torch.Generator().manual_seed(0), chunks=4, steps=2)
+    assert a.shape == (2, 3, 4 + 3 * 2, 16, 16) and torch.equal(a, b)
+
+
 def test_sde_step_logprob_is_gaussian_density():
     torch.manual_seed(0)
     x, v = torch.randn(3, 3, 4, 8, 8), torch.randn(3, 3, 4, 8, 8)
@@ -229,3 +237,84 @@ def test_sft_runs_under_torchrun_two_ranks(tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     assert "2 rank(s) x 2 clips" in r.stdout + r.stderr
     assert os.path.exists(tmp_path / "ddp" / "ckpt.safetensors")
+
+
+# ----------------------------------------------------------------------------- rewards (oracle and heads)
+import rewards
+
+
+def test_oracle_recovers_curated_attributes():
+    b = data.make_batch("curated", 512, seed=11)
+    obs = rewards.oracle(b.videos)
+    ok = rewards.check(b.videos, b.attrs, obs=obs)
+    assert ok["all"].float().mean() >= 0.99, {k: v.float().mean().item() for k, v in ok.items()}
+    assert rewards.check(b.videos, b.prompts, obs=obs)["all"].float().mean() >= 0.99  # captions read the same
+    assert rewards.wrap(obs["center"] - b.centers, 32).abs().max() < 0.3    # circular mean across the edges
+
+
+def test_oracle_on_heldout_and_small_frames():
+    h = data.make_batch("heldout", 256, seed=12)
+    assert rewards.check(h.videos, h.attrs)["all"].float().mean() >= 0.99
+    t = data.make_batch("curated", 256, seed=13, world=TINY_WORLD)    # 16x16: radius and speeds scale by 1/2
+    assert rewards.check(t.videos, t.attrs, world=TINY_WORLD)["all"].float().mean() >= 0.99
+
+
+def test_reward_heads_shapes_and_ranges():
+    b = data.make_batch("web", 16, seed=14)
+    blank = torch.full((2, 3, 8, 32, 32), -1.0)                        # no object at all
+    noise = torch.rand(2, 3, 8, 32, 32, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    videos = torch.cat([b.videos, blank, noise])
+    prompts = b.prompts + ["a red circle", "moving up", "a fast blue square moving left", "a triangle"]
+    heads = rewards.reward_heads(videos, prompts)
+    assert set(heads) == set(rewards.HEADS) >= {"fidelity", "temporal", "instruction"}
+    for name, v in heads.items():
+        assert v.shape == (20,) and torch.isfinite(v).all() and v.min() >= 0 and v.max() <= 1, name
+    assert heads["fidelity"][16:].max() < 0.2 and heads["instruction"][16:18].max() < 0.2  # nothing to reward
+    ok = rewards.check(videos, prompts)
+    assert set(ok) == {*data.ATTRIBUTES, "all"} and ok["all"].shape == (20,) and not ok["all"][16:18].any()
+
+
+def test_reward_fidelity_and_temporal_fall_as_defects_grow():
+    # One seed for every level: the same draws decide which clips carry a defect, so each level's
+    # defects contain the previous level's, clip by clip. Scale 100 saturates every rate at 1.0.
+    means = []
+    for s in (0, 0.5, 1, 2, 100):
+        b = data.make_batch("web", 128, seed=15, defects=data.Defects().scaled(s))
+        heads = rewards.reward_heads(b.videos, b.prompts)
+        means.append({k: v.mean().item() for k, v in heads.items()})
+        if s == 2:  # rates 0.3 to 0.6: each head answers to its own defects, with the others mixed in
+            for defect, head in [("blur", "fidelity"), ("noise", "fidelity"), ("colour_shift", "fidelity"),
+                                 ("flicker", "temporal"), ("jitter", "temporal"), ("noise", "temporal")]:
+                has = b.defects[defect]
+                assert heads[head][has].mean() < heads[head][~has].mean() - 0.08, (defect, head)
+    for head in ("fidelity", "temporal"):
+        m = [x[head] for x in means]
+        assert all(a > b + 0.03 for a, b in zip(m, m[1:])), (head, m)
+        assert m[0] > 0.9 and m[-1] < 0.3, (head, m)
+
+
+def test_reward_instruction_prefers_matching_prompt():
+    b = data.make_batch("curated", 128, seed=17)
+    a = {k: v.tolist() for k, v in b.attrs.items()}
+    wrong = [data.caption((c + 1) % 6, (s + 1) % 3, (d + 1) % 4, 1 - v)
+             for c, s, d, v in zip(a["colour"], a["shape"], a["direction"], a["speed"])]
+    obs = rewards.oracle(b.videos)
+    right = rewards.reward_heads(b.videos, b.prompts, obs=obs)["instruction"]
+    assert right.min() > 0.9 and (right > rewards.reward_heads(b.videos, wrong, obs=obs)["instruction"]).all()
+    assert not rewards.check(b.videos, wrong, obs=obs)["all"].any()
+
+
+def test_reward_instruction_is_soft_for_partly_wrong_prompts():
+    b = data.make_batch("curated", 128, seed=18)
+    c, s, d, v = (b.attrs[k].tolist() for k in ("colour", "shape", "direction", "speed"))
+    colour, shape, wrong_dir = data.COLOUR_NAMES, data.SHAPES, data.DIRECTION_NAMES
+    # right colour and shape, wrong direction, speed unsaid (so skipped); then the shape wrong too; then all
+    part = [f"a {colour[c[i]]} {shape[s[i]]} moving {wrong_dir[(d[i] + 1) % 4]}" for i in range(128)]
+    less = [f"a {colour[c[i]]} {shape[(s[i] + 1) % 3]} moving {wrong_dir[(d[i] + 1) % 4]}" for i in range(128)]
+    wrong = [data.caption((c[i] + 1) % 6, (s[i] + 1) % 3, (d[i] + 1) % 4, 1 - v[i]) for i in range(128)]
+    obs = rewards.oracle(b.videos)
+    score = [rewards.reward_heads(b.videos, p, obs=obs)["instruction"] for p in (b.prompts, part, less, wrong)]
+    assert ((score[0] > score[1]) & (score[1] > score[2]) & (score[2] > score[3])).float().mean() >= 0.95
+    assert 0.5 < score[1].mean() < 0.9 and 0.2 < score[2].mean() < 0.6 and score[3].mean() < 0.2
+    ok = rewards.check(b.videos, part, obs=obs)
+    assert ok["colour"].all() and ok["speed"].all() and not ok["direction"].any()

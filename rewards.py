@@ -1,0 +1,184 @@
+"""Programmatic rewards for the postflow world: an oracle that reads a clip back into its attributes,
+and reward heads built on what the oracle sees.
+
+Oracle. A clip is one object over black, so brightness alone finds it. Per frame: the brightest channel
+of each pixel is its brightness a; the object's colour is the mean colour of its brightest (core) pixels,
+because anti-aliased edge pixels mix the colour with black; a / max(colour) is a soft coverage map alpha
+that undoes the anti-aliasing (and any flicker). The centre is a circular mean of the mask, since the
+world is a torus and a plain mean of an object split across an edge lands between its halves, then
+refined by a centroid of alpha taken the short way round. The shape is the template, drawn with
+data.shape_sdf at that centre with the world's radius scaled by size/32, that best explains alpha.
+Per clip: direction and speed come from the mean frame-to-frame displacement on the torus (jitter
+telescopes away in a mean), matched to the nearest of DIRECTIONS and SPEEDS (scaled by size/32).
+
+Heads, each in [0, 1] per clip. They mirror VideoAlign's three heads (visual quality, motion quality,
+text alignment), but are exact because the world is known:
+  fidelity     a crisp world render: edges match a template, black background, colour on the palette
+  temporal     steady appearance and size, constant velocity, no flicker, a still background
+  instruction  soft agreement with each attribute the prompt names; partly right scores in between
+A head is a function (obs, want) -> (B,) registered in HEADS: obs is the oracle's dict (computed once
+per batch), want the prompted attribute indices (-1 = not asked). A new head is a function and a line.
+"""
+import math
+
+import torch
+
+import data
+
+DIRS = torch.tensor([data.DIRECTIONS[d] for d in data.DIRECTION_NAMES])  # (4, 2) unit (x, y), y down
+SPEED_PX = torch.tensor([data.SPEEDS[s] for s in data.SPEED_NAMES])    # (2,) pixels per frame at 32x32
+
+
+def wrap(d, size):
+    """Shortest signed displacement on a torus of edge `size`."""
+    return (d + size / 2) % size - size / 2
+
+
+# ----------------------------------------------------------------------------- oracle
+def oracle(videos, world=None):
+    """Read clips (B, 3, F, H, W) in [-1, 1] (square frames) back into the world's attributes.
+
+    Per frame (B, F, ...): brightness, alpha, mask, region, rgb, frame_colour, center, area, shape_err,
+    frame_shape, background. Per clip (B,): present (an object in every frame), colour, shape, direction,
+    speed (indices), velocity (B, 2). Computed on the CPU: a batch of clips is small."""
+    world = world or data.WorldConfig()
+    B, _, Fr, H, W = videos.shape
+    scale = H / 32
+    r = world.radius * scale
+    reach = 1.25 * r + 1.5  # every shape's anti-aliased edge lies within this distance of its centre
+    rgb01 = ((videos.detach().float().cpu() + 1) / 2).clamp(0, 1).permute(0, 2, 3, 4, 1)  # (B, F, H, W, 3)
+    a = rgb01.amax(-1)                                                          # (B, F, H, W)
+    core = ((a >= 0.9 * a.flatten(2).amax(-1)[..., None, None]) & (a > 0.1)).float()
+    rgb = (rgb01 * core[..., None]).sum((2, 3)) / core.sum((2, 3)).clamp(min=1)[..., None]  # (B, F, 3)
+    alpha = (a / rgb.amax(-1).clamp(min=0.05)[..., None, None]).clamp(0, 1)   # (B, F, H, W)
+    mask = alpha > 0.5
+
+    # Circular mean of the mask: each pixel coordinate is an angle on the torus.
+    pix = torch.arange(H, dtype=torch.float32) + 0.5
+    ang = pix * (2 * math.pi / H)
+    cs = torch.stack([ang.cos(), ang.sin()], 1)                                # (H, 2)
+    mx, my = mask.float().sum(2) @ cs, mask.float().sum(3) @ cs               # (B, F, 2) each
+    center = torch.stack([torch.atan2(mx[..., 1], mx[..., 0]), torch.atan2(my[..., 1], my[..., 0])], -1)
+    center = (center % (2 * math.pi)) * (H / (2 * math.pi))                  # (B, F, 2) (x, y)
+
+    def offsets(c):  # pixel offsets from c, the short way round: dx (B, F, 1, W), dy (B, F, H, 1)
+        return wrap(pix - c[..., 0, None], W)[..., None, :], wrap(pix - c[..., 1, None], H)[..., :, None]
+
+    # The circular mean is slightly off for lopsided shapes (the triangle); a local centroid of alpha is not.
+    dx, dy = offsets(center)
+    w = alpha * (dx ** 2 + dy ** 2 < reach ** 2)
+    n = w.sum((2, 3)).clamp(min=1e-6)
+    center = (center + torch.stack([(w * dx).sum((2, 3)) / n, (w * dy).sum((2, 3)) / n], -1)) % H
+
+    dx, dy = offsets(center)
+    dx, dy = dx.expand(B, Fr, H, W), dy.expand(B, Fr, H, W)
+    region = dx ** 2 + dy ** 2 < reach ** 2                                   # (B, F, H, W) near the object
+    # Each shape's template, drawn as the renderer draws it; misfit = L1 to alpha over the template's area.
+    K = len(data.SHAPES)
+    sdf = data.shape_sdf(torch.arange(K).repeat_interleave(B), dx.repeat(K, 1, 1, 1), dy.repeat(K, 1, 1, 1), r)
+    t = (0.5 - sdf.view(K, B, Fr, H, W)).clamp(0, 1)                         # (K, B, F, H, W)
+    shape_err = ((alpha - t).abs() * region).sum((3, 4)) / t.sum((3, 4)).clamp(min=1)
+    shape_err = shape_err.permute(1, 2, 0)                                    # (B, F, K)
+
+    steps = wrap(center[:, 1:] - center[:, :-1], H)                          # (B, F-1, 2)
+    velocity = steps.mean(1) if Fr > 1 else torch.zeros(B, 2)                # (B, 2) pixels per frame
+    far = (~region).float()
+    return dict(
+        brightness=a, alpha=alpha, mask=mask, region=region, rgb=rgb, center=center, shape_err=shape_err,
+        frame_colour=torch.cdist(rgb * 2 - 1, data.PALETTE).argmin(-1),      # (B, F)
+        frame_shape=shape_err.argmin(-1),                                     # (B, F)
+        area=(alpha * region).sum((2, 3)),                                    # (B, F) pixels
+        background=(a * far).sum((2, 3)) / far.sum((2, 3)).clamp(min=1),    # (B, F) mean brightness off-object
+        colour=torch.cdist(rgb.mean(1) * 2 - 1, data.PALETTE).argmin(-1),    # (B,)
+        shape=shape_err.mean(1).argmin(-1),                                   # (B,)
+        velocity=velocity,
+        direction=(velocity @ DIRS.T).argmax(-1),                             # (B,)
+        speed=(velocity.norm(dim=-1)[:, None] - SPEED_PX * scale).abs().argmin(-1),  # (B,)
+        present=(mask.sum((2, 3)) >= 0.3 * math.pi * r ** 2).all(1),         # (B,) a triangle covers 0.64 of that
+        scale=scale, radius=r,
+    )
+
+
+def targets(prompts_or_attrs, n):
+    """Prompted attribute indices: name -> (n,) long, -1 where not asked. Takes prompts or an attrs dict."""
+    if isinstance(prompts_or_attrs, dict):
+        return {k: torch.as_tensor(prompts_or_attrs.get(k, -1)).long().expand(n) for k in data.ATTRIBUTES}
+    prompts = [prompts_or_attrs] if isinstance(prompts_or_attrs, str) else list(prompts_or_attrs)
+    if len(prompts) != n:
+        raise ValueError(f"{len(prompts)} prompts for {n} videos")
+    parsed = [data.parse_prompt(p) for p in prompts]
+    return {k: torch.tensor([p[k] for p in parsed]) for k in data.ATTRIBUTES}
+
+
+def check(videos, prompts_or_attrs, world=None, obs=None):
+    """Per clip, whether each prompted attribute is what the oracle sees (True where not asked): (B,) bools."""
+    obs = obs if obs is not None else oracle(videos, world)
+    want = targets(prompts_or_attrs, videos.shape[0])
+    # An attribute cannot be right about an object that is not there.
+    out = {k: (want[k] < 0) | ((obs[k] == want[k]) & obs["present"]) for k in data.ATTRIBUTES}
+    out["all"] = torch.stack(list(out.values())).all(0)
+    return out
+
+
+# ----------------------------------------------------------------------------- reward heads
+def pass_score(*penalties):
+    """exp(-mean penalty): 1 when every penalty (each already divided by its tolerance) is 0."""
+    return torch.exp(-torch.stack(penalties).clamp(min=0).mean(0))
+
+
+def fidelity(obs, want):
+    """Visual quality: edges as crisp as a template, a black background, colour on the world's palette."""
+    edge = obs["shape_err"].amin(-1).mean(1)                                  # blur and speckle near the object
+    off_palette = torch.cdist(obs["rgb"] * 2 - 1, data.PALETTE).amin(-1).mean(1)
+    return pass_score(edge / 0.1, obs["background"].mean(1) / 0.02, off_palette / 0.15)
+
+
+def temporal(obs, want):
+    """Motion quality: constant velocity, steady size, shape and colour (no flicker), a still background."""
+    steps = wrap(obs["center"][:, 1:] - obs["center"][:, :-1], obs["alpha"].shape[-1])  # (B, F-1, 2)
+    accel = (steps[:, 1:] - steps[:, :-1]).norm(dim=-1).mean(1).nan_to_num(0) / obs["scale"]
+    area = obs["area"]
+    size = area.std(1, correction=0) / area.mean(1).clamp(min=1)
+    morph = (obs["frame_shape"] != obs["shape"][:, None]).float().mean(1)    # frames that read as another shape
+    flicker = (obs["rgb"][:, 1:] - obs["rgb"][:, :-1]).norm(dim=-1).mean(1).nan_to_num(0) * 2
+    still = (~obs["region"][:, 1:] & ~obs["region"][:, :-1]).float()         # off-object in both frames
+    bg = ((obs["brightness"][:, 1:] - obs["brightness"][:, :-1]).abs() * still).sum((1, 2, 3))
+    bg = bg / still.sum((1, 2, 3)).clamp(min=1)
+    return pass_score(accel / 1.0, size / 0.1, morph / 0.25, flicker / 0.15, bg / 0.02)
+
+
+def instruction(obs, want):
+    """Text alignment: mean soft match over the attributes the prompt names (1 if it names none)."""
+    # Soft, so that a batch of all-wrong samples still ranks: colour and shape are softmaxes over the
+    # alternatives, direction a cosine, speed a Gaussian in log speed ratio.
+    speed = obs["velocity"].norm(dim=-1)                                     # (B,)
+    slow = SPEED_PX[0] * obs["scale"]
+    # Colour and shape each compete with "nothing": black, and an empty template (misfit = object area),
+    # so that a blank clip matches no prompt rather than whichever colour or shape is least unlike it.
+    colours = torch.cat([data.PALETTE, torch.full((1, 3), data.BACKGROUND)])
+    empty = obs["area"] / (math.pi * obs["radius"] ** 2)                    # (B, F)
+    soft = {
+        "colour": torch.softmax(-torch.cdist(obs["rgb"].mean(1) * 2 - 1, colours) ** 2 / 0.1, -1),
+        "shape": torch.softmax(-torch.cat([obs["shape_err"], empty[..., None]], -1).mean(1) / 0.05, -1),
+        # the cosine, faded out for a clip that barely moves: it has no direction to agree with
+        "direction": (1 + obs["velocity"] @ DIRS.T / speed[:, None].clamp(min=1e-6)) / 2
+                     * (speed[:, None] / (0.5 * slow)).clamp(max=1),
+        "speed": torch.exp(-torch.log((speed[:, None] + 1e-3) / (SPEED_PX * obs["scale"])) ** 2 / (2 * 0.3 ** 2)),
+    }
+    total, asked = 0, 0
+    for k, p in soft.items():                                                 # p: (B, n_values)
+        on = want[k] >= 0
+        total = total + p.gather(1, want[k].clamp(min=0)[:, None])[:, 0] * on
+        asked = asked + on.float()
+    return torch.where(asked > 0, total / asked.clamp(min=1), torch.ones_like(speed))
+
+
+HEADS = {"fidelity": fidelity, "temporal": temporal, "instruction": instruction}
+
+
+def reward_heads(videos, prompts, world=None, heads=HEADS, obs=None):
+    """name -> (B,) score in [0, 1] for each head, from one oracle pass over the clips (or a given one,
+    to score the same clips against other prompts)."""
+    obs = obs if obs is not None else oracle(videos, world)
+    want = targets(prompts, videos.shape[0])
+    return {name: fn(obs, want).clamp(0, 1) for name, fn in heads.items()}
