@@ -19,11 +19,21 @@ text alignment), but are exact because the world is known:
 A head is a function (obs, want) -> (B,) registered in HEADS: obs is the oracle's dict (computed once
 per batch), want the prompted attribute indices (-1 = not asked). A new head is a function and a line.
 """
+import json
 import math
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass
 
 import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from tqdm import tqdm
 
 import data
+import model as M
+from stability import parse_config, run_cli
 
 DIRS = torch.tensor([data.DIRECTIONS[d] for d in data.DIRECTION_NAMES])  # (4, 2) unit (x, y), y down
 SPEED_PX = torch.tensor([data.SPEEDS[s] for s in data.SPEED_NAMES])    # (2,) pixels per frame at 32x32
@@ -133,18 +143,29 @@ def fidelity(obs, want):
     return pass_score(edge / 0.1, obs["background"].mean(1) / 0.02, off_palette / 0.15)
 
 
-def temporal(obs, want):
-    """Motion quality: constant velocity, steady size, shape and colour (no flicker), a still background."""
+def temporal_parts(obs):
+    """The temporal head's penalties, each divided by its tolerance (0 = perfect): (B,) each."""
     steps = wrap(obs["center"][:, 1:] - obs["center"][:, :-1], obs["alpha"].shape[-1])  # (B, F-1, 2)
-    accel = (steps[:, 1:] - steps[:, :-1]).norm(dim=-1).mean(1).nan_to_num(0) / obs["scale"]
     area = obs["area"]
-    size = area.std(1, correction=0) / area.mean(1).clamp(min=1)
-    morph = (obs["frame_shape"] != obs["shape"][:, None]).float().mean(1)    # frames that read as another shape
-    flicker = (obs["rgb"][:, 1:] - obs["rgb"][:, :-1]).norm(dim=-1).mean(1).nan_to_num(0) * 2
     still = (~obs["region"][:, 1:] & ~obs["region"][:, :-1]).float()         # off-object in both frames
     bg = ((obs["brightness"][:, 1:] - obs["brightness"][:, :-1]).abs() * still).sum((1, 2, 3))
-    bg = bg / still.sum((1, 2, 3)).clamp(min=1)
-    return pass_score(accel / 1.0, size / 0.1, morph / 0.25, flicker / 0.15, bg / 0.02)
+    return dict(
+        acceleration=(steps[:, 1:] - steps[:, :-1]).norm(dim=-1).mean(1).nan_to_num(0) / obs["scale"] / 1.0,
+        size=area.std(1, correction=0) / area.mean(1).clamp(min=1) / 0.1,
+        morph=(obs["frame_shape"] != obs["shape"][:, None]).float().mean(1) / 0.25,  # frames read as another shape
+        flicker=(obs["rgb"][:, 1:] - obs["rgb"][:, :-1]).norm(dim=-1).mean(1).nan_to_num(0) * 2 / 0.15,
+        background=bg / still.sum((1, 2, 3)).clamp(min=1) / 0.02)
+
+
+def temporal(obs, want):
+    """Motion quality: constant velocity, steady size, shape and colour (no flicker), a still background;
+    scaled by the fraction of frames that show an object at all, so an empty clip is not 'stable'."""
+    return pass_score(*temporal_parts(obs).values()) * presence(obs)
+
+
+def presence(obs):
+    """Fraction of frames with an object of at least 30 % of the world's object area. (B,)"""
+    return (obs["mask"].sum((2, 3)) >= 0.3 * math.pi * obs["radius"] ** 2).float().mean(1)
 
 
 def instruction(obs, want):
@@ -182,3 +203,376 @@ def reward_heads(videos, prompts, world=None, heads=HEADS, obs=None):
     obs = obs if obs is not None else oracle(videos, world)
     want = targets(prompts, videos.shape[0])
     return {name: fn(obs, want).clamp(0, 1) for name, fn in heads.items()}
+
+
+# ----------------------------------------------------------------------------- the learned judge
+# Training never sees the oracle directly by default: a real judge is a learned model with annotator
+# noise in its labels and blind spots off its training distribution. K small video-text scorers, each
+# trained on its own bootstrap of the data, give a mean and a spread; the spread is the uncertainty
+# that Stage II uses to down-weight advantages where the members disagree.
+class RewardNet(nn.Module):
+    """Video (B, C, F, H, W) + caption tokens -> (B, 3) scores in [0, 1]: fidelity, temporal, instruction.
+
+    Text alignment is scored the way VQA-style judges do it: the net reads the clip into a distribution
+    over each attribute's words, and the instruction score is the mean probability it gives the words the
+    caption uses. A plain MLP over concatenated video and text features stayed at chance here."""
+
+    def __init__(self, width=32):
+        super().__init__()
+        self.video = nn.Sequential(                     # per-frame detail, then motion across frames
+            nn.Conv3d(3, width // 2, (1, 3, 3), stride=(1, 2, 2), padding=(0, 1, 1)), nn.GELU(),
+            nn.Conv3d(width // 2, width, (3, 3, 3), stride=(1, 2, 2), padding=1), nn.GELU(),
+            nn.Conv3d(width, 2 * width, (3, 3, 3), stride=(1, 2, 2), padding=1), nn.GELU())
+        self.words = [torch.tensor([data.WORD_TO_ID[w] for w in values]) for values in data.ATTRIBUTES.values()]
+        n_words = sum(len(w) for w in self.words)
+        self.out = nn.Sequential(nn.Linear(4 * width, 4 * width), nn.GELU(), nn.Linear(4 * width, 2 + n_words))
+
+    def forward(self, videos, tokens):
+        v = self.video(videos)                                              # (B, 2w, F', H', W')
+        out = self.out(torch.cat([v.mean((2, 3, 4)), v.amax((2, 3, 4))], 1))  # (B, 2 + words)
+        logits, total, asked = out[:, 2:], 0, 0
+        for ids in self.words:                                              # one attribute at a time
+            p = torch.softmax(logits[:, : len(ids)], -1)                    # (B, values)
+            said = (tokens[:, :, None] == ids[None, None]).any(1).float()   # (B, values): the caption's word
+            total, asked = total + (p * said).sum(1), asked + said.amax(1)
+            logits = logits[:, len(ids):]
+        instruction = torch.where(asked > 0, total / asked.clamp(min=1), torch.ones_like(total))
+        return torch.cat([torch.sigmoid(out[:, :2]), instruction[:, None]], 1)
+
+
+@dataclass
+class RewardModelConfig:
+    members: int = 4            # ensemble size
+    width: int = 32             # conv width of each member
+    steps: int = 400            # optimizer steps per member
+    pool_clips: int = 3072      # labelled clips, drawn once; each member trains on a bootstrap of them
+    batch_size: int = 64        # clips per step
+    lr: float = 2e-3            # AdamW learning rate
+    label_noise: float = 0.08   # std of Gaussian annotator noise on each oracle label
+    label_flip: float = 0.05    # fraction of labels an annotator gets entirely wrong (uniform in [0, 1])
+    base: str = "checkpoints/base_small.safetensors"  # base-model samples join the training data ('' = none)
+    base_clips: int = 256       # how many base samples to draw (once, up front)
+    out: str = "checkpoints/reward_model.safetensors"
+    eval_clips: int = 512       # held-out clips for the accuracy report
+    seed: int = 0
+    overwrite: bool = False
+
+
+def mismatched_prompts(attrs, gen, p_wrong=0.5):
+    """Captions of the clips, half of them with one or more attributes changed, so text alignment varies."""
+    out = []
+    for i in range(len(attrs["colour"])):
+        a = {k: int(v[i]) for k, v in attrs.items()}
+        if torch.rand(1, generator=gen).item() < p_wrong:
+            for name, values in data.ATTRIBUTES.items():
+                if torch.rand(1, generator=gen).item() < 0.4:
+                    a[name] = int(torch.randint(len(values), (1,), generator=gen))
+        out.append(data.caption(a["colour"], a["shape"], a["direction"], a["speed"]))
+    return out
+
+
+def rm_pool(cfg, n, seed, base_videos=None):
+    """Clips a judge should rank: clean renders, web renders with defects of random strength, base-model
+    samples; captions right or wrong. Returns videos, prompts, oracle head scores (B, heads)."""
+    gen = torch.Generator().manual_seed(seed)
+    third = n // 3
+    clean = data.make_batch("curated", third, seed=seed, step=1)
+    web = data.make_batch("web", third, seed=seed, step=2, defects=data.Defects().scaled(2 * torch.rand(1, generator=gen).item() + 0.5))
+    parts = [(clean.videos, clean.attrs), (web.videos, web.attrs)]
+    if base_videos is not None:
+        pick = torch.randint(len(base_videos[0]), (n - 2 * third,), generator=gen)
+        parts.append((base_videos[0][pick], {k: v[pick] for k, v in base_videos[1].items()}))
+    else:
+        extra = data.make_batch("web", n - 2 * third, seed=seed, step=3, defects=data.Defects().scaled(3.0))
+        parts.append((extra.videos, extra.attrs))
+    videos = torch.cat([p[0] for p in parts])
+    prompts = sum((mismatched_prompts(p[1], gen) for p in parts), [])
+    scores = torch.stack(list(reward_heads(videos, prompts).values()), 1)
+    return videos, prompts, scores
+
+
+def train_reward_model(argv):
+    cfg = parse_config(RewardModelConfig, argv)
+    if os.path.exists(cfg.out) and not cfg.overwrite:
+        raise FileExistsError(f"{cfg.out} exists; pass --overwrite=true to replace it")
+    t0 = time.time()
+    base_videos = None
+    if cfg.base:  # what the generator actually makes: the judge must rank these, not only renders
+        net, _ = M.load_model(cfg.base)
+        b = data.make_batch("val", cfg.base_clips, seed=cfg.seed, step=99)
+        noise = torch.randn(b.videos.shape, generator=torch.Generator().manual_seed(cfg.seed))
+        base_videos = (M.sample(net, b.tokens, noise, 20, 3.0), b.attrs)
+    # One labelled pool, scored by the oracle once; each member sees its own bootstrap of it, labelled by
+    # its own noisy annotator, so the members disagree where the data leaves the judge unsure.
+    videos, prompts, scores = rm_pool(cfg, cfg.pool_clips, seed=cfg.seed, base_videos=base_videos)
+    tokens = data.tokenize(prompts)
+    tensors = {}
+    for k in tqdm(range(cfg.members), desc="reward members"):
+        g = torch.Generator().manual_seed(cfg.seed * 100 + k)
+        torch.manual_seed(cfg.seed * 100 + k)
+        member = RewardNet(cfg.width)
+        opt = torch.optim.AdamW(member.parameters(), lr=cfg.lr)
+        labels = (scores + cfg.label_noise * torch.randn(scores.shape, generator=g)).clamp(0, 1)
+        flip = torch.rand(scores.shape, generator=g) < cfg.label_flip
+        labels = torch.where(flip, torch.rand(scores.shape, generator=g), labels)
+        boot = torch.randint(len(videos), (len(videos),), generator=g)
+        for step in range(cfg.steps):
+            idx = boot[torch.randint(len(boot), (cfg.batch_size,), generator=g)]
+            loss = F.mse_loss(member(videos[idx], tokens[idx]), labels[idx])
+            opt.zero_grad()
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(member.parameters(), 1.0)
+            opt.step()
+        tensors.update({f"member{k}.{n}": p for n, p in member.state_dict().items()})
+    lineage = M.lineage_record("reward_model", cfg.base, cfg.steps, "curated+web+base", config=asdict(cfg),
+                               seconds=round(time.time() - t0, 1))
+    # the model config records the world shape (frames, size) the judge was trained for
+    M.save_checkpoint(cfg.out, tensors, M.preset("small"), lineage, members=cfg.members, width=cfg.width)
+    report = evaluate_reward_model(load_reward_model(cfg.out), cfg)
+    print(json.dumps(report, indent=1))
+    print(f"wrote {cfg.out} in {time.time() - t0:.0f}s")
+
+
+def load_reward_model(path):
+    tensors, _, meta = M.read_checkpoint(path)
+    members = []
+    for k in range(meta["members"]):
+        m = RewardNet(meta["width"])
+        M.load_weights(m, tensors, path, prefix=f"member{k}.")
+        members.append(m.eval())
+    return members
+
+
+@torch.no_grad()
+def rm_score(members, videos, tokens):
+    """Ensemble mean and std per head: name -> (B,)."""
+    s = torch.stack([m(videos, tokens) for m in members])                  # (K, B, heads)
+    return ({n: s[:, :, i].mean(0) for i, n in enumerate(HEADS)}, {n: s[:, :, i].std(0) for i, n in enumerate(HEADS)})
+
+
+def evaluate_reward_model(members, cfg):
+    """Against the oracle on clips none of the members trained on: error, ranking agreement, and whether
+    the ensemble's spread flags its own mistakes."""
+    videos, prompts, scores = rm_pool(cfg, cfg.eval_clips, seed=10 ** 9 + cfg.seed)
+    mean, std = rm_score(members, videos, data.tokenize(prompts))
+    out = {}
+    for i, n in enumerate(HEADS):
+        err = (mean[n] - scores[:, i]).abs()
+        a, b = torch.triu_indices(len(err), len(err), 1)
+        differ = (scores[a, i] - scores[b, i]).abs() > 0.1
+        agree = ((mean[n][a] - mean[n][b]).sign() == (scores[a, i] - scores[b, i]).sign())[differ]
+        out[n] = dict(mae=round(float(err.mean()), 4), pair_accuracy=round(float(agree.float().mean()), 4),
+                      std_error_corr=round(float(torch.corrcoef(torch.stack([std[n], err]))[0, 1]), 4),
+                      mae_most_certain_half=round(float(err[std[n] <= std[n].median()].mean()), 4),
+                      mae_least_certain_half=round(float(err[std[n] > std[n].median()].mean()), 4))
+    return out
+
+
+# ----------------------------------------------------------------------------- diagnostics
+# VBench's dimension names where one fits, so video people can read the table without a legend.
+QUALITY = ["subject_consistency", "background_consistency", "temporal_flickering", "motion_smoothness",
+           "dynamic_degree", "imaging_quality"]
+SEMANTIC = ["color", "object_class", "motion_direction", "speed"]
+
+
+def vbench_dimensions(videos, prompts, obs):
+    """Per-clip scores in [0, 1] named after VBench's Quality and Semantic dimensions."""
+    parts = temporal_parts(obs)
+    ok = check(videos, prompts, obs=obs)
+    moving = obs["velocity"].norm(dim=-1) > 0.5 * SPEED_PX[0] * obs["scale"]
+    return {
+        # the object keeps its colour and shape from frame to frame (identity does not change)
+        "subject_consistency": ((obs["frame_colour"] == obs["colour"][:, None])
+                                & (obs["frame_shape"] == obs["shape"][:, None])).float().mean(1) * presence(obs),
+        "background_consistency": torch.exp(-parts["background"]),
+        "temporal_flickering": torch.exp(-parts["flicker"]),
+        "motion_smoothness": torch.exp(-parts["acceleration"]),
+        "dynamic_degree": moving.float(),
+        "imaging_quality": fidelity(obs, None),
+        "color": ok["colour"].float(), "object_class": ok["shape"].float(),
+        "motion_direction": ok["direction"].float(), "speed": ok["speed"].float(),
+    }
+
+
+def mean_se(x):
+    x = x.float()
+    return [round(float(x.mean()), 4), round(float(x.std() / math.sqrt(max(1, len(x) - 1))), 4) if len(x) > 1 else 0.0]
+
+
+@dataclass
+class DiagnoseConfig:
+    ckpt: tuple = ("checkpoints/base_small.safetensors",)  # checkpoints to compare (repeat --ckpt=, or A,B)
+    out: str = "runs/diagnose"  # diagnostics.json, diagnostics.md, grid.gif
+    prompts: int = 16           # eval prompts per split (val combinations and unseen held-out ones)
+    seeds: int = 2              # noise seeds per prompt
+    steps: int = 20             # Euler steps
+    cfg_scale: float = 3.0      # guidance weight of the main samples
+    long_clips: int = 8         # clips continued to 4x their length for drift_by_chunk
+    diversity_seeds: int = 8    # seeds per prompt for the diversity spread
+    reward_model: str = "checkpoints/reward_model.safetensors"  # learned ensemble for proxy_reward ('' = none)
+    seed: int = 0               # eval seed: the same prompts and noise for every checkpoint
+    overwrite: bool = False     # replace an existing output folder
+
+
+def eval_prompts(cfg):
+    val, heldout = data.prompt_set("val", cfg.prompts, cfg.seed), data.prompt_set("heldout", cfg.prompts, cfg.seed)
+    return val[0] + heldout[0], ["val"] * cfg.prompts + ["heldout"] * cfg.prompts
+
+
+def noise_for(n, mcfg, seed, frames=None):
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn(n, mcfg.channels, frames or mcfg.frames, mcfg.size, mcfg.size, generator=gen)
+
+
+@torch.no_grad()
+def diagnose_checkpoint(path, cfg, bar, rm=None):
+    """Every diagnostic for one checkpoint on the fixed eval set. Returns (metrics dict, main clips)."""
+    net, meta = M.load_model(path)
+    mc, world = net.cfg, data.WorldConfig(frames=net.cfg.frames, size=net.cfg.size)
+    prompts, splits = eval_prompts(cfg)
+    prompts = [p for p in prompts for _ in range(cfg.seeds)]
+    splits = [s for s in splits for _ in range(cfg.seeds)]
+    tokens = data.tokenize(prompts)
+    noise = noise_for(len(prompts), mc, cfg.seed)
+    sample = lambda tok, nz, w, **kw: M.sample(net, tok, nz, cfg.steps, w, **kw)
+
+    videos = sample(tokens, noise, cfg.cfg_scale); bar.update()
+    obs = oracle(videos, world)
+    heads = reward_heads(videos, prompts, obs=obs)
+    ok = check(videos, prompts, obs=obs)
+    dims = vbench_dimensions(videos, prompts, obs)
+    heldout = torch.tensor([s == "heldout" for s in splits])
+    out = {name: mean_se(v) for name, v in heads.items()}
+    out["instruction_by_attribute"] = {k: mean_se(ok[k]) for k in list(data.ATTRIBUTES) + ["all"]}
+    out["instruction_by_split"] = {"val": mean_se(heads["instruction"][~heldout]),
+                                   "heldout": mean_se(heads["instruction"][heldout])}
+    out["vbench"] = {k: mean_se(v) for k, v in dims.items()}
+    out["quality_score"] = round(float(sum(dims[k].mean() for k in QUALITY) / len(QUALITY)), 4)
+    out["semantic_score"] = round(float(sum(dims[k].mean() for k in SEMANTIC) / len(SEMANTIC)), 4)
+
+    # drift: per frame, does the object still match the prompt and look like a clean render?
+    want = targets(prompts, len(prompts))
+    ident = (obs["frame_colour"] == want["colour"][:, None]) & (obs["frame_shape"] == want["shape"][:, None])
+    out["drift_by_frame"] = {"identity": [round(float(x), 4) for x in ident.float().mean(0)],
+                             "edge_error": [round(float(x), 4) for x in obs["shape_err"].amin(-1).mean(0)]}
+    # ... and by chunk for clips continued to 4x their length with context frames
+    overlap = mc.frames // 2
+    chunks = 1 + 3 * mc.frames // (mc.frames - overlap)
+    n_long = min(cfg.long_clips, len(prompts))
+    long = M.sample_long(net, tokens[:n_long], torch.Generator().manual_seed(cfg.seed + 1), chunks, cfg.steps,
+                         cfg.cfg_scale, overlap); bar.update()
+    by_chunk = []
+    for c in range(long.shape[2] // mc.frames):
+        h = reward_heads(long[:, :, c * mc.frames:(c + 1) * mc.frames], prompts[:n_long], world)
+        by_chunk.append({k: round(float(v.mean()), 4) for k, v in h.items()})
+    out["drift_by_chunk"] = by_chunk
+
+    # diversity: spread across seeds for one prompt per split (collapse shows as 0)
+    spread = []
+    for p in (prompts[0], prompts[-1]):
+        clips = sample(data.tokenize([p] * cfg.diversity_seeds), noise_for(cfg.diversity_seeds, mc, cfg.seed + 2),
+                       cfg.cfg_scale)
+        pos = oracle(clips, world)["center"][:, 0]                                   # first-frame positions
+        pix = torch.cdist(clips.flatten(1), clips.flatten(1)) / math.sqrt(clips[0].numel())
+        spread.append((pix.sum() / (len(clips) ** 2 - len(clips)), pos.std(0).mean() / mc.size))
+    bar.update()
+    out["diversity"] = {"pixel_rms": round(float(sum(s[0] for s in spread) / 2), 4),
+                        "position_std": round(float(sum(s[1] for s in spread) / 2), 4)}
+
+    # controllability: the same noise at other guidance weights, and image-to-video from a true first frame
+    out["cfg_response"] = {str(cfg.cfg_scale): out["instruction"][0]}
+    for w in (1.0, 2 * cfg.cfg_scale):
+        clips = sample(tokens, noise, w)
+        out["cfg_response"][str(w)] = round(float(reward_heads(clips, prompts, world)["instruction"].mean()), 4)
+    bar.update()
+    truth = data.make_batch("val", len(prompts), seed=cfg.seed + 3, world=world)
+    mask = (torch.arange(mc.frames) < 1)[None].expand(len(prompts), -1)
+    clips = sample(truth.tokens, noise, cfg.cfg_scale, ctx=truth.videos, ctx_mask=mask)
+    o = oracle(clips, world)
+    kept = (o["frame_colour"][:, 1:] == truth.attrs["colour"][:, None]).all(1) & \
+           (o["frame_shape"][:, 1:] == truth.attrs["shape"][:, None]).all(1)
+    jump = wrap(o["center"][:, 1] - truth.centers[:, 0], mc.size).norm(dim=-1)
+    out["context_adherence"] = mean_se(kept & (jump < 2 * SPEED_PX[1] * mc.size / 32 + 1)); bar.update()
+
+    # proxy vs oracle: what the learned judge says against what is true (reward hacking shows as a gap)
+    if rm is not None:
+        proxy, std = rm_score(rm, videos, tokens)
+        out["proxy_reward"] = {k: mean_se(proxy[k]) for k in proxy}
+        out["proxy_uncertainty"] = {k: round(float(std[k].mean()), 4) for k in std}
+        out["proxy_oracle_gap"] = {k: round(float((proxy[k] - heads[k]).mean()), 4) for k in proxy}
+    else:
+        out["proxy_reward"] = out["proxy_oracle_gap"] = None
+    axes = {"fidelity": out["fidelity"][0], "temporal": out["temporal"][0], "instruction": out["instruction"][0]}
+    weakest = min(axes, key=axes.get)
+    out["recommendation"] = f"weakest axis: {weakest} ({axes[weakest]:.3f}); {RECOMMEND[weakest]}"
+    out["lineage"] = meta.get("lineage", {})
+    return out, videos
+
+
+RECOMMEND = {
+    "fidelity": "more Stage I SFT on curated clips, or Stage II with the fidelity head weighted up",
+    "temporal": "Stage II with the temporal head weighted up and long-clip rollouts (drift across chunks)",
+    "instruction": "Stage II GRPO with the instruction head (per-attribute soft reward), then Stage III DPO",
+}
+
+
+def markdown_table(results):
+    names = list(results)
+    rows = [("fidelity", lambda r: f"{r['fidelity'][0]:.3f} ± {r['fidelity'][1]:.3f}"),
+            ("temporal", lambda r: f"{r['temporal'][0]:.3f} ± {r['temporal'][1]:.3f}"),
+            ("instruction", lambda r: f"{r['instruction'][0]:.3f} ± {r['instruction'][1]:.3f}"),
+            ("instruction, held-out combos", lambda r: f"{r['instruction_by_split']['heldout'][0]:.3f}"),
+            *[(f"oracle {k} accuracy", (lambda k: lambda r: f"{r['instruction_by_attribute'][k][0]:.3f}")(k))
+              for k in list(data.ATTRIBUTES) + ["all"]],
+            ("Quality score (VBench dims)", lambda r: f"{r['quality_score']:.3f}"),
+            *[(k, (lambda k: lambda r: f"{r['vbench'][k][0]:.3f}")(k)) for k in QUALITY],
+            ("Semantic score (VBench dims)", lambda r: f"{r['semantic_score']:.3f}"),
+            ("identity, first -> last frame", lambda r: f"{r['drift_by_frame']['identity'][0]:.3f} -> "
+                                                         f"{r['drift_by_frame']['identity'][-1]:.3f}"),
+            ("temporal, chunk 1 -> 4 (4x length)", lambda r: f"{r['drift_by_chunk'][0]['temporal']:.3f} -> "
+                                                             f"{r['drift_by_chunk'][-1]['temporal']:.3f}"),
+            ("instruction, chunk 1 -> 4", lambda r: f"{r['drift_by_chunk'][0]['instruction']:.3f} -> "
+                                                    f"{r['drift_by_chunk'][-1]['instruction']:.3f}"),
+            ("diversity (pixel rms across seeds)", lambda r: f"{r['diversity']['pixel_rms']:.3f}"),
+            ("cfg response (instruction at w)", lambda r: " / ".join(f"{w}: {v:.3f}" for w, v in sorted(
+                r["cfg_response"].items(), key=lambda x: float(x[0])))),
+            ("context adherence (image-to-video)", lambda r: f"{r['context_adherence'][0]:.3f}"),
+            ("proxy - oracle (learned RM gap)", lambda r: "n/a" if not r["proxy_oracle_gap"] else
+             ", ".join(f"{k} {v:+.3f}" for k, v in r["proxy_oracle_gap"].items()))]
+    lines = ["| metric | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
+    lines += [f"| {label} | " + " | ".join(fn(results[n]) for n in names) + " |" for label, fn in rows]
+    lines += [""] + [f"- **{n}**: {results[n]['recommendation']}" for n in names]
+    return "\n".join(lines) + "\n"
+
+
+def diagnose(argv):
+    cfg = parse_config(DiagnoseConfig, argv)
+    if os.path.exists(os.path.join(cfg.out, "diagnostics.json")) and not cfg.overwrite:
+        raise FileExistsError(f"{cfg.out} already holds diagnostics; pass --overwrite=true or another --out")
+    os.makedirs(cfg.out, exist_ok=True)
+    rm = load_reward_model(cfg.reward_model) if cfg.reward_model and os.path.exists(cfg.reward_model) else None
+    results, grids = {}, []
+    names = [os.path.splitext(os.path.basename(p))[0] if os.path.basename(p) != "ckpt.safetensors"
+             else os.path.basename(os.path.dirname(os.path.abspath(p))) for p in cfg.ckpt]
+    with tqdm(total=5 * len(cfg.ckpt), desc="diagnose") as bar:
+        for name, path in zip(names, cfg.ckpt):
+            results[name], videos = diagnose_checkpoint(path, cfg, bar, rm)
+            grids.append(videos[:: cfg.seeds][:8])                 # seed 0 of the first 8 prompts
+    with open(os.path.join(cfg.out, "diagnostics.json"), "w") as f:
+        json.dump(results, f, indent=1)
+    table = markdown_table(results)
+    with open(os.path.join(cfg.out, "diagnostics.md"), "w") as f:
+        f.write(table)
+    # one row per prompt, one column per checkpoint, same seeds
+    side = torch.stack(grids, 1).flatten(0, 1)
+    data.write_video(data.video_grid(side, len(grids[0]), len(grids)), os.path.join(cfg.out, "grid.gif"))
+    print(table)
+    print(f"wrote {cfg.out}/diagnostics.json, diagnostics.md, grid.gif (rows: prompts, columns: {', '.join(names)})")
+
+
+COMMANDS = {"diagnose": diagnose, "train_rm": train_reward_model}
+
+if __name__ == "__main__":
+    if len(sys.argv) < 2 or sys.argv[1] not in COMMANDS:
+        sys.exit(f"usage: python rewards.py {{{'|'.join(COMMANDS)}}} [--key=value ...]")
+    run_cli(COMMANDS[sys.argv[1]], sys.argv[2:])

@@ -156,7 +156,7 @@ def train(cfg: Config, stop_after=None):
         grad_norm = clip_gradients(net.parameters(), cfg.grad_clip)
         if guard.ok(loss.item(), grad_norm):
             opt.step()
-            ema.update(net)
+            ema.update(net, step)
         opt.zero_grad(set_to_none=True)
         window.append((loss.item(), grad_norm, t.detach().cpu(), per_sample.detach().cpu()))
 

@@ -40,6 +40,7 @@ def parse_config(cls, argv):
     """A dataclass instance from `--key=value` arguments, each checked against the default's type."""
     cfg = cls()
     fields = {f.name: f for f in dataclasses.fields(cls)}
+    given = set()
     for arg in argv:
         if not arg.startswith("--") or "=" not in arg:
             raise ConfigError(f"expected --key=value, got {arg!r}")
@@ -47,6 +48,11 @@ def parse_config(cls, argv):
         if key not in fields:
             raise ConfigError(f"unknown config key {key!r}; known keys: {', '.join(fields)}")
         kind = type(getattr(cfg, key))
+        if kind is tuple:  # a list of strings: repeat the key or separate with commas
+            items = tuple(v for v in value.split(",") if v)
+            setattr(cfg, key, (getattr(cfg, key) if key in given else ()) + items)
+            given.add(key)
+            continue
         try:
             if kind is bool:
                 if value.lower() not in ("true", "false", "1", "0"):
@@ -127,9 +133,12 @@ class EMA:
         self.model = copy.deepcopy(model).eval().requires_grad_(False)
 
     @torch.no_grad()
-    def update(self, model):
+    def update(self, model, step):
+        # Warm the decay up, (1 + step) / (10 + step): a fixed 0.999 from step 0 would keep 0.999^n of the
+        # initial weights (16 % after 1800 steps), and adaLN-Zero's initial model outputs nothing.
+        decay = min(self.decay, (1 + step) / (10 + step))
         for e, p in zip(self.model.parameters(), model.parameters()):
-            e.lerp_(p.detach(), 1 - self.decay)
+            e.lerp_(p.detach(), 1 - decay)
 
 
 def clip_gradients(params, max_norm):
