@@ -258,6 +258,10 @@ class RewardModelConfig:
     overwrite: bool = False
 
 
+def world_of(mcfg):
+    return data.WorldConfig(frames=mcfg.frames, size=mcfg.size)
+
+
 def mismatched_prompts(attrs, gen, p_wrong=0.5):
     """Captions of the clips, half of them with one or more attributes changed, so text alignment varies."""
     out = []
@@ -271,23 +275,24 @@ def mismatched_prompts(attrs, gen, p_wrong=0.5):
     return out
 
 
-def rm_pool(cfg, n, seed, base_videos=None):
+def rm_pool(cfg, n, seed, world, base_videos=None):
     """Clips a judge should rank: clean renders, web renders with defects of random strength, base-model
     samples; captions right or wrong. Returns videos, prompts, oracle head scores (B, heads)."""
     gen = torch.Generator().manual_seed(seed)
     third = n // 3
-    clean = data.make_batch("curated", third, seed=seed, step=1)
-    web = data.make_batch("web", third, seed=seed, step=2, defects=data.Defects().scaled(2 * torch.rand(1, generator=gen).item() + 0.5))
+    clean = data.make_batch("curated", third, seed=seed, step=1, world=world)
+    strength = 2 * torch.rand(1, generator=gen).item() + 0.5
+    web = data.make_batch("web", third, seed=seed, step=2, world=world, defects=data.Defects().scaled(strength))
     parts = [(clean.videos, clean.attrs), (web.videos, web.attrs)]
     if base_videos is not None:
         pick = torch.randint(len(base_videos[0]), (n - 2 * third,), generator=gen)
         parts.append((base_videos[0][pick], {k: v[pick] for k, v in base_videos[1].items()}))
     else:
-        extra = data.make_batch("web", n - 2 * third, seed=seed, step=3, defects=data.Defects().scaled(3.0))
+        extra = data.make_batch("web", n - 2 * third, seed=seed, step=3, world=world, defects=data.Defects().scaled(3.0))
         parts.append((extra.videos, extra.attrs))
     videos = torch.cat([p[0] for p in parts])
     prompts = sum((mismatched_prompts(p[1], gen) for p in parts), [])
-    scores = torch.stack(list(reward_heads(videos, prompts).values()), 1)
+    scores = torch.stack(list(reward_heads(videos, prompts, world).values()), 1)
     return videos, prompts, scores
 
 
@@ -296,15 +301,16 @@ def train_reward_model(argv):
     if os.path.exists(cfg.out) and not cfg.overwrite:
         raise FileExistsError(f"{cfg.out} exists; pass --overwrite=true to replace it")
     t0 = time.time()
-    base_videos = None
+    base_videos, shape = None, M.preset("small")
     if cfg.base:  # what the generator actually makes: the judge must rank these, not only renders
         net, _ = M.load_model(cfg.base)
-        b = data.make_batch("val", cfg.base_clips, seed=cfg.seed, step=99)
+        shape = net.cfg
+        b = data.make_batch("val", cfg.base_clips, seed=cfg.seed, step=99, world=world_of(shape))
         noise = torch.randn(b.videos.shape, generator=torch.Generator().manual_seed(cfg.seed))
         base_videos = (M.sample(net, b.tokens, noise, 20, 3.0), b.attrs)
     # One labelled pool, scored by the oracle once; each member sees its own bootstrap of it, labelled by
     # its own noisy annotator, so the members disagree where the data leaves the judge unsure.
-    videos, prompts, scores = rm_pool(cfg, cfg.pool_clips, seed=cfg.seed, base_videos=base_videos)
+    videos, prompts, scores = rm_pool(cfg, cfg.pool_clips, cfg.seed, world_of(shape), base_videos)
     tokens = data.tokenize(prompts)
     tensors = {}
     for k in tqdm(range(cfg.members), desc="reward members"):
@@ -327,8 +333,8 @@ def train_reward_model(argv):
     lineage = M.lineage_record("reward_model", cfg.base, cfg.steps, "curated+web+base", config=asdict(cfg),
                                seconds=round(time.time() - t0, 1))
     # the model config records the world shape (frames, size) the judge was trained for
-    M.save_checkpoint(cfg.out, tensors, M.preset("small"), lineage, members=cfg.members, width=cfg.width)
-    report = evaluate_reward_model(load_reward_model(cfg.out), cfg)
+    M.save_checkpoint(cfg.out, tensors, shape, lineage, members=cfg.members, width=cfg.width)
+    report = evaluate_reward_model(load_reward_model(cfg.out), cfg, world_of(shape))
     print(json.dumps(report, indent=1))
     print(f"wrote {cfg.out} in {time.time() - t0:.0f}s")
 
@@ -350,10 +356,10 @@ def rm_score(members, videos, tokens):
     return ({n: s[:, :, i].mean(0) for i, n in enumerate(HEADS)}, {n: s[:, :, i].std(0) for i, n in enumerate(HEADS)})
 
 
-def evaluate_reward_model(members, cfg):
+def evaluate_reward_model(members, cfg, world):
     """Against the oracle on clips none of the members trained on: error, ranking agreement, and whether
     the ensemble's spread flags its own mistakes."""
-    videos, prompts, scores = rm_pool(cfg, cfg.eval_clips, seed=10 ** 9 + cfg.seed)
+    videos, prompts, scores = rm_pool(cfg, cfg.eval_clips, 10 ** 9 + cfg.seed, world)
     mean, std = rm_score(members, videos, data.tokenize(prompts))
     out = {}
     for i, n in enumerate(HEADS):
@@ -428,7 +434,7 @@ def noise_for(n, mcfg, seed, frames=None):
 def diagnose_checkpoint(path, cfg, bar, rm=None):
     """Every diagnostic for one checkpoint on the fixed eval set. Returns (metrics dict, main clips)."""
     net, meta = M.load_model(path)
-    mc, world = net.cfg, data.WorldConfig(frames=net.cfg.frames, size=net.cfg.size)
+    mc, world = net.cfg, world_of(net.cfg)
     prompts, splits = eval_prompts(cfg)
     prompts = [p for p in prompts for _ in range(cfg.seeds)]
     splits = [s for s in splits for _ in range(cfg.seeds)]

@@ -9,6 +9,7 @@ import torch
 
 import data
 import model as M
+import rewards
 import sft
 import stability
 
@@ -240,7 +241,6 @@ def test_sft_runs_under_torchrun_two_ranks(tmp_path):
 
 
 # ----------------------------------------------------------------------------- rewards (oracle and heads)
-import rewards
 
 
 def test_oracle_recovers_curated_attributes():
@@ -318,3 +318,47 @@ def test_reward_instruction_is_soft_for_partly_wrong_prompts():
     assert 0.5 < score[1].mean() < 0.9 and 0.2 < score[2].mean() < 0.6 and score[3].mean() < 0.2
     ok = rewards.check(b.videos, part, obs=obs)
     assert ok["colour"].all() and ok["speed"].all() and not ok["direction"].any()
+
+
+# ----------------------------------------------------------------------------- learned judge and diagnostics
+@pytest.fixture(scope="module")
+def tiny_checkpoints(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tiny")
+    base = sft.train(tiny_sft(root / "base", steps=4))
+    tuned = sft.train(tiny_sft(root / "sft", init=base, data="curated", steps=2))
+    return base, tuned, root
+
+
+def test_reward_model_ensemble_mean_and_std(tiny_checkpoints, capsys):
+    base, _, root = tiny_checkpoints
+    out = str(root / "rm.safetensors")
+    rewards.train_reward_model([f"--base={base}", "--base_clips=4", "--members=3", "--steps=3", "--pool_clips=24",
+                                "--batch_size=8", "--eval_clips=24", f"--out={out}"])
+    assert "pair_accuracy" in capsys.readouterr().out
+    members = rewards.load_reward_model(out)
+    b = data.make_batch("curated", 5)
+    mean, std = rewards.rm_score(members, b.videos, b.tokens)
+    each = torch.stack([m(b.videos, b.tokens) for m in members])               # (K, B, heads)
+    for i, head in enumerate(rewards.HEADS):
+        assert torch.allclose(mean[head], each[:, :, i].mean(0)) and torch.allclose(std[head], each[:, :, i].std(0))
+        assert mean[head].min() >= 0 and mean[head].max() <= 1
+    assert std["fidelity"].max() > 0                                             # bootstrapped members disagree
+    with pytest.raises(FileExistsError):
+        rewards.train_reward_model([f"--out={out}", "--base="])
+
+
+def test_diagnose_writes_every_metric(tiny_checkpoints):
+    base, tuned, root = tiny_checkpoints
+    out = root / "diag"
+    rewards.diagnose([f"--ckpt={base}", f"--ckpt={tuned}", f"--out={out}", "--prompts=2", "--seeds=2", "--steps=2",
+                      "--long_clips=2", "--diversity_seeds=3", "--reward_model=" + str(root / "rm.safetensors")])
+    import json
+    result = json.load(open(out / "diagnostics.json"))
+    assert list(result) == ["base", "sft"]
+    for r in result.values():
+        assert {"fidelity", "temporal", "instruction", "instruction_by_attribute", "drift_by_frame", "drift_by_chunk",
+                "diversity", "cfg_response", "context_adherence", "proxy_reward", "proxy_oracle_gap",
+                "recommendation", "quality_score", "semantic_score", "vbench"} <= set(r)
+        assert len(r["drift_by_chunk"]) == 4 and len(r["drift_by_frame"]["identity"]) == 4
+        assert set(r["vbench"]) == set(rewards.QUALITY + rewards.SEMANTIC)
+    assert (out / "diagnostics.md").exists() and (out / "grid.gif").exists()
