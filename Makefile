@@ -9,14 +9,17 @@ setup:
 test: setup
 	$(PY) -m pytest -q test_all.py
 
-# Pretrain the base from scratch on web data (the shipped checkpoints/base_small.safetensors came from this).
-base: setup
-	$(PY) sft.py --init= --data=web --lr=1e-3 --steps=1800 --warmup=100 --ema_decay=0.999 --ckpt_every=100 --out_dir=runs/base
-
-# The main job: Stage I SFT from the shipped base, then samples of both checkpoints.
+# The main job at the default CPU preset: Stage I SFT from the shipped base, then both judged side by side.
 pipeline: setup
 	$(PY) sft.py --out_dir=runs/sft $(ARGS)
-	$(PY) model.py --ckpt=checkpoints/base_small.safetensors --out=runs/sft/base_samples.gif --overwrite=true
-	$(PY) model.py --ckpt=runs/sft/ckpt.safetensors --out=runs/sft/sft_samples.gif --overwrite=true
+	$(PY) rewards.py diagnose --ckpt=checkpoints/base_small.safetensors --ckpt=runs/sft/ckpt.safetensors --out=runs/diagnose --overwrite=true
 
-.PHONY: setup test base pipeline
+# How the shipped checkpoints were made (each from scratch, on 2 CPU cores).
+base: setup
+	$(PY) sft.py --init= --data=web --lr=1e-3 --steps=1800 --warmup=100 --ema_decay=0.999 --ckpt_every=100 --out_dir=runs/base
+	cp runs/base/ckpt.safetensors checkpoints/base_small.safetensors
+
+reward_model: setup
+	$(PY) rewards.py train_rm --out=checkpoints/reward_model.safetensors --overwrite=true
+
+.PHONY: setup test pipeline base reward_model
