@@ -400,6 +400,17 @@ def vbench_dimensions(videos, prompts, obs):
     }
 
 
+@torch.no_grad()
+def quick_eval(net, prompts, noise, steps=20, cfg_scale=3.0, world=None):
+    """What a stage watches while it trains: the oracle's accuracy per attribute and the heads' means on a
+    fixed prompt set and fixed noise (ODE samples). Returns a flat dict of floats."""
+    clips = M.sample(net, data.tokenize(prompts).to(noise.device), noise, steps, cfg_scale).cpu()
+    obs = oracle(clips, world or world_of(net.cfg))
+    out = {k: float(v.mean()) for k, v in reward_heads(clips, prompts, obs=obs).items()}
+    out.update({f"acc_{k}": float(v.float().mean()) for k, v in check(clips, prompts, obs=obs).items()})
+    return out
+
+
 def mean_se(x):
     x = x.float()
     return [round(float(x.mean()), 4), round(float(x.std() / math.sqrt(max(1, len(x) - 1))), 4) if len(x) > 1 else 0.0]

@@ -184,3 +184,75 @@ def load_optimizer_tensors(opt, named_params, tensors):
             if "step" in state:
                 state["step"] = state["step"].cpu()  # AdamW keeps its step count on the CPU
             opt.state[p] = state
+
+
+# ----------------------------------------------------------------------------- policy-gradient safety (Stages II, III)
+def gaussian_kl(mean, mean_ref, step_std):
+    """Closed-form KL between two Gaussian steps with the same std: |mean - mean_ref|^2 / (2 step_std^2),
+    averaged over the non-batch dimensions (the same mean convention as the log-probs). (B,)"""
+    return ((mean.float() - mean_ref.float()) ** 2).mean(dim=tuple(range(1, mean.dim()))) / (2 * step_std ** 2)
+
+
+def ppo_clip_loss(logp_new, logp_old, advantages, clip_range):
+    """PPO's pessimistic clipped objective per sample, and the ratio and whether it was clipped. (B,) each.
+    The ratio of mean log-probs moves little, so clip_range is small (1e-4 .. 1e-2)."""
+    ratio = torch.exp(logp_new - logp_old)
+    unclipped = -advantages * ratio
+    clipped = -advantages * ratio.clamp(1 - clip_range, 1 + clip_range)
+    return torch.maximum(unclipped, clipped), ratio.detach(), ((ratio - 1).abs() > clip_range).detach()
+
+
+def average_gradients(params, d: Dist):
+    """Mean the gradients over ranks by hand: the loop calls the model several times per update (CFG halves,
+    several denoising steps), which DDP's one-forward-one-backward hooks do not fit."""
+    if d.world > 1:
+        for p in params:
+            if p.grad is not None:
+                dist.all_reduce(p.grad)
+                p.grad /= d.world
+
+
+class SpikeGuard:
+    """Rollback to the last good weights when a statistic (grad norm, KL) jumps far above its recent median.
+
+    Call `snapshot` after a good iteration and `check` with this iteration's statistics; a spike restores the
+    snapshot into the model and optimizer and returns True."""
+
+    def __init__(self, factor=10.0, history=20, warmup=5):
+        self.factor, self.history, self.warmup = factor, history, warmup
+        self.seen, self.saved, self.rollbacks = {}, None, 0
+
+    def snapshot(self, model, opt):
+        self.saved = (copy.deepcopy(model.state_dict()), copy.deepcopy(opt.state_dict()))
+
+    def check(self, model, opt, **stats):
+        spike = []
+        for k, v in stats.items():
+            past = self.seen.setdefault(k, [])
+            if len(past) >= self.warmup and (not math.isfinite(v) or v > self.factor * max(sorted(past)[len(past) // 2], 1e-12)):
+                spike.append(k)
+        if spike and self.saved is not None:
+            model.load_state_dict(self.saved[0])
+            opt.load_state_dict(self.saved[1])
+            self.rollbacks += 1
+            return True
+        for k, v in stats.items():
+            self.seen[k] = (self.seen[k] + [v])[-self.history:]
+        return False
+
+
+class HackingMonitor:
+    """Stop a stage when the held-out judge falls for `patience` evaluations in a row while the trained
+    reward rises over the same span: the policy is exploiting the reward, not getting better."""
+
+    def __init__(self, patience=3, tolerance=0.0):
+        self.patience, self.tolerance, self.held_out, self.trained = patience, tolerance, [], []
+
+    def update(self, held_out, trained):
+        self.held_out.append(held_out)
+        self.trained.append(trained)
+        h, r = self.held_out[-self.patience - 1:], self.trained[-self.patience - 1:]
+        if len(h) <= self.patience:
+            return False
+        falling = all(b < a - self.tolerance for a, b in zip(h, h[1:]))
+        return falling and r[-1] > r[0]

@@ -362,3 +362,91 @@ def test_diagnose_writes_every_metric(tiny_checkpoints):
         assert len(r["drift_by_chunk"]) == 4 and len(r["drift_by_frame"]["identity"]) == 4
         assert set(r["vbench"]) == set(rewards.QUALITY + rewards.SEMANTIC)
     assert (out / "diagnostics.md").exists() and (out / "grid.gif").exists()
+
+
+# ----------------------------------------------------------------------------- Stage II
+import reward_rl
+
+
+def tiny_rl(init, out_dir, **kw):
+    base = dict(init=str(init), out_dir=str(out_dir), iters=2, prompts_per_iter=2, group_size=4, rollout_steps=4,
+                sde_window=2, eval_prompts=2, eval_steps=2, eval_every=100, ckpt_every=1, device="cpu")
+    return reward_rl.Config(**{**base, **kw})
+
+
+def read_log(path):
+    import json
+    return [json.loads(line) for line in open(path)]
+
+
+def test_group_advantages_per_head_and_zero_variance_groups():
+    scores = torch.tensor([[0.1, 0.5], [0.3, 0.5], [0.5, 0.5],      # group 0: head 1 is flat
+                           [0.2, 0.9], [0.2, 0.1], [0.2, 0.5]])     # group 1: head 0 is flat
+    adv, zero = reward_rl.group_advantages(scores, torch.tensor([1.0, 2.0]), 3, std_floor=1e-3, adv_clip=5.0)
+    z = lambda x: (x - x.mean()) / (x.std(correction=0) + 1e-4)
+    expect = torch.cat([z(torch.tensor([0.1, 0.3, 0.5])), 2 * z(torch.tensor([0.9, 0.1, 0.5]))])
+    assert torch.allclose(adv, expect, atol=1e-5) and zero == 0.5
+    big = torch.tensor([[0.0], [0.0], [0.0], [1.0]])                           # a lone outlier: z = 1.73, clipped
+    adv, _ = reward_rl.group_advantages(big, torch.tensor([4.0]), 4, 1e-3, adv_clip=5.0)
+    assert adv.max() == 5.0 and adv.min() < 0
+    # ensemble reliability: agreeing members weigh more, clamped to [0.5, 1.5]
+    w = reward_rl.reliability(torch.tensor([[0.1], [0.2], [0.3], [0.2]]))
+    assert torch.allclose(w, torch.tensor([1.5, 1.0, 0.5, 1.0]))
+    assert reward_rl.reliability(torch.tensor([[0.0], [1.0]])).tolist() == [1.5, 0.5]
+
+
+def test_ppo_and_kl_helpers():
+    logp = torch.tensor([0.0, 0.1, -0.1])
+    loss, ratio, clipped = stability.ppo_clip_loss(logp, logp.clone(), torch.tensor([1.0, -1.0, 2.0]), 0.01)
+    assert torch.equal(ratio, torch.ones(3)) and not clipped.any() and torch.allclose(loss, torch.tensor([-1.0, 1.0, -2.0]))
+    loss, _, clipped = stability.ppo_clip_loss(torch.tensor([0.5]), torch.tensor([0.0]), torch.tensor([1.0]), 0.1)
+    assert clipped.all() and torch.allclose(loss, torch.tensor([-1.1]))       # no credit beyond the trust region
+    m = torch.randn(2, 3, 4)
+    assert torch.equal(stability.gaussian_kl(m, m, 0.3), torch.zeros(2))
+    assert torch.allclose(stability.gaussian_kl(m + 0.3, m, 0.3), torch.full((2,), 0.5))
+
+
+def test_grpo_first_update_is_on_policy_and_kl_starts_at_zero(tiny_checkpoints):
+    _, tuned, root = tiny_checkpoints
+    reward_rl.train(tiny_rl(tuned, root / "rl1", iters=1))
+    rec = [r for r in read_log(root / "rl1" / "log.jsonl") if "iter" in r and "eval" not in r][0]
+    assert abs(rec["ratio"] - 1) < 1e-6 and rec["clip_frac"] == 0 and abs(rec["approx_kl"]) < 1e-10
+    assert rec["kl_ref"] == 0.0                                  # the policy is the reference until it is updated
+    assert rec["sde_steps"] == [0, 1] and set(rec) >= {"reward_fidelity", "zero_std_frac", "grad_norm", "rollout_s"}
+
+
+def test_grpo_raises_a_simple_reward(tiny_checkpoints):
+    _, tuned, root = tiny_checkpoints
+    bright = lambda clips, prompts: {"fidelity": torch.zeros(len(clips)), "temporal": torch.zeros(len(clips)),
+                                     "instruction": clips.mean((1, 2, 3, 4))}
+    cfg = tiny_rl(tuned, root / "bright", iters=12, lr=3e-3, beta=0.0, clip_range=0.05, ema_decay=0.0, sde_window=4,
+                 std_floor=1e-6)
+    reward_rl.train(cfg, reward_fn=bright)
+    got = [r["reward_instruction"][0] for r in read_log(root / "bright" / "log.jsonl") if "reward_instruction" in r]
+    assert sum(got[-3:]) / 3 > sum(got[:3]) / 3 + 0.01, got
+
+
+def test_grpo_one_and_two_ranks_agree(tiny_checkpoints):
+    _, tuned, root = tiny_checkpoints
+    args = ["reward_rl.py", f"--init={tuned}", "--iters=2", "--prompts_per_iter=2", "--group_size=4", "--rollout_steps=4",
+            "--eval_prompts=2", "--eval_steps=2", "--device=cpu", "--lr=1e-3"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    one = subprocess.run([sys.executable, *args, f"--out_dir={root}/r1"], cwd=HERE, capture_output=True, text=True, env=env)
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", *args,
+                          f"--out_dir={root}/r2"], cwd=HERE, capture_output=True, text=True, env=env, timeout=300)
+    assert one.returncode == 0 and two.returncode == 0, two.stderr[-2000:]
+    assert "2 rank(s) x 4" in two.stdout + two.stderr
+    a, b = [[r for r in read_log(root / d / "log.jsonl") if "reward_instruction" in r] for d in ("r1", "r2")]
+    for ra, rb in zip(a, b):   # the same rollouts and rewards, whatever the rank count
+        assert ra["reward_instruction"] == pytest.approx(rb["reward_instruction"], abs=1e-3)
+        assert ra["grad_norm"] == pytest.approx(rb["grad_norm"], rel=1e-3)
+    wa, wb = M.read_checkpoint(root / "r1" / "ckpt.safetensors")[0], M.read_checkpoint(root / "r2" / "ckpt.safetensors")[0]
+    assert max((wa[k] - wb[k]).abs().max() for k in wa) < 1e-4
+
+
+def test_grpo_refuses_batches_that_do_not_divide(tiny_checkpoints):
+    _, tuned, root = tiny_checkpoints
+    with pytest.raises(stability.ConfigError, match="do not split"):
+        reward_rl.train(tiny_rl(tuned, root / "bad", minibatches=3))
+    with pytest.raises(stability.ConfigError, match="does not fit"):
+        reward_rl.train(tiny_rl(tuned, root / "bad", window_start=3, sde_window=2))

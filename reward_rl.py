@@ -1,0 +1,366 @@
+"""Stage II: reward-driven RL, GRPO on the flow sampler, stability-constrained.
+
+    python reward_rl.py                                     # from the shipped SFT checkpoint, to runs/rl
+    torchrun --standalone --nproc_per_node=2 reward_rl.py   # the same loop; each group spans the ranks
+    python reward_rl.py --sde_window=0 --train_fraction=1 --shared_noise=false   # vanilla Flow-GRPO
+
+The deterministic Euler sampler has no log-probability. Inside a window of denoising steps the sampler
+takes Flow-GRPO's SDE step instead (model.sde_step: same marginals, a Gaussian policy step with an fp32
+log-prob); outside it stays an ODE. Each iteration reads top to bottom:
+  SAMPLING    G rollouts per prompt from the current policy, storing the window's latents and log-probs
+  REWARDS     the heads of rewards.py (programmatic, the learned ensemble, or both), gathered over ranks
+  ADVANTAGES  per head, z-scored within each prompt's group; summed with weights in advantage space
+  TRAINING    PPO-clipped ratio + beta * closed-form KL to the frozen SFT reference, clipped gradients, EMA,
+              a non-finite guard, rollback on a grad-norm or KL spike, and a held-out oracle check that
+              stops the run when the policy starts hacking the reward.
+"""
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+from tqdm import tqdm
+
+import data
+import model as M
+import rewards as R
+from stability import (EMA, ConfigError, HackingMonitor, NonFiniteGuard, SpikeGuard, average_gradients,
+                       clip_gradients, gaussian_kl, load_optimizer_tensors, make_logger, optimizer_tensors,
+                       parse_config, ppo_clip_loss, prepare_out_dir, print_config, run_cli, setup_distributed)
+
+
+@dataclass
+class Config:
+    init: str = "checkpoints/sft_small.safetensors"  # the policy's start and the frozen KL reference
+    out_dir: str = "runs/rl"      # ckpt.safetensors, state.safetensors, log.jsonl, samples.gif
+    iters: int = 30               # rollout + update iterations
+    # ---- SAMPLING
+    prompts_per_iter: int = 8     # distinct training prompts per iteration, over all ranks
+    group_size: int = 8           # rollouts per prompt: the group its advantages are relative to
+    rollout_steps: int = 10       # denoising steps of a training rollout (evaluation uses eval_steps)
+    sde_window: int = 2           # SDE steps inside the ODE trajectory; 0 = every step (vanilla Flow-GRPO)
+    window_start: int = 0         # first SDE step; -1 slides the window from high to low noise over training
+    train_fraction: float = 1.0   # fraction of the window's steps trained each iteration (DanceGRPO: 0.6)
+    noise_level: float = 0.7      # the SDE's a: std = a * sqrt(sigma / (1 - sigma))
+    shared_noise: bool = True     # one initial noise per group: members differ only by the SDE's choices
+    cfg_scale: float = 3.0        # guidance in rollouts and training (the policy is the guided sampler)
+    chunks: int = 1               # >1: roll out a continuation of (chunks - 1) ODE chunks; rewards see it all
+    # ---- REWARDS
+    reward: str = "heads"         # 'heads' (programmatic), 'rm' (learned ensemble) or 'both'
+    reward_model: str = "checkpoints/reward_model.safetensors"  # the ensemble for 'rm' and 'both'
+    w_fidelity: float = 0.25      # advantage weight of the fidelity head
+    w_temporal: float = 0.25      # advantage weight of the temporal head
+    w_instruction: float = 1.0    # advantage weight of the instruction head
+    curriculum: bool = False      # self-paced: move weight from fidelity to temporal to instruction
+    # ---- ADVANTAGES
+    std_floor: float = 0.01       # groups whose reward std is below this teach nothing: advantage 0
+    adv_clip: float = 5.0         # clip the summed advantage to +- this
+    uncertainty: bool = True      # scale advantages by ensemble agreement (reliability in [0.5, 1.5])
+    # ---- TRAINING
+    lr: float = 1e-4              # AdamW learning rate (constant)
+    beta: float = 0.01            # weight of the KL to the reference (closed form, per mean-logp convention)
+    clip_range: float = 2e-3      # PPO ratio clip; small because log-probs are means over pixels
+    epochs: int = 1               # passes over each iteration's rollouts
+    minibatches: int = 1          # optimizer updates per pass (each over its share of the groups)
+    grad_clip: float = 1.0        # global grad-norm clip
+    ema_decay: float = 0.9        # EMA of the policy per update; evaluation and the hand-off use it
+    spike_factor: float = 10.0    # rollback when grad norm or KL exceeds this times its recent median
+    # ---- evaluation and bookkeeping
+    eval_every: int = 5           # iterations between held-out oracle evaluations
+    eval_prompts: int = 16        # per split (val combinations and unseen held-out ones)
+    eval_steps: int = 20          # Euler steps for evaluation
+    patience: int = 3             # evaluations of falling oracle score with rising reward before stopping
+    seed: int = 0                 # prompts and noise follow (seed, iteration): resumes and rank counts agree
+    ckpt_every: int = 5           # iterations between resumable checkpoints
+    resume: bool = False          # continue the run in out_dir
+    overwrite: bool = False       # replace whatever out_dir holds
+    device: str = "auto"          # 'cpu', 'cuda' or 'auto'
+
+
+HEAD_NAMES = list(R.HEADS)
+
+
+def curriculum_weights(cfg, progress):
+    """Head weights at progress in [0, 1]. Self-paced: fidelity leads, then temporal, then instruction."""
+    base = torch.tensor([cfg.w_fidelity, cfg.w_temporal, cfg.w_instruction])
+    if not cfg.curriculum:
+        return base
+    focus = torch.tensor([[1.0, 0.5, 0.25], [0.5, 1.0, 0.5], [0.25, 0.5, 1.0]])  # rows: early, middle, late
+    pos = min(progress, 1.0) * 2
+    lo = int(min(pos, 1))
+    return base * torch.lerp(focus[lo], focus[lo + 1], pos - lo)
+
+
+def group_advantages(scores, weights, group_size, std_floor, adv_clip):
+    """scores (N, heads) for N = groups * group_size rollouts, grouped consecutively.
+    Each head is z-scored within each group; groups where a head's std is under the floor get 0 for that
+    head. Returns the clipped weighted sum (N,) and the fraction of (group, head) pairs that were zeroed."""
+    g = scores.view(-1, group_size, scores.shape[1])                          # (groups, G, heads)
+    mean, std = g.mean(1, keepdim=True), g.std(1, keepdim=True, correction=0)
+    flat = std < std_floor
+    z = torch.where(flat, torch.zeros_like(g), (g - mean) / (std + 1e-4))
+    adv = (z * weights).sum(-1).flatten()
+    return adv.clamp(-adv_clip, adv_clip), float(flat.float().mean())
+
+
+def reliability(rm_std):
+    """Per-rollout trust in the ensemble: 1.5 where its members agree most, 0.5 where they disagree most."""
+    u = rm_std.mean(1)                                                        # (N,) over heads
+    return (1 + (u.mean() - u) / (u.mean() + 1e-8)).clamp(0.5, 1.5)
+
+
+def window_steps(cfg, it):
+    """The SDE steps of iteration `it`: the window, sliding from noise to data if window_start < 0."""
+    if cfg.sde_window == 0:
+        return list(range(cfg.rollout_steps))
+    start = cfg.window_start
+    if start < 0:
+        start = round((cfg.rollout_steps - cfg.sde_window) * it / max(1, cfg.iters - 1))
+    return list(range(start, start + cfg.sde_window))
+
+
+def check_config(cfg, world):
+    if cfg.reward not in ("heads", "rm", "both"):
+        raise ConfigError(f"--reward must be 'heads', 'rm' or 'both', got {cfg.reward!r}")
+    if not 0 <= cfg.sde_window <= cfg.rollout_steps or cfg.window_start + cfg.sde_window > cfg.rollout_steps:
+        raise ConfigError(f"SDE window {cfg.window_start}+{cfg.sde_window} does not fit {cfg.rollout_steps} steps")
+    if not 0 < cfg.train_fraction <= 1:
+        raise ConfigError(f"--train_fraction must be in (0, 1], got {cfg.train_fraction}")
+    rollouts = cfg.prompts_per_iter * cfg.group_size
+    if cfg.group_size < 2:
+        raise ConfigError("--group_size must be at least 2: advantages are relative to the group")
+    if rollouts % world:
+        raise ConfigError(f"prompts_per_iter x group_size = {rollouts} rollouts do not divide over {world} ranks")
+    if (rollouts // world) % cfg.minibatches:
+        raise ConfigError(f"{rollouts // world} rollouts per rank do not split into {cfg.minibatches} minibatches")
+
+
+def train(cfg: Config, reward_fn=None):
+    """reward_fn(clips, prompts) -> {head: (B,)} replaces the configured judge (tests use a simple one)."""
+    d = setup_distributed(cfg.device)
+    log = make_logger(d)
+    check_config(cfg, d.world)
+    if d.main:
+        prepare_out_dir(cfg.out_dir, cfg.resume, cfg.overwrite)
+    state_path, ckpt_path = os.path.join(cfg.out_dir, "state.safetensors"), os.path.join(cfg.out_dir, "ckpt.safetensors")
+
+    policy, parent_meta = M.load_model(cfg.init, d.device)
+    reference, _ = M.load_model(cfg.init, d.device)                          # frozen: the KL anchor
+    reference.requires_grad_(False)
+    policy.train()
+    mc = policy.cfg
+    world = R.world_of(mc)
+    judge = R.load_reward_model(cfg.reward_model) if cfg.reward in ("rm", "both") else None
+    ema = EMA(policy, cfg.ema_decay)
+    opt = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, weight_decay=0.0)
+    start = 0
+    if cfg.resume:
+        tensors, scfg, meta = M.read_checkpoint(state_path)
+        M.check_config(scfg, mc, state_path)
+        M.load_weights(policy, tensors, state_path, prefix="model.")
+        M.load_weights(ema.model, tensors, state_path, prefix="ema.")
+        load_optimizer_tensors(opt, policy.named_parameters(), tensors)
+        start = meta["step"]
+        log(f"resumed {state_path} at iteration {start}")
+
+    rollouts = cfg.prompts_per_iter * cfg.group_size
+    per_rank = rollouts // d.world
+    n_window = len(window_steps(cfg, 0))
+    n_trained = max(1, round(cfg.train_fraction * n_window))
+    log(f"batch: {cfg.prompts_per_iter} prompts x {cfg.group_size} rollouts = {rollouts} per iteration = "
+        f"{d.world} rank(s) x {per_rank}; {cfg.rollout_steps} denoising steps, SDE on {n_window}, {n_trained} trained "
+        f"per rollout; {cfg.epochs} epoch(s) x {cfg.minibatches} minibatch(es) = {cfg.epochs * cfg.minibatches} "
+        f"updates per iteration, each over {per_rank // cfg.minibatches} rollouts x {n_trained} steps per rank")
+    assert per_rank * d.world == rollouts and (per_rank // cfg.minibatches) * cfg.minibatches == per_rank
+    print_config(cfg, log)
+
+    train_prompts = sorted({data.caption(c, s, dd, sp) for c, s, dd in data.TRAIN_COMBOS for sp in range(2)})
+    eval_prompts, _ = R.eval_prompts(R.DiagnoseConfig(prompts=cfg.eval_prompts, seed=cfg.seed))
+    eval_noise = R.noise_for(len(eval_prompts), mc, cfg.seed + 7).to(d.device)
+    grid = M.time_grid(cfg.rollout_steps)
+    shape = (mc.channels, mc.frames, mc.size, mc.size)
+    overlap = mc.frames // 2
+    ctx_mask = (torch.arange(mc.frames) < overlap)[None].expand(per_rank, -1).to(d.device) if cfg.chunks > 1 else None
+    lineage = lambda it: M.lineage_record("grpo", cfg.init, it, "prompts:train_combos", config=asdict(cfg),
+                                          parent_stage=parent_meta.get("lineage", {}).get("stage", ""))
+    guard, spikes, monitor = NonFiniteGuard(), SpikeGuard(cfg.spike_factor), HackingMonitor(cfg.patience)
+    spikes.snapshot(policy, opt)
+    logf = open(os.path.join(cfg.out_dir, "log.jsonl"), "a") if d.main else None
+    mine = slice(d.rank * per_rank, (d.rank + 1) * per_rank)                  # this rank's share of the rollouts
+
+    def evaluate(it):
+        ev = R.quick_eval(ema.model, eval_prompts, eval_noise, cfg.eval_steps, cfg.cfg_scale, world)
+        return {"iter": it, **{k: round(v, 4) for k, v in ev.items()}}
+
+    if d.main and start == 0:
+        rec = evaluate(0)
+        logf.write(json.dumps({"eval": rec}) + "\n")
+        log(f"eval @0: " + " ".join(f"{k}={v}" for k, v in rec.items() if k != "iter"))
+
+    bar = tqdm(range(start, cfg.iters), initial=start, total=cfg.iters, disable=not d.main, desc="grpo")
+    for it in bar:
+        t0 = time.time()
+        # Every rank draws the same prompts and noise for the whole iteration, then keeps its slice:
+        # a group spans ranks, and 1 or N ranks roll out exactly the same clips.
+        gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + it)
+        idx = torch.randint(len(train_prompts), (cfg.prompts_per_iter,), generator=gen)
+        prompts = [train_prompts[i] for i in idx.tolist() for _ in range(cfg.group_size)]
+        if cfg.shared_noise:
+            x = torch.randn(cfg.prompts_per_iter, *shape, generator=gen).repeat_interleave(cfg.group_size, 0)
+        else:
+            x = torch.randn(rollouts, *shape, generator=gen)
+        sde = window_steps(cfg, it)
+        eps = torch.randn(len(sde), rollouts, *shape, generator=gen)
+        trained = sorted(torch.randperm(len(sde), generator=gen)[:n_trained].tolist())
+        tokens = data.tokenize(prompts)[mine].to(d.device)
+        x = x[mine].to(d.device)
+
+        # ================================================================ SAMPLING
+        policy.eval()
+        with torch.no_grad():
+            ctx, prefix = None, None
+            if cfg.chunks > 1:  # earlier chunks by the ODE; the trained chunk continues them
+                prefix = M.sample_long(policy, tokens, torch.Generator().manual_seed(cfg.seed + it), cfg.chunks - 1,
+                                       cfg.rollout_steps, cfg.cfg_scale, overlap)
+                ctx = torch.zeros_like(x)
+                ctx[:, :, :overlap] = prefix[:, :, -overlap:]
+            steps = []  # (step index, x before, x after, fp32 log-prob) for each SDE step
+            for i in range(cfg.rollout_steps):
+                t, t_next = float(grid[i]), float(grid[i + 1])
+                v = M.guided_velocity(policy, x, t, tokens, cfg.cfg_scale, ctx, ctx_mask)
+                if i in sde:
+                    e = eps[sde.index(i)][mine].to(d.device)
+                    x_next, _, _, logp = M.sde_step(x, v, t, t_next, float(grid[1]), cfg.noise_level, eps=e)
+                    steps.append((i, x, x_next, logp))
+                    x = x_next
+                else:
+                    x = x + (t_next - t) * v
+            clips = x.clamp(-1, 1)
+            if ctx is not None:
+                clips = torch.cat([prefix, clips[:, :, overlap:]], dim=2)
+        t_rollout = time.time() - t0
+
+        # ================================================================ REWARDS
+        heads = (reward_fn or (lambda c, p: R.reward_heads(c, p, world)))(clips.cpu(), prompts[mine])
+        scores = torch.stack([heads[h] for h in HEAD_NAMES], 1)               # (per_rank, heads)
+        rm_std = torch.zeros_like(scores)
+        if judge is not None:
+            rm_mean, rm_sd = R.rm_score(judge, clips.cpu(), tokens.cpu())
+            rm_scores = torch.stack([rm_mean[h] for h in HEAD_NAMES], 1)
+            rm_std = torch.stack([rm_sd[h] for h in HEAD_NAMES], 1)
+            scores = rm_scores if cfg.reward == "rm" else (scores + rm_scores) / 2
+        if d.world > 1:  # every rank needs its groups' whole reward vector
+            full = [torch.zeros_like(scores) for _ in range(d.world)]
+            torch.distributed.all_gather(full, scores)
+            scores = torch.cat(full)
+            full = [torch.zeros_like(rm_std) for _ in range(d.world)]
+            torch.distributed.all_gather(full, rm_std)
+            rm_std = torch.cat(full)
+
+        # ================================================================ ADVANTAGES
+        weights = curriculum_weights(cfg, it / max(1, cfg.iters - 1))
+        adv, zero_frac = group_advantages(scores, weights, cfg.group_size, cfg.std_floor, cfg.adv_clip)
+        if judge is not None and cfg.uncertainty:
+            adv = adv * reliability(rm_std)
+        adv_mine = adv[mine].to(d.device)
+
+        # ================================================================ TRAINING
+        policy.train()
+        t1 = time.time()
+        stats = {k: [] for k in ("loss", "ratio", "clipped", "approx_kl", "kl_ref", "grad_norm")}
+        for epoch in range(cfg.epochs):
+            order = torch.randperm(per_rank, generator=gen)                   # same on every rank
+            for mb in order.chunk(cfg.minibatches):
+                mb = mb.to(d.device)
+                for k in trained:  # accumulate over the trained steps, then one update
+                    i, x_t, x_next, logp_old = steps[k]
+                    t, t_next = float(grid[i]), float(grid[i + 1])
+                    c, cm = (ctx[mb], ctx_mask[mb]) if ctx is not None else (None, None)
+                    v = M.guided_velocity(policy, x_t[mb], t, tokens[mb], cfg.cfg_scale, c, cm)
+                    _, mean, step_std, logp = M.sde_step(x_t[mb], v, t, t_next, float(grid[1]), cfg.noise_level,
+                                                         x_next=x_next[mb])
+                    with torch.no_grad():
+                        v_ref = M.guided_velocity(reference, x_t[mb], t, tokens[mb], cfg.cfg_scale, c, cm)
+                        _, mean_ref, _, _ = M.sde_step(x_t[mb], v_ref, t, t_next, float(grid[1]), cfg.noise_level,
+                                                       x_next=x_next[mb])
+                    policy_loss, ratio, clipped = ppo_clip_loss(logp, logp_old[mb], adv_mine[mb], cfg.clip_range)
+                    kl = gaussian_kl(mean, mean_ref, step_std)                # closed form, (mb,)
+                    loss = (policy_loss + cfg.beta * kl).mean() / len(trained)
+                    loss.backward()
+                    log_ratio = (logp - logp_old[mb]).detach()
+                    stats["loss"].append(loss.item() * len(trained))
+                    stats["ratio"].append(float(ratio.mean()))
+                    stats["clipped"].append(float(clipped.float().mean()))
+                    stats["approx_kl"].append(float((log_ratio.exp() - 1 - log_ratio).mean()))
+                    stats["kl_ref"].append(kl.mean().item())
+                average_gradients(policy.parameters(), d)
+                grad_norm = clip_gradients(policy.parameters(), cfg.grad_clip)
+                stats["grad_norm"].append(grad_norm)
+                if guard.ok(stats["loss"][-1], grad_norm):
+                    opt.step()
+                    ema.update(policy, it * cfg.epochs * cfg.minibatches + len(stats["grad_norm"]) - 1)
+                opt.zero_grad(set_to_none=True)
+        mean_of = lambda k: sum(stats[k]) / max(1, len(stats[k]))
+        rolled_back = spikes.check(policy, opt, grad_norm=max(stats["grad_norm"]), kl_ref=mean_of("kl_ref"))
+        if not rolled_back:
+            spikes.snapshot(policy, opt)
+        t_train = time.time() - t1
+
+        rec = dict(iter=it + 1, **{f"reward_{h}": [round(float(scores[:, j].mean()), 4), round(float(scores[:, j].std()), 4)]
+                                   for j, h in enumerate(HEAD_NAMES)},
+                   zero_std_frac=round(zero_frac, 4), adv_mean=round(float(adv.mean()), 4),
+                   adv_std=round(float(adv.std()), 4), adv_absmax=round(float(adv.abs().max()), 4),
+                   weights=[round(float(w), 3) for w in weights], sde_steps=sde, trained_steps=[sde[k] for k in trained],
+                   ratio=round(mean_of("ratio"), 6), clip_frac=round(mean_of("clipped"), 4),
+                   approx_kl=mean_of("approx_kl"), kl_ref=mean_of("kl_ref"), loss=mean_of("loss"),
+                   grad_norm=round(max(stats["grad_norm"]), 4), skipped=guard.skipped, rollbacks=spikes.rollbacks,
+                   rollout_s=round(t_rollout, 2), train_s=round(t_train, 2))
+        bar.set_postfix(instr=f"{rec['reward_instruction'][0]:.3f}", kl=f"{rec['kl_ref']:.2e}",
+                        clip=f"{rec['clip_frac']:.2f}", zero=f"{zero_frac:.2f}")
+        stop = torch.zeros(1)
+        if d.main:
+            logf.write(json.dumps(rec) + "\n")
+            if (it + 1) % cfg.eval_every == 0 or it + 1 == cfg.iters:
+                ev = evaluate(it + 1)
+                logf.write(json.dumps({"eval": ev}) + "\n")
+                log(f"eval @{it + 1}: " + " ".join(f"{k}={v}" for k, v in ev.items() if k != "iter"))
+                trained_reward = float((scores * weights).sum(1).mean())
+                if monitor.update(ev["acc_all"], trained_reward):
+                    log(f"stopping: held-out oracle accuracy fell {cfg.patience} evaluations in a row while the "
+                        f"trained reward rose (reward hacking); keeping the last checkpoint")
+                    stop[0] = 1
+            logf.flush()
+        if d.world > 1:
+            torch.distributed.broadcast(stop, 0)
+        if (it + 1) % cfg.ckpt_every == 0 or it + 1 == cfg.iters or stop.item():
+            save_state(cfg, d, policy, ema, opt, mc, lineage, it + 1, state_path)
+        if stop.item():
+            break
+
+    # ---- hand-off: the EMA policy, and a sample grid on the fixed eval prompts
+    if d.main:
+        final_it = it + 1 if cfg.iters > start else start
+        M.save_checkpoint(ckpt_path, ema.model.state_dict(), mc, lineage(final_it))
+        videos = M.sample(ema.model, data.tokenize(eval_prompts[:8]).to(d.device), eval_noise[:8], cfg.eval_steps,
+                          cfg.cfg_scale)
+        data.write_video(data.video_grid(videos, 2, 4), os.path.join(cfg.out_dir, "samples.gif"))
+        log(f"done: {ckpt_path} ({guard.skipped} skipped updates, {spikes.rollbacks} rollbacks)")
+        logf.close()
+    if d.world > 1:
+        torch.distributed.destroy_process_group()
+    return ckpt_path
+
+
+def save_state(cfg, d, policy, ema, opt, mc, lineage, it, path):
+    if d.main:
+        tensors = {**{f"model.{k}": v for k, v in policy.state_dict().items()},
+                   **{f"ema.{k}": v for k, v in ema.model.state_dict().items()},
+                   **optimizer_tensors(opt, policy.named_parameters())}
+        M.save_checkpoint(path, tensors, mc, lineage(it), step=it)
+
+
+if __name__ == "__main__":
+    run_cli(lambda argv: train(parse_config(Config, argv)), sys.argv[1:])
