@@ -16,7 +16,7 @@ pipeline: setup
 
 # How the shipped checkpoints were made (each from scratch, on 2 CPU cores).
 base: setup
-	$(PY) sft.py --init= --data=web --lr=1e-3 --steps=1800 --warmup=100 --ema_decay=0.999 --ckpt_every=100 --out_dir=runs/base
+	$(PY) sft.py --init= --data=web --lr=1e-3 --steps=2000 --warmup=100 --ema_decay=0.999 --ckpt_every=100 --out_dir=runs/base
 	cp runs/base/ckpt.safetensors checkpoints/base_small.safetensors
 
 reward_model: setup

@@ -4,10 +4,14 @@ Flow convention, used everywhere in postflow:
     x_t = (1 - t) * x0 + t * x1,   x0 ~ N(0, I) noise,  x1 data,  target velocity v = x1 - x0,
     sampling integrates t from 0 (noise) to 1 (data).
 The network predicts the clean clip x1 ("x-prediction") and the velocity is derived from it,
-v = (x1_hat - x_t) / (1 - t). In pixel space with 4x4 patches a velocity-predicting net has to emit
-per-patch noise it cannot represent and leaves speckles; a clean-data target lies on the low-dimensional
-data manifold (Li & He 2025, "Back to Basics: Let Denoising Generative Models Denoise"). The loss is
-still taken on v, so the sampler and the SDE of Stage II see an ordinary flow model.
+v = (x1_hat - x_t) / (1 - t). In pixel space a velocity-predicting net has to emit per-patch noise it
+cannot represent and leaves speckles; a clean-data target lies on the low-dimensional data manifold
+(Li & He 2025, "Back to Basics: Let Denoising Generative Models Denoise"). The loss is still taken on v,
+so the sampler and the SDE of Stage II see an ordinary flow model.
+
+Patches are 8x8 at 32x32: one token covers a whole object (radius 5 px), so its output is one coherent
+piece of it and a frame is 16 tokens that must agree on one object. With 4x4 patches (64 tokens a frame)
+the same 300 pretraining steps drew each object as scattered patch-sized blocks in several places.
 
 Attention is factorised: spatial attention within each frame, then temporal attention across frames at
 each spatial position. On 8 frames of 8x8 tokens that costs 8*64^2 + 64*8^2 pair scores per clip
@@ -50,7 +54,7 @@ class ModelConfig:
 
 PRESETS = {
     "tiny": dict(dim=32, depth=2, heads=2, mlp_ratio=2.0, frames=4, size=16),  # tests: seconds
-    "small": dict(dim=128, depth=6, heads=4, tpatch=2),                              # the 2-core CPU default
+    "small": dict(dim=192, depth=6, heads=6, patch=8),                        # the 2-core CPU default
     "base": dict(dim=384, depth=12, heads=6, frames=16, size=64),             # one GPU
 }
 

@@ -411,6 +411,18 @@ def quick_eval(net, prompts, noise, steps=20, cfg_scale=3.0, world=None):
     return out
 
 
+def oracle_win_rate(a, b, prompts, world=None):
+    """Oracle pairwise comparison of clips a[i] and b[i] for prompts[i]: 1 where a is better, 0.5 for a tie.
+    Better = more prompted attributes right; the heads' mean (in [0, 1]) breaks ties between equal counts. (B,)"""
+    def score(clips):
+        obs = oracle(clips, world)
+        ok = check(clips, prompts, obs=obs)
+        heads = torch.stack(list(reward_heads(clips, prompts, obs=obs).values()), 1).mean(1)
+        return torch.stack([ok[k].float() for k in data.ATTRIBUTES], 1).sum(1) + heads
+    sa, sb = score(a), score(b)
+    return (sa > sb).float() + 0.5 * (sa == sb).float()
+
+
 def mean_se(x):
     x = x.float()
     return [round(float(x.mean()), 4), round(float(x.std() / math.sqrt(max(1, len(x) - 1))), 4) if len(x) > 1 else 0.0]

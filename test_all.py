@@ -450,3 +450,69 @@ def test_grpo_refuses_batches_that_do_not_divide(tiny_checkpoints):
         reward_rl.train(tiny_rl(tuned, root / "bad", minibatches=3))
     with pytest.raises(stability.ConfigError, match="does not fit"):
         reward_rl.train(tiny_rl(tuned, root / "bad", window_start=3, sde_window=2))
+
+
+# ----------------------------------------------------------------------------- Stage III
+import preference
+
+
+def tiny_pairs(n=6, seed=0):
+    a = data.make_batch("curated", n, seed=seed, world=TINY_WORLD)
+    b = data.make_batch("web", n, seed=seed, world=TINY_WORLD, defects=data.Defects().scaled(3.0))
+    return {"winner": a.videos, "loser": b.videos, "tokens": a.tokens, "weight": torch.ones(n)}
+
+
+def dpo_grads(decoupled, policy, ref, p, beta=50.0, sft_weight=0.3):
+    policy.zero_grad()
+    gen = torch.Generator().manual_seed(1)
+    t, x0 = M.sample_t(len(p["winner"]), gen), torch.randn(p["winner"].shape, generator=gen)
+    loss, z, _ = preference.dpo_step(policy, ref, p["winner"], p["loser"], p["tokens"], p["weight"], t, x0, beta,
+                                     sft_weight, decoupled)
+    return loss, z, [torch.zeros_like(q) if q.grad is None else q.grad.clone() for q in policy.parameters()]
+
+
+def test_dpo_loss_is_log2_at_start_and_decoupled_gradient_equals_joint():
+    policy, ref = tiny_model(randomize=True), tiny_model(randomize=True)
+    p = tiny_pairs()
+    p["weight"] = torch.rand(6) + 0.5
+    loss, z, _ = dpo_grads(True, policy, ref, p, sft_weight=0.0)
+    assert torch.equal(z, torch.zeros(6)) and abs(loss.item() - math.log(2) * p["weight"].mean().item()) < 1e-6
+    with torch.no_grad():                                  # move the policy away from the reference
+        for q in policy.parameters():
+            q.add_(0.01 * torch.randn_like(q))
+    lj, zj, gj = dpo_grads(False, policy, ref, p)
+    ld, zd, gd = dpo_grads(True, policy, ref, p)
+    assert zj.abs().max() > 0 and torch.allclose(zj, zd) and abs(lj.item() - ld.item()) < 1e-6
+    assert all(torch.allclose(a, b, atol=1e-6, rtol=1e-4) for a, b in zip(gj, gd))
+
+
+def test_pair_margin_filter_and_file_round_trip(tmp_path):
+    net = tiny_model(randomize=True)
+    cfg = preference.Config(pair_prompts=3, samples_per_prompt=3, sample_steps=2, margin=0.0)
+    every = preference.make_pairs(net, cfg, TINY_WORLD, print)
+    assert len(every["winner"]) <= 3 * 3 and (every["score_w"] > every["score_l"]).all()
+    cfg.margin = float((every["score_w"] - every["score_l"]).median())
+    kept = preference.make_pairs(net, cfg, TINY_WORLD, print)
+    assert 0 < len(kept["winner"]) < len(every["winner"]) and ((kept["score_w"] - kept["score_l"]) >= cfg.margin).all()
+    path = str(tmp_path / "pairs.safetensors")
+    preference.save_pairs(path, kept)
+    back = preference.load_pairs(path, net.cfg)
+    assert all(torch.equal(back[k], kept[k]) for k in kept)
+    with pytest.raises(stability.ConfigError, match="shape"):
+        preference.load_pairs(path, M.preset("small"))
+    with pytest.raises(stability.ConfigError, match="not found"):
+        preference.load_pairs(str(tmp_path / "none.safetensors"), net.cfg)
+
+
+def test_dpo_run_raises_implicit_accuracy_on_fixed_pairs(tiny_checkpoints):
+    _, tuned, root = tiny_checkpoints
+    preference.save_pairs(str(root / "fixed.safetensors"), tiny_pairs(8))
+    cfg = preference.Config(init=str(tuned), out_dir=str(root / "dpo"), pairs=str(root / "fixed.safetensors"), steps=30,
+                            batch_size=8, lr=3e-3, warmup=2, beta=20.0, log_every=1, eval_prompts=2, eval_steps=2,
+                            device="cpu")
+    preference.train(cfg)
+    recs = [r for r in read_log(root / "dpo" / "log.jsonl") if "implicit_acc" in r]
+    assert recs[0]["loss"] == pytest.approx(math.log(2), abs=0.02)
+    assert recs[-1]["implicit_acc"] > 0.8 and recs[-1]["loss"] < recs[0]["loss"], recs
+    final = read_log(root / "dpo" / "log.jsonl")[-1]["final"]
+    assert 0 <= final["win_rate"] <= 1 and "acc_all" in final["dpo"]

@@ -1,0 +1,307 @@
+"""Stage III: preference refinement with Flow-DPO, against the frozen input checkpoint.
+
+    python preference.py                                    # on-policy pairs from runs/rl, then DPO, to runs/dpo
+    python preference.py --init=checkpoints/sft_small.safetensors --out_dir=runs/dpo_sft
+    python preference.py --pairs=my_pairs.safetensors       # train on a saved or external pair file
+    torchrun --standalone --nproc_per_node=2 preference.py  # the same loop; ranks split each batch
+
+PAIRS     N clips per prompt from the input policy (fixed seeds), scored by a judge (programmatic heads, the
+          learned ensemble, or the oracle as an upper bound); pairs whose score margin clears a threshold
+          become (winner, loser) and are saved as safetensors, a format anyone can write (human labels).
+TRAINING  Diffusion-DPO written for velocity: one shared t and noise for winner and loser,
+              d = |v - v_theta(x_t)|^2 - |v - v_ref(x_t)|^2,   L = -log sigmoid(-beta / 2 * (d_w - d_l)),
+          the log-sigmoid meaned over the batch, an optional flow-matching (SFT) term on winners, warmup,
+          global grad clipping, EMA and the non-finite guard. `decoupled` backpropagates the winner and the
+          loser branch one after the other with a detached coefficient: the same gradient, one graph at a time.
+"""
+import json
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+import data
+import model as M
+import rewards as R
+from stability import (EMA, ConfigError, NonFiniteGuard, average_gradients, clip_gradients, load_optimizer_tensors,
+                       make_logger, optimizer_tensors, parse_config, prepare_out_dir, print_config, run_cli,
+                       setup_distributed, warmup_cosine)
+
+
+@dataclass
+class Config:
+    init: str = "runs/rl/ckpt.safetensors"  # input policy and frozen reference (reward_rl.py's output; SFT works)
+    out_dir: str = "runs/dpo"     # ckpt.safetensors, state.safetensors, pairs.safetensors, log.jsonl, samples.gif
+    pairs: str = ""               # pair file to train on; '' makes on-policy pairs into out_dir
+    # ---- PAIRS
+    pair_prompts: int = 64        # training prompts sampled for pairs
+    samples_per_prompt: int = 4   # clips per prompt (seeds 0..N-1 of the pair seed stream)
+    judge: str = "heads"          # 'heads' (programmatic), 'rm' (learned ensemble) or 'oracle' (upper bound)
+    reward_model: str = "checkpoints/reward_model.safetensors"  # the ensemble for judge=rm
+    w_fidelity: float = 0.25      # judge score = weighted mean of the heads
+    w_temporal: float = 0.25
+    w_instruction: float = 1.0
+    margin: float = 0.05          # keep a pair only if the judge's scores differ by at least this
+    weight_by_margin: bool = False  # weight each pair's loss by its margin (normalised to mean 1)
+    sample_steps: int = 20        # Euler steps for the pair clips
+    cfg_scale: float = 3.0        # guidance for the pair clips and the evaluation
+    # ---- TRAINING
+    steps: int = 150              # optimizer steps
+    batch_size: int = 16          # pairs per step, over all ranks
+    lr: float = 2e-5              # peak learning rate
+    warmup: int = 15              # linear warmup steps, then cosine decay
+    beta: float = 2000.0          # DPO temperature on mean-squared velocity errors
+    sft_weight: float = 0.0       # flow-matching loss on winners, anchoring the policy
+    decoupled: bool = True        # winner and loser backpropagated one after the other (less peak memory)
+    grad_clip: float = 1.0        # global grad-norm clip
+    ema_decay: float = 0.99       # EMA of weights; evaluation and the hand-off use it
+    t_mean: float = -0.4          # logit-normal t, as in pretraining
+    t_std: float = 1.0
+    # ---- evaluation and bookkeeping
+    eval_prompts: int = 16        # per split (val combinations and unseen held-out ones), fixed seeds
+    eval_steps: int = 20          # Euler steps for evaluation
+    seed: int = 0                 # pairs, batches, t and noise follow from it: resumes are exact
+    log_every: int = 10           # steps between log lines
+    ckpt_every: int = 50          # steps between resumable checkpoints
+    resume: bool = False          # continue the run in out_dir
+    overwrite: bool = False       # replace whatever out_dir holds
+    device: str = "auto"          # 'cpu', 'cuda' or 'auto'
+
+
+# ----------------------------------------------------------------------------- pairs
+PAIR_KEYS = ("winner", "loser", "tokens", "score_w", "score_l", "weight")
+
+
+def judge_scores(cfg, clips, prompts, world, rm=None):
+    """One scalar per clip from the chosen judge. (B,)"""
+    w = torch.tensor([cfg.w_fidelity, cfg.w_temporal, cfg.w_instruction])
+    if cfg.judge == "oracle":   # exact: the fraction of prompted attributes the clip gets right, heads break ties
+        ok = R.check(clips, prompts, world)
+        heads = torch.stack(list(R.reward_heads(clips, prompts, world).values()), 1)
+        return torch.stack([ok[k].float() for k in data.ATTRIBUTES], 1).mean(1) + 0.01 * heads.mean(1)
+    if cfg.judge == "rm":
+        mean, _ = R.rm_score(rm, clips, data.tokenize(prompts))
+        heads = torch.stack([mean[h] for h in R.HEADS], 1)
+    else:
+        heads = torch.stack(list(R.reward_heads(clips, prompts, world).values()), 1)
+    return (heads * w).sum(1) / w.sum()
+
+
+@torch.no_grad()
+def make_pairs(net, cfg, world, log):
+    """On-policy pairs: every ordered (better, worse) pair of a prompt's clips whose margin clears cfg.margin."""
+    train_prompts = sorted({data.caption(c, s, d, sp) for c, s, d in data.TRAIN_COMBOS for sp in range(2)})
+    gen = torch.Generator().manual_seed(cfg.seed + 555)
+    idx = torch.randint(len(train_prompts), (cfg.pair_prompts,), generator=gen)
+    prompts = [train_prompts[i] for i in idx.tolist()]
+    rm = R.load_reward_model(cfg.reward_model) if cfg.judge == "rm" else None
+    mc, n = net.cfg, cfg.samples_per_prompt
+    out = {k: [] for k in PAIR_KEYS}
+    for p in tqdm(prompts, desc="pairs", leave=False):
+        noise = torch.randn(n, mc.channels, mc.frames, mc.size, mc.size, generator=gen)
+        tok = data.tokenize([p] * n)
+        clips = M.sample(net, tok.to(next(net.parameters()).device), noise.to(next(net.parameters()).device),
+                         cfg.sample_steps, cfg.cfg_scale).cpu()
+        s = judge_scores(cfg, clips, [p] * n, world, rm)
+        for i in range(n):
+            for j in range(n):
+                if s[i] > s[j] and s[i] - s[j] >= cfg.margin:
+                    for k, v in zip(PAIR_KEYS, (clips[i], clips[j], tok[0], s[i], s[j], s[i] - s[j])):
+                        out[k].append(v)
+    if not out["winner"]:
+        raise ConfigError(f"no pair of the {cfg.pair_prompts} prompts clears margin {cfg.margin}: lower --margin "
+                          f"or raise --samples_per_prompt")
+    pairs = {k: torch.stack(v) for k, v in out.items()}
+    pairs["weight"] = pairs["weight"] / pairs["weight"].mean() if cfg.weight_by_margin else torch.ones(len(pairs["weight"]))
+    log(f"pairs: {len(pairs['winner'])} of {cfg.pair_prompts * n * (n - 1) // 2} possible clear margin {cfg.margin} "
+        f"(judge={cfg.judge}); mean score winner {pairs['score_w'].mean():.3f} vs loser {pairs['score_l'].mean():.3f}")
+    return pairs
+
+
+def save_pairs(path, pairs, prompts_note=""):
+    from safetensors.torch import save_file
+    tmp = f"{path}.tmp{os.getpid()}"
+    save_file({k: v.contiguous() for k, v in pairs.items()}, tmp, metadata={"format": "postflow-pairs", "note": prompts_note})
+    os.replace(tmp, path)
+
+
+def load_pairs(path, mc):
+    """A pair file: winner/loser (P, C, F, H, W) in [-1, 1], tokens (P, L); score_w, score_l, weight optional."""
+    from safetensors import safe_open
+    if not os.path.isfile(path):
+        raise ConfigError(f"pair file not found: {path}")
+    try:
+        with safe_open(path, framework="pt") as f:
+            pairs = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as e:
+        raise ConfigError(f"pair file {path} is truncated or not safetensors ({type(e).__name__})") from None
+    for k in ("winner", "loser", "tokens"):
+        if k not in pairs:
+            raise ConfigError(f"pair file {path} lacks '{k}' (needs winner, loser, tokens)")
+    want = (mc.channels, mc.frames, mc.size, mc.size)
+    if tuple(pairs["winner"].shape[1:]) != want or pairs["loser"].shape != pairs["winner"].shape:
+        raise ConfigError(f"pair file {path} holds clips of shape {tuple(pairs['winner'].shape[1:])}; this model makes {want}")
+    if len(pairs["winner"]) == 0:
+        raise ConfigError(f"pair file {path} holds no pairs")
+    n = len(pairs["winner"])
+    pairs.setdefault("weight", torch.ones(n))
+    pairs.setdefault("score_w", torch.ones(n))
+    pairs.setdefault("score_l", torch.zeros(n))
+    return pairs
+
+
+# ----------------------------------------------------------------------------- the loss
+def velocity_error(net, x1, x0, t, tokens):
+    """Per-clip mean squared error of the flow's velocity on a noised clip. (B,)"""
+    tt = t[:, None, None, None, None]
+    xt = (1 - tt) * x0 + tt * x1
+    return ((net.velocity(xt, t, tokens) - (x1 - x0)) ** 2).mean(dim=(1, 2, 3, 4))
+
+
+def dpo_step(policy, reference, win, lose, tokens, weight, t, x0, beta, sft_weight, decoupled):
+    """Backpropagate one DPO batch (gradients land in policy's .grad); returns loss, z = -beta/2 (d_w - d_l), e_w.
+    Joint: one graph over both branches. Decoupled: the coefficient dL/de_w = beta/2 sigmoid(-z) w / B is computed
+    first without a graph, then each branch is built, backpropagated and freed in turn."""
+    B = len(win)
+    with torch.no_grad():
+        ref_w, ref_l = velocity_error(reference, win, x0, t, tokens), velocity_error(reference, lose, x0, t, tokens)
+    if not decoupled:
+        e_w, e_l = velocity_error(policy, win, x0, t, tokens), velocity_error(policy, lose, x0, t, tokens)
+        z = -beta / 2 * ((e_w - ref_w) - (e_l - ref_l))
+        loss = -(weight * F.logsigmoid(z)).mean() + sft_weight * e_w.mean()
+        loss.backward()
+        return loss.detach(), z.detach(), e_w.detach()
+    with torch.no_grad():
+        e_l = velocity_error(policy, lose, x0, t, tokens)
+    e_w = velocity_error(policy, win, x0, t, tokens)
+    z = -beta / 2 * ((e_w.detach() - ref_w) - (e_l - ref_l))
+    coef = (weight * torch.sigmoid(-z) * beta / 2 / B).detach()              # dL/de_w; dL/de_l = -coef
+    ((coef * e_w).sum() + sft_weight * e_w.mean()).backward()                # winner branch, then freed
+    (-(coef * velocity_error(policy, lose, x0, t, tokens))).sum().backward()  # loser branch
+    loss = -(weight * F.logsigmoid(z)).mean() + sft_weight * e_w.detach().mean()
+    return loss, z, e_w.detach()
+
+
+# ----------------------------------------------------------------------------- the loop
+def train(cfg: Config):
+    if cfg.judge not in ("heads", "rm", "oracle"):
+        raise ConfigError(f"--judge must be 'heads', 'rm' or 'oracle', got {cfg.judge!r}")
+    d = setup_distributed(cfg.device)
+    log = make_logger(d)
+    if cfg.batch_size % d.world:
+        raise ConfigError(f"batch_size {cfg.batch_size} does not divide over {d.world} ranks")
+    if d.main:
+        prepare_out_dir(cfg.out_dir, cfg.resume, cfg.overwrite)
+    paths = {k: os.path.join(cfg.out_dir, f"{k}.safetensors") for k in ("state", "ckpt", "pairs")}
+    policy, parent_meta = M.load_model(cfg.init, d.device)
+    reference, _ = M.load_model(cfg.init, d.device)
+    reference.requires_grad_(False)
+    mc, world = policy.cfg, R.world_of(policy.cfg)
+
+    # ================================================================ PAIRS
+    pair_path = cfg.pairs or paths["pairs"]
+    if not cfg.pairs and d.main and not os.path.exists(pair_path):
+        save_pairs(pair_path, make_pairs(policy, cfg, world, log), f"on-policy from {cfg.init}, judge={cfg.judge}")
+    if d.world > 1:
+        torch.distributed.barrier()                                           # rank 0 made the pairs
+    pairs = load_pairs(pair_path, mc)
+    n_pairs = len(pairs["winner"])
+
+    policy.train()
+    ema = EMA(policy, cfg.ema_decay)
+    opt = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, weight_decay=0.0)
+    start = 0
+    if cfg.resume:
+        tensors, scfg, meta = M.read_checkpoint(paths["state"])
+        M.check_config(scfg, mc, paths["state"])
+        M.load_weights(policy, tensors, paths["state"], prefix="model.")
+        M.load_weights(ema.model, tensors, paths["state"], prefix="ema.")
+        load_optimizer_tensors(opt, policy.named_parameters(), tensors)
+        start = meta["step"]
+        log(f"resumed {paths['state']} at step {start}")
+    per_rank = cfg.batch_size // d.world
+    log(f"dpo: {n_pairs} pairs from {pair_path}; {d.world} rank(s) x {per_rank} pairs = {cfg.batch_size} per step, "
+        f"{cfg.steps} steps (~{cfg.steps * cfg.batch_size / n_pairs:.1f} epochs); beta={cfg.beta}, "
+        f"{'decoupled' if cfg.decoupled else 'joint'} backward")
+    print_config(cfg, log)
+    lineage = lambda step: M.lineage_record("dpo", cfg.init, step, f"pairs:{pair_path}", config=asdict(cfg),
+                                            parent_stage=parent_meta.get("lineage", {}).get("stage", ""))
+
+    def save_state(step):
+        if d.main:
+            tensors = {**{f"model.{k}": v for k, v in policy.state_dict().items()},
+                       **{f"ema.{k}": v for k, v in ema.model.state_dict().items()},
+                       **optimizer_tensors(opt, policy.named_parameters())}
+            M.save_checkpoint(paths["state"], tensors, mc, lineage(step), step=step)
+
+    # ================================================================ TRAINING
+    guard, bins, window = NonFiniteGuard(), torch.linspace(0, 1, 5), []
+    logf = open(os.path.join(cfg.out_dir, "log.jsonl"), "a") if d.main else None
+    t0 = time.time()
+    bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, disable=not d.main, desc="dpo")
+    for step in bar:
+        gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)       # the same on every rank
+        idx = torch.randint(n_pairs, (cfg.batch_size,), generator=gen)[d.rank * per_rank:(d.rank + 1) * per_rank]
+        t = M.sample_t(cfg.batch_size, gen, cfg.t_mean, cfg.t_std)[d.rank * per_rank:(d.rank + 1) * per_rank]
+        x0 = torch.randn(cfg.batch_size, *pairs["winner"].shape[1:], generator=gen)[d.rank * per_rank:(d.rank + 1) * per_rank]
+        dev = lambda x: x.to(d.device)
+        for group in opt.param_groups:
+            group["lr"] = warmup_cosine(step, cfg.lr, cfg.warmup, cfg.steps)
+        loss, z, e_w = dpo_step(policy, reference, dev(pairs["winner"][idx]), dev(pairs["loser"][idx]),
+                                dev(pairs["tokens"][idx]), dev(pairs["weight"][idx]), dev(t), dev(x0),
+                                cfg.beta, cfg.sft_weight, cfg.decoupled)
+        average_gradients(policy.parameters(), d)
+        grad_norm = clip_gradients(policy.parameters(), cfg.grad_clip)
+        if guard.ok(loss.item(), grad_norm):
+            opt.step()
+            ema.update(policy, step)
+        opt.zero_grad(set_to_none=True)
+        window.append((loss.item(), grad_norm, t, z.cpu()))
+
+        if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps:
+            ts, zs = torch.cat([w[2] for w in window]), torch.cat([w[3] for w in window])
+            which = torch.bucketize(ts, bins[1:-1])
+            per_bin = [round(float(-F.logsigmoid(zs[which == i]).mean()), 4) if (which == i).any() else None for i in range(4)]
+            rec = dict(step=step + 1, loss=sum(w[0] for w in window) / len(window), loss_by_t=per_bin,
+                       implicit_acc=round(float((zs > 0).float().mean()), 4), reward_margin=round(float(zs.mean()), 4),
+                       grad_norm=round(max(w[1] for w in window), 4), skipped=guard.skipped,
+                       elapsed_s=round(time.time() - t0, 1))
+            window = []
+            bar.set_postfix(loss=f"{rec['loss']:.4f}", acc=f"{rec['implicit_acc']:.2f}", margin=f"{rec['reward_margin']:.3f}")
+            if d.main:
+                logf.write(json.dumps(rec) + "\n")
+                logf.flush()
+        if (step + 1) % cfg.ckpt_every == 0 or step + 1 == cfg.steps:
+            save_state(step + 1)
+
+    # ---- hand-off: EMA weights, and the oracle's verdict against the input on held-out prompts and seeds
+    if d.main:
+        M.save_checkpoint(paths["ckpt"], ema.model.state_dict(), mc, lineage(cfg.steps))
+        prompts, splits = R.eval_prompts(R.DiagnoseConfig(prompts=cfg.eval_prompts, seed=cfg.seed))
+        noise = R.noise_for(len(prompts), mc, cfg.seed + 7).to(d.device)
+        tok = data.tokenize(prompts).to(d.device)
+        ours, theirs = (M.sample(net, tok, noise, cfg.eval_steps, cfg.cfg_scale).cpu() for net in (ema.model, reference))
+        verdict = R.oracle_win_rate(ours, theirs, prompts, world)
+        held = torch.tensor([s == "heldout" for s in splits])
+        result = {"win_rate": round(float(verdict.mean()), 4), "win_rate_heldout_combos": round(float(verdict[held].mean()), 4),
+                  "win_rate_val": round(float(verdict[~held].mean()), 4)}
+        for name, clips in (("dpo", ours), ("input", theirs)):
+            result[name] = {k: round(float(v.mean()), 4) for k, v in R.reward_heads(clips, prompts, world).items()}
+            result[name].update({f"acc_{k}": round(float(v.float().mean()), 4) for k, v in R.check(clips, prompts, world).items()})
+        data.write_video(data.video_grid(torch.stack([theirs[:8], ours[:8]], 1).flatten(0, 1), 8, 2),
+                         os.path.join(cfg.out_dir, "samples.gif"))
+        logf.write(json.dumps({"final": result}) + "\n")
+        logf.close()
+        log(f"done: {paths['ckpt']}; oracle win rate vs input {result['win_rate']:.3f} (held-out combos "
+            f"{result['win_rate_heldout_combos']:.3f}); samples.gif columns: input, dpo")
+    if d.world > 1:
+        torch.distributed.destroy_process_group()
+    return paths["ckpt"]
+
+
+if __name__ == "__main__":
+    run_cli(lambda argv: train(parse_config(Config, argv)), sys.argv[1:])
