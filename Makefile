@@ -1,6 +1,7 @@
 # The two commands of the README: `make pipeline` (the main job) and `make test`.
 PY ?= python3
 TORCH ?= torch==2.13.0
+RUN ?= runs/pipeline
 
 setup:
 	@$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q $(TORCH)
@@ -9,17 +10,30 @@ setup:
 test: setup
 	$(PY) -m pytest -q test_all.py
 
-# The main job at the default CPU preset: Stage I SFT from the shipped base, then both judged side by side.
+# The main job at the default CPU preset: the three stages from the shipped base, then all four judged side by
+# side. Each run of the pipeline replaces $(RUN) (pass RUN=runs/other to keep an earlier one).
 pipeline: setup
-	$(PY) sft.py --out_dir=runs/sft $(ARGS)
-	$(PY) rewards.py diagnose --ckpt=checkpoints/base_small.safetensors --ckpt=runs/sft/ckpt.safetensors --out=runs/diagnose --overwrite=true
+	$(PY) sft.py --out_dir=$(RUN)/sft --overwrite=true
+	$(PY) reward_rl.py --init=$(RUN)/sft/ckpt.safetensors --out_dir=$(RUN)/rl --overwrite=true
+	$(PY) preference.py --init=$(RUN)/rl/ckpt.safetensors --out_dir=$(RUN)/dpo --overwrite=true
+	$(PY) rewards.py diagnose --ckpt=checkpoints/base_small.safetensors --ckpt=$(RUN)/sft/ckpt.safetensors \
+		--ckpt=$(RUN)/rl/ckpt.safetensors --ckpt=$(RUN)/dpo/ckpt.safetensors --out=$(RUN)/diagnose --overwrite=true
 
 # How the shipped checkpoints were made (each from scratch, on 2 CPU cores).
 base: setup
 	$(PY) sft.py --init= --data=web --lr=1e-3 --steps=2000 --warmup=100 --ema_decay=0.999 --ckpt_every=100 --out_dir=runs/base
 	cp runs/base/ckpt.safetensors checkpoints/base_small.safetensors
 
+sft_checkpoint: setup
+	$(PY) sft.py --init=checkpoints/base_small.safetensors --out_dir=runs/sft
+	cp runs/sft/ckpt.safetensors checkpoints/sft_small.safetensors
+
 reward_model: setup
 	$(PY) rewards.py train_rm --out=checkpoints/reward_model.safetensors --overwrite=true
 
-.PHONY: setup test pipeline base reward_model
+benchmarks: setup
+	$(PY) bench.py heads
+	$(PY) bench.py dpo_memory
+	$(PY) bench.py grpo --minutes=8
+
+.PHONY: setup test pipeline base sft_checkpoint reward_model benchmarks

@@ -73,6 +73,7 @@ class Config:
     eval_prompts: int = 16        # per split (val combinations and unseen held-out ones)
     eval_steps: int = 20          # Euler steps for evaluation
     patience: int = 3             # evaluations of falling oracle score with rising reward before stopping
+    max_minutes: float = 0.0      # stop (and hand off) after this much wall-clock time; 0 = run all iters
     seed: int = 0                 # prompts and noise follow (seed, iteration): resumes and rank counts agree
     ckpt_every: int = 5           # iterations between resumable checkpoints
     resume: bool = False          # continue the run in out_dir
@@ -200,6 +201,7 @@ def train(cfg: Config, reward_fn=None):
         logf.write(json.dumps({"eval": rec}) + "\n")
         log(f"eval @0: " + " ".join(f"{k}={v}" for k, v in rec.items() if k != "iter"))
 
+    t_start = time.time()
     bar = tqdm(range(start, cfg.iters), initial=start, total=cfg.iters, disable=not d.main, desc="grpo")
     for it in bar:
         t0 = time.time()
@@ -321,9 +323,10 @@ def train(cfg: Config, reward_fn=None):
         bar.set_postfix(instr=f"{rec['reward_instruction'][0]:.3f}", kl=f"{rec['kl_ref']:.2e}",
                         clip=f"{rec['clip_frac']:.2f}", zero=f"{zero_frac:.2f}")
         stop = torch.zeros(1)
+        out_of_time = cfg.max_minutes > 0 and time.time() - t_start > 60 * cfg.max_minutes
         if d.main:
             logf.write(json.dumps(rec) + "\n")
-            if (it + 1) % cfg.eval_every == 0 or it + 1 == cfg.iters:
+            if (it + 1) % cfg.eval_every == 0 or it + 1 == cfg.iters or out_of_time:
                 ev = evaluate(it + 1)
                 logf.write(json.dumps({"eval": ev}) + "\n")
                 log(f"eval @{it + 1}: " + " ".join(f"{k}={v}" for k, v in ev.items() if k != "iter"))
@@ -332,6 +335,9 @@ def train(cfg: Config, reward_fn=None):
                     log(f"stopping: held-out oracle accuracy fell {cfg.patience} evaluations in a row while the "
                         f"trained reward rose (reward hacking); keeping the last checkpoint")
                     stop[0] = 1
+            if out_of_time:
+                log(f"stopping: --max_minutes={cfg.max_minutes} reached after {it + 1} iterations")
+                stop[0] = 1
             logf.flush()
         if d.world > 1:
             torch.distributed.broadcast(stop, 0)
