@@ -22,11 +22,11 @@ pipeline: setup
 # How the shipped checkpoints were made (each from scratch, on 2 CPU cores).
 base: setup
 	$(PY) sft.py --init= --data=web --lr=1e-3 --steps=2000 --warmup=100 --ema_decay=0.999 --ckpt_every=100 --out_dir=runs/base
-	cp runs/base/ckpt.safetensors checkpoints/base_small.safetensors
+	$(PY) -c "import model; model.export_half('runs/base/ckpt.safetensors', 'checkpoints/base_small.safetensors')"
 
 sft_checkpoint: setup
 	$(PY) sft.py --init=checkpoints/base_small.safetensors --out_dir=runs/sft
-	cp runs/sft/ckpt.safetensors checkpoints/sft_small.safetensors
+	$(PY) -c "import model; model.export_half('runs/sft/ckpt.safetensors', 'checkpoints/sft_small.safetensors')"
 
 reward_model: setup
 	$(PY) rewards.py train_rm --out=checkpoints/reward_model.safetensors --overwrite=true

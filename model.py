@@ -374,6 +374,15 @@ def load_model(path, device="cpu", expect: ModelConfig = None):
     return model.to(device).eval(), meta
 
 
+def export_half(src, dst):
+    """Copy a hand-off checkpoint with float16 weights (half the bytes, for shipping in the repo); loading
+    casts back to the model's float32. Config, lineage and other metadata are kept."""
+    tensors, cfg, meta = read_checkpoint(src)
+    lineage = meta.pop("lineage")
+    save_checkpoint(dst, {k: v.half() if v.is_floating_point() else v for k, v in tensors.items()}, cfg, lineage,
+                    stored="float16", source_hash=file_hash(src), **meta)
+
+
 # ----------------------------------------------------------------------------- render any checkpoint
 def main(argv):
     from stability import parse_config, run_cli

@@ -60,8 +60,11 @@ class Config:
     adv_clip: float = 5.0         # clip the summed advantage to +- this
     uncertainty: bool = True      # scale advantages by ensemble agreement (reliability in [0.5, 1.5])
     # ---- TRAINING
+    update: str = "awm"           # 'awm': advantage-weighted flow matching on the rollouts; 'ppo': Flow-GRPO's ratio
     lr: float = 1e-4              # AdamW learning rate (constant)
-    beta: float = 0.01            # weight of the KL to the reference (closed form, per mean-logp convention)
+    beta: float = 0.01            # ppo: weight of the closed-form Gaussian KL per SDE step (mean-logp convention)
+    awm_beta: float = 1.0         # awm: weight of |v - v_ref|^2, the two flows' KL rate up to a constant
+    awm_draws: int = 2            # awm: (t, noise) draws per rollout per update
     clip_range: float = 2e-3      # PPO ratio clip; small because log-probs are means over pixels
     epochs: int = 1               # passes over each iteration's rollouts
     minibatches: int = 1          # optimizer updates per pass (each over its share of the groups)
@@ -123,7 +126,32 @@ def window_steps(cfg, it):
     return list(range(start, start + cfg.sde_window))
 
 
+def awm_step(cfg, policy, reference, clips, tokens, adv, gen, stats, ctx=None, ctx_mask=None):
+    """Advantage-weighted matching: the flow-matching loss on each rollout's clip, weighted by its advantage
+    (pull toward clips better than their group, push from worse ones), plus awm_beta * |v - v_ref|^2.
+    Its expected gradient is the policy gradient's, but a fresh (t, noise) draw replaces the SDE's
+    per-pixel exploration noise in the estimate, so far fewer rollouts buy the same signal. Backpropagates."""
+    dims = (1, 2, 3, 4)
+    keep = 1.0 if ctx_mask is None else (~ctx_mask).float()[:, None, :, None, None]
+    for _ in range(cfg.awm_draws):
+        t = M.sample_t(len(clips), gen).to(clips.device)
+        x0 = torch.randn(clips.shape, generator=gen).to(clips.device)
+        tt = t[:, None, None, None, None]
+        xt = (1 - tt) * x0 + tt * clips
+        v = policy.velocity(xt, t, tokens, ctx=ctx, ctx_mask=ctx_mask)
+        with torch.no_grad():
+            v_ref = reference.velocity(xt, t, tokens, ctx=ctx, ctx_mask=ctx_mask)
+        err = (((v - (clips - x0)) ** 2) * keep).mean(dims)                  # (mb,)
+        kl = (((v - v_ref) ** 2) * keep).mean(dims)
+        loss = (adv * err + cfg.awm_beta * kl).mean() / cfg.awm_draws
+        loss.backward()
+        stats["loss"].append(loss.item() * cfg.awm_draws)
+        stats["kl_ref"].append(kl.mean().item())
+
+
 def check_config(cfg, world):
+    if cfg.update not in ("awm", "ppo"):
+        raise ConfigError(f"--update must be 'awm' or 'ppo', got {cfg.update!r}")
     if cfg.reward not in ("heads", "rm", "both"):
         raise ConfigError(f"--reward must be 'heads', 'rm' or 'both', got {cfg.reward!r}")
     if not 0 <= cfg.sde_window <= cfg.rollout_steps or cfg.window_start + cfg.sde_window > cfg.rollout_steps:
@@ -240,7 +268,7 @@ def train(cfg: Config, reward_fn=None):
                     x = x_next
                 else:
                     x = x + (t_next - t) * v
-            clips = x.clamp(-1, 1)
+            clips = chunk = x.clamp(-1, 1) if ctx is None else torch.where(ctx_mask[:, None, :, None, None], ctx, x.clamp(-1, 1))
             if ctx is not None:
                 clips = torch.cat([prefix, clips[:, :, overlap:]], dim=2)
         t_rollout = time.time() - t0
@@ -277,7 +305,10 @@ def train(cfg: Config, reward_fn=None):
             order = torch.randperm(per_rank, generator=gen)                   # same on every rank
             for mb in order.chunk(cfg.minibatches):
                 mb = mb.to(d.device)
-                for k in trained:  # accumulate over the trained steps, then one update
+                if cfg.update == "awm":
+                    awm_step(cfg, policy, reference, chunk[mb], tokens[mb], adv_mine[mb], gen, stats,
+                             None if ctx is None else ctx[mb], None if ctx is None else ctx_mask[mb])
+                for k in (trained if cfg.update == "ppo" else []):  # accumulate over the trained steps
                     i, x_t, x_next, logp_old = steps[k]
                     t, t_next = float(grid[i]), float(grid[i + 1])
                     c, cm = (ctx[mb], ctx_mask[mb]) if ctx is not None else (None, None)
@@ -305,7 +336,7 @@ def train(cfg: Config, reward_fn=None):
                     opt.step()
                     ema.update(policy, it * cfg.epochs * cfg.minibatches + len(stats["grad_norm"]) - 1)
                 opt.zero_grad(set_to_none=True)
-        mean_of = lambda k: sum(stats[k]) / max(1, len(stats[k]))
+        mean_of = lambda k: sum(stats[k]) / len(stats[k]) if stats[k] else None
         rolled_back = spikes.check(policy, opt, grad_norm=max(stats["grad_norm"]), kl_ref=mean_of("kl_ref"))
         if not rolled_back:
             spikes.snapshot(policy, opt)
@@ -316,12 +347,12 @@ def train(cfg: Config, reward_fn=None):
                    zero_std_frac=round(zero_frac, 4), adv_mean=round(float(adv.mean()), 4),
                    adv_std=round(float(adv.std()), 4), adv_absmax=round(float(adv.abs().max()), 4),
                    weights=[round(float(w), 3) for w in weights], sde_steps=sde, trained_steps=[sde[k] for k in trained],
-                   ratio=round(mean_of("ratio"), 6), clip_frac=round(mean_of("clipped"), 4),
+                   ratio=mean_of("ratio"), clip_frac=mean_of("clipped"),
                    approx_kl=mean_of("approx_kl"), kl_ref=mean_of("kl_ref"), loss=mean_of("loss"),
                    grad_norm=round(max(stats["grad_norm"]), 4), skipped=guard.skipped, rollbacks=spikes.rollbacks,
                    rollout_s=round(t_rollout, 2), train_s=round(t_train, 2))
         bar.set_postfix(instr=f"{rec['reward_instruction'][0]:.3f}", kl=f"{rec['kl_ref']:.2e}",
-                        clip=f"{rec['clip_frac']:.2f}", zero=f"{zero_frac:.2f}")
+                        gnorm=f"{rec['grad_norm']:.3f}", zero=f"{zero_frac:.2f}")
         stop = torch.zeros(1)
         out_of_time = cfg.max_minutes > 0 and time.time() - t_start > 60 * cfg.max_minutes
         if d.main:

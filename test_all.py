@@ -408,21 +408,22 @@ def test_ppo_and_kl_helpers():
 
 def test_grpo_first_update_is_on_policy_and_kl_starts_at_zero(tiny_checkpoints):
     _, tuned, root = tiny_checkpoints
-    reward_rl.train(tiny_rl(tuned, root / "rl1", iters=1))
+    reward_rl.train(tiny_rl(tuned, root / "rl1", iters=1, update="ppo"))
     rec = [r for r in read_log(root / "rl1" / "log.jsonl") if "iter" in r and "eval" not in r][0]
     assert abs(rec["ratio"] - 1) < 1e-6 and rec["clip_frac"] == 0 and abs(rec["approx_kl"]) < 1e-10
     assert rec["kl_ref"] == 0.0                                  # the policy is the reference until it is updated
     assert rec["sde_steps"] == [0, 1] and set(rec) >= {"reward_fidelity", "zero_std_frac", "grad_norm", "rollout_s"}
 
 
-def test_grpo_raises_a_simple_reward(tiny_checkpoints):
+@pytest.mark.parametrize("update", ["ppo", "awm"])
+def test_grpo_raises_a_simple_reward(tiny_checkpoints, update):
     _, tuned, root = tiny_checkpoints
     bright = lambda clips, prompts: {"fidelity": torch.zeros(len(clips)), "temporal": torch.zeros(len(clips)),
                                      "instruction": clips.mean((1, 2, 3, 4))}
-    cfg = tiny_rl(tuned, root / "bright", iters=12, lr=3e-3, beta=0.0, clip_range=0.05, ema_decay=0.0, sde_window=4,
-                 std_floor=1e-6)
+    cfg = tiny_rl(tuned, root / f"bright_{update}", iters=12, lr=3e-3, beta=0.0, awm_beta=0.0, clip_range=0.05,
+                  ema_decay=0.0, sde_window=4, std_floor=1e-6, update=update)
     reward_rl.train(cfg, reward_fn=bright)
-    got = [r["reward_instruction"][0] for r in read_log(root / "bright" / "log.jsonl") if "reward_instruction" in r]
+    got = [r["reward_instruction"][0] for r in read_log(root / f"bright_{update}" / "log.jsonl") if "reward_instruction" in r]
     assert sum(got[-3:]) / 3 > sum(got[:3]) / 3 + 0.01, got
 
 
