@@ -83,7 +83,7 @@ def bench_grpo(argv):
     cfg = parse_config(C, argv)
     variants = {
         "postflow_default": [],
-        "vanilla_flow_grpo": ["--sde_window=0", "--train_fraction=1.0", "--shared_noise=false"],
+        "vanilla_flow_grpo": ["--update=ppo", "--sde_window=0", "--train_fraction=1.0", "--lr=1e-4", "--minibatches=1"],
     }
     result = {}
     for name, flags in variants.items():

@@ -52,7 +52,7 @@ class Config:
     # ---- TRAINING
     steps: int = 150              # optimizer steps
     batch_size: int = 16          # pairs per step, over all ranks
-    lr: float = 2e-5              # peak learning rate
+    lr: float = 1e-4              # peak learning rate
     warmup: int = 15              # linear warmup steps, then cosine decay
     beta: float = 2000.0          # DPO temperature on mean-squared velocity errors
     sft_weight: float = 0.0       # flow-matching loss on winners, anchoring the policy

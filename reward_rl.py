@@ -2,7 +2,7 @@
 
     python reward_rl.py                                     # from the shipped SFT checkpoint, to runs/rl
     torchrun --standalone --nproc_per_node=2 reward_rl.py   # the same loop; each group spans the ranks
-    python reward_rl.py --sde_window=0 --train_fraction=1 --shared_noise=false   # vanilla Flow-GRPO
+    python reward_rl.py --update=ppo --sde_window=0 --lr=1e-4 --minibatches=1   # vanilla Flow-GRPO
 
 The deterministic Euler sampler has no log-probability. Inside a window of denoising steps the sampler
 takes Flow-GRPO's SDE step instead (model.sde_step: same marginals, a Gaussian policy step with an fp32
@@ -10,9 +10,12 @@ log-prob); outside it stays an ODE. Each iteration reads top to bottom:
   SAMPLING    G rollouts per prompt from the current policy, storing the window's latents and log-probs
   REWARDS     the heads of rewards.py (programmatic, the learned ensemble, or both), gathered over ranks
   ADVANTAGES  per head, z-scored within each prompt's group; summed with weights in advantage space
-  TRAINING    PPO-clipped ratio + beta * closed-form KL to the frozen SFT reference, clipped gradients, EMA,
-              a non-finite guard, rollback on a grad-norm or KL spike, and a held-out oracle check that
-              stops the run when the policy starts hacking the reward.
+  TRAINING    --update=ppo: Flow-GRPO's PPO-clipped ratio of the SDE steps' log-probs + beta * the closed-form
+              KL to the frozen SFT reference. --update=awm (default): advantage-weighted flow matching on the
+              rollouts' clips + awm_beta * |v - v_ref|^2 (same expected direction, far less noise: the SDE's
+              per-pixel exploration noise drops out of the estimate). Either way: clipped gradients, EMA, a
+              non-finite guard, rollback on a grad-norm or KL spike, and a held-out oracle check that stops
+              the run when the policy starts hacking the reward.
 """
 import json
 import math
@@ -45,7 +48,7 @@ class Config:
     window_start: int = 0         # first SDE step; -1 slides the window from high to low noise over training
     train_fraction: float = 1.0   # fraction of the window's steps trained each iteration (DanceGRPO: 0.6)
     noise_level: float = 0.7      # the SDE's a: std = a * sqrt(sigma / (1 - sigma))
-    shared_noise: bool = True     # one initial noise per group: members differ only by the SDE's choices
+    shared_noise: bool = False    # one initial noise per group: members differ only by the SDE's choices
     cfg_scale: float = 3.0        # guidance in rollouts and training (the policy is the guided sampler)
     chunks: int = 1               # >1: roll out a continuation of (chunks - 1) ODE chunks; rewards see it all
     # ---- REWARDS
@@ -61,13 +64,14 @@ class Config:
     uncertainty: bool = True      # scale advantages by ensemble agreement (reliability in [0.5, 1.5])
     # ---- TRAINING
     update: str = "awm"           # 'awm': advantage-weighted flow matching on the rollouts; 'ppo': Flow-GRPO's ratio
-    lr: float = 1e-4              # AdamW learning rate (constant)
+    lr: float = 3e-4              # AdamW learning rate (constant)
     beta: float = 0.01            # ppo: weight of the closed-form Gaussian KL per SDE step (mean-logp convention)
     awm_beta: float = 1.0         # awm: weight of |v - v_ref|^2, the two flows' KL rate up to a constant
     awm_draws: int = 2            # awm: (t, noise) draws per rollout per update
+    awm_t_mean: float = -1.0      # awm: logit-normal mean of t; low t is where layout and motion are decided
     clip_range: float = 2e-3      # PPO ratio clip; small because log-probs are means over pixels
     epochs: int = 1               # passes over each iteration's rollouts
-    minibatches: int = 1          # optimizer updates per pass (each over its share of the groups)
+    minibatches: int = 4          # optimizer updates per pass (each over its share of the groups)
     grad_clip: float = 1.0        # global grad-norm clip
     ema_decay: float = 0.9        # EMA of the policy per update; evaluation and the hand-off use it
     spike_factor: float = 10.0    # rollback when grad norm or KL exceeds this times its recent median
@@ -134,7 +138,7 @@ def awm_step(cfg, policy, reference, clips, tokens, adv, gen, stats, ctx=None, c
     dims = (1, 2, 3, 4)
     keep = 1.0 if ctx_mask is None else (~ctx_mask).float()[:, None, :, None, None]
     for _ in range(cfg.awm_draws):
-        t = M.sample_t(len(clips), gen).to(clips.device)
+        t = M.sample_t(len(clips), gen, mean=cfg.awm_t_mean).to(clips.device)
         x0 = torch.randn(clips.shape, generator=gen).to(clips.device)
         tt = t[:, None, None, None, None]
         xt = (1 - tt) * x0 + tt * clips
