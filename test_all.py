@@ -509,7 +509,7 @@ def test_dpo_run_raises_implicit_accuracy_on_fixed_pairs(tiny_checkpoints):
     _, tuned, root = tiny_checkpoints
     preference.save_pairs(str(root / "fixed.safetensors"), tiny_pairs(8))
     cfg = preference.Config(init=str(tuned), out_dir=str(root / "dpo"), pairs=str(root / "fixed.safetensors"), steps=30,
-                            batch_size=8, lr=3e-3, warmup=2, beta=20.0, log_every=1, eval_prompts=2, eval_steps=2,
+                            batch_size=8, lr=3e-3, warmup=2, beta=20.0, sft_weight=0.0, log_every=1, eval_prompts=2, eval_steps=2,
                             device="cpu")
     preference.train(cfg)
     recs = [r for r in read_log(root / "dpo" / "log.jsonl") if "implicit_acc" in r]
