@@ -27,8 +27,8 @@ from tqdm import tqdm
 import data
 import model as M
 import rewards as R
-from stability import (EMA, ConfigError, NonFiniteGuard, average_gradients, clip_gradients, load_optimizer_tensors,
-                       make_logger, optimizer_tensors, parse_config, prepare_out_dir, print_config, run_cli,
+from stability import (EMA, ConfigError, NonFiniteGuard, average_gradients, clip_gradients, load_run_state,
+                       make_logger, save_run_state, parse_config, prepare_out_dir, print_config, run_cli,
                        setup_distributed, warmup_cosine)
 
 
@@ -216,12 +216,7 @@ def train(cfg: Config):
     opt = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, weight_decay=0.0)
     start = 0
     if cfg.resume:
-        tensors, scfg, meta = M.read_checkpoint(paths["state"])
-        M.check_config(scfg, mc, paths["state"])
-        M.load_weights(policy, tensors, paths["state"], prefix="model.")
-        M.load_weights(ema.model, tensors, paths["state"], prefix="ema.")
-        load_optimizer_tensors(opt, policy.named_parameters(), tensors)
-        start = meta["step"]
+        start = load_run_state(paths["state"], policy, ema, opt)
         log(f"resumed {paths['state']} at step {start}")
     per_rank = cfg.batch_size // d.world
     log(f"dpo: {n_pairs} pairs from {pair_path}; {d.world} rank(s) x {per_rank} pairs = {cfg.batch_size} per step, "
@@ -230,13 +225,6 @@ def train(cfg: Config):
     print_config(cfg, log)
     lineage = lambda step: M.lineage_record("dpo", cfg.init, step, f"pairs:{pair_path}", config=asdict(cfg),
                                             parent_stage=parent_meta.get("lineage", {}).get("stage", ""))
-
-    def save_state(step):
-        if d.main:
-            tensors = {**{f"model.{k}": v for k, v in policy.state_dict().items()},
-                       **{f"ema.{k}": v for k, v in ema.model.state_dict().items()},
-                       **optimizer_tensors(opt, policy.named_parameters())}
-            M.save_checkpoint(paths["state"], tensors, mc, lineage(step), step=step)
 
     # ================================================================ TRAINING
     guard, bins, window = NonFiniteGuard(), torch.linspace(0, 1, 5), []
@@ -276,7 +264,8 @@ def train(cfg: Config):
                 logf.write(json.dumps(rec) + "\n")
                 logf.flush()
         if (step + 1) % cfg.ckpt_every == 0 or step + 1 == cfg.steps:
-            save_state(step + 1)
+            if d.main:
+                save_run_state(paths["state"], policy, ema, opt, lineage(step + 1), step + 1)
 
     # ---- hand-off: EMA weights, and the oracle's verdict against the input on held-out prompts and seeds
     if d.main:

@@ -31,7 +31,7 @@ import data
 import model as M
 import rewards as R
 from stability import (EMA, ConfigError, HackingMonitor, NonFiniteGuard, SpikeGuard, average_gradients,
-                       clip_gradients, gaussian_kl, load_optimizer_tensors, make_logger, optimizer_tensors,
+                       clip_gradients, gaussian_kl, load_run_state, make_logger, save_run_state,
                        parse_config, ppo_clip_loss, prepare_out_dir, print_config, run_cli, setup_distributed)
 
 
@@ -191,12 +191,7 @@ def train(cfg: Config, reward_fn=None):
     opt = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, weight_decay=0.0)
     start = 0
     if cfg.resume:
-        tensors, scfg, meta = M.read_checkpoint(state_path)
-        M.check_config(scfg, mc, state_path)
-        M.load_weights(policy, tensors, state_path, prefix="model.")
-        M.load_weights(ema.model, tensors, state_path, prefix="ema.")
-        load_optimizer_tensors(opt, policy.named_parameters(), tensors)
-        start = meta["step"]
+        start = load_run_state(state_path, policy, ema, opt)
         log(f"resumed {state_path} at iteration {start}")
 
     rollouts = cfg.prompts_per_iter * cfg.group_size
@@ -377,7 +372,8 @@ def train(cfg: Config, reward_fn=None):
         if d.world > 1:
             torch.distributed.broadcast(stop, 0)
         if (it + 1) % cfg.ckpt_every == 0 or it + 1 == cfg.iters or stop.item():
-            save_state(cfg, d, policy, ema, opt, mc, lineage, it + 1, state_path)
+            if d.main:
+                save_run_state(state_path, policy, ema, opt, lineage(it + 1), it + 1)
         if stop.item():
             break
 
@@ -393,14 +389,6 @@ def train(cfg: Config, reward_fn=None):
     if d.world > 1:
         torch.distributed.destroy_process_group()
     return ckpt_path
-
-
-def save_state(cfg, d, policy, ema, opt, mc, lineage, it, path):
-    if d.main:
-        tensors = {**{f"model.{k}": v for k, v in policy.state_dict().items()},
-                   **{f"ema.{k}": v for k, v in ema.model.state_dict().items()},
-                   **optimizer_tensors(opt, policy.named_parameters())}
-        M.save_checkpoint(path, tensors, mc, lineage(it), step=it)
 
 
 if __name__ == "__main__":

@@ -21,8 +21,8 @@ from tqdm import tqdm
 
 import data
 import model as M
-from stability import (EMA, NonFiniteGuard, ConfigError, clip_gradients, load_optimizer_tensors, make_logger,
-                       optimizer_tensors, parse_config, prepare_out_dir, print_config, run_cli, setup_distributed,
+from stability import (EMA, NonFiniteGuard, ConfigError, clip_gradients, load_run_state, make_logger,
+                       save_run_state, parse_config, prepare_out_dir, print_config, run_cli, setup_distributed,
                        warmup_cosine, all_mean)
 
 
@@ -114,12 +114,7 @@ def train(cfg: Config, stop_after=None):
     opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     start = 0
     if cfg.resume:
-        tensors, scfg, meta = M.read_checkpoint(state_path)
-        M.check_config(scfg, mcfg, state_path)
-        M.load_weights(net, tensors, state_path, prefix="model.")
-        M.load_weights(ema.model, tensors, state_path, prefix="ema.")
-        load_optimizer_tensors(opt, net.named_parameters(), tensors)
-        start = meta["step"]
+        start = load_run_state(state_path, net, ema, opt)
         log(f"resumed {state_path} at step {start}")
     train_net = DDP(net) if d.world > 1 else net
     per_rank = cfg.batch_size // d.world
@@ -129,13 +124,6 @@ def train(cfg: Config, stop_after=None):
     log(f"{stage}: {sum(p.numel() for p in net.parameters()) / 1e6:.2f}M params, {d.world} rank(s) x "
         f"{per_rank} clips = {cfg.batch_size} per step, {cfg.steps} steps, data={cfg.data}, device={d.device}")
     print_config(cfg, log)
-
-    def save_state(step):
-        if d.main:
-            tensors = {**{f"model.{k}": v for k, v in net.state_dict().items()},
-                       **{f"ema.{k}": v for k, v in ema.model.state_dict().items()},
-                       **optimizer_tensors(opt, net.named_parameters())}
-            M.save_checkpoint(state_path, tensors, mcfg, lineage(step), step=step)
 
     guard, bins = NonFiniteGuard(), torch.linspace(0, 1, 5)
     logf = open(os.path.join(cfg.out_dir, "log.jsonl"), "a") if d.main else None
@@ -173,7 +161,8 @@ def train(cfg: Config, stop_after=None):
                 logf.write(json.dumps(rec) + "\n")
                 logf.flush()
         if (step + 1) % cfg.ckpt_every == 0 or step + 1 == cfg.steps:
-            save_state(step + 1)
+            if d.main:
+                save_run_state(state_path, net, ema, opt, lineage(step + 1), step + 1)
         if stop_after is not None and step + 1 >= stop_after:
             return None
 

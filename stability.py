@@ -176,6 +176,26 @@ def optimizer_tensors(opt, named_params):
     return out
 
 
+def save_run_state(path, net, ema, opt, lineage, step):
+    """A run's resumable state in one safetensors file: weights, EMA weights, AdamW moments, the step."""
+    import model as M
+    tensors = {**{f"model.{k}": v for k, v in net.state_dict().items()},
+               **{f"ema.{k}": v for k, v in ema.model.state_dict().items()},
+               **optimizer_tensors(opt, net.named_parameters())}
+    M.save_checkpoint(path, tensors, net.cfg, lineage, step=step)
+
+
+def load_run_state(path, net, ema, opt):
+    """Restore what save_run_state wrote into net, ema and opt; returns the step to continue from."""
+    import model as M
+    tensors, saved_cfg, meta = M.read_checkpoint(path)
+    M.check_config(saved_cfg, net.cfg, path)
+    M.load_weights(net, tensors, path, prefix="model.")
+    M.load_weights(ema.model, tensors, path, prefix="ema.")
+    load_optimizer_tensors(opt, net.named_parameters(), tensors)
+    return meta["step"]
+
+
 def load_optimizer_tensors(opt, named_params, tensors):
     for name, p in named_params:
         state = {k.split(".")[-1]: v.to(p.device) for k, v in tensors.items() if k.startswith(f"opt.{name}.")

@@ -517,3 +517,12 @@ def test_dpo_run_raises_implicit_accuracy_on_fixed_pairs(tiny_checkpoints):
     assert recs[-1]["implicit_acc"] > 0.8 and recs[-1]["loss"] < recs[0]["loss"], recs
     final = read_log(root / "dpo" / "log.jsonl")[-1]["final"]
     assert 0 <= final["win_rate"] <= 1 and "acc_all" in final["dpo"]
+
+
+def test_grpo_interrupted_run_resumes_to_identical_weights(tiny_checkpoints):
+    _, tuned, root = tiny_checkpoints
+    full = reward_rl.train(tiny_rl(tuned, root / "rl_full", iters=3))
+    reward_rl.train(tiny_rl(tuned, root / "rl_cut", iters=2))               # stopped after iteration 2
+    resumed = reward_rl.train(tiny_rl(tuned, root / "rl_cut", iters=3, resume=True))
+    a, b = M.read_checkpoint(full)[0], M.read_checkpoint(resumed)[0]
+    assert all(torch.equal(a[k], b[k]) for k in a)
