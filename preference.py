@@ -190,6 +190,9 @@ def dpo_step(policy, reference, win, lose, tokens, weight, t, x0, beta, sft_weig
 def train(cfg: Config):
     if cfg.judge not in ("heads", "rm", "oracle"):
         raise ConfigError(f"--judge must be 'heads', 'rm' or 'oracle', got {cfg.judge!r}")
+    if not os.path.isfile(cfg.init):
+        raise ConfigError(f"--init={cfg.init} not found: run reward_rl.py first (it writes runs/rl/ckpt.safetensors) "
+                          f"or pass --init=checkpoints/sft_small.safetensors")
     d = setup_distributed(cfg.device)
     log = make_logger(d)
     if cfg.batch_size % d.world:
