@@ -210,6 +210,11 @@ def make_batch(split, n, seed=0, step=0, world=None, defects=None):
     return Batch(videos.clamp(-1, 1), prompts, tokenize(prompts), attrs, centers, has)
 
 
+def train_prompts():
+    """Every complete caption of a training combination (what Stages II and III roll out), sorted."""
+    return sorted(caption(c, s, d, sp) for c, s, d in TRAIN_COMBOS for sp in range(len(SPEED_NAMES)))
+
+
 def prompt_set(split, n, seed=0):
     """n (prompt, attrs) pairs for evaluation: complete, correct captions of a split's combinations."""
     b = make_batch("heldout" if split == "heldout" else "val", n, seed=seed, step=10_000)

@@ -94,7 +94,7 @@ def judge_scores(cfg, clips, prompts, world, rm=None):
 @torch.no_grad()
 def make_pairs(net, cfg, world, log):
     """On-policy pairs: every ordered (better, worse) pair of a prompt's clips whose margin clears cfg.margin."""
-    train_prompts = sorted({data.caption(c, s, d, sp) for c, s, d in data.TRAIN_COMBOS for sp in range(2)})
+    train_prompts = data.train_prompts()
     gen = torch.Generator().manual_seed(cfg.seed + 555)
     idx = torch.randint(len(train_prompts), (cfg.pair_prompts,), generator=gen)
     prompts = [train_prompts[i] for i in idx.tolist()]
@@ -104,8 +104,8 @@ def make_pairs(net, cfg, world, log):
     for p in tqdm(prompts, desc="pairs", leave=False):
         noise = torch.randn(n, mc.channels, mc.frames, mc.size, mc.size, generator=gen)
         tok = data.tokenize([p] * n)
-        clips = M.sample(net, tok.to(next(net.parameters()).device), noise.to(next(net.parameters()).device),
-                         cfg.sample_steps, cfg.cfg_scale).cpu()
+        dev = next(net.parameters()).device
+        clips = M.sample(net, tok.to(dev), noise.to(dev), cfg.sample_steps, cfg.cfg_scale).cpu()
         s = judge_scores(cfg, clips, [p] * n, world, rm)
         for i in range(n):
             for j in range(n):

@@ -205,7 +205,7 @@ def train(cfg: Config, reward_fn=None):
     assert per_rank * d.world == rollouts and (per_rank // cfg.minibatches) * cfg.minibatches == per_rank
     print_config(cfg, log)
 
-    train_prompts = sorted({data.caption(c, s, dd, sp) for c, s, dd in data.TRAIN_COMBOS for sp in range(2)})
+    train_prompts = data.train_prompts()
     eval_prompts, _ = R.eval_prompts(R.DiagnoseConfig(prompts=cfg.eval_prompts, seed=cfg.seed))
     eval_noise = R.noise_for(len(eval_prompts), mc, cfg.seed + 7).to(d.device)
     grid = M.time_grid(cfg.rollout_steps)
