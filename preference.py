@@ -62,7 +62,7 @@ class Config:
     t_mean: float = -0.4          # logit-normal t, as in pretraining
     t_std: float = 1.0
     # ---- evaluation and bookkeeping
-    eval_prompts: int = 16        # per split (val combinations and unseen held-out ones), fixed seeds
+    eval_prompts: int = 32        # per split (val combinations and unseen held-out ones), fixed seeds
     eval_steps: int = 20          # Euler steps for evaluation
     seed: int = 0                 # pairs, batches, t and noise follow from it: resumes are exact
     log_every: int = 10           # steps between log lines

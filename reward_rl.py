@@ -130,16 +130,16 @@ def window_steps(cfg, it):
     return list(range(start, start + cfg.sde_window))
 
 
-def awm_step(cfg, policy, reference, clips, tokens, adv, gen, stats, ctx=None, ctx_mask=None):
+def awm_step(cfg, policy, reference, clips, tokens, adv, draws, stats, ctx=None, ctx_mask=None):
     """Advantage-weighted matching: the flow-matching loss on each rollout's clip, weighted by its advantage
     (pull toward clips better than their group, push from worse ones), plus awm_beta * |v - v_ref|^2.
     Its expected gradient is the policy gradient's, but a fresh (t, noise) draw replaces the SDE's
-    per-pixel exploration noise in the estimate, so far fewer rollouts buy the same signal. Backpropagates."""
+    per-pixel exploration noise in the estimate, so far fewer rollouts buy the same signal. draws: one
+    (t (mb,), x0 (mb, C, F, H, W)) per draw, shared by the members of a group: with common noise the part
+    of the loss that does not depend on which clip won cancels in the advantage-weighted sum. Backpropagates."""
     dims = (1, 2, 3, 4)
     keep = 1.0 if ctx_mask is None else (~ctx_mask).float()[:, None, :, None, None]
-    for _ in range(cfg.awm_draws):
-        t = M.sample_t(len(clips), gen, mean=cfg.awm_t_mean).to(clips.device)
-        x0 = torch.randn(clips.shape, generator=gen).to(clips.device)
+    for t, x0 in draws:
         tt = t[:, None, None, None, None]
         xt = (1 - tt) * x0 + tt * clips
         v = policy.velocity(xt, t, tokens, ctx=ctx, ctx_mask=ctx_mask)
@@ -147,9 +147,9 @@ def awm_step(cfg, policy, reference, clips, tokens, adv, gen, stats, ctx=None, c
             v_ref = reference.velocity(xt, t, tokens, ctx=ctx, ctx_mask=ctx_mask)
         err = (((v - (clips - x0)) ** 2) * keep).mean(dims)                  # (mb,)
         kl = (((v - v_ref) ** 2) * keep).mean(dims)
-        loss = (adv * err + cfg.awm_beta * kl).mean() / cfg.awm_draws
+        loss = (adv * err + cfg.awm_beta * kl).mean() / len(draws)
         loss.backward()
-        stats["loss"].append(loss.item() * cfg.awm_draws)
+        stats["loss"].append(loss.item() * len(draws))
         stats["kl_ref"].append(kl.mean().item())
 
 
@@ -300,12 +300,17 @@ def train(cfg: Config, reward_fn=None):
         policy.train()
         t1 = time.time()
         stats = {k: [] for k in ("loss", "ratio", "clipped", "approx_kl", "kl_ref", "grad_norm")}
+        group_of = (torch.arange(per_rank) + d.rank * per_rank) // cfg.group_size  # global group of each rollout
         for epoch in range(cfg.epochs):
             order = torch.randperm(per_rank, generator=gen)                   # same on every rank
+            # awm: (t, noise) per group and draw, drawn for all groups so that every rank draws alike
+            draws = [(M.sample_t(cfg.prompts_per_iter, gen, mean=cfg.awm_t_mean),
+                      torch.randn(cfg.prompts_per_iter, *shape, generator=gen))
+                     for _ in range(cfg.awm_draws if cfg.update == "awm" else 0)]
             for mb in order.chunk(cfg.minibatches):
-                mb = mb.to(d.device)
                 if cfg.update == "awm":
-                    awm_step(cfg, policy, reference, chunk[mb], tokens[mb], adv_mine[mb], gen, stats,
+                    mine_draws = [(t[group_of[mb]].to(d.device), x0[group_of[mb]].to(d.device)) for t, x0 in draws]
+                    awm_step(cfg, policy, reference, chunk[mb], tokens[mb], adv_mine[mb], mine_draws, stats,
                              None if ctx is None else ctx[mb], None if ctx is None else ctx_mask[mb])
                 for k in (trained if cfg.update == "ppo" else []):  # accumulate over the trained steps
                     i, x_t, x_next, logp_old = steps[k]

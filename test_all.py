@@ -105,6 +105,22 @@ def test_model_shapes_and_adaln_zero_start():
     assert out.shape == x.shape and out.abs().max() == 0  # adaLN-Zero: the untrained net outputs 0
 
 
+@pytest.mark.parametrize("attention", ["factorised", "joint"])
+def test_both_attention_layouts_run_and_rotary_scores_depend_on_torus_offset(attention):
+    net = M.VideoDiT(M.preset("tiny", attention=attention))
+    x = torch.randn(2, 3, 4, 16, 16)
+    assert net(x, torch.rand(2), data.tokenize(["a red circle"] * 2)).shape == x.shape
+    if attention == "joint":
+        grid, hd = (4, 4, 4), 16
+        ang = M.rotary_angles(grid, hd).view(*grid, hd // 2)
+        q, k = torch.randn(1, 1, 1, hd), torch.randn(1, 1, 1, hd)
+        score = lambda a, b: float((M.rotate(q, a.cos(), a.sin()) * M.rotate(k, b.cos(), b.sin())).sum())
+        # a key at column 0 is one column right of a query at column 3, across the frame's edge: the same
+        # offset as column 1 from column 0, so the same score; no offset at all scores differently
+        assert abs(score(ang[1, 2, 3], ang[0, 2, 0]) - score(ang[1, 2, 0], ang[0, 2, 1])) < 1e-4
+        assert abs(score(ang[1, 2, 3], ang[0, 2, 0]) - score(ang[1, 2, 1], ang[0, 2, 1])) > 1e-3
+
+
 def test_flow_loss_falls_on_fixed_batch():
     net = tiny_model()
     b = data.make_batch("curated", 8, world=TINY_WORLD)
