@@ -67,11 +67,11 @@ class Config:
     lr: float = 3e-4              # AdamW learning rate (constant)
     beta: float = 0.01            # ppo: weight of the closed-form Gaussian KL per SDE step (mean-logp convention)
     awm_beta: float = 1.0         # awm: weight of |v - v_ref|^2, the two flows' KL rate up to a constant
-    awm_draws: int = 2            # awm: (t, noise) draws per rollout per update
-    awm_t_mean: float = -1.0      # awm: logit-normal mean of t; low t is where layout and motion are decided
+    awm_draws: int = 4            # awm: (t, noise) draws per rollout per update, shared within a group
+    awm_t_mean: float = -2.0      # awm: logit-normal mean of t (median 0.12): where the direction words count
     clip_range: float = 2e-3      # PPO ratio clip; small because log-probs are means over pixels
     epochs: int = 1               # passes over each iteration's rollouts
-    minibatches: int = 4          # optimizer updates per pass (each over its share of the groups)
+    minibatches: int = 1          # optimizer updates per pass; with a noisy gradient, fewer and larger is safer
     grad_clip: float = 1.0        # global grad-norm clip
     ema_decay: float = 0.9        # EMA of the policy per update; evaluation and the hand-off use it
     spike_factor: float = 10.0    # rollback when grad norm or KL exceeds this times its recent median
@@ -80,7 +80,7 @@ class Config:
     eval_prompts: int = 16        # per split (val combinations and unseen held-out ones)
     eval_steps: int = 20          # Euler steps for evaluation
     patience: int = 3             # evaluations of falling oracle score with rising reward before stopping
-    max_minutes: float = 0.0      # stop (and hand off) after this much wall-clock time; 0 = run all iters
+    max_minutes: float = 10.0     # stop (and hand off) after this much wall-clock time; 0 = run all iters
     seed: int = 0                 # prompts and noise follow (seed, iteration): resumes and rank counts agree
     ckpt_every: int = 5           # iterations between resumable checkpoints
     resume: bool = False          # continue the run in out_dir

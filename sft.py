@@ -34,7 +34,7 @@ class Config:
     preset: str = "small"      # model preset, used only when training from scratch
     out_dir: str = "runs/sft"  # ckpt.safetensors, state.safetensors, log.jsonl, samples.gif
     # ---- optimisation
-    steps: int = 400           # optimizer steps
+    steps: int = 800           # optimizer steps
     batch_size: int = 32       # clips per step, summed over ranks
     lr: float = 2e-4           # peak learning rate (pretraining from scratch: 1e-3)
     warmup: int = 50           # linear warmup steps, then cosine decay to lr / 10
