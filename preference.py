@@ -42,8 +42,8 @@ class Config:
     samples_per_prompt: int = 4   # clips per prompt (seeds 0..N-1 of the pair seed stream)
     judge: str = "heads"          # 'heads' (programmatic), 'rm' (learned ensemble) or 'oracle' (upper bound)
     reward_model: str = "checkpoints/reward_model.safetensors"  # the ensemble for judge=rm
-    w_fidelity: float = 0.25      # judge score = weighted mean of the heads
-    w_temporal: float = 0.25
+    w_fidelity: float = 1.0       # judge score = weighted mean of the heads (equal, like the oracle's tie-break)
+    w_temporal: float = 1.0
     w_instruction: float = 1.0
     margin: float = 0.05          # keep a pair only if the judge's scores differ by at least this
     weight_by_margin: bool = False  # weight each pair's loss by its margin (normalised to mean 1)
@@ -55,7 +55,7 @@ class Config:
     lr: float = 5e-5              # peak learning rate
     warmup: int = 15              # linear warmup steps, then cosine decay
     beta: float = 500.0           # DPO temperature on mean-squared velocity errors (2000 overfit the pairs)
-    sft_weight: float = 0.5       # flow-matching loss on winners, anchoring the policy
+    sft_weight: float = 2.0       # flow-matching loss on winners, anchoring the policy
     decoupled: bool = True        # winner and loser backpropagated one after the other (less peak memory)
     grad_clip: float = 1.0        # global grad-norm clip
     ema_decay: float = 0.99       # EMA of weights; evaluation and the hand-off use it
