@@ -62,8 +62,8 @@ class ModelConfig:
 
 PRESETS = {
     "tiny": dict(dim=32, depth=2, heads=2, mlp_ratio=2.0, frames=4, size=16),  # tests: seconds
-    "small": dict(dim=192, depth=6, heads=6, patch=8, attention="joint"),                      # the 2-core CPU default
-    "base": dict(dim=384, depth=12, heads=6, frames=16, size=64),             # one GPU
+    "small": dict(dim=192, depth=6, heads=6, patch=8, attention="joint"),     # the 2-core CPU default
+    "base": dict(dim=384, depth=12, heads=6, frames=16, size=64, attention="joint"),  # one GPU
 }
 
 
