@@ -134,6 +134,7 @@ class Block(nn.Module):
 
     def __init__(self, dim, heads, mlp_ratio, joint=False):
         super().__init__()
+        self.joint = joint
         n_attn = 1 if joint else 2
         self.norms = nn.ModuleList([nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6) for _ in range(n_attn + 1)])
         if joint:
@@ -147,7 +148,7 @@ class Block(nn.Module):
     def forward(self, x, c, rope=None):  # x (B, T, S, D), c (B, D)
         B, T, S, D = x.shape
         mods = self.ada(c)[:, None, None].chunk(3 * len(self.norms), dim=-1)  # each (B, 1, 1, D)
-        if hasattr(self, "joint_attn"):
+        if self.joint:
             h = modulate(self.norms[0](x), mods[0], mods[1]).reshape(B, T * S, D)
             x = x + mods[2] * self.joint_attn(h, rope).view(B, T, S, D)
         else:
