@@ -83,7 +83,9 @@ def bench_grpo(argv):
     cfg = parse_config(C, argv)
     variants = {
         "postflow_default": [],
-        "vanilla_flow_grpo": ["--update=ppo", "--sde_window=0", "--train_fraction=1.0", "--lr=1e-4", "--minibatches=1"],
+        # every step an SDE step and trained, one update per rollout batch, no warmup, fp32, no curated term
+        "vanilla_flow_grpo": ["--update=ppo", "--sde_window=0", "--rollout_steps=10", "--train_fraction=1.0", "--lr=1e-4",
+                              "--epochs=1", "--minibatches=1", "--warmup=1", "--sft_weight=0"],
     }
     result = {}
     for name, flags in variants.items():

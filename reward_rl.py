@@ -2,7 +2,8 @@
 
     python reward_rl.py                                     # from the shipped SFT checkpoint, to runs/rl
     torchrun --standalone --nproc_per_node=2 reward_rl.py   # the same loop; each group spans the ranks
-    python reward_rl.py --update=ppo --sde_window=0 --lr=1e-4 --minibatches=1   # vanilla Flow-GRPO
+    python reward_rl.py --update=ppo --sde_window=0 --rollout_steps=10 --epochs=1 --lr=1e-4 --warmup=1 --sft_weight=0
+                                                            # vanilla Flow-GRPO
 
 The deterministic Euler sampler has no log-probability. Inside a window of denoising steps the sampler
 takes Flow-GRPO's SDE step instead (model.sde_step: same marginals, a Gaussian policy step with an fp32
@@ -30,6 +31,7 @@ from tqdm import tqdm
 import data
 import model as M
 import rewards as R
+from sft import context_mask
 from stability import (EMA, ConfigError, HackingMonitor, NonFiniteGuard, SpikeGuard, average_gradients,
                        clip_gradients, gaussian_kl, load_run_state, make_logger, save_run_state,
                        parse_config, ppo_clip_loss, prepare_out_dir, print_config, run_cli, setup_distributed)
@@ -43,7 +45,7 @@ class Config:
     # ---- SAMPLING
     prompts_per_iter: int = 8     # distinct training prompts per iteration, over all ranks
     group_size: int = 8           # rollouts per prompt: the group its advantages are relative to
-    rollout_steps: int = 10       # denoising steps of a training rollout (evaluation uses eval_steps)
+    rollout_steps: int = 6        # denoising steps of a training rollout (evaluation uses eval_steps)
     sde_window: int = 2           # SDE steps inside the ODE trajectory; 0 = every step (vanilla Flow-GRPO)
     window_start: int = 0         # first SDE step; -1 slides the window from high to low noise over training
     train_fraction: float = 1.0   # fraction of the window's steps trained each iteration (DanceGRPO: 0.6)
@@ -64,27 +66,34 @@ class Config:
     uncertainty: bool = True      # scale advantages by ensemble agreement (reliability in [0.5, 1.5])
     # ---- TRAINING
     update: str = "awm"           # 'awm': advantage-weighted flow matching on the rollouts; 'ppo': Flow-GRPO's ratio
-    lr: float = 3e-4              # AdamW learning rate (constant)
+    lr: float = 3e-4              # AdamW learning rate (constant after warmup)
+    warmup: int = 10              # updates of linear warmup: Adam's first steps move every weight by ~lr
     beta: float = 0.01            # ppo: weight of the closed-form Gaussian KL per SDE step (mean-logp convention)
-    awm_beta: float = 1.0         # awm: weight of |v - v_ref|^2, the two flows' KL rate up to a constant
-    awm_draws: int = 4            # awm: (t, noise) draws per rollout per update, shared within a group
+    awm_beta: float = 0.3         # awm: weight of |v - v_ref|^2, the two flows' KL rate up to a constant
+    awm_draws: int = 2            # awm: (t, noise) draws per rollout per update, shared within a group
     awm_t_mean: float = -2.0      # awm: logit-normal mean of t (median 0.12): where the direction words count
+    kl_all_t: bool = True         # awm: take the KL term at pretraining's t instead, anchoring the steps that render detail
+    neg_scale: float = 1.0        # awm: weight of the push away from below-group clips (0 = pull toward winners only)
+    sft_weight: float = 0.5       # weight of the flow loss on a fresh curated batch in every update (PPO-ptx)
+    sft_batch: int = 32           # curated clips per update for that term (the same batch on every rank)
     clip_range: float = 2e-3      # PPO ratio clip; small because log-probs are means over pixels
-    epochs: int = 1               # passes over each iteration's rollouts
+    epochs: int = 2               # passes over each iteration's rollouts, each with fresh (t, noise) draws
     minibatches: int = 1          # optimizer updates per pass; with a noisy gradient, fewer and larger is safer
     grad_clip: float = 1.0        # global grad-norm clip
     ema_decay: float = 0.9        # EMA of the policy per update; evaluation and the hand-off use it
     spike_factor: float = 10.0    # rollback when grad norm or KL exceeds this times its recent median
     # ---- evaluation and bookkeeping
-    eval_every: int = 5           # iterations between held-out oracle evaluations
+    eval_every: int = 10          # iterations between held-out oracle evaluations
     eval_prompts: int = 16        # per split (val combinations and unseen held-out ones)
     eval_steps: int = 20          # Euler steps for evaluation
     patience: int = 3             # evaluations of falling oracle score with rising reward before stopping
-    max_minutes: float = 10.0     # stop (and hand off) after this much wall-clock time; 0 = run all iters
+    max_minutes: float = 10.0     # stop (and hand off) before the loop would pass this wall-clock; 0 = run all iters
     seed: int = 0                 # prompts and noise follow (seed, iteration): resumes and rank counts agree
     ckpt_every: int = 5           # iterations between resumable checkpoints
     resume: bool = False          # continue the run in out_dir
     overwrite: bool = False       # replace whatever out_dir holds
+    bf16: bool = True             # awm: rollouts and training passes under bfloat16 autocast (1.7x on CPUs with
+                                  # AVX512-BF16); losses, log-probs and evaluation stay fp32; ppo is all fp32
     device: str = "auto"          # 'cpu', 'cuda' or 'auto'
 
 
@@ -135,21 +144,37 @@ def awm_step(cfg, policy, reference, clips, tokens, adv, draws, stats, ctx=None,
     (pull toward clips better than their group, push from worse ones), plus awm_beta * |v - v_ref|^2.
     Its expected gradient is the policy gradient's, but a fresh (t, noise) draw replaces the SDE's
     per-pixel exploration noise in the estimate, so far fewer rollouts buy the same signal. draws: one
-    (t (mb,), x0 (mb, C, F, H, W)) per draw, shared by the members of a group: with common noise the part
-    of the loss that does not depend on which clip won cancels in the advantage-weighted sum. Backpropagates."""
+    (t (mb,), x0 (mb, C, F, H, W), t_kl (mb,)) per draw, shared by the members of a group: with common noise
+    the part of the loss that does not depend on which clip won cancels in the advantage-weighted sum.
+    The reward only speaks where the prompt decides the clip (high noise, t ~ 0.12); kl_all_t takes the KL
+    at pretraining's t instead, so the low-noise steps that draw edges stay the reference's. Backpropagates."""
     dims = (1, 2, 3, 4)
     keep = 1.0 if ctx_mask is None else (~ctx_mask).float()[:, None, :, None, None]
-    for t, x0 in draws:
+    weight = torch.where(adv < 0, cfg.neg_scale * adv, adv)
+
+    def flows(t, x0, need_ref):  # policy (and reference) velocity at time t on the straight path x0 -> clips
         tt = t[:, None, None, None, None]
         xt = (1 - tt) * x0 + tt * clips
         v = policy.velocity(xt, t, tokens, ctx=ctx, ctx_mask=ctx_mask)
+        if not need_ref:
+            return v, None
         with torch.no_grad():
-            v_ref = reference.velocity(xt, t, tokens, ctx=ctx, ctx_mask=ctx_mask)
+            return v, reference.velocity(xt, t, tokens, ctx=ctx, ctx_mask=ctx_mask)
+
+    for t, x0, _ in draws:
+        v, v_ref = flows(t, x0, need_ref=not cfg.kl_all_t)
         err = (((v - (clips - x0)) ** 2) * keep).mean(dims)                  # (mb,)
+        loss = (weight * err).mean()
+        if v_ref is not None:                                                 # the KL at the same points, for free
+            kl = (((v - v_ref) ** 2) * keep).mean(dims)
+            loss = loss + cfg.awm_beta * kl.mean()
+            stats["kl_ref"].append(kl.mean().item())
+        (loss / len(draws)).backward()
+        stats["loss"].append(loss.item())
+    if cfg.kl_all_t:  # one pass per update at pretraining's t: a regulariser needs its expectation, not many draws
+        v, v_ref = flows(draws[0][2], draws[0][1], need_ref=True)
         kl = (((v - v_ref) ** 2) * keep).mean(dims)
-        loss = (adv * err + cfg.awm_beta * kl).mean() / len(draws)
-        loss.backward()
-        stats["loss"].append(loss.item() * len(draws))
+        (cfg.awm_beta * kl.mean()).backward()
         stats["kl_ref"].append(kl.mean().item())
 
 
@@ -218,6 +243,8 @@ def train(cfg: Config, reward_fn=None):
     spikes.snapshot(policy, opt)
     logf = open(os.path.join(cfg.out_dir, "log.jsonl"), "a") if d.main else None
     mine = slice(d.rank * per_rank, (d.rank + 1) * per_rank)                  # this rank's share of the rollouts
+    # PPO's ratio compares log-probs from two passes, which must be computed alike: only AWM uses bf16
+    fast = lambda: torch.autocast(torch.device(d.device).type, torch.bfloat16, enabled=cfg.bf16 and cfg.update == "awm")
 
     def evaluate(it):
         ev = R.quick_eval(ema.model, eval_prompts, eval_noise, cfg.eval_steps, cfg.cfg_scale, world)
@@ -249,7 +276,7 @@ def train(cfg: Config, reward_fn=None):
 
         # ================================================================ SAMPLING
         policy.eval()
-        with torch.no_grad():
+        with torch.no_grad(), fast():
             ctx, prefix = None, None
             if cfg.chunks > 1:  # earlier chunks by the ODE; the trained chunk continues them
                 prefix = M.sample_long(policy, tokens, torch.Generator().manual_seed(cfg.seed + it), cfg.chunks - 1,
@@ -299,19 +326,20 @@ def train(cfg: Config, reward_fn=None):
         # ================================================================ TRAINING
         policy.train()
         t1 = time.time()
-        stats = {k: [] for k in ("loss", "ratio", "clipped", "approx_kl", "kl_ref", "grad_norm")}
+        stats = {k: [] for k in ("loss", "ratio", "clipped", "approx_kl", "kl_ref", "grad_norm", "sft_loss")}
         group_of = (torch.arange(per_rank) + d.rank * per_rank) // cfg.group_size  # global group of each rollout
         for epoch in range(cfg.epochs):
             order = torch.randperm(per_rank, generator=gen)                   # same on every rank
             # awm: (t, noise) per group and draw, drawn for all groups so that every rank draws alike
             draws = [(M.sample_t(cfg.prompts_per_iter, gen, mean=cfg.awm_t_mean),
-                      torch.randn(cfg.prompts_per_iter, *shape, generator=gen))
+                      torch.randn(cfg.prompts_per_iter, *shape, generator=gen), M.sample_t(cfg.prompts_per_iter, gen))
                      for _ in range(cfg.awm_draws if cfg.update == "awm" else 0)]
             for mb in order.chunk(cfg.minibatches):
                 if cfg.update == "awm":
-                    mine_draws = [(t[group_of[mb]].to(d.device), x0[group_of[mb]].to(d.device)) for t, x0 in draws]
-                    awm_step(cfg, policy, reference, chunk[mb], tokens[mb], adv_mine[mb], mine_draws, stats,
-                             None if ctx is None else ctx[mb], None if ctx is None else ctx_mask[mb])
+                    mine_draws = [tuple(a[group_of[mb]].to(d.device) for a in draw) for draw in draws]
+                    with fast():
+                        awm_step(cfg, policy, reference, chunk[mb], tokens[mb], adv_mine[mb], mine_draws, stats,
+                                 None if ctx is None else ctx[mb], None if ctx is None else ctx_mask[mb])
                 for k in (trained if cfg.update == "ppo" else []):  # accumulate over the trained steps
                     i, x_t, x_next, logp_old = steps[k]
                     t, t_next = float(grid[i]), float(grid[i + 1])
@@ -333,7 +361,20 @@ def train(cfg: Config, reward_fn=None):
                     stats["clipped"].append(float(clipped.float().mean()))
                     stats["approx_kl"].append(float((log_ratio.exp() - 1 - log_ratio).mean()))
                     stats["kl_ref"].append(kl.mean().item())
+                n_update = (it * cfg.epochs + epoch) * cfg.minibatches + len(stats["grad_norm"])
+                if cfg.sft_weight > 0:
+                    # PPO-ptx: keep fitting real clips at every t, so the reward cannot buy words with fidelity.
+                    # Every rank fits the same curated batch (a few % of an iteration): 1 or N ranks step alike.
+                    g_sft = torch.Generator().manual_seed(cfg.seed * 1_000_003 + n_update)
+                    b = data.make_batch("curated", cfg.sft_batch, seed=cfg.seed + 1, step=n_update, world=world)
+                    ctx_sft = context_mask(cfg.sft_batch, mc.frames, 0.5, g_sft).to(d.device)
+                    with fast():
+                        sft_loss, _ = M.flow_loss(policy, b.videos.to(d.device), b.tokens.to(d.device), g_sft, 0.1, ctx_sft)
+                    (cfg.sft_weight * sft_loss.mean()).backward()
+                    stats["sft_loss"].append(sft_loss.mean().item())
                 average_gradients(policy.parameters(), d)
+                for group in opt.param_groups:
+                    group["lr"] = cfg.lr * min(1.0, (n_update + 1) / max(1, cfg.warmup))
                 grad_norm = clip_gradients(policy.parameters(), cfg.grad_clip)
                 stats["grad_norm"].append(grad_norm)
                 if guard.ok(stats["loss"][-1], grad_norm):
@@ -352,13 +393,14 @@ def train(cfg: Config, reward_fn=None):
                    adv_std=round(float(adv.std()), 4), adv_absmax=round(float(adv.abs().max()), 4),
                    weights=[round(float(w), 3) for w in weights], sde_steps=sde, trained_steps=[sde[k] for k in trained],
                    ratio=mean_of("ratio"), clip_frac=mean_of("clipped"),
-                   approx_kl=mean_of("approx_kl"), kl_ref=mean_of("kl_ref"), loss=mean_of("loss"),
-                   grad_norm=round(max(stats["grad_norm"]), 4), skipped=guard.skipped, rollbacks=spikes.rollbacks,
+                   approx_kl=mean_of("approx_kl"), kl_ref=mean_of("kl_ref"), loss=mean_of("loss"), sft_loss=mean_of("sft_loss"),
+                   grad_norm=round(max(stats["grad_norm"]), 4), lr=opt.param_groups[0]["lr"], skipped=guard.skipped, rollbacks=spikes.rollbacks,
                    rollout_s=round(t_rollout, 2), train_s=round(t_train, 2))
         bar.set_postfix(instr=f"{rec['reward_instruction'][0]:.3f}", kl=f"{rec['kl_ref']:.2e}",
                         gnorm=f"{rec['grad_norm']:.3f}", zero=f"{zero_frac:.2f}")
         stop = torch.zeros(1)
-        out_of_time = cfg.max_minutes > 0 and time.time() - t_start > 60 * cfg.max_minutes
+        # stop when another iteration like this one would overrun the budget
+        out_of_time = cfg.max_minutes > 0 and time.time() - t_start + (time.time() - t0) > 60 * cfg.max_minutes
         if d.main:
             logf.write(json.dumps(rec) + "\n")
             if (it + 1) % cfg.eval_every == 0 or it + 1 == cfg.iters or out_of_time:

@@ -424,7 +424,7 @@ def test_ppo_and_kl_helpers():
 
 def test_grpo_first_update_is_on_policy_and_kl_starts_at_zero(tiny_checkpoints):
     _, tuned, root = tiny_checkpoints
-    reward_rl.train(tiny_rl(tuned, root / "rl1", iters=1, update="ppo"))
+    reward_rl.train(tiny_rl(tuned, root / "rl1", iters=1, update="ppo", epochs=1))
     rec = [r for r in read_log(root / "rl1" / "log.jsonl") if "iter" in r and "eval" not in r][0]
     assert abs(rec["ratio"] - 1) < 1e-6 and rec["clip_frac"] == 0 and abs(rec["approx_kl"]) < 1e-10
     assert rec["kl_ref"] == 0.0                                  # the policy is the reference until it is updated
@@ -437,10 +437,38 @@ def test_grpo_raises_a_simple_reward(tiny_checkpoints, update):
     bright = lambda clips, prompts: {"fidelity": torch.zeros(len(clips)), "temporal": torch.zeros(len(clips)),
                                      "instruction": clips.mean((1, 2, 3, 4))}
     cfg = tiny_rl(tuned, root / f"bright_{update}", iters=12, lr=3e-3, beta=0.0, awm_beta=0.0, clip_range=0.05,
-                  ema_decay=0.0, sde_window=4, std_floor=1e-6, update=update)
+                  ema_decay=0.0, sde_window=4, std_floor=1e-6, update=update, sft_weight=0.0, warmup=1)
     reward_rl.train(cfg, reward_fn=bright)
     got = [r["reward_instruction"][0] for r in read_log(root / f"bright_{update}" / "log.jsonl") if "reward_instruction" in r]
     assert sum(got[-3:]) / 3 > sum(got[:3]) / 3 + 0.01, got
+
+
+def test_awm_weights_warmup_and_curated_term(tiny_checkpoints):
+    _, tuned, root = tiny_checkpoints
+    policy, _ = M.load_model(tuned)
+    reference, _ = M.load_model(tuned)
+    gen = torch.Generator().manual_seed(0)
+    shape = (4, policy.cfg.channels, policy.cfg.frames, policy.cfg.size, policy.cfg.size)
+    clips, tokens = torch.rand(shape, generator=gen) * 2 - 1, data.tokenize(["a red circle moving left"] * 4)
+    draws = [(torch.full((4,), 0.3), torch.randn(shape, generator=gen), torch.full((4,), 0.6))]
+
+    def grad_norm(adv, **kw):
+        policy.zero_grad()
+        cfg = reward_rl.Config(**{"awm_beta": 0.0, **kw})
+        reward_rl.awm_step(cfg, policy, reference, clips, tokens, adv, draws, {"loss": [], "kl_ref": []})
+        return sum(float(p.grad.norm() ** 2) for p in policy.parameters() if p.grad is not None) ** 0.5
+
+    below = -torch.ones(4)                       # every clip worse than its group
+    assert grad_norm(below, neg_scale=1.0) > 0 and grad_norm(below, neg_scale=0.0) == 0
+    with torch.no_grad():                        # move the policy off the reference: the KL term now pulls back
+        for p in policy.parameters():
+            p.add_(0.01 * torch.randn(p.shape, generator=gen))
+    assert grad_norm(torch.zeros(4), awm_beta=1.0) > 0 and grad_norm(torch.zeros(4), awm_beta=1.0, kl_all_t=True) > 0
+    # a run: the learning rate warms up linearly, and the curated (PPO-ptx) term is logged per iteration
+    reward_rl.train(tiny_rl(tuned, root / "warm", iters=3, warmup=4, lr=1e-3, sft_weight=1.0, sft_batch=4))
+    recs = [r for r in read_log(root / "warm" / "log.jsonl") if "reward_instruction" in r]
+    assert [r["lr"] for r in recs] == pytest.approx([2.5e-4, 5e-4, 7.5e-4])
+    assert all(r["sft_loss"] > 0 for r in recs)
 
 
 def test_grpo_one_and_two_ranks_agree(tiny_checkpoints):
