@@ -334,7 +334,7 @@ def train(cfg: Config, reward_fn=None):
             draws = [(M.sample_t(cfg.prompts_per_iter, gen, mean=cfg.awm_t_mean),
                       torch.randn(cfg.prompts_per_iter, *shape, generator=gen), M.sample_t(cfg.prompts_per_iter, gen))
                      for _ in range(cfg.awm_draws if cfg.update == "awm" else 0)]
-            for mb in order.chunk(cfg.minibatches):
+            for j, mb in enumerate(order.chunk(cfg.minibatches)):
                 if cfg.update == "awm":
                     mine_draws = [tuple(a[group_of[mb]].to(d.device) for a in draw) for draw in draws]
                     with fast():
@@ -361,7 +361,7 @@ def train(cfg: Config, reward_fn=None):
                     stats["clipped"].append(float(clipped.float().mean()))
                     stats["approx_kl"].append(float((log_ratio.exp() - 1 - log_ratio).mean()))
                     stats["kl_ref"].append(kl.mean().item())
-                n_update = (it * cfg.epochs + epoch) * cfg.minibatches + len(stats["grad_norm"])
+                n_update = (it * cfg.epochs + epoch) * cfg.minibatches + j          # counts every optimizer step
                 if cfg.sft_weight > 0:
                     # PPO-ptx: keep fitting real clips at every t, so the reward cannot buy words with fidelity.
                     # Every rank fits the same curated batch (a few % of an iteration): 1 or N ranks step alike.
@@ -379,7 +379,7 @@ def train(cfg: Config, reward_fn=None):
                 stats["grad_norm"].append(grad_norm)
                 if guard.ok(stats["loss"][-1], grad_norm):
                     opt.step()
-                    ema.update(policy, it * cfg.epochs * cfg.minibatches + len(stats["grad_norm"]) - 1)
+                    ema.update(policy, n_update)
                 opt.zero_grad(set_to_none=True)
         mean_of = lambda k: sum(stats[k]) / len(stats[k]) if stats[k] else None
         rolled_back = spikes.check(policy, opt, grad_norm=max(stats["grad_norm"]), kl_ref=mean_of("kl_ref"))
