@@ -34,7 +34,8 @@ import rewards as R
 from sft import context_mask
 from stability import (EMA, ConfigError, HackingMonitor, NonFiniteGuard, SpikeGuard, average_gradients,
                        clip_gradients, gaussian_kl, load_run_state, make_logger, save_run_state,
-                       parse_config, ppo_clip_loss, prepare_out_dir, print_config, run_cli, setup_distributed)
+                       parse_config, ppo_clip_loss, prepare_out_dir, print_config, run_cli, setup_distributed,
+                       warmup_cosine)
 
 
 @dataclass
@@ -373,8 +374,8 @@ def train(cfg: Config, reward_fn=None):
                     (cfg.sft_weight * sft_loss.mean()).backward()
                     stats["sft_loss"].append(sft_loss.mean().item())
                 average_gradients(policy.parameters(), d)
-                for group in opt.param_groups:
-                    group["lr"] = cfg.lr * min(1.0, (n_update + 1) / max(1, cfg.warmup))
+                for group in opt.param_groups:  # linear warmup, then constant
+                    group["lr"] = warmup_cosine(n_update, cfg.lr, cfg.warmup, total=1, final_frac=1.0)
                 grad_norm = clip_gradients(policy.parameters(), cfg.grad_clip)
                 stats["grad_norm"].append(grad_norm)
                 if guard.ok(stats["loss"][-1], grad_norm):
