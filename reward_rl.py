@@ -34,8 +34,8 @@ import rewards as R
 from sft import context_mask
 from stability import (EMA, ConfigError, HackingMonitor, NonFiniteGuard, SpikeGuard, average_gradients,
                        clip_gradients, gaussian_kl, load_run_state, make_logger, save_run_state,
-                       parse_config, ppo_clip_loss, prepare_out_dir, print_config, run_cli, setup_distributed,
-                       warmup_cosine)
+                       group_advantages, parse_config, ppo_clip_loss, prepare_out_dir, print_config, reliability,
+                       run_cli, setup_distributed, warmup_cosine)
 
 
 @dataclass
@@ -112,24 +112,6 @@ def curriculum_weights(cfg, progress):
     return base * torch.lerp(focus[lo], focus[lo + 1], pos - lo)
 
 
-def group_advantages(scores, weights, group_size, std_floor, adv_clip):
-    """scores (N, heads) for N = groups * group_size rollouts, grouped consecutively.
-    Each head is z-scored within each group; groups where a head's std is under the floor get 0 for that
-    head. Returns the clipped weighted sum (N,) and the fraction of (group, head) pairs that were zeroed."""
-    g = scores.view(-1, group_size, scores.shape[1])                          # (groups, G, heads)
-    mean, std = g.mean(1, keepdim=True), g.std(1, keepdim=True, correction=0)
-    flat = std < std_floor
-    z = torch.where(flat, torch.zeros_like(g), (g - mean) / (std + 1e-4))
-    adv = (z * weights).sum(-1).flatten()
-    return adv.clamp(-adv_clip, adv_clip), float(flat.float().mean())
-
-
-def reliability(rm_std):
-    """Per-rollout trust in the ensemble: 1.5 where its members agree most, 0.5 where they disagree most."""
-    u = rm_std.mean(1)                                                        # (N,) over heads
-    return (1 + (u.mean() - u) / (u.mean() + 1e-8)).clamp(0.5, 1.5)
-
-
 def window_steps(cfg, it):
     """The SDE steps of iteration `it`: the window, sliding from noise to data if window_start < 0."""
     if cfg.sde_window == 0:
@@ -149,8 +131,8 @@ def awm_step(cfg, policy, reference, clips, tokens, adv, draws, stats, ctx=None,
     the part of the loss that does not depend on which clip won cancels in the advantage-weighted sum.
     The reward only speaks where the prompt decides the clip (high noise, t ~ 0.12); kl_all_t takes the KL
     at pretraining's t instead, so the low-noise steps that draw edges stay the reference's. Backpropagates."""
-    dims = (1, 2, 3, 4)
     keep = 1.0 if ctx_mask is None else (~ctx_mask).float()[:, None, :, None, None]
+    msq = lambda a, b: (((a - b) ** 2) * keep).mean((1, 2, 3, 4))           # (mb,), context frames excluded
     weight = torch.where(adv < 0, cfg.neg_scale * adv, adv)
 
     def flows(t, x0, need_ref):  # policy (and reference) velocity at time t on the straight path x0 -> clips
@@ -164,17 +146,17 @@ def awm_step(cfg, policy, reference, clips, tokens, adv, draws, stats, ctx=None,
 
     for t, x0, _ in draws:
         v, v_ref = flows(t, x0, need_ref=not cfg.kl_all_t)
-        err = (((v - (clips - x0)) ** 2) * keep).mean(dims)                  # (mb,)
+        err = msq(v, clips - x0)
         loss = (weight * err).mean()
         if v_ref is not None:                                                 # the KL at the same points, for free
-            kl = (((v - v_ref) ** 2) * keep).mean(dims)
+            kl = msq(v, v_ref)
             loss = loss + cfg.awm_beta * kl.mean()
             stats["kl_ref"].append(kl.mean().item())
         (loss / len(draws)).backward()
         stats["loss"].append(loss.item())
     if cfg.kl_all_t:  # one pass per update at pretraining's t: a regulariser needs its expectation, not many draws
         v, v_ref = flows(draws[0][2], draws[0][1], need_ref=True)
-        kl = (((v - v_ref) ** 2) * keep).mean(dims)
+        kl = msq(v, v_ref)
         (cfg.awm_beta * kl.mean()).backward()
         stats["kl_ref"].append(kl.mean().item())
 

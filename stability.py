@@ -213,6 +213,24 @@ def gaussian_kl(mean, mean_ref, step_std):
     return ((mean.float() - mean_ref.float()) ** 2).mean(dim=tuple(range(1, mean.dim()))) / (2 * step_std ** 2)
 
 
+def group_advantages(scores, weights, group_size, std_floor, adv_clip):
+    """scores (N, heads) for N = groups * group_size rollouts, grouped consecutively.
+    Each head is z-scored within each group; groups where a head's std is under the floor get 0 for that
+    head. Returns the clipped weighted sum (N,) and the fraction of (group, head) pairs that were zeroed."""
+    g = scores.view(-1, group_size, scores.shape[1])                          # (groups, G, heads)
+    mean, std = g.mean(1, keepdim=True), g.std(1, keepdim=True, correction=0)
+    flat = std < std_floor
+    z = torch.where(flat, torch.zeros_like(g), (g - mean) / (std + 1e-4))
+    adv = (z * weights).sum(-1).flatten()
+    return adv.clamp(-adv_clip, adv_clip), float(flat.float().mean())
+
+
+def reliability(rm_std):
+    """Per-rollout trust in the ensemble: 1.5 where its members agree most, 0.5 where they disagree most."""
+    u = rm_std.mean(1)                                                        # (N,) over heads
+    return (1 + (u.mean() - u) / (u.mean() + 1e-8)).clamp(0.5, 1.5)
+
+
 def ppo_clip_loss(logp_new, logp_old, advantages, clip_range):
     """PPO's pessimistic clipped objective per sample, and the ratio and whether it was clipped. (B,) each.
     The ratio of mean log-probs moves little, so clip_range is small (1e-4 .. 1e-2)."""
