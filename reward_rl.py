@@ -60,6 +60,8 @@ class Config:
     w_fidelity: float = 0.25      # advantage weight of the fidelity head
     w_temporal: float = 0.25      # advantage weight of the temporal head
     w_instruction: float = 1.0    # advantage weight of the instruction head
+    split_instruction: bool = False  # z-score each prompted attribute's soft match as its own head, each weighted
+                                  # w_instruction: a rare right speed is not drowned by direction's larger spread
     curriculum: bool = False      # self-paced: move weight from fidelity to temporal to instruction
     # ---- ADVANTAGES
     std_floor: float = 0.01       # groups whose reward std is below this teach nothing: advantage 0
@@ -72,7 +74,7 @@ class Config:
     beta: float = 0.01            # ppo: weight of the closed-form Gaussian KL per SDE step (mean-logp convention)
     awm_beta: float = 0.3         # awm: weight of |v - v_ref|^2, the two flows' KL rate up to a constant
     awm_draws: int = 2            # awm: (t, noise) draws per rollout per update, shared within a group
-    awm_t_mean: float = -2.0      # awm: logit-normal mean of t (median 0.12): where the direction words count
+    awm_t_mean: float = -1.0      # awm: logit-normal mean of t (median 0.27): where motion (direction, speed) is decided
     kl_all_t: bool = True         # awm: take the KL term at pretraining's t instead, anchoring the steps that render detail
     neg_scale: float = 1.0        # awm: weight of the push away from below-group clips (0 = pull toward winners only)
     sft_weight: float = 0.5       # weight of the flow loss on a fresh curated batch in every update (PPO-ptx)
@@ -98,18 +100,36 @@ class Config:
     device: str = "auto"          # 'cpu', 'cuda' or 'auto'
 
 
-HEAD_NAMES = list(R.HEADS)
+def head_names(cfg):
+    """The rewards advantages are computed from: the heads, or the instruction head split by attribute."""
+    parts = [f"instruction_{k}" for k in data.ATTRIBUTES] if cfg.split_instruction else []
+    return list(R.HEADS) + parts
 
 
-def curriculum_weights(cfg, progress):
-    """Head weights at progress in [0, 1]. Self-paced: fidelity leads, then temporal, then instruction."""
-    base = torch.tensor([cfg.w_fidelity, cfg.w_temporal, cfg.w_instruction])
+def curriculum_weights(cfg, progress, names):
+    """Weight of each named head at progress in [0, 1]. Self-paced: fidelity leads, then temporal, then instruction.
+    With split_instruction the parts carry the instruction weight and the whole head only is logged."""
+    instr = 0.0 if cfg.split_instruction else cfg.w_instruction
+    kind = [("fidelity", cfg.w_fidelity), ("temporal", cfg.w_temporal), ("instruction", instr)]
+    kind += [("instruction", cfg.w_instruction)] * (len(names) - 3)
+    base = torch.tensor([w for _, w in kind])
     if not cfg.curriculum:
         return base
     focus = torch.tensor([[1.0, 0.5, 0.25], [0.5, 1.0, 0.5], [0.25, 0.5, 1.0]])  # rows: early, middle, late
     pos = min(progress, 1.0) * 2
     lo = int(min(pos, 1))
-    return base * torch.lerp(focus[lo], focus[lo + 1], pos - lo)
+    phase = torch.lerp(focus[lo], focus[lo + 1], pos - lo)                   # (fidelity, temporal, instruction)
+    return base * phase[[["fidelity", "temporal", "instruction"].index(k) for k, _ in kind]]
+
+
+def oracle_heads(clips, prompts, world, split):
+    """The programmatic heads, and each prompted attribute's soft match if split (1 where not asked: no signal)."""
+    obs = R.oracle(clips, world)
+    out = R.reward_heads(clips, prompts, world, obs=obs)
+    if split:
+        parts = R.instruction_parts(obs, R.targets(prompts, len(clips)))
+        out.update({f"instruction_{k}": v.nan_to_num(1.0) for k, v in parts.items()})
+    return out
 
 
 def window_steps(cfg, it):
@@ -129,8 +149,9 @@ def awm_step(cfg, policy, reference, clips, tokens, adv, draws, stats, ctx=None,
     per-pixel exploration noise in the estimate, so far fewer rollouts buy the same signal. draws: one
     (t (mb,), x0 (mb, C, F, H, W), t_kl (mb,)) per draw, shared by the members of a group: with common noise
     the part of the loss that does not depend on which clip won cancels in the advantage-weighted sum.
-    The reward only speaks where the prompt decides the clip (high noise, t ~ 0.12); kl_all_t takes the KL
-    at pretraining's t instead, so the low-noise steps that draw edges stay the reference's. Backpropagates."""
+    The reward speaks where the prompt decides the clip (t ~ 0.27: where the object's motion is laid down);
+    kl_all_t takes the KL at pretraining's t instead, so the low-noise steps that draw edges stay the
+    reference's. Backpropagates."""
     keep = 1.0 if ctx_mask is None else (~ctx_mask).float()[:, None, :, None, None]
     msq = lambda a, b: (((a - b) ** 2) * keep).mean((1, 2, 3, 4))           # (mb,), context frames excluded
     weight = torch.where(adv < 0, cfg.neg_scale * adv, adv)
@@ -166,6 +187,8 @@ def check_config(cfg, world):
         raise ConfigError(f"--update must be 'awm' or 'ppo', got {cfg.update!r}")
     if cfg.reward not in ("heads", "rm", "both"):
         raise ConfigError(f"--reward must be 'heads', 'rm' or 'both', got {cfg.reward!r}")
+    if cfg.split_instruction and cfg.reward != "heads":
+        raise ConfigError("--split_instruction needs --reward=heads: the learned judge scores instruction as one head")
     if not 0 <= cfg.sde_window <= cfg.rollout_steps or cfg.window_start + cfg.sde_window > cfg.rollout_steps:
         raise ConfigError(f"SDE window {cfg.window_start}+{cfg.sde_window} does not fit {cfg.rollout_steps} steps")
     if not 0 < cfg.train_fraction <= 1:
@@ -214,6 +237,7 @@ def train(cfg: Config, reward_fn=None):
     print_config(cfg, log)
 
     train_prompts = data.train_prompts()
+    names = head_names(cfg)
     eval_prompts, _ = R.eval_prompts(R.DiagnoseConfig(prompts=cfg.eval_prompts, seed=cfg.seed))
     eval_noise = R.noise_for(len(eval_prompts), mc, cfg.seed + 7).to(d.device)
     grid = M.time_grid(cfg.rollout_steps)
@@ -283,13 +307,13 @@ def train(cfg: Config, reward_fn=None):
         t_rollout = time.time() - t0
 
         # ================================================================ REWARDS
-        heads = (reward_fn or (lambda c, p: R.reward_heads(c, p, world)))(clips.cpu(), prompts[mine])
-        scores = torch.stack([heads[h] for h in HEAD_NAMES], 1)               # (per_rank, heads)
+        heads = (reward_fn or (lambda c, p: oracle_heads(c, p, world, cfg.split_instruction)))(clips.cpu(), prompts[mine])
+        scores = torch.stack([heads[h] for h in names], 1)                    # (per_rank, heads)
         rm_std = torch.zeros_like(scores)
         if judge is not None:
             rm_mean, rm_sd = R.rm_score(judge, clips.cpu(), tokens.cpu())
-            rm_scores = torch.stack([rm_mean[h] for h in HEAD_NAMES], 1)
-            rm_std = torch.stack([rm_sd[h] for h in HEAD_NAMES], 1)
+            rm_scores = torch.stack([rm_mean[h] for h in names], 1)
+            rm_std = torch.stack([rm_sd[h] for h in names], 1)
             scores = rm_scores if cfg.reward == "rm" else (scores + rm_scores) / 2
         if d.world > 1:  # every rank needs its groups' whole reward vector
             full = [torch.zeros_like(scores) for _ in range(d.world)]
@@ -300,7 +324,7 @@ def train(cfg: Config, reward_fn=None):
             rm_std = torch.cat(full)
 
         # ================================================================ ADVANTAGES
-        weights = curriculum_weights(cfg, it / max(1, cfg.iters - 1))
+        weights = curriculum_weights(cfg, it / max(1, cfg.iters - 1), names)
         adv, zero_frac = group_advantages(scores, weights, cfg.group_size, cfg.std_floor, cfg.adv_clip)
         if judge is not None and cfg.uncertainty:
             adv = adv * reliability(rm_std)
@@ -371,7 +395,7 @@ def train(cfg: Config, reward_fn=None):
         t_train = time.time() - t1
 
         rec = dict(iter=it + 1, **{f"reward_{h}": [round(float(scores[:, j].mean()), 4), round(float(scores[:, j].std()), 4)]
-                                   for j, h in enumerate(HEAD_NAMES)},
+                                   for j, h in enumerate(names)},
                    zero_std_frac=round(zero_frac, 4), adv_mean=round(float(adv.mean()), 4),
                    adv_std=round(float(adv.std()), 4), adv_absmax=round(float(adv.abs().max()), 4),
                    weights=[round(float(w), 3) for w in weights], sde_steps=sde, trained_steps=[sde[k] for k in trained],

@@ -168,10 +168,10 @@ def presence(obs):
     return (obs["mask"].sum((2, 3)) >= 0.3 * math.pi * obs["radius"] ** 2).float().mean(1)
 
 
-def instruction(obs, want):
-    """Text alignment: mean soft match over the attributes the prompt names (1 if it names none)."""
-    # Soft, so that a batch of all-wrong samples still ranks: colour and shape are softmaxes over the
-    # alternatives, direction a cosine, speed a Gaussian in log speed ratio.
+def instruction_parts(obs, want):
+    """Soft agreement with each attribute the prompt names, attribute -> (B,) in [0, 1]; NaN where not asked.
+    Soft, so that a batch of all-wrong samples still ranks: colour and shape are softmaxes over the
+    alternatives, direction a cosine, speed a Gaussian in log speed ratio."""
     speed = obs["velocity"].norm(dim=-1)                                     # (B,)
     slow = SPEED_PX[0] * obs["scale"]
     # Colour and shape each compete with "nothing": black, and an empty template (misfit = object area),
@@ -186,12 +186,15 @@ def instruction(obs, want):
                      * (speed[:, None] / (0.5 * slow)).clamp(max=1),
         "speed": torch.exp(-torch.log((speed[:, None] + 1e-3) / (SPEED_PX * obs["scale"])) ** 2 / (2 * 0.3 ** 2)),
     }
-    total, asked = 0, 0
-    for k, p in soft.items():                                                 # p: (B, n_values)
-        on = want[k] >= 0
-        total = total + p.gather(1, want[k].clamp(min=0)[:, None])[:, 0] * on
-        asked = asked + on.float()
-    return torch.where(asked > 0, total / asked.clamp(min=1), torch.ones_like(speed))
+    return {k: torch.where(want[k] >= 0, p.gather(1, want[k].clamp(min=0)[:, None])[:, 0], float("nan"))
+            for k, p in soft.items()}                                         # p: (B, n_values)
+
+
+def instruction(obs, want):
+    """Text alignment: the mean of instruction_parts over the attributes the prompt names (1 if none)."""
+    parts = torch.stack(list(instruction_parts(obs, want).values()), 1)      # (B, attributes)
+    asked = (~parts.isnan()).sum(1)
+    return torch.where(asked > 0, parts.nan_to_num(0).sum(1) / asked.clamp(min=1), torch.ones(len(parts)))
 
 
 HEADS = {"fidelity": fidelity, "temporal": temporal, "instruction": instruction}

@@ -395,6 +395,29 @@ def read_log(path):
     return [json.loads(line) for line in open(path)]
 
 
+def test_split_instruction_heads_and_weights():
+    b = data.make_batch("val", 8, seed=0)
+    a = {k: v.tolist() for k, v in b.attrs.items()}
+    # clips 0-3 are asked the opposite direction; clips 4-7 are not told their speed
+    flip = {0: 1, 1: 0, 2: 3, 3: 2}
+    prompts = [data.caption(a["colour"][i], a["shape"][i], flip[a["direction"][i]], a["speed"][i]) for i in range(4)]
+    prompts += [" ".join(w for w in b.prompts[i].split() if w not in data.SPEED_NAMES) for i in range(4, 8)]
+    obs = rewards.oracle(b.videos)
+    want = rewards.targets(prompts, 8)
+    parts = torch.stack(list(rewards.instruction_parts(obs, want).values()), 1)  # (8, attributes)
+    assert torch.allclose(rewards.instruction(obs, want), parts.nanmean(1))
+    assert (parts[:4, 2] < 0.05).all() and (parts[4:, 2] > 0.95).all()     # direction
+    assert parts[4:, 3].isnan().all() and (parts[:4, 3] > 0.95).all()      # speed: not asked -> NaN
+    heads = reward_rl.oracle_heads(b.videos, prompts, None, split=True)
+    assert (heads["instruction_speed"][4:] == 1).all()                    # constant: no advantage in a group
+    cfg = reward_rl.Config(split_instruction=True, w_fidelity=0.2, w_temporal=0.3, w_instruction=0.7)
+    names = reward_rl.head_names(cfg)
+    assert names[:3] == list(rewards.HEADS) and len(names) == 3 + len(data.ATTRIBUTES)
+    assert reward_rl.curriculum_weights(cfg, 0.0, names).tolist() == pytest.approx([0.2, 0.3, 0, 0.7, 0.7, 0.7, 0.7])
+    with pytest.raises(stability.ConfigError, match="split_instruction"):
+        reward_rl.check_config(reward_rl.Config(split_instruction=True, reward="rm"), 1)
+
+
 def test_group_advantages_per_head_and_zero_variance_groups():
     scores = torch.tensor([[0.1, 0.5], [0.3, 0.5], [0.5, 0.5],      # group 0: head 1 is flat
                            [0.2, 0.9], [0.2, 0.1], [0.2, 0.5]])     # group 1: head 0 is flat
