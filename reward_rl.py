@@ -102,24 +102,20 @@ class Config:
 
 def head_names(cfg):
     """The rewards advantages are computed from: the heads, or the instruction head split by attribute."""
-    parts = [f"instruction_{k}" for k in data.ATTRIBUTES] if cfg.split_instruction else []
-    return list(R.HEADS) + parts
+    return list(R.HEADS) + ([f"instruction_{k}" for k in data.ATTRIBUTES] if cfg.split_instruction else [])
 
 
 def curriculum_weights(cfg, progress, names):
     """Weight of each named head at progress in [0, 1]. Self-paced: fidelity leads, then temporal, then instruction.
-    With split_instruction the parts carry the instruction weight and the whole head only is logged."""
-    instr = 0.0 if cfg.split_instruction else cfg.w_instruction
-    kind = [("fidelity", cfg.w_fidelity), ("temporal", cfg.w_temporal), ("instruction", instr)]
-    kind += [("instruction", cfg.w_instruction)] * (len(names) - 3)
-    base = torch.tensor([w for _, w in kind])
-    if not cfg.curriculum:
-        return base
-    focus = torch.tensor([[1.0, 0.5, 0.25], [0.5, 1.0, 0.5], [0.25, 0.5, 1.0]])  # rows: early, middle, late
-    pos = min(progress, 1.0) * 2
-    lo = int(min(pos, 1))
-    phase = torch.lerp(focus[lo], focus[lo + 1], pos - lo)                   # (fidelity, temporal, instruction)
-    return base * phase[[["fidelity", "temporal", "instruction"].index(k) for k, _ in kind]]
+    With split_instruction the attribute parts carry the instruction weight and the whole head is only logged."""
+    w = torch.tensor([cfg.w_fidelity, cfg.w_temporal, cfg.w_instruction])
+    if cfg.curriculum:
+        focus = torch.tensor([[1.0, 0.5, 0.25], [0.5, 1.0, 0.5], [0.25, 0.5, 1.0]])  # rows: early, middle, late
+        pos = min(progress, 1.0) * 2
+        lo = int(min(pos, 1))
+        w = w * torch.lerp(focus[lo], focus[lo + 1], pos - lo)
+    kinds = [["fidelity", "temporal", "instruction"].index(n.split("_")[0]) for n in names]
+    return w[kinds] * torch.tensor([0.0 if cfg.split_instruction and n == "instruction" else 1.0 for n in names])
 
 
 def oracle_heads(clips, prompts, world, split):

@@ -414,6 +414,9 @@ def test_split_instruction_heads_and_weights():
     names = reward_rl.head_names(cfg)
     assert names[:3] == list(rewards.HEADS) and len(names) == 3 + len(data.ATTRIBUTES)
     assert reward_rl.curriculum_weights(cfg, 0.0, names).tolist() == pytest.approx([0.2, 0.3, 0, 0.7, 0.7, 0.7, 0.7])
+    late = reward_rl.Config(curriculum=True)                              # fidelity leads early, instruction late
+    assert reward_rl.curriculum_weights(late, 0.0, list(rewards.HEADS)).tolist() == pytest.approx([0.25, 0.125, 0.25])
+    assert reward_rl.curriculum_weights(late, 1.0, list(rewards.HEADS)).tolist() == pytest.approx([0.0625, 0.125, 1.0])
     with pytest.raises(stability.ConfigError, match="split_instruction"):
         reward_rl.check_config(reward_rl.Config(split_instruction=True, reward="rm"), 1)
 
