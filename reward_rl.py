@@ -100,11 +100,6 @@ class Config:
     device: str = "auto"          # 'cpu', 'cuda' or 'auto'
 
 
-def head_names(cfg):
-    """The rewards advantages are computed from: the heads, or the instruction head split by attribute."""
-    return list(R.HEADS) + ([f"instruction_{k}" for k in data.ATTRIBUTES] if cfg.split_instruction else [])
-
-
 def curriculum_weights(cfg, progress, names):
     """Weight of each named head at progress in [0, 1]. Self-paced: fidelity leads, then temporal, then instruction.
     With split_instruction the attribute parts carry the instruction weight and the whole head is only logged."""
@@ -116,16 +111,6 @@ def curriculum_weights(cfg, progress, names):
         w = w * torch.lerp(focus[lo], focus[lo + 1], pos - lo)
     kinds = [["fidelity", "temporal", "instruction"].index(n.split("_")[0]) for n in names]
     return w[kinds] * torch.tensor([0.0 if cfg.split_instruction and n == "instruction" else 1.0 for n in names])
-
-
-def oracle_heads(clips, prompts, world, split):
-    """The programmatic heads, and each prompted attribute's soft match if split (1 where not asked: no signal)."""
-    obs = R.oracle(clips, world)
-    out = R.reward_heads(clips, prompts, world, obs=obs)
-    if split:
-        parts = R.instruction_parts(obs, R.targets(prompts, len(clips)))
-        out.update({f"instruction_{k}": v.nan_to_num(1.0) for k, v in parts.items()})
-    return out
 
 
 def window_steps(cfg, it):
@@ -233,7 +218,7 @@ def train(cfg: Config, reward_fn=None):
     print_config(cfg, log)
 
     train_prompts = data.train_prompts()
-    names = head_names(cfg)
+    names = R.head_names(cfg.split_instruction)
     eval_prompts, _ = R.eval_prompts(R.DiagnoseConfig(prompts=cfg.eval_prompts, seed=cfg.seed))
     eval_noise = R.noise_for(len(eval_prompts), mc, cfg.seed + 7).to(d.device)
     grid = M.time_grid(cfg.rollout_steps)
@@ -303,7 +288,8 @@ def train(cfg: Config, reward_fn=None):
         t_rollout = time.time() - t0
 
         # ================================================================ REWARDS
-        heads = (reward_fn or (lambda c, p: oracle_heads(c, p, world, cfg.split_instruction)))(clips.cpu(), prompts[mine])
+        judge_heads = reward_fn or (lambda c, p: R.reward_heads(c, p, world, split_instruction=cfg.split_instruction))
+        heads = judge_heads(clips.cpu(), prompts[mine])
         scores = torch.stack([heads[h] for h in names], 1)                    # (per_rank, heads)
         rm_std = torch.zeros_like(scores)
         if judge is not None:

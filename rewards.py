@@ -200,12 +200,21 @@ def instruction(obs, want):
 HEADS = {"fidelity": fidelity, "temporal": temporal, "instruction": instruction}
 
 
-def reward_heads(videos, prompts, world=None, heads=HEADS, obs=None):
+def head_names(split_instruction=False):
+    """What reward_heads returns: the heads, and with split_instruction each attribute's part of instruction."""
+    return list(HEADS) + ([f"instruction_{k}" for k in data.ATTRIBUTES] if split_instruction else [])
+
+
+def reward_heads(videos, prompts, world=None, heads=HEADS, obs=None, split_instruction=False):
     """name -> (B,) score in [0, 1] for each head, from one oracle pass over the clips (or a given one,
-    to score the same clips against other prompts)."""
+    to score the same clips against other prompts). split_instruction adds instruction_<attribute>, each
+    prompted attribute's soft match, 1 where not asked (the same for a whole group: no advantage)."""
     obs = obs if obs is not None else oracle(videos, world)
     want = targets(prompts, videos.shape[0])
-    return {name: fn(obs, want).clamp(0, 1) for name, fn in heads.items()}
+    out = {name: fn(obs, want).clamp(0, 1) for name, fn in heads.items()}
+    if split_instruction:
+        out.update({f"instruction_{k}": v.nan_to_num(1.0) for k, v in instruction_parts(obs, want).items()})
+    return out
 
 
 # ----------------------------------------------------------------------------- the learned judge

@@ -408,10 +408,10 @@ def test_split_instruction_heads_and_weights():
     assert torch.allclose(rewards.instruction(obs, want), parts.nanmean(1))
     assert (parts[:4, 2] < 0.05).all() and (parts[4:, 2] > 0.95).all()     # direction
     assert parts[4:, 3].isnan().all() and (parts[:4, 3] > 0.95).all()      # speed: not asked -> NaN
-    heads = reward_rl.oracle_heads(b.videos, prompts, None, split=True)
+    heads = rewards.reward_heads(b.videos, prompts, split_instruction=True)
     assert (heads["instruction_speed"][4:] == 1).all()                    # constant: no advantage in a group
     cfg = reward_rl.Config(split_instruction=True, w_fidelity=0.2, w_temporal=0.3, w_instruction=0.7)
-    names = reward_rl.head_names(cfg)
+    names = rewards.head_names(cfg.split_instruction)
     assert names[:3] == list(rewards.HEADS) and len(names) == 3 + len(data.ATTRIBUTES)
     assert reward_rl.curriculum_weights(cfg, 0.0, names).tolist() == pytest.approx([0.2, 0.3, 0, 0.7, 0.7, 0.7, 0.7])
     late = reward_rl.Config(curriculum=True)                              # fidelity leads early, instruction late
