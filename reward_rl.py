@@ -288,8 +288,8 @@ def train(cfg: Config, reward_fn=None):
         t_rollout = time.time() - t0
 
         # ================================================================ REWARDS
-        judge_heads = reward_fn or (lambda c, p: R.reward_heads(c, p, world, split_instruction=cfg.split_instruction))
-        heads = judge_heads(clips.cpu(), prompts[mine])
+        score_clips = reward_fn or (lambda c, p: R.reward_heads(c, p, world, split_instruction=cfg.split_instruction))
+        heads = score_clips(clips.cpu(), prompts[mine])
         scores = torch.stack([heads[h] for h in names], 1)                    # (per_rank, heads)
         rm_std = torch.zeros_like(scores)
         if judge is not None:
