@@ -33,7 +33,7 @@ import model as M
 import rewards as R
 from sft import context_mask
 from stability import (EMA, ConfigError, HackingMonitor, NonFiniteGuard, SpikeGuard, average_gradients,
-                       clip_gradients, gaussian_kl, load_run_state, make_logger, save_run_state,
+                       clip_gradients, gather_rows, gaussian_kl, load_run_state, make_logger, save_run_state,
                        group_advantages, parse_config, ppo_clip_loss, prepare_out_dir, print_config, reliability,
                        run_cli, setup_distributed, warmup_cosine)
 
@@ -297,13 +297,7 @@ def train(cfg: Config, reward_fn=None):
             rm_scores = torch.stack([rm_mean[h] for h in names], 1)
             rm_std = torch.stack([rm_sd[h] for h in names], 1)
             scores = rm_scores if cfg.reward == "rm" else (scores + rm_scores) / 2
-        if d.world > 1:  # every rank needs its groups' whole reward vector
-            full = [torch.zeros_like(scores) for _ in range(d.world)]
-            torch.distributed.all_gather(full, scores)
-            scores = torch.cat(full)
-            full = [torch.zeros_like(rm_std) for _ in range(d.world)]
-            torch.distributed.all_gather(full, rm_std)
-            rm_std = torch.cat(full)
+        scores, rm_std = gather_rows(scores, d), gather_rows(rm_std, d)     # a group's rewards span the ranks
 
         # ================================================================ ADVANTAGES
         weights = curriculum_weights(cfg, it / max(1, cfg.iters - 1), names)
@@ -333,13 +327,12 @@ def train(cfg: Config, reward_fn=None):
                     i, x_t, x_next, logp_old = steps[k]
                     t, t_next = float(grid[i]), float(grid[i + 1])
                     c, cm = (ctx[mb], ctx_mask[mb]) if ctx is not None else (None, None)
-                    v = M.guided_velocity(policy, x_t[mb], t, tokens[mb], cfg.cfg_scale, c, cm)
-                    _, mean, step_std, logp = M.sde_step(x_t[mb], v, t, t_next, float(grid[1]), cfg.noise_level,
-                                                         x_next=x_next[mb])
+                    def gaussian_of(net):  # the net's SDE step at x_t, scored on the stored x_next: mean, std, logp
+                        v = M.guided_velocity(net, x_t[mb], t, tokens[mb], cfg.cfg_scale, c, cm)
+                        return M.sde_step(x_t[mb], v, t, t_next, float(grid[1]), cfg.noise_level, x_next=x_next[mb])[1:]
+                    mean, step_std, logp = gaussian_of(policy)
                     with torch.no_grad():
-                        v_ref = M.guided_velocity(reference, x_t[mb], t, tokens[mb], cfg.cfg_scale, c, cm)
-                        _, mean_ref, _, _ = M.sde_step(x_t[mb], v_ref, t, t_next, float(grid[1]), cfg.noise_level,
-                                                       x_next=x_next[mb])
+                        mean_ref = gaussian_of(reference)[0]
                     policy_loss, ratio, clipped = ppo_clip_loss(logp, logp_old[mb], adv_mine[mb], cfg.clip_range)
                     kl = gaussian_kl(mean, mean_ref, step_std)                # closed form, (mb,)
                     loss = (policy_loss + cfg.beta * kl).mean() / len(trained)

@@ -250,6 +250,15 @@ def average_gradients(params, d: Dist):
                 p.grad /= d.world
 
 
+def gather_rows(x, d: Dist):
+    """Every rank's x (n, ...) stacked in rank order, (world * n, ...), on every rank; x itself with one rank."""
+    if d.world == 1:
+        return x
+    parts = [torch.zeros_like(x) for _ in range(d.world)]
+    dist.all_gather(parts, x)
+    return torch.cat(parts)
+
+
 class SpikeGuard:
     """Rollback to the last good weights when a statistic (grad norm, KL) jumps far above its recent median.
 
