@@ -19,6 +19,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from stability import ConfigError, UserError
+
 # ----------------------------------------------------------------------------- the world's vocabulary
 COLOURS = {  # RGB in [0, 1]; far apart so the oracle can name any object colour
     "red": (0.95, 0.15, 0.15), "green": (0.15, 0.85, 0.25), "blue": (0.2, 0.35, 1.0),
@@ -45,7 +47,7 @@ TRAIN_COMBOS = [x for x in ALL_COMBOS if x not in HELDOUT_COMBOS]
 SPLITS = {"web": 0, "curated": 1, "val": 2, "heldout": 3}
 
 
-class PromptError(ValueError):
+class PromptError(UserError, ValueError):
     """A prompt the world cannot read (empty list, unknown word)."""
 
 
@@ -248,7 +250,7 @@ def write_video(frames, path, fps=6):
         try:
             iio.imwrite(path, frames, fps=fps, codec="libx264")
         except Exception as e:  # imageio without imageio-ffmpeg / pyav cannot encode mp4
-            raise RuntimeError(f"cannot write {path}: MP4 needs imageio-ffmpeg (pip install imageio-ffmpeg); "
+            raise ConfigError(f"cannot write {path}: MP4 needs imageio-ffmpeg (pip install imageio-ffmpeg); "
                                f"or write a .gif ({type(e).__name__})") from None
     else:
-        raise ValueError(f"unknown video extension for {path}: use .gif or .mp4")
+        raise ConfigError(f"unknown video extension for {path}: use .gif or .mp4")

@@ -27,9 +27,10 @@ from tqdm import tqdm
 import data
 import model as M
 import rewards as R
-from stability import (EMA, ConfigError, NonFiniteGuard, average_gradients, clip_gradients, load_run_state,
-                       make_logger, save_run_state, parse_config, prepare_out_dir, print_config, run_cli,
-                       setup_distributed, warmup_cosine)
+from stability import (EMA, ConfigError, NonFiniteGuard, all_mean, average_gradients, check_ranges, claim_out_dir,
+                       clip_gradients,
+                       make_logger, open_log, parse_config, print_config, run_cli, setup_distributed, teardown,
+                       warmup_cosine)
 
 
 @dataclass
@@ -42,9 +43,7 @@ class Config:
     samples_per_prompt: int = 4   # clips per prompt (seeds 0..N-1 of the pair seed stream)
     judge: str = "heads"          # 'heads' (programmatic), 'rm' (learned ensemble) or 'oracle' (upper bound)
     reward_model: str = "checkpoints/reward_model.safetensors"  # the ensemble for judge=rm
-    w_fidelity: float = 1.0       # judge score = weighted mean of the heads (equal, like the oracle's tie-break)
-    w_temporal: float = 1.0
-    w_instruction: float = 1.0
+    weights: tuple = ()           # judge score = weighted mean of rewards.HEADS, equal unless head=value given
     margin: float = 0.05          # keep a pair only if the judge's scores differ by at least this
     weight_by_margin: bool = False  # weight each pair's loss by its margin (normalised to mean 1)
     sample_steps: int = 20        # Euler steps for the pair clips
@@ -69,6 +68,7 @@ class Config:
     ckpt_every: int = 50          # steps between resumable checkpoints
     resume: bool = False          # continue the run in out_dir
     overwrite: bool = False       # replace whatever out_dir holds
+    any_input: bool = False       # accept an --init from another stage than SFT / RL (e.g. the base model)
     device: str = "auto"          # 'cpu', 'cuda' or 'auto'
 
 
@@ -78,14 +78,14 @@ PAIR_KEYS = ("winner", "loser", "tokens", "score_w", "score_l", "weight")
 
 def judge_scores(cfg, clips, prompts, world, rm=None):
     """One scalar per clip from the chosen judge. (B,)"""
-    w = torch.tensor([cfg.w_fidelity, cfg.w_temporal, cfg.w_instruction])
+    w = torch.tensor(list(R.head_weights(cfg.weights, default=1.0).values()))
     if cfg.judge == "oracle":   # exact: the fraction of prompted attributes the clip gets right, heads break ties
         ok = R.check(clips, prompts, world)
         heads = torch.stack(list(R.reward_heads(clips, prompts, world).values()), 1)
         return torch.stack([ok[k].float() for k in data.ATTRIBUTES], 1).mean(1) + 0.01 * heads.mean(1)
     if cfg.judge == "rm":
         mean, _ = R.rm_score(rm, clips, data.tokenize(prompts))
-        heads = torch.stack([mean[h] for h in R.HEADS], 1)
+        heads = torch.stack([mean[h] for h in R.HEADS], 1)                   # registry order, like reward_heads
     else:
         heads = torch.stack(list(R.reward_heads(clips, prompts, world).values()), 1)
     return (heads * w).sum(1) / w.sum()
@@ -98,7 +98,7 @@ def make_pairs(net, cfg, world, log):
     gen = torch.Generator().manual_seed(cfg.seed + 555)
     idx = torch.randint(len(train_prompts), (cfg.pair_prompts,), generator=gen)
     prompts = [train_prompts[i] for i in idx.tolist()]
-    rm = R.load_reward_model(cfg.reward_model) if cfg.judge == "rm" else None
+    rm = R.load_reward_model(cfg.reward_model, net.cfg) if cfg.judge == "rm" else None
     mc, n = net.cfg, cfg.samples_per_prompt
     out = {k: [] for k in PAIR_KEYS}
     for p in tqdm(prompts, desc="pairs", leave=False):
@@ -144,10 +144,29 @@ def load_pairs(path, mc):
             raise ConfigError(f"pair file {path} lacks '{k}' (needs winner, loser, tokens)")
     want = (mc.channels, mc.frames, mc.size, mc.size)
     if tuple(pairs["winner"].shape[1:]) != want or pairs["loser"].shape != pairs["winner"].shape:
-        raise ConfigError(f"pair file {path} holds clips of shape {tuple(pairs['winner'].shape[1:])}; this model makes {want}")
-    if len(pairs["winner"]) == 0:
-        raise ConfigError(f"pair file {path} holds no pairs")
+        raise ConfigError(f"pair file {path} holds clips of shape {tuple(pairs['winner'].shape[1:])} and "
+                          f"{tuple(pairs['loser'].shape[1:])}; this model makes {want}")
     n = len(pairs["winner"])
+    if n == 0:
+        raise ConfigError(f"pair file {path} holds no pairs")
+    for k in ("winner", "loser"):
+        v = pairs[k]
+        if not v.is_floating_point():
+            raise ConfigError(f"pair file {path}: {k} clips are {v.dtype}; postflow clips are floats in [-1, 1] "
+                              f"(convert uint8 frames with x / 127.5 - 1)")
+        if not torch.isfinite(v).all() or v.min() < -1 - 1e-3 or v.max() > 1 + 1e-3:
+            raise ConfigError(f"pair file {path}: {k} clips must be finite and in [-1, 1], got "
+                              f"[{float(v.nan_to_num().min()):.3g}, {float(v.nan_to_num().max()):.3g}]"
+                              f"{' with NaN/Inf' if not torch.isfinite(v).all() else ''}")
+    tok = pairs["tokens"]
+    if tok.dtype != torch.long or tok.dim() != 2 or len(tok) != n or tok.min() < 0 or tok.max() >= len(data.VOCAB):
+        raise ConfigError(f"pair file {path}: tokens must be ({n}, L) int64 ids from data.tokenize, got "
+                          f"{tuple(tok.shape)} {tok.dtype}")
+    for k in ("score_w", "score_l", "weight"):
+        if k in pairs and (pairs[k].shape != (n,) or not torch.isfinite(pairs[k]).all()):
+            raise ConfigError(f"pair file {path}: {k} must be ({n},) finite numbers, got {tuple(pairs[k].shape)}")
+    if "weight" in pairs and (pairs["weight"] < 0).any():
+        raise ConfigError(f"pair file {path}: weights must be >= 0")
     pairs.setdefault("weight", torch.ones(n))
     pairs.setdefault("score_w", torch.ones(n))
     pairs.setdefault("score_l", torch.zeros(n))
@@ -187,29 +206,45 @@ def dpo_step(policy, reference, win, lose, tokens, weight, t, x0, beta, sft_weig
 
 
 # ----------------------------------------------------------------------------- the loop
+INPUT_STAGES = ("sft", "rl-awm", "rl-ppo", "grpo", "dpo")  # what a preference stage refines ('grpo': older runs)
+
+
 def train(cfg: Config):
     if cfg.judge not in ("heads", "rm", "oracle"):
         raise ConfigError(f"--judge must be 'heads', 'rm' or 'oracle', got {cfg.judge!r}")
+    check_ranges(cfg, at_least_one=("pair_prompts", "sample_steps", "steps", "batch_size", "log_every", "ckpt_every",
+                                    "eval_prompts", "eval_steps"),
+                 positive=("lr", "beta", "grad_clip", "t_std"), non_negative=("margin", "warmup", "sft_weight", "cfg_scale"),
+                 fraction=("ema_decay",))
+    if cfg.samples_per_prompt < 2:
+        raise ConfigError(f"--samples_per_prompt must be at least 2 to form a pair, got {cfg.samples_per_prompt}")
+    R.head_weights(cfg.weights)
     if not os.path.isfile(cfg.init):
         raise ConfigError(f"--init={cfg.init} not found: run reward_rl.py first (it writes runs/rl/ckpt.safetensors) "
                           f"or pass --init=checkpoints/sft_small.safetensors")
     d = setup_distributed(cfg.device)
     log = make_logger(d)
-    if cfg.batch_size % d.world:
-        raise ConfigError(f"batch_size {cfg.batch_size} does not divide over {d.world} ranks")
-    if d.main:
-        prepare_out_dir(cfg.out_dir, cfg.resume, cfg.overwrite)
+    if cfg.batch_size % d.ranks:
+        raise ConfigError(f"batch_size {cfg.batch_size} does not divide over {d.ranks} ranks")
     paths = {k: os.path.join(cfg.out_dir, f"{k}.safetensors") for k in ("state", "ckpt", "pairs")}
     policy, parent_meta = M.load_model(cfg.init, d.device)
+    stage = parent_meta.get("lineage", {}).get("stage", "")
+    if stage not in INPUT_STAGES and not cfg.any_input:
+        raise ConfigError(f"--init={cfg.init} is a {stage or 'unknown'} checkpoint; Stage III refines an SFT or RL "
+                          f"policy ({', '.join(INPUT_STAGES)}): pass --any_input=true to use it anyway")
     reference, _ = M.load_model(cfg.init, d.device)
     reference.requires_grad_(False)
     mc, world = policy.cfg, R.world_of(policy.cfg)
+    if cfg.pairs:
+        load_pairs(cfg.pairs, mc)                                             # checked before anything is replaced
+    if d.main:
+        claim_out_dir(cfg.out_dir, cfg.resume, cfg.overwrite, inputs=[cfg.init, cfg.pairs, cfg.reward_model])
 
     # ================================================================ PAIRS
     pair_path = cfg.pairs or paths["pairs"]
     if not cfg.pairs and d.main and not os.path.exists(pair_path):
         save_pairs(pair_path, make_pairs(policy, cfg, world, log), f"on-policy from {cfg.init}, judge={cfg.judge}")
-    if d.world > 1:
+    if d.ranks > 1:
         torch.distributed.barrier()                                           # rank 0 made the pairs
     pairs = load_pairs(pair_path, mc)
     n_pairs = len(pairs["winner"])
@@ -217,21 +252,24 @@ def train(cfg: Config):
     policy.train()
     ema = EMA(policy, cfg.ema_decay)
     opt = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, weight_decay=0.0)
-    start = 0
+    guard, start, log_offset = NonFiniteGuard(), 0, None
     if cfg.resume:
-        start = load_run_state(paths["state"], policy, ema, opt)
+        start, extra, saved = M.load_run_state(paths["state"], policy, ema, opt, warn=log)
+        M.check_resume(saved, cfg)
+        guard.load_state_dict(extra.get("guard", guard.state_dict()))
+        log_offset = extra.get("log_bytes")
         log(f"resumed {paths['state']} at step {start}")
-    per_rank = cfg.batch_size // d.world
-    log(f"dpo: {n_pairs} pairs from {pair_path}; {d.world} rank(s) x {per_rank} pairs = {cfg.batch_size} per step, "
+    per_rank = cfg.batch_size // d.ranks
+    log(f"dpo: {n_pairs} pairs from {pair_path}; {d.ranks} rank(s) x {per_rank} pairs = {cfg.batch_size} per step, "
         f"{cfg.steps} steps (~{cfg.steps * cfg.batch_size / n_pairs:.1f} epochs); beta={cfg.beta}, "
         f"{'decoupled' if cfg.decoupled else 'joint'} backward")
     print_config(cfg, log)
     lineage = lambda step: M.lineage_record("dpo", cfg.init, step, f"pairs:{pair_path}", config=asdict(cfg),
-                                            parent_stage=parent_meta.get("lineage", {}).get("stage", ""))
+                                            parent_stage=stage)
 
     # ================================================================ TRAINING
-    guard, bins, window = NonFiniteGuard(), torch.linspace(0, 1, 5), []
-    logf = open(os.path.join(cfg.out_dir, "log.jsonl"), "a") if d.main else None
+    bins, window = torch.linspace(0, 1, 5), []
+    logf = open_log(os.path.join(cfg.out_dir, "log.jsonl"), log_offset) if d.main else None
     t0 = time.time()
     bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, disable=not d.main, desc="dpo")
     for step in bar:
@@ -247,7 +285,7 @@ def train(cfg: Config):
                                 cfg.beta, cfg.sft_weight, cfg.decoupled)
         average_gradients(policy.parameters(), d)
         grad_norm = clip_gradients(policy.parameters(), cfg.grad_clip)
-        if guard.ok(loss.item(), grad_norm):
+        if guard.ok(all_mean(loss.detach().double(), d).item(), grad_norm):   # every rank decides alike
             opt.step()
             ema.update(policy, step)
         opt.zero_grad(set_to_none=True)
@@ -268,7 +306,8 @@ def train(cfg: Config):
                 logf.flush()
         if (step + 1) % cfg.ckpt_every == 0 or step + 1 == cfg.steps:
             if d.main:
-                save_run_state(paths["state"], policy, ema, opt, lineage(step + 1), step + 1)
+                M.save_run_state(paths["state"], policy, ema, opt, lineage(step + 1), step + 1,
+                                 dict(guard=guard.state_dict(), log_bytes=logf.tell()))
 
     # ---- hand-off: EMA weights, and the oracle's verdict against the input on held-out prompts and seeds
     if d.main:
@@ -290,8 +329,7 @@ def train(cfg: Config):
         logf.close()
         log(f"done: {paths['ckpt']}; oracle win rate vs input {result['win_rate']:.3f} (held-out combos "
             f"{result['win_rate_heldout_combos']:.3f}); samples.gif columns: input, dpo")
-    if d.world > 1:
-        torch.distributed.destroy_process_group()
+    teardown(d)
     return paths["ckpt"]
 
 

@@ -1,28 +1,31 @@
-"""Stage II: reward-driven RL, GRPO on the flow sampler, stability-constrained.
+"""Stage II: reward-driven RL on the flow sampler (GRPO's group advantages), stability-constrained.
 
     python reward_rl.py                                     # from the shipped SFT checkpoint, to runs/rl
-    torchrun --standalone --nproc_per_node=2 reward_rl.py   # the same loop; each group spans the ranks
+    torchrun --standalone --nproc_per_node=2 reward_rl.py   # the same run; each group spans the ranks
     python reward_rl.py --update=ppo --sde_window=0 --rollout_steps=10 --epochs=1 --lr=1e-4 --warmup=1 --sft_weight=0
                                                             # vanilla Flow-GRPO
 
-The deterministic Euler sampler has no log-probability. Inside a window of denoising steps the sampler
-takes Flow-GRPO's SDE step instead (model.sde_step: same marginals, a Gaussian policy step with an fp32
-log-prob); outside it stays an ODE. Each iteration reads top to bottom:
-  SAMPLING    G rollouts per prompt from the current policy, storing the window's latents and log-probs
-  REWARDS     the heads of rewards.py (programmatic, the learned ensemble, or both), gathered over ranks
+Each iteration reads top to bottom in train():
+  SAMPLING    G rollouts per prompt from the current policy. Inside a window of denoising steps the sampler
+              takes Flow-GRPO's SDE step (model.sde_step: same marginals, a Gaussian policy step with an fp32
+              log-prob); outside it stays an ODE.
+  REWARDS     the heads of rewards.HEADS (programmatic, the learned ensemble, or both), gathered over ranks
   ADVANTAGES  per head, z-scored within each prompt's group; summed with weights in advantage space
-  TRAINING    --update=ppo: Flow-GRPO's PPO-clipped ratio of the SDE steps' log-probs + beta * the closed-form
-              KL to the frozen SFT reference. --update=awm (default): advantage-weighted flow matching on the
-              rollouts' clips + awm_beta * |v - v_ref|^2 (same expected direction, far less noise: the SDE's
-              per-pixel exploration noise drops out of the estimate). Either way: clipped gradients, EMA, a
-              non-finite guard, rollback on a grad-norm or KL spike, and a held-out oracle check that stops
-              the run when the policy starts hacking the reward.
+  TRAINING    one of two update rules, each owning its loss, its KL to the frozen reference and its backward:
+              awm_update (default): advantage-weighted flow matching on the rollouts' own clips (AWM), with
+                the KL rate awm_beta * |v - v_ref|^2; a fresh (t, noise) draw replaces the SDE's per-pixel
+                exploration noise in the estimate, so far fewer rollouts buy the same signal.
+              ppo_update: Flow-GRPO's PPO-clipped ratio of the SDE steps' log-probs + beta * the closed-form
+                Gaussian KL per step.
+              Then, in the loop: the curated flow loss (PPO-ptx), grad clipping, the non-finite guard, EMA,
+              rollback on a grad-norm or KL spike, and a held-out oracle check that stops a run that hacks.
 """
 import json
 import math
 import os
 import sys
 import time
+from collections import defaultdict
 from dataclasses import asdict, dataclass
 
 import torch
@@ -31,11 +34,9 @@ from tqdm import tqdm
 import data
 import model as M
 import rewards as R
-from sft import context_mask
-from stability import (EMA, ConfigError, HackingMonitor, NonFiniteGuard, SpikeGuard, average_gradients,
-                       clip_gradients, gather_rows, gaussian_kl, load_run_state, make_logger, save_run_state,
-                       group_advantages, parse_config, ppo_clip_loss, prepare_out_dir, print_config, reliability,
-                       run_cli, setup_distributed, warmup_cosine)
+from stability import (EMA, ConfigError, HackingMonitor, NonFiniteGuard, SpikeGuard, all_mean, average_gradients,
+                       check_ranges, claim_out_dir, clip_gradients, from_rank0, gather_rows, make_logger, open_log,
+                       parse_config, print_config, run_cli, setup_distributed, teardown, warmup_cosine)
 
 
 @dataclass
@@ -57,12 +58,10 @@ class Config:
     # ---- REWARDS
     reward: str = "heads"         # 'heads' (programmatic), 'rm' (learned ensemble) or 'both'
     reward_model: str = "checkpoints/reward_model.safetensors"  # the ensemble for 'rm' and 'both'
-    w_fidelity: float = 0.25      # advantage weight of the fidelity head
-    w_temporal: float = 0.25      # advantage weight of the temporal head
-    w_instruction: float = 1.0    # advantage weight of the instruction head
+    weights: tuple = ()           # advantage weights as head=value (--weights=temporal=0.5); others: rewards.HEADS
     split_instruction: bool = False  # z-score each prompted attribute's soft match as its own head, each weighted
-                                  # w_instruction: a rare right speed is not drowned by direction's larger spread
-    curriculum: bool = False      # self-paced: move weight from fidelity to temporal to instruction
+                                  # like instruction: a rare right speed is not drowned by direction's larger spread
+    curriculum: bool = False      # self-paced: move weight from fidelity to temporal to instruction (HEADS' phase)
     # ---- ADVANTAGES
     std_floor: float = 0.01       # groups whose reward std is below this teach nothing: advantage 0
     adv_clip: float = 5.0         # clip the summed advantage to +- this
@@ -100,17 +99,80 @@ class Config:
     device: str = "auto"          # 'cpu', 'cuda' or 'auto'
 
 
+def check_config(cfg, ranks):
+    if cfg.update not in ("awm", "ppo"):
+        raise ConfigError(f"--update must be 'awm' or 'ppo', got {cfg.update!r}")
+    if cfg.reward not in ("heads", "rm", "both"):
+        raise ConfigError(f"--reward must be 'heads', 'rm' or 'both', got {cfg.reward!r}")
+    if cfg.split_instruction and cfg.reward != "heads":
+        raise ConfigError("--split_instruction needs --reward=heads: the learned judge scores instruction as one head")
+    check_ranges(cfg, at_least_one=("iters", "prompts_per_iter", "rollout_steps", "chunks", "awm_draws", "sft_batch",
+                                    "epochs", "minibatches", "eval_every", "eval_prompts", "eval_steps", "patience",
+                                    "ckpt_every"),
+                 positive=("lr", "noise_level", "clip_range", "spike_factor", "adv_clip", "grad_clip"),
+                 non_negative=("warmup", "beta", "awm_beta", "neg_scale", "sft_weight", "cfg_scale", "std_floor",
+                               "max_minutes"), fraction=("ema_decay",))
+    if not 0 <= cfg.sde_window <= cfg.rollout_steps or cfg.window_start + cfg.sde_window > cfg.rollout_steps:
+        raise ConfigError(f"SDE window {cfg.window_start}+{cfg.sde_window} does not fit {cfg.rollout_steps} steps")
+    if not 0 < cfg.train_fraction <= 1:
+        raise ConfigError(f"--train_fraction must be in (0, 1], got {cfg.train_fraction}")
+    rollouts = cfg.prompts_per_iter * cfg.group_size
+    if cfg.group_size < 2:
+        raise ConfigError("--group_size must be at least 2: advantages are relative to the group")
+    if rollouts % ranks:
+        raise ConfigError(f"prompts_per_iter x group_size = {rollouts} rollouts do not divide over {ranks} ranks")
+    if (rollouts // ranks) % cfg.minibatches:
+        raise ConfigError(f"{rollouts // ranks} rollouts per rank do not split into {cfg.minibatches} minibatches")
+    R.head_weights(cfg.weights)                                              # unknown heads are refused here
+
+
+# ----------------------------------------------------------------------------- Stage II's own math
 def curriculum_weights(cfg, progress, names):
-    """Weight of each named head at progress in [0, 1]. Self-paced: fidelity leads, then temporal, then instruction.
-    With split_instruction the attribute parts carry the instruction weight and the whole head is only logged."""
-    w = torch.tensor([cfg.w_fidelity, cfg.w_temporal, cfg.w_instruction])
+    """Advantage weight of each named head at progress in [0, 1]. Self-paced (TeleBoost): a head's weight is
+    scaled by 0.5^(distance between its phase and the current one), the current phase moving from 0
+    (fidelity) to 2 (semantics). With split_instruction the attribute parts carry the instruction weight and
+    the whole instruction head is only logged."""
+    base = R.head_weights(cfg.weights)
+    head = [n if n in R.HEADS else "instruction" for n in names]              # instruction_<attr> -> instruction
+    w = torch.tensor([base[h] for h in head])
     if cfg.curriculum:
-        focus = torch.tensor([[1.0, 0.5, 0.25], [0.5, 1.0, 0.5], [0.25, 0.5, 1.0]])  # rows: early, middle, late
+        phase = [R.HEADS[h].phase for h in head]
         pos = min(progress, 1.0) * 2
         lo = int(min(pos, 1))
-        w = w * torch.lerp(focus[lo], focus[lo + 1], pos - lo)
-    kinds = [["fidelity", "temporal", "instruction"].index(n.split("_")[0]) for n in names]
-    return w[kinds] * torch.tensor([0.0 if cfg.split_instruction and n == "instruction" else 1.0 for n in names])
+        focus = lambda now: torch.tensor([0.5 ** abs(now - k) for k in phase])
+        w = w * torch.lerp(focus(lo), focus(lo + 1), pos - lo)
+    return w * torch.tensor([0.0 if cfg.split_instruction and n == "instruction" else 1.0 for n in names])
+
+
+def group_zscores(scores, group_size, std_floor):
+    """scores (N, heads), N = groups * group_size rollouts grouped consecutively -> each head z-scored within
+    its group (population std), 0 where the group's std is under the floor; and the fraction of such pairs."""
+    g = scores.view(-1, group_size, scores.shape[1])                          # (groups, G, heads)
+    mean, std = g.mean(1, keepdim=True), g.std(1, keepdim=True, correction=0)
+    flat = std < std_floor
+    z = torch.where(flat, torch.zeros_like(g), (g - mean) / (std + 1e-4))
+    return z.flatten(0, 1), float(flat.float().mean())
+
+
+def reliability(rm_std):
+    """Per-rollout trust in the ensemble: 1.5 where its members agree most, 0.5 where they disagree most."""
+    u = rm_std.mean(1)                                                        # (N,) over heads
+    return (1 + (u.mean() - u) / (u.mean() + 1e-8)).clamp(0.5, 1.5)
+
+
+def ppo_clip_loss(logp_new, logp_old, advantages, clip_range):
+    """PPO's pessimistic clipped objective per sample, and the ratio and whether it was clipped. (B,) each.
+    The ratio of mean log-probs moves little, so clip_range is small (1e-4 .. 1e-2)."""
+    ratio = torch.exp(logp_new - logp_old)
+    unclipped = -advantages * ratio
+    clipped = -advantages * ratio.clamp(1 - clip_range, 1 + clip_range)
+    return torch.maximum(unclipped, clipped), ratio.detach(), ((ratio - 1).abs() > clip_range).detach()
+
+
+def gaussian_kl(mean, mean_ref, step_std):
+    """Closed-form KL between two Gaussian steps with the same std: |mean - mean_ref|^2 / (2 step_std^2),
+    averaged over the non-batch dimensions (the same mean convention as the log-probs). (B,)"""
+    return ((mean.float() - mean_ref.float()) ** 2).mean(dim=tuple(range(1, mean.dim()))) / (2 * step_std ** 2)
 
 
 def window_steps(cfg, it):
@@ -123,265 +185,296 @@ def window_steps(cfg, it):
     return list(range(start, start + cfg.sde_window))
 
 
-def awm_step(cfg, policy, reference, clips, tokens, adv, draws, stats, ctx=None, ctx_mask=None):
-    """Advantage-weighted matching: the flow-matching loss on each rollout's clip, weighted by its advantage
-    (pull toward clips better than their group, push from worse ones), plus awm_beta * |v - v_ref|^2.
-    Its expected gradient is the policy gradient's, but a fresh (t, noise) draw replaces the SDE's
-    per-pixel exploration noise in the estimate, so far fewer rollouts buy the same signal. draws: one
-    (t (mb,), x0 (mb, C, F, H, W), t_kl (mb,)) per draw, shared by the members of a group: with common noise
-    the part of the loss that does not depend on which clip won cancels in the advantage-weighted sum.
-    The reward speaks where the prompt decides the clip (t ~ 0.27: where the object's motion is laid down);
-    kl_all_t takes the KL at pretraining's t instead, so the low-noise steps that draw edges stay the
-    reference's. Backpropagates."""
+def bf16(cfg, device):
+    """AWM's passes under bfloat16 autocast; PPO's ratio compares log-probs of two passes that must match: fp32."""
+    return torch.autocast(torch.device(device).type, torch.bfloat16, enabled=cfg.bf16 and cfg.update == "awm")
+
+
+# ----------------------------------------------------------------------------- the bands of one iteration
+@dataclass
+class Rollout:
+    """What SAMPLING hands to TRAINING: this rank's share of the iteration's rollouts."""
+    prompts: list         # (n,) captions
+    tokens: torch.Tensor  # (n, L)
+    clips: torch.Tensor   # (n, C, F, H, W) the trained chunk, context frames pinned
+    steps: list           # per SDE step: (step index, x before, x after, fp32 log-prob (n,))
+    group: torch.Tensor   # (n,) the global group of each rollout
+    grid: torch.Tensor    # the rollout's time grid (rollout_steps + 1,)
+    trained: list = None  # which of the SDE steps PPO trains this iteration (train_fraction of them)
+    ctx: torch.Tensor = None       # (n, C, F, H, W) clean context frames of a continuation, or None
+    ctx_mask: torch.Tensor = None  # (n, F) bool
+
+
+@torch.no_grad()
+def sample_rollouts(cfg, policy, it, gen, train_prompts, mine, device):
+    """Every rank draws the same prompts and noise for the whole iteration, then rolls out its slice `mine`:
+    a group spans ranks, and 1 or N ranks roll out exactly the same clips. Returns (clips to score, Rollout)."""
+    mc, rollouts = policy.cfg, cfg.prompts_per_iter * cfg.group_size
+    shape = (mc.channels, mc.frames, mc.size, mc.size)
+    idx = torch.randint(len(train_prompts), (cfg.prompts_per_iter,), generator=gen)
+    prompts = [train_prompts[i] for i in idx.tolist() for _ in range(cfg.group_size)][mine]
+    if cfg.shared_noise:
+        x = torch.randn(cfg.prompts_per_iter, *shape, generator=gen).repeat_interleave(cfg.group_size, 0)
+    else:
+        x = torch.randn(rollouts, *shape, generator=gen)
+    sde = window_steps(cfg, it)
+    eps = torch.randn(len(sde), rollouts, *shape, generator=gen)[:, mine].to(device)
+    tokens, x = data.tokenize(prompts).to(device), x[mine].to(device)
+    ctx = ctx_mask = prefix = None
+    policy.eval()
+    with bf16(cfg, device):
+        if cfg.chunks > 1:  # earlier chunks by the ODE; the trained chunk continues them
+            overlap = mc.frames // 2
+            prefix = M.sample_long(policy, tokens, torch.Generator().manual_seed(cfg.seed + it), cfg.chunks - 1,
+                                   cfg.rollout_steps, cfg.cfg_scale, overlap)
+            ctx_mask = (torch.arange(mc.frames) < overlap)[None].expand(len(x), -1).to(device)
+            ctx = torch.zeros_like(x)
+            ctx[:, :, :overlap] = prefix[:, :, -overlap:]
+        grid, steps = M.time_grid(cfg.rollout_steps), []
+        for i in range(cfg.rollout_steps):
+            t, t_next = float(grid[i]), float(grid[i + 1])
+            v = M.guided_velocity(policy, x, t, tokens, cfg.cfg_scale, ctx, ctx_mask)
+            if i in sde:
+                x_next, _, _, logp = M.sde_step(x, v, t, t_next, float(grid[1]), cfg.noise_level, eps=eps[sde.index(i)])
+                steps.append((i, x, x_next, logp))
+                x = x_next
+            else:
+                x = x + (t_next - t) * v
+    chunk = x.clamp(-1, 1) if ctx is None else torch.where(ctx_mask[:, None, :, None, None], ctx, x.clamp(-1, 1))
+    clips = chunk if ctx is None else torch.cat([prefix, chunk[:, :, mc.frames // 2:]], dim=2)
+    group = torch.arange(rollouts)[mine] // cfg.group_size
+    return clips, Rollout(prompts, tokens, chunk, steps, group, grid, ctx=ctx, ctx_mask=ctx_mask)
+
+
+def score(cfg, clips, roll, judge, reward_fn, names, world, d):
+    """Rewards (N, heads) of every rank's rollouts, and the learned ensemble's spread (zeros without it)."""
+    heads = reward_fn(clips.cpu(), roll.prompts) if reward_fn else \
+        R.reward_heads(clips.cpu(), roll.prompts, world, split_instruction=cfg.split_instruction)
+    scores = torch.stack([heads[h] for h in names], 1)                        # (per_rank, heads)
+    rm_std = torch.zeros_like(scores)
+    if judge is not None:
+        rm_mean, rm_sd = R.rm_score(judge, clips.cpu(), roll.tokens.cpu())
+        rm_scores, rm_std = torch.stack([rm_mean[h] for h in names], 1), torch.stack([rm_sd[h] for h in names], 1)
+        scores = rm_scores if cfg.reward == "rm" else (scores + rm_scores) / 2
+    return gather_rows(scores, d), gather_rows(rm_std, d)                    # a group's rewards span the ranks
+
+
+def advantages(cfg, scores, rm_std, weights):
+    """Per-head group z-scores, summed with weights in advantage space, scaled by the ensemble's reliability,
+    then clipped. (N,) and the fraction of zero-variance (group, head) pairs."""
+    z, zero_frac = group_zscores(scores, cfg.group_size, cfg.std_floor)
+    adv = (z * weights).sum(-1).clamp(-cfg.adv_clip, cfg.adv_clip)
+    if cfg.reward != "heads" and cfg.uncertainty:
+        adv = adv * reliability(rm_std)
+    return adv, zero_frac
+
+
+def masked_msq(a, b, ctx_mask):
+    """Mean squared difference per clip (n,), context frames excluded."""
     keep = 1.0 if ctx_mask is None else (~ctx_mask).float()[:, None, :, None, None]
-    msq = lambda a, b: (((a - b) ** 2) * keep).mean((1, 2, 3, 4))           # (mb,), context frames excluded
-    weight = torch.where(adv < 0, cfg.neg_scale * adv, adv)
+    return (((a - b) ** 2) * keep).mean((1, 2, 3, 4))
 
-    def flows(t, x0, need_ref):  # policy (and reference) velocity at time t on the straight path x0 -> clips
-        tt = t[:, None, None, None, None]
-        xt = (1 - tt) * x0 + tt * clips
-        v = policy.velocity(xt, t, tokens, ctx=ctx, ctx_mask=ctx_mask)
-        if not need_ref:
-            return v, None
-        with torch.no_grad():
-            return v, reference.velocity(xt, t, tokens, ctx=ctx, ctx_mask=ctx_mask)
 
-    for t, x0, _ in draws:
-        v, v_ref = flows(t, x0, need_ref=not cfg.kl_all_t)
-        err = msq(v, clips - x0)
-        loss = (weight * err).mean()
-        if v_ref is not None:                                                 # the KL at the same points, for free
-            kl = msq(v, v_ref)
-            loss = loss + cfg.awm_beta * kl.mean()
+def straight_path_flows(policy, reference, clips, tokens, t, x0, ctx, ctx_mask):
+    """The policy's (and, given a reference, the frozen reference's) velocity at x_t on the path x0 -> clips."""
+    tt = t[:, None, None, None, None]
+    xt = (1 - tt) * x0 + tt * clips
+    v = policy.velocity(xt, t, tokens, ctx=ctx, ctx_mask=ctx_mask)
+    if reference is None:
+        return v, None
+    with torch.no_grad():
+        return v, reference.velocity(xt, t, tokens, ctx=ctx, ctx_mask=ctx_mask)
+
+
+def awm_update(cfg, policy, reference, roll, adv, mb, draws, stats):
+    """Advantage-weighted matching on a minibatch mb of this rank's rollouts: the flow-matching loss on each
+    clip, weighted by its advantage (pull toward clips better than their group, push from worse ones), plus
+    the KL rate awm_beta * |v - v_ref|^2. draws: one (t, x0, t_kl) per draw and group, shared by a group's
+    members, so the part of the loss that does not depend on which clip won cancels in the weighted sum.
+    The reward speaks where the prompt decides the clip (t ~ 0.27, where motion is laid down); kl_all_t takes
+    the KL at pretraining's t instead, so the low-noise steps that draw edges stay the reference's."""
+    clips, tokens, a = roll.clips[mb], roll.tokens[mb], adv[mb]
+    ctx, cm = (None, None) if roll.ctx is None else (roll.ctx[mb], roll.ctx_mask[mb])
+    weight = torch.where(a < 0, cfg.neg_scale * a, a)
+    dev = clips.device
+    with bf16(cfg, dev):
+        for t, x0, _ in draws:
+            t, x0 = t[roll.group[mb]].to(dev), x0[roll.group[mb]].to(dev)
+            v, v_ref = straight_path_flows(policy, None if cfg.kl_all_t else reference, clips, tokens, t, x0, ctx, cm)
+            loss = (weight * masked_msq(v, clips - x0, cm)).mean()
+            if v_ref is not None:                                             # the KL at the same points, for free
+                kl = masked_msq(v, v_ref, cm)
+                loss = loss + cfg.awm_beta * kl.mean()
+                stats["kl_ref"].append(kl.mean().item())
+            (loss / len(draws)).backward()
+            stats["loss"].append(loss.item())
+        if cfg.kl_all_t:  # one pass at pretraining's t: a regulariser needs its expectation, not many draws
+            t, x0 = draws[0][2][roll.group[mb]].to(dev), draws[0][1][roll.group[mb]].to(dev)
+            v, v_ref = straight_path_flows(policy, reference, clips, tokens, t, x0, ctx, cm)
+            kl = masked_msq(v, v_ref, cm)
+            (cfg.awm_beta * kl.mean()).backward()
             stats["kl_ref"].append(kl.mean().item())
-        (loss / len(draws)).backward()
-        stats["loss"].append(loss.item())
-    if cfg.kl_all_t:  # one pass per update at pretraining's t: a regulariser needs its expectation, not many draws
-        v, v_ref = flows(draws[0][2], draws[0][1], need_ref=True)
-        kl = msq(v, v_ref)
-        (cfg.awm_beta * kl.mean()).backward()
+
+
+def sde_gaussian(cfg, net, roll, k, mb):
+    """The net's SDE step k of the rollouts mb, scored on the stored next latent: its mean, std and log-prob."""
+    (i, x_t, x_next, _), grid = roll.steps[k], roll.grid
+    t, t_next = float(grid[i]), float(grid[i + 1])
+    ctx, cm = (None, None) if roll.ctx is None else (roll.ctx[mb], roll.ctx_mask[mb])
+    v = M.guided_velocity(net, x_t[mb], t, roll.tokens[mb], cfg.cfg_scale, ctx, cm)
+    return M.sde_step(x_t[mb], v, t, t_next, float(grid[1]), cfg.noise_level, x_next=x_next[mb])[1:]
+
+
+def ppo_update(cfg, policy, reference, roll, adv, mb, draws, stats):
+    """Flow-GRPO: PPO's clipped ratio of each trained SDE step's log-prob under the policy and at rollout time,
+    plus beta * the closed-form KL between the policy's and the reference's Gaussian steps. Accumulates over
+    roll.trained; takes no (t, noise) draws: the rollout's own SDE steps are the samples."""
+    trained = roll.trained
+    for k in trained:
+        mean, step_std, logp = sde_gaussian(cfg, policy, roll, k, mb)
+        with torch.no_grad():
+            mean_ref = sde_gaussian(cfg, reference, roll, k, mb)[0]
+        logp_old = roll.steps[k][3][mb]
+        policy_loss, ratio, clipped = ppo_clip_loss(logp, logp_old, adv[mb], cfg.clip_range)
+        kl = gaussian_kl(mean, mean_ref, step_std)                            # (mb,)
+        loss = (policy_loss + cfg.beta * kl).mean() / len(trained)
+        loss.backward()
+        log_ratio = (logp - logp_old).detach()
+        stats["loss"].append(loss.item() * len(trained))
+        stats["ratio"].append(float(ratio.mean()))
+        stats["clipped"].append(float(clipped.float().mean()))
+        stats["approx_kl"].append(float((log_ratio.exp() - 1 - log_ratio).mean()))
         stats["kl_ref"].append(kl.mean().item())
 
 
-def check_config(cfg, world):
-    if cfg.update not in ("awm", "ppo"):
-        raise ConfigError(f"--update must be 'awm' or 'ppo', got {cfg.update!r}")
-    if cfg.reward not in ("heads", "rm", "both"):
-        raise ConfigError(f"--reward must be 'heads', 'rm' or 'both', got {cfg.reward!r}")
-    if cfg.split_instruction and cfg.reward != "heads":
-        raise ConfigError("--split_instruction needs --reward=heads: the learned judge scores instruction as one head")
-    if not 0 <= cfg.sde_window <= cfg.rollout_steps or cfg.window_start + cfg.sde_window > cfg.rollout_steps:
-        raise ConfigError(f"SDE window {cfg.window_start}+{cfg.sde_window} does not fit {cfg.rollout_steps} steps")
-    if not 0 < cfg.train_fraction <= 1:
-        raise ConfigError(f"--train_fraction must be in (0, 1], got {cfg.train_fraction}")
-    rollouts = cfg.prompts_per_iter * cfg.group_size
-    if cfg.group_size < 2:
-        raise ConfigError("--group_size must be at least 2: advantages are relative to the group")
-    if rollouts % world:
-        raise ConfigError(f"prompts_per_iter x group_size = {rollouts} rollouts do not divide over {world} ranks")
-    if (rollouts // world) % cfg.minibatches:
-        raise ConfigError(f"{rollouts // world} rollouts per rank do not split into {cfg.minibatches} minibatches")
+def curated_term(cfg, policy, n_update, world, device, stats):
+    """PPO-ptx: keep fitting real clips at every t, so the reward cannot buy words with fidelity. Every rank
+    fits the same curated batch (a few % of an iteration's cost): 1 or N ranks step alike."""
+    g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + n_update)
+    b = data.make_batch("curated", cfg.sft_batch, seed=cfg.seed + 1, step=n_update, world=world)
+    ctx_mask = M.context_mask(cfg.sft_batch, world.frames, 0.5, g).to(device)
+    with bf16(cfg, device):
+        loss, _ = M.flow_loss(policy, b.videos.to(device), b.tokens.to(device), g, 0.1, ctx_mask)
+    (cfg.sft_weight * loss.mean()).backward()
+    stats["sft_loss"].append(loss.mean().item())
 
 
+def record(it, names, scores, weights, zero_frac, adv, sde, trained, stats, lr, guard, spikes, t_roll, t_train):
+    mean_of = lambda k: sum(stats[k]) / len(stats[k]) if stats[k] else None
+    return dict(iter=it + 1, **{f"reward_{h}": [round(float(scores[:, j].mean()), 4), round(float(scores[:, j].std()), 4)]
+                                for j, h in enumerate(names)},
+                zero_std_frac=round(zero_frac, 4), adv_mean=round(float(adv.mean()), 4),
+                adv_std=round(float(adv.std()), 4), adv_absmax=round(float(adv.abs().max()), 4),
+                weights=[round(float(w), 3) for w in weights], sde_steps=sde, trained_steps=[sde[k] for k in trained],
+                ratio=mean_of("ratio"), clip_frac=mean_of("clipped"), approx_kl=mean_of("approx_kl"),
+                kl_ref=mean_of("kl_ref"), loss=mean_of("loss"), sft_loss=mean_of("sft_loss"),
+                grad_norm=round(max(stats["grad_norm"]), 4), lr=lr, skipped=guard.skipped, rollbacks=spikes.rollbacks,
+                rollout_s=round(t_roll, 2), train_s=round(t_train, 2))
+
+
+# ----------------------------------------------------------------------------- the loop
 def train(cfg: Config, reward_fn=None):
     """reward_fn(clips, prompts) -> {head: (B,)} replaces the configured judge (tests use a simple one)."""
     d = setup_distributed(cfg.device)
     log = make_logger(d)
-    check_config(cfg, d.world)
-    if d.main:
-        prepare_out_dir(cfg.out_dir, cfg.resume, cfg.overwrite)
-    state_path, ckpt_path = os.path.join(cfg.out_dir, "state.safetensors"), os.path.join(cfg.out_dir, "ckpt.safetensors")
-
+    check_config(cfg, d.ranks)
     policy, parent_meta = M.load_model(cfg.init, d.device)
     reference, _ = M.load_model(cfg.init, d.device)                          # frozen: the KL anchor
     reference.requires_grad_(False)
-    policy.train()
-    mc = policy.cfg
-    world = R.world_of(mc)
-    judge = R.load_reward_model(cfg.reward_model) if cfg.reward in ("rm", "both") else None
+    judge = R.load_reward_model(cfg.reward_model, policy.cfg) if cfg.reward in ("rm", "both") else None
+    if d.main:  # every input is checked: only now may an old run be replaced
+        claim_out_dir(cfg.out_dir, cfg.resume, cfg.overwrite, inputs=[cfg.init, cfg.reward_model])
+    if d.ranks > 1:
+        torch.distributed.barrier()
+    state_path, ckpt_path = os.path.join(cfg.out_dir, "state.safetensors"), os.path.join(cfg.out_dir, "ckpt.safetensors")
+    mc, world = policy.cfg, R.world_of(policy.cfg)
     ema = EMA(policy, cfg.ema_decay)
     opt = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, weight_decay=0.0)
-    start = 0
+    guard, spikes, monitor = NonFiniteGuard(), SpikeGuard(cfg.spike_factor), HackingMonitor(cfg.patience)
+    start, log_offset = 0, None
     if cfg.resume:
-        start = load_run_state(state_path, policy, ema, opt)
+        start, extra, saved = M.load_run_state(state_path, policy, ema, opt, warn=log)
+        M.check_resume(saved, cfg)
+        for name, part in (("guard", guard), ("spikes", spikes), ("monitor", monitor)):
+            part.load_state_dict(extra[name])
+        log_offset = extra["log_bytes"]
         log(f"resumed {state_path} at iteration {start}")
+    spikes.snapshot(policy, opt)                    # at a checkpoint the last good weights are the current ones
 
     rollouts = cfg.prompts_per_iter * cfg.group_size
-    per_rank = rollouts // d.world
+    per_rank = rollouts // d.ranks
     n_window = len(window_steps(cfg, 0))
     n_trained = max(1, round(cfg.train_fraction * n_window))
     log(f"batch: {cfg.prompts_per_iter} prompts x {cfg.group_size} rollouts = {rollouts} per iteration = "
-        f"{d.world} rank(s) x {per_rank}; {cfg.rollout_steps} denoising steps, SDE on {n_window}, {n_trained} trained "
+        f"{d.ranks} rank(s) x {per_rank}; {cfg.rollout_steps} denoising steps, SDE on {n_window}, {n_trained} trained "
         f"per rollout; {cfg.epochs} epoch(s) x {cfg.minibatches} minibatch(es) = {cfg.epochs * cfg.minibatches} "
-        f"updates per iteration, each over {per_rank // cfg.minibatches} rollouts x {n_trained} steps per rank")
-    assert per_rank * d.world == rollouts and (per_rank // cfg.minibatches) * cfg.minibatches == per_rank
+        f"{cfg.update} updates per iteration, each over {per_rank // cfg.minibatches} rollouts per rank")
+    assert per_rank * d.ranks == rollouts and (per_rank // cfg.minibatches) * cfg.minibatches == per_rank
     print_config(cfg, log)
 
-    train_prompts = data.train_prompts()
-    names = R.head_names(cfg.split_instruction)
+    train_prompts, names = data.train_prompts(), R.head_names(cfg.split_instruction)
     eval_prompts, _ = R.eval_prompts(R.DiagnoseConfig(prompts=cfg.eval_prompts, seed=cfg.seed))
     eval_noise = R.noise_for(len(eval_prompts), mc, cfg.seed + 7).to(d.device)
-    grid = M.time_grid(cfg.rollout_steps)
+    evaluate = lambda n: {"iter": n, **{k: round(v, 4) for k, v in R.quick_eval(
+        ema.model, eval_prompts, eval_noise, cfg.eval_steps, cfg.cfg_scale, world).items()}}
+    lineage = lambda n: M.lineage_record(f"rl-{cfg.update}", cfg.init, n, "prompts:train_combos", config=asdict(cfg),
+                                         parent_stage=parent_meta.get("lineage", {}).get("stage", ""))
+    update = awm_update if cfg.update == "awm" else ppo_update
     shape = (mc.channels, mc.frames, mc.size, mc.size)
-    overlap = mc.frames // 2
-    ctx_mask = (torch.arange(mc.frames) < overlap)[None].expand(per_rank, -1).to(d.device) if cfg.chunks > 1 else None
-    lineage = lambda it: M.lineage_record("grpo", cfg.init, it, "prompts:train_combos", config=asdict(cfg),
-                                          parent_stage=parent_meta.get("lineage", {}).get("stage", ""))
-    guard, spikes, monitor = NonFiniteGuard(), SpikeGuard(cfg.spike_factor), HackingMonitor(cfg.patience)
-    spikes.snapshot(policy, opt)
-    logf = open(os.path.join(cfg.out_dir, "log.jsonl"), "a") if d.main else None
     mine = slice(d.rank * per_rank, (d.rank + 1) * per_rank)                  # this rank's share of the rollouts
-    # PPO's ratio compares log-probs from two passes, which must be computed alike: only AWM uses bf16
-    fast = lambda: torch.autocast(torch.device(d.device).type, torch.bfloat16, enabled=cfg.bf16 and cfg.update == "awm")
-
-    def evaluate(it):
-        ev = R.quick_eval(ema.model, eval_prompts, eval_noise, cfg.eval_steps, cfg.cfg_scale, world)
-        return {"iter": it, **{k: round(v, 4) for k, v in ev.items()}}
-
+    logf = open_log(os.path.join(cfg.out_dir, "log.jsonl"), log_offset) if d.main else None
     if d.main and start == 0:
-        rec = evaluate(0)
-        logf.write(json.dumps({"eval": rec}) + "\n")
-        log(f"eval @0: " + " ".join(f"{k}={v}" for k, v in rec.items() if k != "iter"))
+        logf.write(json.dumps({"eval": evaluate(0)}) + "\n")
 
     t_start = time.time()
-    bar = tqdm(range(start, cfg.iters), initial=start, total=cfg.iters, disable=not d.main, desc="grpo")
+    bar = tqdm(range(start, cfg.iters), initial=start, total=cfg.iters, disable=not d.main, desc=f"rl-{cfg.update}")
     for it in bar:
         t0 = time.time()
-        # Every rank draws the same prompts and noise for the whole iteration, then keeps its slice:
-        # a group spans ranks, and 1 or N ranks roll out exactly the same clips.
-        gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + it)
-        idx = torch.randint(len(train_prompts), (cfg.prompts_per_iter,), generator=gen)
-        prompts = [train_prompts[i] for i in idx.tolist() for _ in range(cfg.group_size)]
-        if cfg.shared_noise:
-            x = torch.randn(cfg.prompts_per_iter, *shape, generator=gen).repeat_interleave(cfg.group_size, 0)
-        else:
-            x = torch.randn(rollouts, *shape, generator=gen)
-        sde = window_steps(cfg, it)
-        eps = torch.randn(len(sde), rollouts, *shape, generator=gen)
-        trained = sorted(torch.randperm(len(sde), generator=gen)[:n_trained].tolist())
-        tokens = data.tokenize(prompts)[mine].to(d.device)
-        x = x[mine].to(d.device)
-
+        gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + it)       # this iteration's draws, on every rank
         # ================================================================ SAMPLING
-        policy.eval()
-        with torch.no_grad(), fast():
-            ctx, prefix = None, None
-            if cfg.chunks > 1:  # earlier chunks by the ODE; the trained chunk continues them
-                prefix = M.sample_long(policy, tokens, torch.Generator().manual_seed(cfg.seed + it), cfg.chunks - 1,
-                                       cfg.rollout_steps, cfg.cfg_scale, overlap)
-                ctx = torch.zeros_like(x)
-                ctx[:, :, :overlap] = prefix[:, :, -overlap:]
-            steps = []  # (step index, x before, x after, fp32 log-prob) for each SDE step
-            for i in range(cfg.rollout_steps):
-                t, t_next = float(grid[i]), float(grid[i + 1])
-                v = M.guided_velocity(policy, x, t, tokens, cfg.cfg_scale, ctx, ctx_mask)
-                if i in sde:
-                    e = eps[sde.index(i)][mine].to(d.device)
-                    x_next, _, _, logp = M.sde_step(x, v, t, t_next, float(grid[1]), cfg.noise_level, eps=e)
-                    steps.append((i, x, x_next, logp))
-                    x = x_next
-                else:
-                    x = x + (t_next - t) * v
-            clips = chunk = x.clamp(-1, 1) if ctx is None else torch.where(ctx_mask[:, None, :, None, None], ctx, x.clamp(-1, 1))
-            if ctx is not None:
-                clips = torch.cat([prefix, clips[:, :, overlap:]], dim=2)
-        t_rollout = time.time() - t0
-
+        clips, roll = sample_rollouts(cfg, policy, it, gen, train_prompts, mine, d.device)
+        roll.trained = sorted(torch.randperm(len(roll.steps), generator=gen)[:n_trained].tolist())
+        t_roll = time.time() - t0
         # ================================================================ REWARDS
-        score_clips = reward_fn or (lambda c, p: R.reward_heads(c, p, world, split_instruction=cfg.split_instruction))
-        heads = score_clips(clips.cpu(), prompts[mine])
-        scores = torch.stack([heads[h] for h in names], 1)                    # (per_rank, heads)
-        rm_std = torch.zeros_like(scores)
-        if judge is not None:
-            rm_mean, rm_sd = R.rm_score(judge, clips.cpu(), tokens.cpu())
-            rm_scores = torch.stack([rm_mean[h] for h in names], 1)
-            rm_std = torch.stack([rm_sd[h] for h in names], 1)
-            scores = rm_scores if cfg.reward == "rm" else (scores + rm_scores) / 2
-        scores, rm_std = gather_rows(scores, d), gather_rows(rm_std, d)     # a group's rewards span the ranks
-
+        scores, rm_std = score(cfg, clips, roll, judge, reward_fn, names, world, d)  # (rollouts, heads), every rank
         # ================================================================ ADVANTAGES
         weights = curriculum_weights(cfg, it / max(1, cfg.iters - 1), names)
-        adv, zero_frac = group_advantages(scores, weights, cfg.group_size, cfg.std_floor, cfg.adv_clip)
-        if judge is not None and cfg.uncertainty:
-            adv = adv * reliability(rm_std)
+        adv, zero_frac = advantages(cfg, scores, rm_std, weights)
         adv_mine = adv[mine].to(d.device)
-
         # ================================================================ TRAINING
+        t1, stats = time.time(), defaultdict(list)
         policy.train()
-        t1 = time.time()
-        stats = {k: [] for k in ("loss", "ratio", "clipped", "approx_kl", "kl_ref", "grad_norm", "sft_loss")}
-        group_of = (torch.arange(per_rank) + d.rank * per_rank) // cfg.group_size  # global group of each rollout
         for epoch in range(cfg.epochs):
-            order = torch.randperm(per_rank, generator=gen)                   # same on every rank
-            # awm: (t, noise) per group and draw, drawn for all groups so that every rank draws alike
-            draws = [(M.sample_t(cfg.prompts_per_iter, gen, mean=cfg.awm_t_mean),
+            order = torch.randperm(per_rank, generator=gen)                  # same on every rank
+            draws = [(M.sample_t(cfg.prompts_per_iter, gen, mean=cfg.awm_t_mean),  # AWM: (t, noise, t_kl) per group
                       torch.randn(cfg.prompts_per_iter, *shape, generator=gen), M.sample_t(cfg.prompts_per_iter, gen))
                      for _ in range(cfg.awm_draws if cfg.update == "awm" else 0)]
             for j, mb in enumerate(order.chunk(cfg.minibatches)):
-                if cfg.update == "awm":
-                    mine_draws = [tuple(a[group_of[mb]].to(d.device) for a in draw) for draw in draws]
-                    with fast():
-                        awm_step(cfg, policy, reference, chunk[mb], tokens[mb], adv_mine[mb], mine_draws, stats,
-                                 None if ctx is None else ctx[mb], None if ctx is None else ctx_mask[mb])
-                for k in (trained if cfg.update == "ppo" else []):  # accumulate over the trained steps
-                    i, x_t, x_next, logp_old = steps[k]
-                    t, t_next = float(grid[i]), float(grid[i + 1])
-                    c, cm = (ctx[mb], ctx_mask[mb]) if ctx is not None else (None, None)
-                    def gaussian_of(net):  # the net's SDE step at x_t, scored on the stored x_next: mean, std, logp
-                        v = M.guided_velocity(net, x_t[mb], t, tokens[mb], cfg.cfg_scale, c, cm)
-                        return M.sde_step(x_t[mb], v, t, t_next, float(grid[1]), cfg.noise_level, x_next=x_next[mb])[1:]
-                    mean, step_std, logp = gaussian_of(policy)
-                    with torch.no_grad():
-                        mean_ref = gaussian_of(reference)[0]
-                    policy_loss, ratio, clipped = ppo_clip_loss(logp, logp_old[mb], adv_mine[mb], cfg.clip_range)
-                    kl = gaussian_kl(mean, mean_ref, step_std)                # closed form, (mb,)
-                    loss = (policy_loss + cfg.beta * kl).mean() / len(trained)
-                    loss.backward()
-                    log_ratio = (logp - logp_old[mb]).detach()
-                    stats["loss"].append(loss.item() * len(trained))
-                    stats["ratio"].append(float(ratio.mean()))
-                    stats["clipped"].append(float(clipped.float().mean()))
-                    stats["approx_kl"].append(float((log_ratio.exp() - 1 - log_ratio).mean()))
-                    stats["kl_ref"].append(kl.mean().item())
-                n_update = (it * cfg.epochs + epoch) * cfg.minibatches + j          # counts every optimizer step
+                n_update = (it * cfg.epochs + epoch) * cfg.minibatches + j  # counts every optimizer step
+                # the update rule: its loss + its KL to the frozen reference, backpropagated
+                update(cfg, policy, reference, roll, adv_mine, mb, draws, stats)
                 if cfg.sft_weight > 0:
-                    # PPO-ptx: keep fitting real clips at every t, so the reward cannot buy words with fidelity.
-                    # Every rank fits the same curated batch (a few % of an iteration): 1 or N ranks step alike.
-                    g_sft = torch.Generator().manual_seed(cfg.seed * 1_000_003 + n_update)
-                    b = data.make_batch("curated", cfg.sft_batch, seed=cfg.seed + 1, step=n_update, world=world)
-                    ctx_sft = context_mask(cfg.sft_batch, mc.frames, 0.5, g_sft).to(d.device)
-                    with fast():
-                        sft_loss, _ = M.flow_loss(policy, b.videos.to(d.device), b.tokens.to(d.device), g_sft, 0.1, ctx_sft)
-                    (cfg.sft_weight * sft_loss.mean()).backward()
-                    stats["sft_loss"].append(sft_loss.mean().item())
+                    curated_term(cfg, policy, n_update, world, d.device, stats)  # + the curated flow loss
                 average_gradients(policy.parameters(), d)
-                for group in opt.param_groups:  # linear warmup, then constant
+                for group in opt.param_groups:                                # linear warmup, then constant
                     group["lr"] = warmup_cosine(n_update, cfg.lr, cfg.warmup, total=1, final_frac=1.0)
-                grad_norm = clip_gradients(policy.parameters(), cfg.grad_clip)
+                grad_norm = clip_gradients(policy.parameters(), cfg.grad_clip)  # CLIP: global, after the all-reduce
                 stats["grad_norm"].append(grad_norm)
-                if guard.ok(stats["loss"][-1], grad_norm):
+                if guard.ok(all_mean(torch.tensor(stats["loss"][-1], dtype=torch.float64), d).item(), grad_norm):
                     opt.step()
-                    ema.update(policy, n_update)
+                    ema.update(policy, n_update)                              # EMA
                 opt.zero_grad(set_to_none=True)
-        mean_of = lambda k: sum(stats[k]) / len(stats[k]) if stats[k] else None
-        rolled_back = spikes.check(policy, opt, grad_norm=max(stats["grad_norm"]), kl_ref=mean_of("kl_ref"))
-        if not rolled_back:
+        # ROLLBACK on a spike, decided on statistics every rank shares (grad norm is global, the KL reduced)
+        kl_ref = all_mean(torch.tensor(sum(stats["kl_ref"]) / len(stats["kl_ref"]), dtype=torch.float64), d).item()
+        if not spikes.check(policy, opt, grad_norm=max(stats["grad_norm"]), kl_ref=kl_ref):
             spikes.snapshot(policy, opt)
-        t_train = time.time() - t1
-
-        rec = dict(iter=it + 1, **{f"reward_{h}": [round(float(scores[:, j].mean()), 4), round(float(scores[:, j].std()), 4)]
-                                   for j, h in enumerate(names)},
-                   zero_std_frac=round(zero_frac, 4), adv_mean=round(float(adv.mean()), 4),
-                   adv_std=round(float(adv.std()), 4), adv_absmax=round(float(adv.abs().max()), 4),
-                   weights=[round(float(w), 3) for w in weights], sde_steps=sde, trained_steps=[sde[k] for k in trained],
-                   ratio=mean_of("ratio"), clip_frac=mean_of("clipped"),
-                   approx_kl=mean_of("approx_kl"), kl_ref=mean_of("kl_ref"), loss=mean_of("loss"), sft_loss=mean_of("sft_loss"),
-                   grad_norm=round(max(stats["grad_norm"]), 4), lr=opt.param_groups[0]["lr"], skipped=guard.skipped, rollbacks=spikes.rollbacks,
-                   rollout_s=round(t_rollout, 2), train_s=round(t_train, 2))
+        rec = record(it, names, scores, weights, zero_frac, adv, [s[0] for s in roll.steps], roll.trained,
+                     stats, opt.param_groups[0]["lr"], guard, spikes, t_roll, time.time() - t1)
         bar.set_postfix(instr=f"{rec['reward_instruction'][0]:.3f}", kl=f"{rec['kl_ref']:.2e}",
                         gnorm=f"{rec['grad_norm']:.3f}", zero=f"{zero_frac:.2f}")
-        stop = torch.zeros(1)
-        # stop when another iteration like this one would overrun the budget
+
+        # ---- evaluation, the hacking monitor and the time budget: decided on rank 0, obeyed by all
+        stop = False
         out_of_time = cfg.max_minutes > 0 and time.time() - t_start + (time.time() - t0) > 60 * cfg.max_minutes
         if d.main:
             logf.write(json.dumps(rec) + "\n")
@@ -389,21 +482,20 @@ def train(cfg: Config, reward_fn=None):
                 ev = evaluate(it + 1)
                 logf.write(json.dumps({"eval": ev}) + "\n")
                 log(f"eval @{it + 1}: " + " ".join(f"{k}={v}" for k, v in ev.items() if k != "iter"))
-                trained_reward = float((scores * weights).sum(1).mean())
-                if monitor.update(ev["acc_all"], trained_reward):
+                if monitor.update(ev["acc_all"], float((scores * weights).sum(1).mean())):
                     log(f"stopping: held-out oracle accuracy fell {cfg.patience} evaluations in a row while the "
                         f"trained reward rose (reward hacking); keeping the last checkpoint")
-                    stop[0] = 1
+                    stop = True
             if out_of_time:
                 log(f"stopping: --max_minutes={cfg.max_minutes} reached after {it + 1} iterations")
-                stop[0] = 1
+                stop = True
             logf.flush()
-        if d.world > 1:
-            torch.distributed.broadcast(stop, 0)
-        if (it + 1) % cfg.ckpt_every == 0 or it + 1 == cfg.iters or stop.item():
-            if d.main:
-                save_run_state(state_path, policy, ema, opt, lineage(it + 1), it + 1)
-        if stop.item():
+        stop = bool(from_rank0(stop, d))
+        if ((it + 1) % cfg.ckpt_every == 0 or it + 1 == cfg.iters or stop) and d.main:
+            M.save_run_state(state_path, policy, ema, opt, lineage(it + 1), it + 1,
+                             dict(guard=guard.state_dict(), spikes=spikes.state_dict(), monitor=monitor.state_dict(),
+                                  log_bytes=logf.tell()))
+        if stop:
             break
 
     # ---- hand-off: the EMA policy, and a sample grid on the fixed eval prompts
@@ -415,8 +507,7 @@ def train(cfg: Config, reward_fn=None):
         data.write_video(data.video_grid(videos, 2, 4), os.path.join(cfg.out_dir, "samples.gif"))
         log(f"done: {ckpt_path} ({guard.skipped} skipped updates, {spikes.rollbacks} rollbacks)")
         logf.close()
-    if d.world > 1:
-        torch.distributed.destroy_process_group()
+    teardown(d)
     return ckpt_path
 
 

@@ -17,7 +17,8 @@ text alignment), but are exact because the world is known:
   temporal     steady appearance and size, constant velocity, no flicker, a still background
   instruction  soft agreement with each attribute the prompt names; partly right scores in between
 A head is a function (obs, want) -> (B,) registered in HEADS: obs is the oracle's dict (computed once
-per batch), want the prompted attribute indices (-1 = not asked). A new head is a function and a line.
+per batch), want the prompted attribute indices (-1 = not asked). A new head is a function and a line;
+Stage II's weights and curriculum, Stage III's judge, the learned ensemble and the logs follow HEADS.
 """
 import json
 import math
@@ -33,7 +34,7 @@ from tqdm import tqdm
 
 import data
 import model as M
-from stability import parse_config, run_cli
+from stability import ConfigError, OutputExists, parse_config, run_cli
 
 DIRS = torch.tensor([data.DIRECTIONS[d] for d in data.DIRECTION_NAMES])  # (4, 2) unit (x, y), y down
 SPEED_PX = torch.tensor([data.SPEEDS[s] for s in data.SPEED_NAMES])    # (2,) pixels per frame at 32x32
@@ -197,7 +198,36 @@ def instruction(obs, want):
     return torch.where(asked > 0, parts.nan_to_num(0).sum(1) / asked.clamp(min=1), torch.ones(len(parts)))
 
 
-HEADS = {"fidelity": fidelity, "temporal": temporal, "instruction": instruction}
+@dataclass
+class Head:
+    fn: object           # (obs, want) -> (B,) in [0, 1]
+    weight: float = 1.0  # Stage II's advantage weight (override: --weights=name=value)
+    phase: int = 1       # when the self-paced curriculum leans on it: 0 early, 1 middle, 2 late
+
+
+# The registry. A fork adds a head with one function above and one line here.
+HEADS = {
+    "fidelity": Head(fidelity, weight=0.25, phase=0),        # visual fidelity first,
+    "temporal": Head(temporal, weight=0.25, phase=1),        # then temporal coherence,
+    "instruction": Head(instruction, weight=1.0, phase=2),   # then text-video semantics (TeleBoost's order)
+}
+
+
+def head_weights(overrides=(), default=None):
+    """Each head's weight: the registry's (or `default` for all), with 'name=value' overrides. Refuses unknown
+    heads and negative or non-numeric weights with a one-line error."""
+    w = {n: (h.weight if default is None else default) for n, h in HEADS.items()}
+    for item in overrides:
+        name, _, value = item.partition("=")
+        if name not in HEADS:
+            raise ConfigError(f"--weights names an unknown head {name!r}; heads: {', '.join(HEADS)}")
+        try:
+            w[name] = float(value)
+        except ValueError:
+            raise ConfigError(f"--weights expects head=number, got {item!r}") from None
+        if not math.isfinite(w[name]) or w[name] < 0:
+            raise ConfigError(f"--weights: {name}'s weight must be a finite number >= 0, got {value}")
+    return w
 
 
 def head_names(split_instruction=False):
@@ -211,7 +241,7 @@ def reward_heads(videos, prompts, world=None, heads=HEADS, obs=None, split_instr
     prompted attribute's soft match, 1 where not asked (the same for a whole group: no advantage)."""
     obs = obs if obs is not None else oracle(videos, world)
     want = targets(prompts, videos.shape[0])
-    out = {name: fn(obs, want).clamp(0, 1) for name, fn in heads.items()}
+    out = {name: head.fn(obs, want).clamp(0, 1) for name, head in heads.items()}
     if split_instruction:
         out.update({f"instruction_{k}": v.nan_to_num(1.0) for k, v in instruction_parts(obs, want).items()})
     return out
@@ -223,33 +253,37 @@ def reward_heads(videos, prompts, world=None, heads=HEADS, obs=None, split_instr
 # trained on its own bootstrap of the data, give a mean and a spread; the spread is the uncertainty
 # that Stage II uses to down-weight advantages where the members disagree.
 class RewardNet(nn.Module):
-    """Video (B, C, F, H, W) + caption tokens -> (B, 3) scores in [0, 1]: fidelity, temporal, instruction.
+    """Video (B, C, F, H, W) + caption tokens -> (B, heads) scores in [0, 1], one per head it was built for
+    (the registry's, in its order): a sigmoid output per head, except instruction.
 
     Text alignment is scored the way VQA-style judges do it: the net reads the clip into a distribution
     over each attribute's words, and the instruction score is the mean probability it gives the words the
     caption uses. A plain MLP over concatenated video and text features stayed at chance here."""
 
-    def __init__(self, width=32):
+    def __init__(self, width=32, heads=None):
         super().__init__()
+        self.heads = list(heads or HEADS)
         self.video = nn.Sequential(                     # per-frame detail, then motion across frames
             nn.Conv3d(3, width // 2, (1, 3, 3), stride=(1, 2, 2), padding=(0, 1, 1)), nn.GELU(),
             nn.Conv3d(width // 2, width, (3, 3, 3), stride=(1, 2, 2), padding=1), nn.GELU(),
             nn.Conv3d(width, 2 * width, (3, 3, 3), stride=(1, 2, 2), padding=1), nn.GELU())
         self.words = [torch.tensor([data.WORD_TO_ID[w] for w in values]) for values in data.ATTRIBUTES.values()]
         n_words = sum(len(w) for w in self.words)
-        self.out = nn.Sequential(nn.Linear(4 * width, 4 * width), nn.GELU(), nn.Linear(4 * width, 2 + n_words))
+        self.plain = [h for h in self.heads if h != "instruction"]
+        self.out = nn.Sequential(nn.Linear(4 * width, 4 * width), nn.GELU(), nn.Linear(4 * width, len(self.plain) + n_words))
 
     def forward(self, videos, tokens):
         v = self.video(videos)                                              # (B, 2w, F', H', W')
-        out = self.out(torch.cat([v.mean((2, 3, 4)), v.amax((2, 3, 4))], 1))  # (B, 2 + words)
-        logits, total, asked = out[:, 2:], 0, 0
+        out = self.out(torch.cat([v.mean((2, 3, 4)), v.amax((2, 3, 4))], 1))  # (B, plain heads + words)
+        logits, total, asked = out[:, len(self.plain):], 0, 0
         for ids in self.words:                                              # one attribute at a time
             p = torch.softmax(logits[:, : len(ids)], -1)                    # (B, values)
             said = (tokens[:, :, None] == ids[None, None]).any(1).float()   # (B, values): the caption's word
             total, asked = total + (p * said).sum(1), asked + said.amax(1)
             logits = logits[:, len(ids):]
-        instruction = torch.where(asked > 0, total / asked.clamp(min=1), torch.ones_like(total))
-        return torch.cat([torch.sigmoid(out[:, :2]), instruction[:, None]], 1)
+        score = dict(zip(self.plain, torch.sigmoid(out[:, :len(self.plain)]).unbind(1)))
+        score["instruction"] = torch.where(asked > 0, total / asked.clamp(min=1), torch.ones_like(total))
+        return torch.stack([score[h] for h in self.heads], 1)
 
 
 @dataclass
@@ -311,7 +345,7 @@ def rm_pool(cfg, n, seed, world, base_videos=None):
 def train_reward_model(argv):
     cfg = parse_config(RewardModelConfig, argv)
     if os.path.exists(cfg.out) and not cfg.overwrite:
-        raise FileExistsError(f"{cfg.out} exists; pass --overwrite=true to replace it")
+        raise OutputExists(f"{cfg.out} exists; pass --overwrite=true to replace it")
     t0 = time.time()
     base_videos, shape = None, M.preset("small")
     if cfg.base:  # what the generator actually makes: the judge must rank these, not only renders
@@ -345,17 +379,26 @@ def train_reward_model(argv):
     lineage = M.lineage_record("reward_model", cfg.base, cfg.steps, "curated+web+base", config=asdict(cfg),
                                seconds=round(time.time() - t0, 1))
     # the model config records the world shape (frames, size) the judge was trained for
-    M.save_checkpoint(cfg.out, tensors, shape, lineage, members=cfg.members, width=cfg.width)
+    M.save_checkpoint(cfg.out, tensors, shape, lineage, members=cfg.members, width=cfg.width, heads=list(HEADS))
     report = evaluate_reward_model(load_reward_model(cfg.out), cfg, world_of(shape))
     print(json.dumps(report, indent=1))
     print(f"wrote {cfg.out} in {time.time() - t0:.0f}s")
 
 
-def load_reward_model(path):
-    tensors, _, meta = M.read_checkpoint(path)
+def load_reward_model(path, policy_cfg=None):
+    """The ensemble's members. Refuses a judge trained for clips of another shape than policy_cfg's, or one
+    that does not score every head of the registry."""
+    tensors, shape, meta = M.read_checkpoint(path)
+    if policy_cfg is not None and (shape.frames, shape.size) != (policy_cfg.frames, policy_cfg.size):
+        raise M.CheckpointError(f"the learned judge {path} scores {shape.frames}x{shape.size}x{shape.size} clips; "
+                                f"this policy makes {policy_cfg.frames}x{policy_cfg.size}x{policy_cfg.size}")
+    heads = meta.get("heads", ["fidelity", "temporal", "instruction"])       # judges written before the registry
+    if set(HEADS) - set(heads):
+        raise M.CheckpointError(f"the learned judge {path} scores {', '.join(heads)} but the registry also has "
+                                f"{', '.join(sorted(set(HEADS) - set(heads)))}: refit it (make reward_model)")
     members = []
     for k in range(meta["members"]):
-        m = RewardNet(meta["width"])
+        m = RewardNet(meta["width"], heads)
         M.load_weights(m, tensors, path, prefix=f"member{k}.")
         members.append(m.eval())
     return members
@@ -365,7 +408,8 @@ def load_reward_model(path):
 def rm_score(members, videos, tokens):
     """Ensemble mean and std per head: name -> (B,)."""
     s = torch.stack([m(videos, tokens) for m in members])                  # (K, B, heads)
-    return ({n: s[:, :, i].mean(0) for i, n in enumerate(HEADS)}, {n: s[:, :, i].std(0) for i, n in enumerate(HEADS)})
+    names = members[0].heads
+    return ({n: s[:, :, i].mean(0) for i, n in enumerate(names)}, {n: s[:, :, i].std(0) for i, n in enumerate(names)})
 
 
 def evaluate_reward_model(members, cfg, world):
@@ -589,7 +633,7 @@ def markdown_table(results):
 def diagnose(argv):
     cfg = parse_config(DiagnoseConfig, argv)
     if os.path.exists(os.path.join(cfg.out, "diagnostics.json")) and not cfg.overwrite:
-        raise FileExistsError(f"{cfg.out} already holds diagnostics; pass --overwrite=true or another --out")
+        raise OutputExists(f"{cfg.out} already holds diagnostics; pass --overwrite=true or another --out")
     os.makedirs(cfg.out, exist_ok=True)
     rm = load_reward_model(cfg.reward_model) if cfg.reward_model and os.path.exists(cfg.reward_model) else None
     results, grids = {}, []

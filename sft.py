@@ -21,9 +21,9 @@ from tqdm import tqdm
 
 import data
 import model as M
-from stability import (EMA, NonFiniteGuard, ConfigError, clip_gradients, load_run_state, make_logger,
-                       save_run_state, parse_config, prepare_out_dir, print_config, run_cli, setup_distributed,
-                       warmup_cosine, all_mean)
+from stability import (EMA, ConfigError, NonFiniteGuard, all_mean, check_ranges, claim_out_dir, clip_gradients,
+                       make_logger, open_log, parse_config, print_config, run_cli, setup_distributed, teardown,
+                       warmup_cosine)
 
 
 @dataclass
@@ -63,21 +63,6 @@ SAMPLE_PROMPTS = ([data.caption(c, s, d, sp) for c, s, d, sp in [(0, 1, 1, 1), (
                   + [data.caption(c, s, d, 1) for c, s, d in sorted(data.HELDOUT_COMBOS)[:2]])
 
 
-def context_mask(n, frames, prob, gen):
-    """Which frames are given as clean context: none, the first frame (image-to-video), or the first
-    half (continuing a previous clip). (n, frames) bool.
-
-    Context is also what teaches the motion words. Without it, where the object starts is uncertain until
-    late in denoising and a direction word barely changes the best prediction; given the first frame, the
-    direction and speed words fix the rest of the clip. Measured: 300 steps with context on every clip
-    made swapping "left" for "right" raise the denoising error at t = 0.1 by 20 % (first frame given;
-    0.5 % before), and by 7 % at t = 0.2 with no context at all."""
-    kind = torch.randint(2, (n,), generator=gen)
-    used = torch.rand(n, generator=gen) < prob
-    k = torch.where(kind == 0, torch.ones_like(kind), torch.full_like(kind, frames // 2)) * used
-    return torch.arange(frames)[None] < k[:, None]
-
-
 @torch.no_grad()
 def validation_loss(net, world, n, seed=1234):
     """Flow loss of `net` on clean held-out clips (fixed noise and t): curated val and unseen combos."""
@@ -98,12 +83,15 @@ def train(cfg: Config, stop_after=None):
     """Run the loop; stop_after ends it early after that step's checkpoint (tests use it to interrupt)."""
     if cfg.data not in ("web", "curated"):
         raise ConfigError(f"--data must be 'web' or 'curated', got {cfg.data!r}")
+    check_ranges(cfg, at_least_one=("steps", "batch_size", "log_every", "ckpt_every", "val_clips", "sample_steps"),
+                 positive=("lr", "t_std", "grad_clip"), non_negative=("warmup", "weight_decay", "cfg_scale"),
+                 fraction=("ema_decay", "cond_drop"))
+    if not 0 <= cfg.ctx_prob <= 1:
+        raise ConfigError(f"--ctx_prob must be in [0, 1], got {cfg.ctx_prob}")
     d = setup_distributed(cfg.device)
     log = make_logger(d)
-    if cfg.batch_size % d.world:
-        raise ConfigError(f"batch_size {cfg.batch_size} does not divide over {d.world} ranks")
-    if d.main:
-        prepare_out_dir(cfg.out_dir, cfg.resume, cfg.overwrite)
+    if cfg.batch_size % d.ranks:
+        raise ConfigError(f"batch_size {cfg.batch_size} does not divide over {d.ranks} ranks")
     state_path, ckpt_path = os.path.join(cfg.out_dir, "state.safetensors"), os.path.join(cfg.out_dir, "ckpt.safetensors")
 
     # ---- model: from a parent checkpoint, from scratch, or resumed from this run's own state
@@ -114,32 +102,39 @@ def train(cfg: Config, stop_after=None):
         mcfg, parent_meta = M.preset(cfg.preset), {}
         torch.manual_seed(cfg.seed)  # the initial weights, like everything else, follow from the seed
         net = M.VideoDiT(mcfg).to(d.device)
+    if d.main:  # every input is checked: only now may an old run be replaced
+        claim_out_dir(cfg.out_dir, cfg.resume, cfg.overwrite, inputs=[cfg.init])
+    if d.ranks > 1:
+        torch.distributed.barrier()
     net.train()
     world = data.WorldConfig(frames=mcfg.frames, size=mcfg.size)
     ema = EMA(net, cfg.ema_decay)
     opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    start = 0
+    guard, start, log_offset = NonFiniteGuard(), 0, None
     if cfg.resume:
-        start = load_run_state(state_path, net, ema, opt)
+        start, extra, saved = M.load_run_state(state_path, net, ema, opt, warn=log)
+        M.check_resume(saved, cfg)
+        guard.load_state_dict(extra.get("guard", guard.state_dict()))
+        log_offset = extra.get("log_bytes")
         log(f"resumed {state_path} at step {start}")
-    train_net = DDP(net) if d.world > 1 else net
-    per_rank = cfg.batch_size // d.world
+    train_net = DDP(net) if d.ranks > 1 else net
+    per_rank = cfg.batch_size // d.ranks
     stage = "pretrain" if not cfg.init else "sft"
     lineage = lambda step: M.lineage_record(stage, cfg.init, step, cfg.data, config=asdict(cfg),
                                             parent_stage=parent_meta.get("lineage", {}).get("stage", ""))
-    log(f"{stage}: {sum(p.numel() for p in net.parameters()) / 1e6:.2f}M params, {d.world} rank(s) x "
+    log(f"{stage}: {sum(p.numel() for p in net.parameters()) / 1e6:.2f}M params, {d.ranks} rank(s) x "
         f"{per_rank} clips = {cfg.batch_size} per step, {cfg.steps} steps, data={cfg.data}, device={d.device}")
     print_config(cfg, log)
 
-    guard, bins = NonFiniteGuard(), torch.linspace(0, 1, 5)
-    logf = open(os.path.join(cfg.out_dir, "log.jsonl"), "a") if d.main else None
+    bins = torch.linspace(0, 1, 5)
+    logf = open_log(os.path.join(cfg.out_dir, "log.jsonl"), log_offset) if d.main else None
     t0, window = time.time(), []
     bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, disable=not d.main, desc=stage)
     for step in bar:
         # Everything random in a step comes from (seed, step, rank), so a resumed run repeats it exactly.
-        gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step * d.world + d.rank)
-        b = data.make_batch(cfg.data, per_rank, seed=cfg.seed, step=step * d.world + d.rank, world=world)
-        ctx_mask = context_mask(per_rank, mcfg.frames, cfg.ctx_prob, gen).to(d.device)
+        gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step * d.ranks + d.rank)
+        b = data.make_batch(cfg.data, per_rank, seed=cfg.seed, step=step * d.ranks + d.rank, world=world)
+        ctx_mask = M.context_mask(per_rank, mcfg.frames, cfg.ctx_prob, gen).to(d.device)
         lr = warmup_cosine(step, cfg.lr, cfg.warmup, cfg.steps)
         for group in opt.param_groups:
             group["lr"] = lr
@@ -147,8 +142,8 @@ def train(cfg: Config, stop_after=None):
                                     ctx_mask, cfg.t_mean, cfg.t_std)
         loss = per_sample.mean()
         loss.backward()
-        grad_norm = clip_gradients(net.parameters(), cfg.grad_clip)
-        if guard.ok(loss.item(), grad_norm):
+        grad_norm = clip_gradients(net.parameters(), cfg.grad_clip)             # DDP: the same on every rank
+        if guard.ok(all_mean(loss.detach(), d).item(), grad_norm):
             opt.step()
             ema.update(net, step)
         opt.zero_grad(set_to_none=True)
@@ -168,7 +163,8 @@ def train(cfg: Config, stop_after=None):
                 logf.flush()
         if (step + 1) % cfg.ckpt_every == 0 or step + 1 == cfg.steps:
             if d.main:
-                save_run_state(state_path, net, ema, opt, lineage(step + 1), step + 1)
+                M.save_run_state(state_path, net, ema, opt, lineage(step + 1), step + 1,
+                                 dict(guard=guard.state_dict(), log_bytes=logf.tell()))
         if stop_after is not None and step + 1 >= stop_after:
             return None
 
@@ -186,8 +182,7 @@ def train(cfg: Config, stop_after=None):
             f"heldout={val['heldout']:.4f}; {guard.skipped} skipped steps; samples.gif rows: " + " | ".join(SAMPLE_PROMPTS))
         logf.write(json.dumps(dict(final=True, val_loss=val, skipped=guard.skipped)) + "\n")
         logf.close()
-    if d.world > 1:
-        torch.distributed.destroy_process_group()
+    teardown(d)
     return ckpt_path
 
 

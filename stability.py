@@ -1,13 +1,15 @@
-"""What keeps a postflow run safe, shared by every stage.
+"""What keeps a postflow run safe, shared by every stage. Imports nothing from the project: the floor.
 
-Optimisation: EMA weights, global grad-norm clipping that returns the norm, LR warmup, and a guard that
-skips a step whose loss or gradient is not finite (and counts it).
-Runs: typed `--key=value` configs that refuse unknown keys, DDP detected from RANK so one file runs
-under `python` and `torchrun`, output folders that are never overwritten unasked, optimizer state as
-plain tensors (checkpoints stay safetensors, no pickle), and one-line errors for bad input.
+Optimisation: EMA weights, global grad-norm clipping that returns the norm, LR warmup, a guard that skips
+a step whose loss or gradient is not finite (and stops a run that keeps producing them), rollback on a
+spike, and a monitor that stops a stage that starts hacking its reward.
+Runs: typed `--key=value` configs that refuse unknown keys and out-of-range values, DDP detected from
+RANK so one file runs under `python` and `torchrun`, output folders that are never overwritten unasked
+(and never before the inputs are checked), and one-line errors for every mistake a user can make.
 """
 import copy
 import dataclasses
+import errno
 import math
 import os
 import sys
@@ -18,18 +20,34 @@ import torch.distributed as dist
 
 
 # ----------------------------------------------------------------------------- errors and the CLI
-class ConfigError(ValueError):
+class UserError(Exception):
+    """A mistake the user can fix (a bad flag, a missing or wrong file): one line on stderr, exit code 2."""
+
+
+class ConfigError(UserError, ValueError):
     """A command line the script cannot run: unknown key, wrong type, or values that do not fit."""
+
+
+class OutputExists(UserError, FileExistsError):
+    """An output folder that holds another run, or a run that cannot be resumed as asked."""
+
+
+class Diverged(UserError):
+    """Training that keeps producing non-finite losses or gradients: the weights or the data hold NaN/Inf."""
 
 
 def run_cli(main, argv):
     """Run main(argv); turn the errors a user can cause into one line on stderr and exit code 2."""
-    from data import PromptError
-    from model import CheckpointError
     try:
         main(argv)
-    except (ConfigError, CheckpointError, PromptError, FileExistsError) as e:
+    except UserError as e:
         print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except OSError as e:
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EROFS):
+            raise
+        print(f"error: cannot write {e.filename or 'the output'}: {e.strerror}; the last complete checkpoint "
+              f"is kept", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
         print("interrupted: the last checkpoint is kept; rerun with --resume=true to continue", file=sys.stderr)
@@ -62,8 +80,20 @@ def parse_config(cls, argv):
                 parsed = kind(value)
         except ValueError:
             raise ConfigError(f"--{key} expects {kind.__name__}, got {value!r}") from None
+        if kind is float and not math.isfinite(parsed):
+            raise ConfigError(f"--{key} must be a finite number, got {value!r}")
         setattr(cfg, key, parsed)
     return cfg
+
+
+def check_ranges(cfg, at_least_one=(), positive=(), non_negative=(), fraction=()):
+    """Refuse values outside their range, naming the key: counts >= 1, rates > 0, weights >= 0, [0, 1)."""
+    for keys, ok, what in ((at_least_one, lambda v: v >= 1, "at least 1"), (positive, lambda v: v > 0, "> 0"),
+                           (non_negative, lambda v: v >= 0, ">= 0"), (fraction, lambda v: 0 <= v < 1, "in [0, 1)")):
+        for k in keys:
+            v = getattr(cfg, k)
+            if not (math.isfinite(v) and ok(v)):
+                raise ConfigError(f"--{k} must be {what}, got {v}")
 
 
 def print_config(cfg, log):
@@ -74,7 +104,7 @@ def print_config(cfg, log):
 @dataclass
 class Dist:
     rank: int = 0
-    world: int = 1
+    ranks: int = 1        # processes in the job (torch's "world size")
     device: str = "cpu"
 
     @property
@@ -84,16 +114,28 @@ class Dist:
 
 def setup_distributed(device="auto"):
     """DDP when launched by torchrun (RANK set): gloo on CPU, nccl on GPU. Otherwise one process."""
+    if device not in ("auto", "cpu", "cuda"):
+        raise ConfigError(f"--device must be 'auto', 'cpu' or 'cuda', got {device!r}")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device=cuda but this machine has no usable CUDA GPU; use --device=cpu or auto")
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if "RANK" not in os.environ:
         return Dist(0, 1, device)
-    rank, world, local = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ.get("LOCAL_RANK", 0))
+    rank, ranks, local = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ.get("LOCAL_RANK", 0))
     if device == "cuda":
         torch.cuda.set_device(local)
         device = f"cuda:{local}"
     dist.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo")
-    return Dist(rank, world, device)
+    return Dist(rank, ranks, device)
+
+
+def teardown(d: Dist):
+    """Leave the process group together. A rank that tears down while another still works (rank 0 writing the
+    hand-off) closes gloo's connections under it, and one aborting rank makes torchrun kill the others."""
+    if d.ranks > 1:
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 def make_logger(d: Dist):
@@ -103,25 +145,78 @@ def make_logger(d: Dist):
 
 def all_mean(x, d: Dist):
     """Mean of a tensor over ranks (identity on one process)."""
-    if d.world > 1:
+    if d.ranks > 1:
         x = x.clone()
         dist.all_reduce(x)
-        x /= d.world
+        x /= d.ranks
     return x
 
 
-def prepare_out_dir(path, resume, overwrite, marker="state.safetensors"):
-    """Refuse to write over another run's output unless asked."""
-    if os.path.isdir(path) and os.listdir(path) and not (resume or overwrite):
-        raise FileExistsError(f"{path} already holds a run; pass --resume=true to continue it "
-                              f"or --overwrite=true to replace it, or choose another --out_dir")
-    if resume and not os.path.exists(os.path.join(path, marker)):
-        raise FileExistsError(f"--resume=true but {os.path.join(path, marker)} does not exist")
-    if overwrite and not resume and os.path.isdir(path):
+def from_rank0(value, d: Dist):
+    """rank 0's float on every rank: decisions (stop, skip) are taken once, not by each rank on its own view."""
+    if d.ranks == 1:
+        return value
+    t = torch.tensor([float(value)], dtype=torch.float64)
+    dist.broadcast(t, 0)
+    return t.item()
+
+
+def average_gradients(params, d: Dist):
+    """Mean the gradients over ranks by hand: the loop calls the model several times per update (CFG halves,
+    several denoising steps), which DDP's one-forward-one-backward hooks do not fit. A rank that had no
+    sample in this minibatch contributes zeros, so every rank joins every all_reduce."""
+    if d.ranks > 1:
+        for p in params:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+            dist.all_reduce(p.grad)
+            p.grad /= d.ranks
+
+
+def gather_rows(x, d: Dist):
+    """Every rank's x (n, ...) stacked in rank order, (ranks * n, ...), on every rank; x itself with one rank."""
+    if d.ranks == 1:
+        return x
+    parts = [torch.zeros_like(x) for _ in range(d.ranks)]
+    dist.all_gather(parts, x)
+    return torch.cat(parts)
+
+
+# ----------------------------------------------------------------------------- output folders
+def claim_out_dir(path, resume, overwrite, inputs=(), marker="state.safetensors"):
+    """Make path ready for a run. Call it after every input has been checked: nothing is deleted before.
+    Refuses to write over another run unasked, and to --overwrite a folder that holds one of this run's
+    inputs. Resuming removes temp files that a kill during a checkpoint write left behind."""
+    held = os.path.isdir(path) and bool(os.listdir(path))
+    if held and not (resume or overwrite):
+        raise OutputExists(f"{path} already holds a run; pass --resume=true to continue it "
+                           f"or --overwrite=true to replace it, or choose another --out_dir")
+    if resume:
+        prev = marker.replace(".safetensors", ".prev.safetensors")
+        if not any(os.path.exists(os.path.join(path, m)) for m in (marker, prev)):
+            raise OutputExists(f"--resume=true but {os.path.join(path, marker)} does not exist")
+        for name in os.listdir(path):
+            if ".tmp" in name:
+                os.remove(os.path.join(path, name))
+    elif overwrite and held:
+        here = os.path.realpath(path)
+        for f in inputs:
+            if f and os.path.realpath(f).startswith(here + os.sep):
+                raise OutputExists(f"--overwrite=true would delete {f}, an input of this run, inside {path}; "
+                                   f"copy it elsewhere or choose another --out_dir")
         for name in os.listdir(path):  # an overwritten run leaves nothing of the old one (its log included)
             if os.path.isfile(os.path.join(path, name)):
                 os.remove(os.path.join(path, name))
     os.makedirs(path, exist_ok=True)
+
+
+def open_log(path, offset=None):
+    """The run's log.jsonl for appending; on resume, cut back to the checkpoint's offset first, so records
+    written after the last checkpoint (and repeated by the resumed run) appear once."""
+    if offset is not None and os.path.exists(path):
+        with open(path, "r+b") as f:
+            f.truncate(min(offset, os.path.getsize(path)))
+    return open(path, "a")
 
 
 # ----------------------------------------------------------------------------- optimisation safety
@@ -155,115 +250,35 @@ def warmup_cosine(step, base_lr, warmup, total, final_frac=0.1):
 
 
 class NonFiniteGuard:
-    """Skip any step whose loss or grad norm is NaN/Inf instead of letting it poison the weights."""
+    """Skip any step whose loss or grad norm is NaN/Inf instead of letting it poison the weights; stop the run
+    when `limit` steps in a row are skipped, since then the weights or the data are broken, not one batch."""
 
-    def __init__(self):
-        self.skipped = 0
+    def __init__(self, limit=5):
+        self.skipped, self.in_a_row, self.limit = 0, 0, limit
 
     def ok(self, loss, grad_norm):
         if math.isfinite(float(loss)) and math.isfinite(float(grad_norm)):
+            self.in_a_row = 0
             return True
         self.skipped += 1
+        self.in_a_row += 1
+        if self.in_a_row >= self.limit:
+            raise Diverged(f"{self.in_a_row} steps in a row had a non-finite loss or gradient; the last checkpoint "
+                           f"is kept. Check the input weights and data, or lower --lr")
         return False
 
+    def state_dict(self):
+        return {"skipped": self.skipped, "in_a_row": self.in_a_row}
 
-def optimizer_tensors(opt, named_params):
-    """AdamW state as flat tensors keyed by parameter name, so it fits in a safetensors file."""
-    out = {}
-    for name, p in named_params:
-        for k, v in opt.state.get(p, {}).items():
-            out[f"opt.{name}.{k}"] = v if torch.is_tensor(v) else torch.tensor(float(v))
-    return out
-
-
-def save_run_state(path, net, ema, opt, lineage, step):
-    """A run's resumable state in one safetensors file: weights, EMA weights, AdamW moments, the step."""
-    import model as M
-    tensors = {**{f"model.{k}": v for k, v in net.state_dict().items()},
-               **{f"ema.{k}": v for k, v in ema.model.state_dict().items()},
-               **optimizer_tensors(opt, net.named_parameters())}
-    M.save_checkpoint(path, tensors, net.cfg, lineage, step=step)
-
-
-def load_run_state(path, net, ema, opt):
-    """Restore what save_run_state wrote into net, ema and opt; returns the step to continue from."""
-    import model as M
-    tensors, saved_cfg, meta = M.read_checkpoint(path)
-    M.check_config(saved_cfg, net.cfg, path)
-    M.load_weights(net, tensors, path, prefix="model.")
-    M.load_weights(ema.model, tensors, path, prefix="ema.")
-    load_optimizer_tensors(opt, net.named_parameters(), tensors)
-    return meta["step"]
-
-
-def load_optimizer_tensors(opt, named_params, tensors):
-    for name, p in named_params:
-        state = {k.split(".")[-1]: v.to(p.device) for k, v in tensors.items() if k.startswith(f"opt.{name}.")
-                 and k[len(f"opt.{name}."):].count(".") == 0}
-        if state:
-            if "step" in state:
-                state["step"] = state["step"].cpu()  # AdamW keeps its step count on the CPU
-            opt.state[p] = state
-
-
-# ----------------------------------------------------------------------------- policy-gradient safety (Stages II, III)
-def gaussian_kl(mean, mean_ref, step_std):
-    """Closed-form KL between two Gaussian steps with the same std: |mean - mean_ref|^2 / (2 step_std^2),
-    averaged over the non-batch dimensions (the same mean convention as the log-probs). (B,)"""
-    return ((mean.float() - mean_ref.float()) ** 2).mean(dim=tuple(range(1, mean.dim()))) / (2 * step_std ** 2)
-
-
-def group_advantages(scores, weights, group_size, std_floor, adv_clip):
-    """scores (N, heads) for N = groups * group_size rollouts, grouped consecutively.
-    Each head is z-scored within each group; groups where a head's std is under the floor get 0 for that
-    head. Returns the clipped weighted sum (N,) and the fraction of (group, head) pairs that were zeroed."""
-    g = scores.view(-1, group_size, scores.shape[1])                          # (groups, G, heads)
-    mean, std = g.mean(1, keepdim=True), g.std(1, keepdim=True, correction=0)
-    flat = std < std_floor
-    z = torch.where(flat, torch.zeros_like(g), (g - mean) / (std + 1e-4))
-    adv = (z * weights).sum(-1).flatten()
-    return adv.clamp(-adv_clip, adv_clip), float(flat.float().mean())
-
-
-def reliability(rm_std):
-    """Per-rollout trust in the ensemble: 1.5 where its members agree most, 0.5 where they disagree most."""
-    u = rm_std.mean(1)                                                        # (N,) over heads
-    return (1 + (u.mean() - u) / (u.mean() + 1e-8)).clamp(0.5, 1.5)
-
-
-def ppo_clip_loss(logp_new, logp_old, advantages, clip_range):
-    """PPO's pessimistic clipped objective per sample, and the ratio and whether it was clipped. (B,) each.
-    The ratio of mean log-probs moves little, so clip_range is small (1e-4 .. 1e-2)."""
-    ratio = torch.exp(logp_new - logp_old)
-    unclipped = -advantages * ratio
-    clipped = -advantages * ratio.clamp(1 - clip_range, 1 + clip_range)
-    return torch.maximum(unclipped, clipped), ratio.detach(), ((ratio - 1).abs() > clip_range).detach()
-
-
-def average_gradients(params, d: Dist):
-    """Mean the gradients over ranks by hand: the loop calls the model several times per update (CFG halves,
-    several denoising steps), which DDP's one-forward-one-backward hooks do not fit."""
-    if d.world > 1:
-        for p in params:
-            if p.grad is not None:
-                dist.all_reduce(p.grad)
-                p.grad /= d.world
-
-
-def gather_rows(x, d: Dist):
-    """Every rank's x (n, ...) stacked in rank order, (world * n, ...), on every rank; x itself with one rank."""
-    if d.world == 1:
-        return x
-    parts = [torch.zeros_like(x) for _ in range(d.world)]
-    dist.all_gather(parts, x)
-    return torch.cat(parts)
+    def load_state_dict(self, s):
+        self.skipped, self.in_a_row = s["skipped"], s["in_a_row"]
 
 
 class SpikeGuard:
     """Rollback to the last good weights when a statistic (grad norm, KL) jumps far above its recent median.
 
-    Call `snapshot` after a good iteration and `check` with this iteration's statistics; a spike restores the
-    snapshot into the model and optimizer and returns True."""
+    Call `snapshot` after a good iteration and `check` with this iteration's statistics (the same on every
+    rank: reduce them first); a spike restores the snapshot into the model and optimizer and returns True."""
 
     def __init__(self, factor=10.0, history=20, warmup=5):
         self.factor, self.history, self.warmup = factor, history, warmup
@@ -287,6 +302,12 @@ class SpikeGuard:
             self.seen[k] = (self.seen[k] + [v])[-self.history:]
         return False
 
+    def state_dict(self):  # the snapshot is the weights themselves at every checkpoint: not stored twice
+        return {"seen": self.seen, "rollbacks": self.rollbacks}
+
+    def load_state_dict(self, s):
+        self.seen, self.rollbacks = {k: list(v) for k, v in s["seen"].items()}, s["rollbacks"]
+
 
 class HackingMonitor:
     """Stop a stage when the held-out judge falls for `patience` evaluations in a row while the trained
@@ -303,3 +324,9 @@ class HackingMonitor:
             return False
         falling = all(b < a - self.tolerance for a, b in zip(h, h[1:]))
         return falling and r[-1] > r[0]
+
+    def state_dict(self):
+        return {"held_out": self.held_out, "trained": self.trained}
+
+    def load_state_dict(self, s):
+        self.held_out, self.trained = list(s["held_out"]), list(s["trained"])
