@@ -407,11 +407,21 @@ def read_checkpoint(path):
             raise CheckpointError(f"checkpoint {path} uses the factorised attention layout, which postflow no "
                                   f"longer builds; retrain it (make base)")
         cfg = ModelConfig(**shape)
+        bad = [f"{k}={v!r}" for k, v in asdict(cfg).items()   # numbers of the default's kind (an int for a float too)
+               if isinstance(v, bool) or not isinstance(v, type(getattr(ModelConfig, k)) if k not in FLOAT_FIELDS
+                                                        else (int, float)) or v <= 0]
+        if bad or cfg.size % cfg.patch or cfg.frames % cfg.tpatch or cfg.dim % (2 * cfg.heads):
+            raise ValueError(f"model_config {', '.join(bad) or 'size/patch, frames/tpatch or dim/heads do not divide'}")
+        if not isinstance(meta.get("lineage", {}), dict):
+            raise ValueError(f"lineage is {type(meta['lineage']).__name__}, not an object")
     except CheckpointError:
         raise
     except Exception as e:
         raise CheckpointError(f"checkpoint {path} has broken metadata ({type(e).__name__}: {e})") from None
     return tensors, cfg, meta
+
+
+FLOAT_FIELDS = ("mlp_ratio", "t_eps")
 
 
 def load_weights(model, tensors, path="checkpoint", prefix=""):
@@ -533,12 +543,15 @@ def main(argv):
         raise ConfigError(f"--out must end in .gif or .mp4, got {cfg.out!r}")
     if os.path.exists(cfg.out) and not cfg.overwrite:
         raise OutputExists(f"{cfg.out} exists; pass --overwrite=true to replace it")
+    if os.path.isdir(cfg.out):
+        raise OutputExists(f"--out={cfg.out} is a folder; name a .gif or .mp4 file")
     prompts = [p.strip() for p in cfg.prompts.split(";") if p.strip()]
     tokens = data.tokenize(prompts).repeat_interleave(cfg.seeds, 0)
     model, _ = load_model(cfg.ckpt)
     gen = torch.Generator().manual_seed(cfg.seed)
     noise = torch.randn(len(tokens), model.cfg.channels, model.cfg.frames, model.cfg.size, model.cfg.size, generator=gen)
     videos = sample(model, tokens, noise, cfg.steps, cfg.cfg_scale)
+    os.makedirs(os.path.dirname(os.path.abspath(cfg.out)), exist_ok=True)
     data.write_video(data.video_grid(videos, len(prompts), cfg.seeds), cfg.out)
     print(f"wrote {cfg.out}: {len(prompts)} prompts (rows) x {cfg.seeds} seeds (columns)")
 

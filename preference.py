@@ -92,13 +92,15 @@ def judge_scores(cfg, clips, prompts, world, rm=None):
 
 
 @torch.no_grad()
-def make_pairs(net, cfg, world, log):
-    """On-policy pairs: every ordered (better, worse) pair of a prompt's clips whose margin clears cfg.margin."""
+def make_pairs(net, cfg, world, log, rm=None):
+    """On-policy pairs: every ordered (better, worse) pair of a prompt's clips whose margin clears cfg.margin.
+    rm: the learned judge's members for judge=rm (loaded from cfg.reward_model when not given)."""
     train_prompts = data.train_prompts()
     gen = torch.Generator().manual_seed(cfg.seed + 555)
     idx = torch.randint(len(train_prompts), (cfg.pair_prompts,), generator=gen)
     prompts = [train_prompts[i] for i in idx.tolist()]
-    rm = R.load_reward_model(cfg.reward_model, net.cfg) if cfg.judge == "rm" else None
+    if cfg.judge == "rm" and rm is None:
+        rm = R.load_reward_model(cfg.reward_model, net.cfg)
     mc, n = net.cfg, cfg.samples_per_prompt
     out = {k: [] for k in PAIR_KEYS}
     for p in tqdm(prompts, desc="pairs", leave=False):
@@ -159,6 +161,9 @@ def load_pairs(path, mc):
                               f"[{float(v.nan_to_num().min()):.3g}, {float(v.nan_to_num().max()):.3g}]"
                               f"{' with NaN/Inf' if not torch.isfinite(v).all() else ''}")
     tok = pairs["tokens"]
+    if tok.dim() >= 1 and len(tok) != n:
+        raise ConfigError(f"pair file {path} holds {n} winner/loser pairs but {len(tok)} rows of tokens: one caption "
+                          f"per pair")
     if tok.dtype != torch.long or tok.dim() != 2 or len(tok) != n or tok.min() < 0 or tok.max() >= len(data.VOCAB):
         raise ConfigError(f"pair file {path}: tokens must be ({n}, L) int64 ids from data.tokenize, got "
                           f"{tuple(tok.shape)} {tok.dtype}")
@@ -237,13 +242,16 @@ def train(cfg: Config):
     mc, world = policy.cfg, R.world_of(policy.cfg)
     if cfg.pairs:
         load_pairs(cfg.pairs, mc)                                             # checked before anything is replaced
+    # the judge of on-policy pairs too: one for another clip shape, or without a registry head, is refused now
+    new_pairs = not cfg.pairs and not (cfg.resume and os.path.exists(paths["pairs"]))
+    rm = R.load_reward_model(cfg.reward_model, mc) if cfg.judge == "rm" and new_pairs else None
     if d.main:
         claim_out_dir(cfg.out_dir, cfg.resume, cfg.overwrite, inputs=[cfg.init, cfg.pairs, cfg.reward_model])
 
     # ================================================================ PAIRS
     pair_path = cfg.pairs or paths["pairs"]
     if not cfg.pairs and d.main and not os.path.exists(pair_path):
-        save_pairs(pair_path, make_pairs(policy, cfg, world, log), f"on-policy from {cfg.init}, judge={cfg.judge}")
+        save_pairs(pair_path, make_pairs(policy, cfg, world, log, rm), f"on-policy from {cfg.init}, judge={cfg.judge}")
     if d.ranks > 1:
         torch.distributed.barrier()                                           # rank 0 made the pairs
     pairs = load_pairs(pair_path, mc)

@@ -34,7 +34,7 @@ from tqdm import tqdm
 
 import data
 import model as M
-from stability import ConfigError, OutputExists, parse_config, run_cli
+from stability import ConfigError, OutputExists, check_ranges, parse_config, run_cli
 
 DIRS = torch.tensor([data.DIRECTIONS[d] for d in data.DIRECTION_NAMES])  # (4, 2) unit (x, y), y down
 SPEED_PX = torch.tensor([data.SPEEDS[s] for s in data.SPEED_NAMES])    # (2,) pixels per frame at 32x32
@@ -389,6 +389,10 @@ def load_reward_model(path, policy_cfg=None):
     """The ensemble's members. Refuses a judge trained for clips of another shape than policy_cfg's, or one
     that does not score every head of the registry."""
     tensors, shape, meta = M.read_checkpoint(path)
+    if not isinstance(meta.get("members"), int) or not isinstance(meta.get("width"), int):
+        stage = meta.get("lineage", {}).get("stage", "unknown")
+        raise M.CheckpointError(f"{path} is not a learned judge (lineage stage {stage!r}, no ensemble members); "
+                                f"train one with python rewards.py train_rm")
     if policy_cfg is not None and (shape.frames, shape.size) != (policy_cfg.frames, policy_cfg.size):
         raise M.CheckpointError(f"the learned judge {path} scores {shape.frames}x{shape.size}x{shape.size} clips; "
                                 f"this policy makes {policy_cfg.frames}x{policy_cfg.size}x{policy_cfg.size}")
@@ -584,12 +588,10 @@ def diagnose_checkpoint(path, cfg, bar, rm=None):
         proxy, std = rm_score(rm, videos, tokens)
         out["proxy_reward"] = {k: mean_se(proxy[k]) for k in proxy}
         out["proxy_uncertainty"] = {k: round(float(std[k].mean()), 4) for k in std}
-        out["proxy_oracle_gap"] = {k: round(float((proxy[k] - heads[k]).mean()), 4) for k in proxy}
+        out["proxy_oracle_gap"] = {k: round(float((proxy[k] - heads[k]).mean()), 4) for k in proxy if k in heads}
     else:
         out["proxy_reward"] = out["proxy_oracle_gap"] = None
-    axes = {"fidelity": out["fidelity"][0], "temporal": out["temporal"][0], "instruction": out["instruction"][0]}
-    weakest = min(axes, key=axes.get)
-    out["recommendation"] = f"weakest axis: {weakest} ({axes[weakest]:.3f}); {RECOMMEND[weakest]}"
+    out["recommendation"] = recommendation({h: out[h][0] for h in HEADS})
     out["lineage"] = meta.get("lineage", {})
     return out, videos
 
@@ -601,11 +603,19 @@ RECOMMEND = {
 }
 
 
+def recommendation(axes):
+    """What to run next for the weakest head (name -> mean score): RECOMMEND's advice, or for a head it does not
+    know (a fork's) the generic one: weight that head up in Stage II, then pairs judged with it in Stage III."""
+    weakest = min(axes, key=axes.get)
+    advice = RECOMMEND.get(weakest, f"Stage II with the {weakest} head weighted up (--weights={weakest}=...), then "
+                                    f"Stage III DPO with pairs judged by it")
+    return f"weakest axis: {weakest} ({axes[weakest]:.3f}); {advice}"
+
+
 def markdown_table(results):
     names = list(results)
-    rows = [("fidelity", lambda r: f"{r['fidelity'][0]:.3f} ± {r['fidelity'][1]:.3f}"),
-            ("temporal", lambda r: f"{r['temporal'][0]:.3f} ± {r['temporal'][1]:.3f}"),
-            ("instruction", lambda r: f"{r['instruction'][0]:.3f} ± {r['instruction'][1]:.3f}"),
+    heads = [h for h in HEADS if all(h in results[n] for n in names)]     # the registry's, a fork's included
+    rows = [*[(h, (lambda h: lambda r: f"{r[h][0]:.3f} ± {r[h][1]:.3f}")(h)) for h in heads],
             ("instruction, held-out combos", lambda r: f"{r['instruction_by_split']['heldout'][0]:.3f}"),
             *[(f"oracle {k} accuracy", (lambda k: lambda r: f"{r['instruction_by_attribute'][k][0]:.3f}")(k))
               for k in list(data.ATTRIBUTES) + ["all"]],
@@ -630,15 +640,70 @@ def markdown_table(results):
     return "\n".join(lines) + "\n"
 
 
+def column_names(paths):
+    """One unique column name per checkpoint: its file name, or its run folder's for a run's ckpt.safetensors;
+    where two share a name (two runs' rl/ckpt.safetensors), as many parent folders as tell them apart
+    (pipeline/rl, other/rl); where none do (the same file twice), a number (rl, rl#2)."""
+    parts = []
+    for p in paths:
+        full = os.path.abspath(p)
+        folders = full.split(os.sep)[1:-1]                            # outermost first
+        stem = os.path.splitext(os.path.basename(full))[0]
+        parts.append((folders[:-1], folders[-1]) if stem == "ckpt" and folders else (folders, stem))
+    depth = [0] * len(paths)
+    name = lambda i: "/".join(parts[i][0][len(parts[i][0]) - depth[i]:] + [parts[i][1]])
+    while True:                      # deepen every name of a clash between different files, while folders remain
+        groups = {}
+        for i in range(len(paths)):
+            groups.setdefault(name(i), []).append(i)
+        deeper = [i for g in groups.values() if len({str(parts[j]) for j in g}) > 1 for i in g
+                  if depth[i] < len(parts[i][0])]
+        if not deeper:
+            break
+        for i in deeper:
+            depth[i] += 1
+    out = []
+    for i in range(len(paths)):      # still the same name (the same file twice): numbered
+        n, k = name(i), 1
+        while (n if k == 1 else f"{n}#{k}") in out:
+            k += 1
+        out.append(n if k == 1 else f"{n}#{k}")
+    return out
+
+
+def check_diagnose_inputs(cfg):
+    """Every checkpoint (and the learned judge) read and checked before any sampling: a missing or broken last
+    --ckpt fails in a second, not after the others were diagnosed. Returns the judge's members or None."""
+    if not cfg.ckpt:
+        raise ConfigError("no checkpoints to diagnose: pass --ckpt=PATH (repeat it, or --ckpt=A,B)")
+    check_ranges(cfg, at_least_one=("prompts", "seeds", "steps", "long_clips"), non_negative=("cfg_scale",))
+    if cfg.diversity_seeds < 2:
+        raise ConfigError(f"--diversity_seeds must be at least 2 to measure a spread, got {cfg.diversity_seeds}")
+    shapes = {}
+    for path in cfg.ckpt:
+        net, _ = M.load_model(path)                                   # missing, truncated, broken, NaN: one line
+        shapes[path] = net.cfg
+    (first, a), *rest = shapes.items()
+    for path, b in rest:
+        if (b.frames, b.size) != (a.frames, a.size):
+            raise ConfigError(f"diagnose compares checkpoints on the same clips: {first} makes {a.frames}x{a.size}"
+                              f"x{a.size} clips but {path} makes {b.frames}x{b.size}x{b.size}; diagnose them apart")
+    if not (cfg.reward_model and os.path.exists(cfg.reward_model)):
+        return None
+    try:
+        return load_reward_model(cfg.reward_model, a)                 # one for another clip shape is refused
+    except M.CheckpointError as e:
+        raise M.CheckpointError(f"{e} (pass --reward_model= to diagnose without the learned judge)") from None
+
+
 def diagnose(argv):
     cfg = parse_config(DiagnoseConfig, argv)
     if os.path.exists(os.path.join(cfg.out, "diagnostics.json")) and not cfg.overwrite:
         raise OutputExists(f"{cfg.out} already holds diagnostics; pass --overwrite=true or another --out")
+    rm = check_diagnose_inputs(cfg)
     os.makedirs(cfg.out, exist_ok=True)
-    rm = load_reward_model(cfg.reward_model) if cfg.reward_model and os.path.exists(cfg.reward_model) else None
     results, grids = {}, []
-    names = [os.path.splitext(os.path.basename(p))[0] if os.path.basename(p) != "ckpt.safetensors"
-             else os.path.basename(os.path.dirname(os.path.abspath(p))) for p in cfg.ckpt]
+    names = column_names(cfg.ckpt)
     with tqdm(total=5 * len(cfg.ckpt), desc="diagnose") as bar:
         for name, path in zip(names, cfg.ckpt):
             results[name], videos = diagnose_checkpoint(path, cfg, bar, rm)

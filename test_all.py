@@ -606,3 +606,169 @@ def test_grpo_interrupted_run_resumes_to_identical_weights(tiny_checkpoints):
     resumed = reward_rl.train(tiny_rl(tuned, root / "rl_cut", iters=3, resume=True))
     a, b = M.read_checkpoint(full)[0], M.read_checkpoint(resumed)[0]
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+# ----- bad input, diagnose, a fourth head
+import shutil
+
+
+@pytest.fixture(scope="module")
+def bad_files(tmp_path_factory):
+    """Tiny inputs a user can get wrong: checkpoints with broken metadata, a NaN, cut short, or from pretraining; a
+    learned judge of another clip size; pair files of uint8 clips, NaN clips, too few captions; two previous runs."""
+    from safetensors.torch import save_file
+    root = tmp_path_factory.mktemp("bad")
+    net = M.VideoDiT(M.preset("tiny"))
+    sd = net.state_dict()
+    M.save_checkpoint(str(root / "tiny.safetensors"), sd, net.cfg, M.lineage_record("sft"))
+    M.save_checkpoint(str(root / "base.safetensors"), sd, net.cfg, M.lineage_record("pretrain"))
+    save_file({k: v.contiguous() for k, v in sd.items()}, str(root / "meta.safetensors"),
+              metadata={"format": "postflow", "model_config": "{not json", "lineage": "{}"})
+    nan = {k: v.clone() for k, v in sd.items()}
+    nan["final.weight"].view(-1)[0] = float("nan")
+    M.save_checkpoint(str(root / "nan.safetensors"), nan, net.cfg, M.lineage_record("sft"))
+    whole = (root / "tiny.safetensors").read_bytes()
+    (root / "cut.safetensors").write_bytes(whole[: len(whole) // 2])
+    rewards.train_reward_model(["--base=", "--members=2", "--steps=1", "--pool_clips=6", "--batch_size=2",  # 8x32x32
+                                "--eval_clips=6", f"--out={root / 'judge.safetensors'}"])
+    p = tiny_pairs(4)
+    preference.save_pairs(str(root / "uint8.safetensors"), {**p, "winner": ((p["winner"] + 1) * 127.5).round().byte()})
+    w = p["winner"].clone()
+    w[0, 0, 0, 0, 0] = float("nan")
+    preference.save_pairs(str(root / "nan_pairs.safetensors"), {**p, "winner": w})
+    preference.save_pairs(str(root / "short.safetensors"), {**p, "tokens": p["tokens"][:2]})
+    for run in ("prev_sft", "prev_rl"):
+        (root / run).mkdir()
+        shutil.copy(root / "tiny.safetensors", root / run / "ckpt.safetensors")
+        (root / run / "log.jsonl").write_text("{}\n")
+    return root
+
+
+# (command line, what its one stderr line says, files that must survive); {r} is bad_files' folder, {o} the case's
+# output folder. Every case fails before any model work, before {o} is made, and without touching an old run.
+BAD_INPUT = {
+    "render_missing_ckpt": ("model.py --ckpt=missing.safetensors --out={o}/x.gif", "checkpoint not found: missing"),
+    "sft_zero_steps": ("sft.py --steps=0", "--steps must be at least 1"),
+    "rl_zero_minibatches": ("reward_rl.py --minibatches=0", "--minibatches must be at least 1"),
+    "rl_negative_lr": ("reward_rl.py --lr=-1", "--lr must be > 0"),
+    "rl_negative_noise_level": ("reward_rl.py --noise_level=-0.5", "--noise_level must be > 0"),
+    "dpo_negative_beta": ("preference.py --beta=-1", "--beta must be > 0"),
+    "sft_unknown_preset": ("sft.py --init= --preset=huge --out_dir={o}", "unknown model preset 'huge'"),
+    "sft_cuda_without_gpu": ("sft.py --device=cuda --out_dir={o}", "no usable CUDA GPU"),
+    "sft_nan_lr": ("sft.py --lr=nan", "--lr must be a finite number"),
+    "broken_metadata": ("sft.py --init={r}/meta.safetensors --out_dir={o}", "has broken metadata"),
+    "nan_weights": ("reward_rl.py --init={r}/nan.safetensors --out_dir={o}", "holds NaN"),
+    "truncated_ckpt": ("sft.py --init={r}/cut.safetensors --out_dir={o}", "truncated"),
+    "judge_of_another_size": ("reward_rl.py --init={r}/tiny.safetensors --reward=rm --reward_model={r}/judge.safetensors "
+                              "--out_dir={o}", "scores 8x32x32 clips; this policy makes 4x16x16"),
+    "pairs_uint8": ("preference.py --init={r}/tiny.safetensors --pairs={r}/uint8.safetensors --out_dir={o}",
+                    "winner clips are torch.uint8"),
+    "pairs_nan": ("preference.py --init={r}/tiny.safetensors --pairs={r}/nan_pairs.safetensors --out_dir={o}",
+                  "with NaN"),
+    "pairs_few_tokens": ("preference.py --init={r}/tiny.safetensors --pairs={r}/short.safetensors --out_dir={o}",
+                         "holds 4 winner/loser pairs but 2 rows of tokens"),
+    "dpo_from_base": ("preference.py --init={r}/base.safetensors --out_dir={o}", "is a pretrain checkpoint"),
+    "diagnose_no_ckpt": ("rewards.py diagnose --ckpt= --out={o}", "no checkpoints to diagnose"),
+    "diagnose_missing_last": ("rewards.py diagnose --ckpt={r}/tiny.safetensors --ckpt={r}/gone.safetensors --out={o}",
+                              "checkpoint not found: {r}/gone.safetensors"),
+    "overwrite_keeps_run_on_bad_init": ("sft.py --init=checkpoints/sft_smal.safetensors --out_dir={r}/prev_sft "
+                                        "--overwrite=true", "not found",
+                                        ("prev_sft/ckpt.safetensors", "prev_sft/log.jsonl")),
+    "overwrite_refuses_own_input": ("reward_rl.py --init={r}/prev_rl/ckpt.safetensors --out_dir={r}/prev_rl "
+                                    "--overwrite=true", "an input of this run", ("prev_rl/ckpt.safetensors",)),
+}
+
+
+@pytest.fixture(scope="module")
+def bad_runs(bad_files, request):
+    """The selected cases' command lines, run two at a time: each is ~2 s of importing torch, then a refusal."""
+    from concurrent.futures import ThreadPoolExecutor
+    chosen = [i.callspec.params["case"] for i in request.session.items
+              if getattr(i, "originalname", "") == "test_bad_input_is_one_line_exit_2"]
+    chosen = [c for c in chosen if not ("--device=cuda" in BAD_INPUT[c][0] and torch.cuda.is_available())]
+    run = lambda c: cli(*[a.format(r=bad_files, o=bad_files / c) for a in BAD_INPUT[c][0].split()])
+    with ThreadPoolExecutor(2) as pool:
+        return dict(zip(chosen, pool.map(run, chosen)))
+
+
+@pytest.mark.parametrize("case", list(BAD_INPUT))
+def test_bad_input_is_one_line_exit_2(bad_files, bad_runs, case):
+    cmd, needle, kept = (*BAD_INPUT[case], ())[:3]
+    if case not in bad_runs:
+        pytest.skip("this machine has a GPU")
+    r = bad_runs[case]
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 2 and "Traceback" not in r.stderr, (case, r.returncode, r.stderr[-2000:])
+    assert len(lines) == 1 and lines[0].startswith("error:") and needle.format(r=bad_files) in lines[0], (case, r.stderr)
+    assert all((bad_files / f).exists() for f in kept), case
+    assert not (bad_files / case).exists(), f"{case} made its output folder before refusing"
+
+
+def test_diagnose_checks_inputs_first_and_names_columns_apart(tiny_checkpoints, bad_files, tmp_path):
+    base, tuned, _ = tiny_checkpoints
+    for run in ("pipeline", "other"):                                     # two pipeline runs, both with an rl stage
+        (tmp_path / run / "rl").mkdir(parents=True)
+        shutil.copy(tuned, tmp_path / run / "rl" / "ckpt.safetensors")
+    a, b = (str(tmp_path / run / "rl" / "ckpt.safetensors") for run in ("pipeline", "other"))
+    assert rewards.column_names([a, b, base, base]) == ["pipeline/rl", "other/rl", "base", "base#2"]
+    assert rewards.column_names([base, str(tuned)]) == ["base", "sft"]
+    tiny = ["--prompts=1", "--seeds=1", "--steps=1", "--long_clips=1", "--diversity_seeds=2"]
+    rewards.diagnose([f"--ckpt={a}", f"--ckpt={b}", f"--out={tmp_path / 'diag'}", "--reward_model=", *tiny])
+    import json
+    assert list(json.load(open(tmp_path / "diag" / "diagnostics.json"))) == ["pipeline/rl", "other/rl"]
+    assert "| metric | pipeline/rl | other/rl |" in (tmp_path / "diag" / "diagnostics.md").read_text()
+    # refused before anything is sampled or written: a judge for other clips, a policy passed as the judge
+    for judge, needle in (("judge.safetensors", "scores 8x32x32 clips; this policy makes 4x16x16"),
+                          ("tiny.safetensors", "not a learned judge")):
+        with pytest.raises(M.CheckpointError, match=needle):
+            rewards.diagnose([f"--ckpt={a}", f"--out={tmp_path / 'no'}", f"--reward_model={bad_files / judge}", *tiny])
+    with pytest.raises(stability.ConfigError, match="same clips"):
+        rewards.diagnose([f"--ckpt={a}", "--ckpt=checkpoints/sft_small.safetensors", f"--out={tmp_path / 'no'}", *tiny])
+    assert not (tmp_path / "no").exists()
+
+
+def centred(obs, want):
+    """A fork's fourth head, README's example: 1 with the object at the frame's centre, 0 at its edge."""
+    size = obs["alpha"].shape[-1]                         # frame edge in pixels
+    off = (obs["center"] - size / 2).abs().amax(-1)       # (B, F): farther axis from the centre, in pixels
+    return (1 - off / (size / 2)).clamp(0, 1).nan_to_num(0).mean(1)
+
+
+def test_a_fourth_head_reaches_stage_ii_stage_iii_and_diagnose(tiny_checkpoints, monkeypatch, tmp_path):
+    _, tuned, _ = tiny_checkpoints
+    old_judge = str(tmp_path / "judge.safetensors")                       # a learned judge from before the head
+    M.save_checkpoint(old_judge, {f"member0.{k}": v for k, v in rewards.RewardNet(8).state_dict().items()},
+                      M.preset("tiny"), M.lineage_record("reward_model"), members=1, width=8, heads=list(rewards.HEADS))
+    monkeypatch.setitem(rewards.HEADS, "centred", rewards.Head(centred, weight=0.5, phase=1))  # undone after the test
+
+    # Stage II: logged, weighted, and given its weight by the curriculum (phase 1: the middle of the run)
+    reward_rl.train(tiny_rl(tuned, tmp_path / "rl", iters=3, curriculum=True, epochs=1, sft_weight=0.0))
+    recs = [r for r in read_log(tmp_path / "rl" / "log.jsonl") if "reward_instruction" in r]
+    assert all("reward_centred" in r and len(r["weights"]) == 4 for r in recs)
+    assert [r["weights"][3] for r in recs] == pytest.approx([0.25, 0.5, 0.25])  # 0.5 x 0.5^|phase - focus|
+    # Stage III: its judge weighs the head like any other, and a run on on-policy pairs goes through
+    b = data.make_batch("curated", 6, seed=3, world=TINY_WORLD)
+    only = preference.Config(weights=("fidelity=0", "temporal=0", "instruction=0", "centred=1"))
+    heads = rewards.reward_heads(b.videos, b.prompts, TINY_WORLD)
+    assert torch.allclose(preference.judge_scores(only, b.videos, b.prompts, TINY_WORLD), heads["centred"])
+    assert not torch.allclose(preference.judge_scores(preference.Config(), b.videos, b.prompts, TINY_WORLD),
+                              preference.judge_scores(preference.Config(weights=("centred=5",)), b.videos, b.prompts,
+                                                      TINY_WORLD))
+    dpo = dict(init=str(tuned), pair_prompts=2, samples_per_prompt=3, sample_steps=2, margin=0.0, steps=2,
+               batch_size=2, warmup=1, log_every=1, eval_prompts=2, eval_steps=2, device="cpu")
+    preference.train(preference.Config(out_dir=str(tmp_path / "dpo"), **dpo))
+    assert "win_rate" in read_log(tmp_path / "dpo" / "log.jsonl")[-1]["final"]
+    # a learned judge that does not score the head is refused by name, before any output folder is made
+    with pytest.raises(M.CheckpointError, match="also has centred"):
+        rewards.load_reward_model(old_judge)
+    with pytest.raises(M.CheckpointError, match="also has centred"):
+        preference.train(preference.Config(out_dir=str(tmp_path / "dpo_rm"), judge="rm", reward_model=old_judge, **dpo))
+    with pytest.raises(M.CheckpointError, match="also has centred"):
+        reward_rl.train(tiny_rl(tuned, tmp_path / "rl_rm", reward="rm", reward_model=old_judge))
+    assert not (tmp_path / "dpo_rm").exists() and not (tmp_path / "rl_rm").exists()
+    # diagnose: a row, a metric, and a recommendation for a head RECOMMEND does not know
+    rewards.diagnose([f"--ckpt={tuned}", f"--out={tmp_path / 'diag'}", "--reward_model=", "--prompts=1", "--seeds=1",
+                      "--steps=1", "--long_clips=1", "--diversity_seeds=2"])
+    assert "| centred |" in (tmp_path / "diag" / "diagnostics.md").read_text()
+    assert "--weights=centred=" in rewards.recommendation({"fidelity": 0.9, "temporal": 0.9, "instruction": 0.9,
+                                                            "centred": 0.1})
