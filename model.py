@@ -283,6 +283,18 @@ def flow_loss(model, x1, tokens, gen, cond_drop=0.1, ctx_mask=None, t_mean=-0.4,
     return (err * keep).sum(dim=(1, 2, 3, 4)) / (keep.sum(dim=(1, 2, 3, 4)) * err[0, :, 0].numel()).clamp(min=1), t
 
 
+def masked_msq(a, b, ctx_mask=None):
+    """Mean squared difference per clip (B,), context frames excluded."""
+    keep = 1.0 if ctx_mask is None else (~ctx_mask).float()[:, None, :, None, None]
+    return (((a - b) ** 2) * keep).mean((1, 2, 3, 4))
+
+
+def straight_path_velocity(model, x1, x0, t, tokens, ctx=None, ctx_mask=None):
+    """The model's velocity at x_t = (1 - t) x0 + t x1 on the straight path from noise x0 to clip x1."""
+    tt = t[:, None, None, None, None]
+    return model.velocity((1 - tt) * x0 + tt * x1, t, tokens, ctx=ctx, ctx_mask=ctx_mask)
+
+
 def guided_velocity(model, x, t, tokens, cfg_scale, ctx=None, ctx_mask=None):
     """Classifier-free guidance: v_u + w (v_c - v_u), both halves in one batch."""
     tvec = torch.full((x.shape[0],), float(t), device=x.device)
@@ -329,6 +341,24 @@ def sample_long(model, tokens, gen, chunks, steps=20, cfg_scale=3.0, overlap=Non
         nxt = sample(model, tokens, torch.randn(shape, generator=gen).to(dev), steps, cfg_scale, ctx, mask)
         clip = torch.cat([clip, nxt[:, :, overlap:]], dim=2)
     return clip
+
+
+@torch.no_grad()
+def sample_with_sde_window(model, x, tokens, steps, sde, eps, cfg_scale=3.0, noise_level=0.7, ctx=None, ctx_mask=None):
+    """Euler ODE from noise, except the steps listed in `sde`, which take the SDE step with the fresh noise
+    eps[k] (Flow-GRPO-Fast's window). Returns the final x (unclamped) and, per SDE step, (step index, x before,
+    x after, fp32 log-prob (B,)): what a policy-gradient update scores again."""
+    grid, taken = time_grid(steps), []
+    for i in range(steps):
+        t, t_next = float(grid[i]), float(grid[i + 1])
+        v = guided_velocity(model, x, t, tokens, cfg_scale, ctx, ctx_mask)
+        if i in sde:
+            x_next, _, _, logp = sde_step(x, v, t, t_next, float(grid[1]), noise_level, eps=eps[sde.index(i)])
+            taken.append((i, x, x_next, logp))
+            x = x_next
+        else:
+            x = x + (t_next - t) * v
+    return x, taken
 
 
 def sde_step(x, v, t, t_next, t_first, noise_level=0.7, eps=None, x_next=None):
@@ -459,22 +489,36 @@ def load_model(path, device="cpu", expect: ModelConfig = None):
 
 
 # ----------------------------------------------------------------------------- a run's resumable state
-def save_run_state(path, net, ema, opt, lineage, step, extra=None):
+def save_run_state(path, net, ema, opt, lineage, step, parts=None, log_file=None):
     """A run's resumable state in one safetensors file: weights, EMA weights, AdamW moments (as plain tensors:
-    no pickle), the step, and `extra`, the JSON state of whatever else decides the run (guards' histories,
-    counters, the log's length). The previous state is kept as state.prev.safetensors until the new one is
-    complete, so a checkpoint damaged after the fact still leaves one to resume from."""
+    no pickle), the step, the JSON state of `parts` (name -> guard or monitor with state_dict()) and the
+    length of log_file. The previous state is kept as state.prev.safetensors until the new one is complete."""
     tensors = {**{f"model.{k}": v for k, v in net.state_dict().items()},
                **{f"ema.{k}": v for k, v in ema.model.state_dict().items()}}
     for name, p in net.named_parameters():
         for k, v in opt.state.get(p, {}).items():
             tensors[f"opt.{name}.{k}"] = v if torch.is_tensor(v) else torch.tensor(float(v))
+    extra = {k: p.state_dict() for k, p in (parts or {}).items()}
+    if log_file is not None:
+        log_file.flush()
+        extra["log_bytes"] = log_file.tell()
     prev = path.replace(".safetensors", ".prev.safetensors")
     new = f"{path}.tmp-done"                    # complete but not yet current: a kill here keeps the old pair
-    save_checkpoint(new, tensors, net.cfg, lineage, step=step, extra=extra or {})
+    save_checkpoint(new, tensors, net.cfg, lineage, step=step, extra=extra)
     if os.path.exists(path):
         os.replace(path, prev)
     os.replace(new, path)
+
+
+def resume_run(path, net, ema, opt, cfg, parts, log=print):
+    """--resume=true: check the run's settings, restore weights, EMA, optimizer and each of `parts`; returns
+    (step, the log's length at that checkpoint, to cut back to)."""
+    step, extra, lineage = load_run_state(path, net, ema, opt, warn=log)
+    check_resume(lineage, cfg)
+    for name, part in parts.items():
+        part.load_state_dict(extra[name])
+    log(f"resumed {path} at step {step}")
+    return step, extra.get("log_bytes")
 
 
 def load_run_state(path, net, ema, opt, warn=print):

@@ -27,7 +27,7 @@ from tqdm import tqdm
 import data
 import model as M
 import rewards as R
-from stability import (EMA, ConfigError, NonFiniteGuard, all_mean, average_gradients, check_ranges, claim_out_dir,
+from stability import (check_ranks_agree, EMA, ConfigError, NonFiniteGuard, all_mean, average_gradients, check_ranges, claim_out_dir,
                        clip_gradients,
                        make_logger, open_log, parse_config, print_config, run_cli, setup_distributed, teardown,
                        warmup_cosine)
@@ -260,13 +260,8 @@ def train(cfg: Config):
     policy.train()
     ema = EMA(policy, cfg.ema_decay)
     opt = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, weight_decay=0.0)
-    guard, start, log_offset = NonFiniteGuard(), 0, None
-    if cfg.resume:
-        start, extra, saved = M.load_run_state(paths["state"], policy, ema, opt, warn=log)
-        M.check_resume(saved, cfg)
-        guard.load_state_dict(extra.get("guard", guard.state_dict()))
-        log_offset = extra.get("log_bytes")
-        log(f"resumed {paths['state']} at step {start}")
+    guard = NonFiniteGuard()
+    start, log_offset = M.resume_run(paths["state"], policy, ema, opt, cfg, {"guard": guard}, log) if cfg.resume else (0, None)
     per_rank = cfg.batch_size // d.ranks
     log(f"dpo: {n_pairs} pairs from {pair_path}; {d.ranks} rank(s) x {per_rank} pairs = {cfg.batch_size} per step, "
         f"{cfg.steps} steps (~{cfg.steps * cfg.batch_size / n_pairs:.1f} epochs); beta={cfg.beta}, "
@@ -314,9 +309,9 @@ def train(cfg: Config):
                 logf.flush()
         if (step + 1) % cfg.ckpt_every == 0 or step + 1 == cfg.steps:
             if d.main:
-                M.save_run_state(paths["state"], policy, ema, opt, lineage(step + 1), step + 1,
-                                 dict(guard=guard.state_dict(), log_bytes=logf.tell()))
+                M.save_run_state(paths["state"], policy, ema, opt, lineage(step + 1), step + 1, {"guard": guard}, logf)
 
+    check_ranks_agree(policy, d)                                                # before anything is handed off
     # ---- hand-off: EMA weights, and the oracle's verdict against the input on held-out prompts and seeds
     if d.main:
         M.save_checkpoint(paths["ckpt"], ema.model.state_dict(), mc, lineage(cfg.steps))

@@ -5,20 +5,14 @@
     python reward_rl.py --update=ppo --sde_window=0 --rollout_steps=10 --epochs=1 --lr=1e-4 --warmup=1 --sft_weight=0
                                                             # vanilla Flow-GRPO
 
-Each iteration reads top to bottom in train():
-  SAMPLING    G rollouts per prompt from the current policy. Inside a window of denoising steps the sampler
-              takes Flow-GRPO's SDE step (model.sde_step: same marginals, a Gaussian policy step with an fp32
-              log-prob); outside it stays an ODE.
-  REWARDS     the heads of rewards.HEADS (programmatic, the learned ensemble, or both), gathered over ranks
-  ADVANTAGES  per head, z-scored within each prompt's group; summed with weights in advantage space
-  TRAINING    one of two update rules, each owning its loss, its KL to the frozen reference and its backward:
-              awm_update (default): advantage-weighted flow matching on the rollouts' own clips (AWM), with
-                the KL rate awm_beta * |v - v_ref|^2; a fresh (t, noise) draw replaces the SDE's per-pixel
-                exploration noise in the estimate, so far fewer rollouts buy the same signal.
-              ppo_update: Flow-GRPO's PPO-clipped ratio of the SDE steps' log-probs + beta * the closed-form
-                Gaussian KL per step.
-              Then, in the loop: the curated flow loss (PPO-ptx), grad clipping, the non-finite guard, EMA,
-              rollback on a grad-norm or KL spike, and a held-out oracle check that stops a run that hacks.
+An iteration reads top to bottom in train(): SAMPLING (G rollouts per prompt; an ODE with a short window of
+Flow-GRPO's SDE steps, each a Gaussian policy step with an fp32 log-prob), REWARDS (the heads of
+rewards.HEADS, programmatic or learned, gathered over ranks), ADVANTAGES (per head, z-scored within each
+group, summed with weights in advantage space), TRAINING with one of two sibling update rules, each owning its
+loss, its KL to the frozen reference and its backward: awm_update (default; advantage-weighted flow matching
+on the rollouts' own clips, PPO-clipped as AWM bounds it) or ppo_update (Flow-GRPO's clipped ratio of the SDE
+steps' log-probs). Then, in plain sight in the loop: the curated flow loss (PPO-ptx), grad clipping, the
+non-finite guard, EMA, rollback on a spike, and a held-out oracle check that stops a run that hacks its reward.
 """
 import json
 import math
@@ -34,7 +28,7 @@ from tqdm import tqdm
 import data
 import model as M
 import rewards as R
-from stability import (EMA, ConfigError, HackingMonitor, NonFiniteGuard, SpikeGuard, all_mean, average_gradients,
+from stability import (check_ranks_agree, EMA, ConfigError, HackingMonitor, NonFiniteGuard, SpikeGuard, all_mean, average_gradients,
                        check_ranges, claim_out_dir, clip_gradients, from_rank0, gather_rows, make_logger, open_log,
                        parse_config, print_config, run_cli, setup_distributed, teardown, warmup_cosine)
 
@@ -76,6 +70,8 @@ class Config:
     awm_t_mean: float = -1.0      # awm: logit-normal mean of t (median 0.27): where motion (direction, speed) is decided
     kl_all_t: bool = True         # awm: take the KL term at pretraining's t instead, anchoring the steps that render detail
     neg_scale: float = 1.0        # awm: weight of the push away from below-group clips (0 = pull toward winners only)
+    awm_clip: float = 0.02        # awm: PPO clip on the ratio exp(err_sampler - err) of flow-matching likelihood
+                                  # surrogates (AWM's bounded objective); 0 = the unbounded weighted loss
     sft_weight: float = 0.5       # weight of the flow loss on a fresh curated batch in every update (PPO-ptx)
     sft_batch: int = 32           # curated clips per update for that term (the same batch on every rank)
     clip_range: float = 2e-3      # PPO ratio clip; small because log-probs are means over pixels
@@ -121,34 +117,26 @@ def check_config(cfg, ranks):
         raise ConfigError("--group_size must be at least 2: advantages are relative to the group")
     if rollouts % ranks:
         raise ConfigError(f"prompts_per_iter x group_size = {rollouts} rollouts do not divide over {ranks} ranks")
-    if (rollouts // ranks) % cfg.minibatches:
-        raise ConfigError(f"{rollouts // ranks} rollouts per rank do not split into {cfg.minibatches} minibatches")
+    if rollouts % cfg.minibatches:
+        raise ConfigError(f"{rollouts} rollouts per iteration do not split into {cfg.minibatches} minibatches")
     R.head_weights(cfg.weights)                                              # unknown heads are refused here
 
 
 # ----------------------------------------------------------------------------- Stage II's own math
 def curriculum_weights(cfg, progress, names):
-    """Advantage weight of each named head at progress in [0, 1]. Self-paced (TeleBoost): a head's weight is
-    scaled by 0.5^(distance between its phase and the current one), the current phase moving from 0
-    (fidelity) to 2 (semantics). With split_instruction the attribute parts carry the instruction weight and
-    the whole instruction head is only logged."""
+    """Advantage weight of each named head at progress in [0, 1] (rewards.curriculum moves them when asked).
+    With split_instruction the attribute parts carry instruction's weight and the whole head is only logged."""
     base = R.head_weights(cfg.weights)
-    head = [n if n in R.HEADS else "instruction" for n in names]              # instruction_<attr> -> instruction
-    w = torch.tensor([base[h] for h in head])
-    if cfg.curriculum:
-        phase = [R.HEADS[h].phase for h in head]
-        pos = min(progress, 1.0) * 2
-        lo = int(min(pos, 1))
-        focus = lambda now: torch.tensor([0.5 ** abs(now - k) for k in phase])
-        w = w * torch.lerp(focus(lo), focus(lo + 1), pos - lo)
-    return w * torch.tensor([0.0 if cfg.split_instruction and n == "instruction" else 1.0 for n in names])
+    base = R.curriculum(base, progress) if cfg.curriculum else base
+    return torch.tensor([0.0 if cfg.split_instruction and n == "instruction" else base[n.split("_")[0]] for n in names])
 
 
 def group_zscores(scores, group_size, std_floor):
     """scores (N, heads), N = groups * group_size rollouts grouped consecutively -> each head z-scored within
-    its group (population std), 0 where the group's std is under the floor; and the fraction of such pairs."""
+    its group, (r - mean) / (std + 1e-4) with the Bessel-corrected std (TeleBoost's and DanceGRPO's convention),
+    and 0 where that std is under the floor; and the fraction of such (group, head) pairs."""
     g = scores.view(-1, group_size, scores.shape[1])                          # (groups, G, heads)
-    mean, std = g.mean(1, keepdim=True), g.std(1, keepdim=True, correction=0)
+    mean, std = g.mean(1, keepdim=True), g.std(1, keepdim=True, correction=1)
     flat = std < std_floor
     z = torch.where(flat, torch.zeros_like(g), (g - mean) / (std + 1e-4))
     return z.flatten(0, 1), float(flat.float().mean())
@@ -201,14 +189,19 @@ class Rollout:
     group: torch.Tensor   # (n,) the global group of each rollout
     grid: torch.Tensor    # the rollout's time grid (rollout_steps + 1,)
     trained: list = None  # which of the SDE steps PPO trains this iteration (train_fraction of them)
+    sampler: object = None  # AWM: a frozen copy of the policy that sampled them, for its ratio off-policy
+    on_policy: bool = True  # no update yet since sampling: the sampler's losses equal the policy's
     ctx: torch.Tensor = None       # (n, C, F, H, W) clean context frames of a continuation, or None
     ctx_mask: torch.Tensor = None  # (n, F) bool
 
 
 @torch.no_grad()
-def sample_rollouts(cfg, policy, it, gen, train_prompts, mine, device):
+def sample_rollouts(cfg, policy, sampler, it, gen, train_prompts, mine, device):
     """Every rank draws the same prompts and noise for the whole iteration, then rolls out its slice `mine`:
-    a group spans ranks, and 1 or N ranks roll out exactly the same clips. Returns (clips to score, Rollout)."""
+    a group spans ranks, and 1 or N ranks roll out exactly the same clips. sampler (AWM's bounded update): a
+    module that keeps a copy of the weights that sampled. Returns (clips to score, Rollout)."""
+    if sampler is not None:
+        sampler.load_state_dict(policy.state_dict())
     mc, rollouts = policy.cfg, cfg.prompts_per_iter * cfg.group_size
     shape = (mc.channels, mc.frames, mc.size, mc.size)
     idx = torch.randint(len(train_prompts), (cfg.prompts_per_iter,), generator=gen)
@@ -230,20 +223,13 @@ def sample_rollouts(cfg, policy, it, gen, train_prompts, mine, device):
             ctx_mask = (torch.arange(mc.frames) < overlap)[None].expand(len(x), -1).to(device)
             ctx = torch.zeros_like(x)
             ctx[:, :, :overlap] = prefix[:, :, -overlap:]
-        grid, steps = M.time_grid(cfg.rollout_steps), []
-        for i in range(cfg.rollout_steps):
-            t, t_next = float(grid[i]), float(grid[i + 1])
-            v = M.guided_velocity(policy, x, t, tokens, cfg.cfg_scale, ctx, ctx_mask)
-            if i in sde:
-                x_next, _, _, logp = M.sde_step(x, v, t, t_next, float(grid[1]), cfg.noise_level, eps=eps[sde.index(i)])
-                steps.append((i, x, x_next, logp))
-                x = x_next
-            else:
-                x = x + (t_next - t) * v
+        x, steps = M.sample_with_sde_window(policy, x, tokens, cfg.rollout_steps, sde, eps, cfg.cfg_scale,
+                                            cfg.noise_level, ctx, ctx_mask)
     chunk = x.clamp(-1, 1) if ctx is None else torch.where(ctx_mask[:, None, :, None, None], ctx, x.clamp(-1, 1))
     clips = chunk if ctx is None else torch.cat([prefix, chunk[:, :, mc.frames // 2:]], dim=2)
     group = torch.arange(rollouts)[mine] // cfg.group_size
-    return clips, Rollout(prompts, tokens, chunk, steps, group, grid, ctx=ctx, ctx_mask=ctx_mask)
+    return clips, Rollout(prompts, tokens, chunk, steps, group, M.time_grid(cfg.rollout_steps), ctx=ctx,
+                          ctx_mask=ctx_mask, sampler=sampler)
 
 
 def score(cfg, clips, roll, judge, reward_fn, names, world, d):
@@ -261,59 +247,59 @@ def score(cfg, clips, roll, judge, reward_fn, names, world, d):
 
 def advantages(cfg, scores, rm_std, weights):
     """Per-head group z-scores, summed with weights in advantage space, scaled by the ensemble's reliability,
-    then clipped. (N,) and the fraction of zero-variance (group, head) pairs."""
+    and clipped after every scaling. (N,) and the fraction of zero-variance (group, head) pairs."""
     z, zero_frac = group_zscores(scores, cfg.group_size, cfg.std_floor)
-    adv = (z * weights).sum(-1).clamp(-cfg.adv_clip, cfg.adv_clip)
+    adv = (z * weights).sum(-1)
     if cfg.reward != "heads" and cfg.uncertainty:
         adv = adv * reliability(rm_std)
-    return adv, zero_frac
+    return adv.clamp(-cfg.adv_clip, cfg.adv_clip), zero_frac
 
 
-def masked_msq(a, b, ctx_mask):
-    """Mean squared difference per clip (n,), context frames excluded."""
-    keep = 1.0 if ctx_mask is None else (~ctx_mask).float()[:, None, :, None, None]
-    return (((a - b) ** 2) * keep).mean((1, 2, 3, 4))
-
-
-def straight_path_flows(policy, reference, clips, tokens, t, x0, ctx, ctx_mask):
-    """The policy's (and, given a reference, the frozen reference's) velocity at x_t on the path x0 -> clips."""
-    tt = t[:, None, None, None, None]
-    xt = (1 - tt) * x0 + tt * clips
-    v = policy.velocity(xt, t, tokens, ctx=ctx, ctx_mask=ctx_mask)
-    if reference is None:
-        return v, None
-    with torch.no_grad():
-        return v, reference.velocity(xt, t, tokens, ctx=ctx, ctx_mask=ctx_mask)
-
-
-def awm_update(cfg, policy, reference, roll, adv, mb, draws, stats):
-    """Advantage-weighted matching on a minibatch mb of this rank's rollouts: the flow-matching loss on each
-    clip, weighted by its advantage (pull toward clips better than their group, push from worse ones), plus
-    the KL rate awm_beta * |v - v_ref|^2. draws: one (t, x0, t_kl) per draw and group, shared by a group's
-    members, so the part of the loss that does not depend on which clip won cancels in the weighted sum.
-    The reward speaks where the prompt decides the clip (t ~ 0.27, where motion is laid down); kl_all_t takes
-    the KL at pretraining's t instead, so the low-noise steps that draw edges stay the reference's."""
-    clips, tokens, a = roll.clips[mb], roll.tokens[mb], adv[mb]
+def awm_update(cfg, policy, reference, roll, adv, mb, share, draws, stats):
+    """Advantage-weighted matching on this rank's rollouts mb: each clip's flow-matching error err, weighted by
+    its advantage (pull toward clips better than their group, push from worse ones), + awm_beta * |v - v_ref|^2.
+    Bounded as AWM does it: err enters through the ratio exp(err_sampler - err) of likelihood surrogates,
+    PPO-clipped to 1 +- awm_clip, so a clip's pull or push stops once the policy has moved that far from the
+    sampler (the plain weighted loss falls without limit off-policy); on-policy the gradient is the plain one.
+    draws: (t, x0, t_kl) per draw and group, shared in a group so that what does not depend on which clip won
+    cancels. t ~ 0.27 is where motion is laid down; kl_all_t anchors the KL at pretraining's t instead, where
+    edges are drawn. share turns sums into the minibatch's mean over all ranks."""
+    clips, tokens, a, g = roll.clips[mb], roll.tokens[mb], adv[mb], roll.group[mb]
     ctx, cm = (None, None) if roll.ctx is None else (roll.ctx[mb], roll.ctx_mask[mb])
-    weight = torch.where(a < 0, cfg.neg_scale * a, a)
-    dev = clips.device
-    with bf16(cfg, dev):
+    weight, total = torch.where(a < 0, cfg.neg_scale * a, a), 0.0
+    flow = lambda net, t, x0: M.straight_path_velocity(net, clips, x0.to(clips.device), t.to(clips.device), tokens, ctx, cm)
+    with bf16(cfg, clips.device):
         for t, x0, _ in draws:
-            t, x0 = t[roll.group[mb]].to(dev), x0[roll.group[mb]].to(dev)
-            v, v_ref = straight_path_flows(policy, None if cfg.kl_all_t else reference, clips, tokens, t, x0, ctx, cm)
-            loss = (weight * masked_msq(v, clips - x0, cm)).mean()
-            if v_ref is not None:                                             # the KL at the same points, for free
-                kl = masked_msq(v, v_ref, cm)
-                loss = loss + cfg.awm_beta * kl.mean()
+            v = flow(policy, t[g], x0[g])
+            err = M.masked_msq(v, clips - x0[g].to(clips.device), cm).float()   # (mb,)
+            pg = weight * err                                                 # unbounded: falls without limit
+            if cfg.awm_clip > 0:
+                with torch.no_grad():
+                    err_old = err if roll.on_policy else M.masked_msq(flow(roll.sampler, t[g], x0[g]),
+                                                                      clips - x0[g].to(clips.device), cm).float()
+                ratio = torch.exp(err_old.detach() - err)
+                pg = torch.maximum(-weight * ratio, -weight * ratio.clamp(1 - cfg.awm_clip, 1 + cfg.awm_clip))
+                stats["clipped"].append(float(((ratio.detach() - 1).abs() > cfg.awm_clip).float().mean()))
+                stats["ratio"].append(float(ratio.detach().mean()))
+            loss = pg.sum() * share
+            if not cfg.kl_all_t:                                              # the KL at the same points
+                with torch.no_grad():
+                    v_ref = flow(reference, t[g], x0[g])
+                kl = M.masked_msq(v, v_ref, cm)
+                loss = loss + cfg.awm_beta * kl.sum() * share
                 stats["kl_ref"].append(kl.mean().item())
             (loss / len(draws)).backward()
-            stats["loss"].append(loss.item())
+            total += loss.item() / len(draws)
         if cfg.kl_all_t:  # one pass at pretraining's t: a regulariser needs its expectation, not many draws
-            t, x0 = draws[0][2][roll.group[mb]].to(dev), draws[0][1][roll.group[mb]].to(dev)
-            v, v_ref = straight_path_flows(policy, reference, clips, tokens, t, x0, ctx, cm)
-            kl = masked_msq(v, v_ref, cm)
-            (cfg.awm_beta * kl.mean()).backward()
+            t, x0 = draws[0][2][g], draws[0][1][g]
+            with torch.no_grad():
+                v_ref = flow(reference, t, x0)
+            kl = M.masked_msq(flow(policy, t, x0), v_ref, cm)
+            (cfg.awm_beta * kl.sum() * share).backward()
             stats["kl_ref"].append(kl.mean().item())
+    roll.on_policy = False                    # the optimizer steps next: later passes compare with the sampler
+    stats["loss"].append(total)
+    return total
 
 
 def sde_gaussian(cfg, net, roll, k, mb):
@@ -325,11 +311,11 @@ def sde_gaussian(cfg, net, roll, k, mb):
     return M.sde_step(x_t[mb], v, t, t_next, float(grid[1]), cfg.noise_level, x_next=x_next[mb])[1:]
 
 
-def ppo_update(cfg, policy, reference, roll, adv, mb, draws, stats):
+def ppo_update(cfg, policy, reference, roll, adv, mb, share, draws, stats):
     """Flow-GRPO: PPO's clipped ratio of each trained SDE step's log-prob under the policy and at rollout time,
     plus beta * the closed-form KL between the policy's and the reference's Gaussian steps. Accumulates over
     roll.trained; takes no (t, noise) draws: the rollout's own SDE steps are the samples."""
-    trained = roll.trained
+    trained, total = roll.trained, 0.0
     for k in trained:
         mean, step_std, logp = sde_gaussian(cfg, policy, roll, k, mb)
         with torch.no_grad():
@@ -337,14 +323,16 @@ def ppo_update(cfg, policy, reference, roll, adv, mb, draws, stats):
         logp_old = roll.steps[k][3][mb]
         policy_loss, ratio, clipped = ppo_clip_loss(logp, logp_old, adv[mb], cfg.clip_range)
         kl = gaussian_kl(mean, mean_ref, step_std)                            # (mb,)
-        loss = (policy_loss + cfg.beta * kl).mean() / len(trained)
+        loss = (policy_loss + cfg.beta * kl).sum() * share / len(trained)
         loss.backward()
+        total += loss.item()
         log_ratio = (logp - logp_old).detach()
-        stats["loss"].append(loss.item() * len(trained))
         stats["ratio"].append(float(ratio.mean()))
         stats["clipped"].append(float(clipped.float().mean()))
         stats["approx_kl"].append(float((log_ratio.exp() - 1 - log_ratio).mean()))
         stats["kl_ref"].append(kl.mean().item())
+    stats["loss"].append(total)
+    return total
 
 
 def curated_term(cfg, policy, n_update, world, device, stats):
@@ -391,14 +379,8 @@ def train(cfg: Config, reward_fn=None):
     ema = EMA(policy, cfg.ema_decay)
     opt = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, weight_decay=0.0)
     guard, spikes, monitor = NonFiniteGuard(), SpikeGuard(cfg.spike_factor), HackingMonitor(cfg.patience)
-    start, log_offset = 0, None
-    if cfg.resume:
-        start, extra, saved = M.load_run_state(state_path, policy, ema, opt, warn=log)
-        M.check_resume(saved, cfg)
-        for name, part in (("guard", guard), ("spikes", spikes), ("monitor", monitor)):
-            part.load_state_dict(extra[name])
-        log_offset = extra["log_bytes"]
-        log(f"resumed {state_path} at iteration {start}")
+    parts = dict(guard=guard, spikes=spikes, monitor=monitor)  # every decision's history: saved, restored
+    start, log_offset = M.resume_run(state_path, policy, ema, opt, cfg, parts, log) if cfg.resume else (0, None)
     spikes.snapshot(policy, opt)                    # at a checkpoint the last good weights are the current ones
 
     rollouts = cfg.prompts_per_iter * cfg.group_size
@@ -408,8 +390,8 @@ def train(cfg: Config, reward_fn=None):
     log(f"batch: {cfg.prompts_per_iter} prompts x {cfg.group_size} rollouts = {rollouts} per iteration = "
         f"{d.ranks} rank(s) x {per_rank}; {cfg.rollout_steps} denoising steps, SDE on {n_window}, {n_trained} trained "
         f"per rollout; {cfg.epochs} epoch(s) x {cfg.minibatches} minibatch(es) = {cfg.epochs * cfg.minibatches} "
-        f"{cfg.update} updates per iteration, each over {per_rank // cfg.minibatches} rollouts per rank")
-    assert per_rank * d.ranks == rollouts and (per_rank // cfg.minibatches) * cfg.minibatches == per_rank
+        f"{cfg.update} updates per iteration, each over {rollouts // cfg.minibatches} rollouts")
+    assert per_rank * d.ranks == rollouts and (rollouts // cfg.minibatches) * cfg.minibatches == rollouts
     print_config(cfg, log)
 
     train_prompts, names = data.train_prompts(), R.head_names(cfg.split_instruction)
@@ -420,6 +402,7 @@ def train(cfg: Config, reward_fn=None):
     lineage = lambda n: M.lineage_record(f"rl-{cfg.update}", cfg.init, n, "prompts:train_combos", config=asdict(cfg),
                                          parent_stage=parent_meta.get("lineage", {}).get("stage", ""))
     update = awm_update if cfg.update == "awm" else ppo_update
+    sampler = M.VideoDiT(mc).to(d.device).requires_grad_(False) if cfg.update == "awm" and cfg.awm_clip > 0 else None
     shape = (mc.channels, mc.frames, mc.size, mc.size)
     mine = slice(d.rank * per_rank, (d.rank + 1) * per_rank)                  # this rank's share of the rollouts
     logf = open_log(os.path.join(cfg.out_dir, "log.jsonl"), log_offset) if d.main else None
@@ -432,7 +415,7 @@ def train(cfg: Config, reward_fn=None):
         t0 = time.time()
         gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + it)       # this iteration's draws, on every rank
         # ================================================================ SAMPLING
-        clips, roll = sample_rollouts(cfg, policy, it, gen, train_prompts, mine, d.device)
+        clips, roll = sample_rollouts(cfg, policy, sampler, it, gen, train_prompts, mine, d.device)
         roll.trained = sorted(torch.randperm(len(roll.steps), generator=gen)[:n_trained].tolist())
         t_roll = time.time() - t0
         # ================================================================ REWARDS
@@ -445,14 +428,16 @@ def train(cfg: Config, reward_fn=None):
         t1, stats = time.time(), defaultdict(list)
         policy.train()
         for epoch in range(cfg.epochs):
-            order = torch.randperm(per_rank, generator=gen)                  # same on every rank
+            order = torch.randperm(rollouts, generator=gen)                  # over all ranks: draws match any rank count
             draws = [(M.sample_t(cfg.prompts_per_iter, gen, mean=cfg.awm_t_mean),  # AWM: (t, noise, t_kl) per group
                       torch.randn(cfg.prompts_per_iter, *shape, generator=gen), M.sample_t(cfg.prompts_per_iter, gen))
                      for _ in range(cfg.awm_draws if cfg.update == "awm" else 0)]
-            for j, mb in enumerate(order.chunk(cfg.minibatches)):
+            for j, chunk in enumerate(order.chunk(cfg.minibatches)):
                 n_update = (it * cfg.epochs + epoch) * cfg.minibatches + j  # counts every optimizer step
-                # the update rule: its loss + its KL to the frozen reference, backpropagated
-                update(cfg, policy, reference, roll, adv_mine, mb, draws, stats)
+                mb = chunk[(chunk >= mine.start) & (chunk < mine.stop)] - mine.start  # this rank's share of it
+                # the update rule: its loss + its KL to the frozen reference, backpropagated; sums * share
+                # are the minibatch's mean over all ranks once the gradients are averaged
+                loss = update(cfg, policy, reference, roll, adv_mine, mb, d.ranks / len(chunk), draws, stats) if len(mb) else 0.0
                 if cfg.sft_weight > 0:
                     curated_term(cfg, policy, n_update, world, d.device, stats)  # + the curated flow loss
                 average_gradients(policy.parameters(), d)
@@ -460,7 +445,7 @@ def train(cfg: Config, reward_fn=None):
                     group["lr"] = warmup_cosine(n_update, cfg.lr, cfg.warmup, total=1, final_frac=1.0)
                 grad_norm = clip_gradients(policy.parameters(), cfg.grad_clip)  # CLIP: global, after the all-reduce
                 stats["grad_norm"].append(grad_norm)
-                if guard.ok(all_mean(torch.tensor(stats["loss"][-1], dtype=torch.float64), d).item(), grad_norm):
+                if guard.ok(all_mean(torch.tensor(loss, dtype=torch.float64), d).item(), grad_norm):
                     opt.step()
                     ema.update(policy, n_update)                              # EMA
                 opt.zero_grad(set_to_none=True)
@@ -492,12 +477,11 @@ def train(cfg: Config, reward_fn=None):
             logf.flush()
         stop = bool(from_rank0(stop, d))
         if ((it + 1) % cfg.ckpt_every == 0 or it + 1 == cfg.iters or stop) and d.main:
-            M.save_run_state(state_path, policy, ema, opt, lineage(it + 1), it + 1,
-                             dict(guard=guard.state_dict(), spikes=spikes.state_dict(), monitor=monitor.state_dict(),
-                                  log_bytes=logf.tell()))
+            M.save_run_state(state_path, policy, ema, opt, lineage(it + 1), it + 1, parts, logf)
         if stop:
             break
 
+    check_ranks_agree(policy, d)                                                # before anything is handed off
     # ---- hand-off: the EMA policy, and a sample grid on the fixed eval prompts
     if d.main:
         final_it = it + 1 if cfg.iters > start else start

@@ -235,6 +235,17 @@ def head_names(split_instruction=False):
     return list(HEADS) + ([f"instruction_{k}" for k in data.ATTRIBUTES] if split_instruction else [])
 
 
+def curriculum(weights, progress):
+    """Self-paced weights (TeleBoost): at progress in [0, 1] the focus moves from phase 0 (fidelity) through 1
+    (temporal) to 2 (semantics), and each head's weight is scaled by 0.5^(its phase's distance from the focus).
+    weights: head -> weight. Returns head -> weight."""
+    pos = min(progress, 1.0) * 2
+    lo = int(min(pos, 1))
+    focus = lambda now: torch.tensor([0.5 ** abs(now - HEADS[h].phase) for h in weights])
+    scale = torch.lerp(focus(lo), focus(lo + 1), pos - lo)
+    return dict(zip(weights, (torch.tensor(list(weights.values())) * scale).tolist()))
+
+
 def reward_heads(videos, prompts, world=None, heads=HEADS, obs=None, split_instruction=False):
     """name -> (B,) score in [0, 1] for each head, from one oracle pass over the clips (or a given one,
     to score the same clips against other prompts). split_instruction adds instruction_<attribute>, each

@@ -21,7 +21,7 @@ from tqdm import tqdm
 
 import data
 import model as M
-from stability import (EMA, ConfigError, NonFiniteGuard, all_mean, check_ranges, claim_out_dir, clip_gradients,
+from stability import (check_ranks_agree, EMA, ConfigError, NonFiniteGuard, all_mean, check_ranges, claim_out_dir, clip_gradients,
                        make_logger, open_log, parse_config, print_config, run_cli, setup_distributed, teardown,
                        warmup_cosine)
 
@@ -110,13 +110,8 @@ def train(cfg: Config, stop_after=None):
     world = data.WorldConfig(frames=mcfg.frames, size=mcfg.size)
     ema = EMA(net, cfg.ema_decay)
     opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    guard, start, log_offset = NonFiniteGuard(), 0, None
-    if cfg.resume:
-        start, extra, saved = M.load_run_state(state_path, net, ema, opt, warn=log)
-        M.check_resume(saved, cfg)
-        guard.load_state_dict(extra.get("guard", guard.state_dict()))
-        log_offset = extra.get("log_bytes")
-        log(f"resumed {state_path} at step {start}")
+    guard = NonFiniteGuard()
+    start, log_offset = M.resume_run(state_path, net, ema, opt, cfg, {"guard": guard}, log) if cfg.resume else (0, None)
     train_net = DDP(net) if d.ranks > 1 else net
     per_rank = cfg.batch_size // d.ranks
     stage = "pretrain" if not cfg.init else "sft"
@@ -163,11 +158,11 @@ def train(cfg: Config, stop_after=None):
                 logf.flush()
         if (step + 1) % cfg.ckpt_every == 0 or step + 1 == cfg.steps:
             if d.main:
-                M.save_run_state(state_path, net, ema, opt, lineage(step + 1), step + 1,
-                                 dict(guard=guard.state_dict(), log_bytes=logf.tell()))
+                M.save_run_state(state_path, net, ema, opt, lineage(step + 1), step + 1, {"guard": guard}, logf)
         if stop_after is not None and step + 1 >= stop_after:
             return None
 
+    check_ranks_agree(net, d)                                                # before anything is handed off
     # ---- hand-off: EMA weights, validation loss, a sample grid
     if d.main:
         val = validation_loss(ema.model, world, cfg.val_clips)

@@ -138,6 +138,21 @@ def teardown(d: Dist):
         dist.destroy_process_group()
 
 
+def check_ranks_agree(model, d: Dist):
+    """Every rank must end with the same weights (each applied the same averaged gradients and decisions):
+    compare a float64 checksum of the parameters and refuse to hand off if any rank differs."""
+    if d.ranks == 1:
+        return
+    with torch.no_grad():
+        mine = torch.stack([sum(p.double().sum() for p in model.parameters()),
+                            sum(p.double().abs().sum() for p in model.parameters())])
+    every = [torch.zeros_like(mine) for _ in range(d.ranks)]
+    dist.all_gather(every, mine)
+    if any(not torch.equal(every[0], e) for e in every[1:]):
+        raise Diverged(f"the ranks ended with different weights (checksums {[e.tolist() for e in every]}); "
+                       f"a decision was taken on one rank's own statistics")
+
+
 def make_logger(d: Dist):
     from tqdm import tqdm
     return (lambda msg: tqdm.write(str(msg))) if d.main else (lambda msg: None)

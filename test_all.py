@@ -1,9 +1,11 @@
 """postflow's tests: tiny configs, the whole suite in a few minutes on 2 CPU cores.  Run: make test"""
 import collections
+import json
 import math
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -421,21 +423,29 @@ def test_split_instruction_heads_and_weights():
         reward_rl.check_config(reward_rl.Config(split_instruction=True, reward="rm"), 1)
 
 
-def test_group_advantages_per_head_and_zero_variance_groups():
+def test_group_advantages_per_head_zero_variance_groups_and_clip_after_scaling():
     scores = torch.tensor([[0.1, 0.5], [0.3, 0.5], [0.5, 0.5],      # group 0: head 1 is flat
                            [0.2, 0.9], [0.2, 0.1], [0.2, 0.5]])     # group 1: head 0 is flat
     cfg = reward_rl.Config(group_size=3, std_floor=1e-3, adv_clip=5.0)
     adv, zero = reward_rl.advantages(cfg, scores, torch.zeros_like(scores), torch.tensor([1.0, 2.0]))
-    z = lambda x: (x - x.mean()) / (x.std(correction=0) + 1e-4)
+    z = lambda x: (x - x.mean()) / (x.std(correction=1) + 1e-4)   # Bessel-corrected, as the docstring says
     expect = torch.cat([z(torch.tensor([0.1, 0.3, 0.5])), 2 * z(torch.tensor([0.9, 0.1, 0.5]))])
     assert torch.allclose(adv, expect, atol=1e-5) and zero == 0.5
-    big = torch.tensor([[0.0], [0.0], [0.0], [1.0]])                           # a lone outlier: z = 1.73, clipped
+    big = torch.tensor([[0.0], [0.0], [0.0], [1.0]])                           # a lone outlier: z = 1.5, x4 -> clipped
     adv, _ = reward_rl.advantages(reward_rl.Config(group_size=4, std_floor=1e-3, adv_clip=5.0), big, big * 0, torch.tensor([4.0]))
     assert adv.max() == 5.0 and adv.min() < 0
+    # the floor is compared with the same (Bessel) std: 0.01 here, where the population std would be 0.0087
+    edge = torch.tensor([[0.0], [0.0], [0.0], [0.02]])
+    assert reward_rl.advantages(reward_rl.Config(group_size=4, std_floor=0.0095), edge, edge * 0, torch.ones(1))[1] == 0.0
+    assert reward_rl.advantages(reward_rl.Config(group_size=4, std_floor=0.0105), edge, edge * 0, torch.ones(1))[1] == 1.0
     # ensemble reliability: agreeing members weigh more, clamped to [0.5, 1.5]
     w = reward_rl.reliability(torch.tensor([[0.1], [0.2], [0.3], [0.2]]))
     assert torch.allclose(w, torch.tensor([1.5, 1.0, 0.5, 1.0]))
     assert reward_rl.reliability(torch.tensor([[0.0], [1.0]])).tolist() == [1.5, 0.5]
+    # the clip comes after every scaling: reliability 1.5 on a clipped advantage stays within +-adv_clip
+    rm_std = torch.tensor([[0.0], [0.1], [0.1], [0.1]])
+    adv, _ = reward_rl.advantages(reward_rl.Config(group_size=4, reward="rm", adv_clip=2.0), big, rm_std, torch.tensor([4.0]))
+    assert adv.abs().max() == 2.0
 
 
 def test_ppo_and_kl_helpers():
@@ -483,8 +493,9 @@ def test_awm_weights_warmup_and_curated_term(tiny_checkpoints):
 
     def grad_norm(adv, **kw):
         policy.zero_grad()
+        roll.on_policy = True
         cfg = reward_rl.Config(**{"awm_beta": 0.0, "bf16": False, **kw})
-        reward_rl.awm_update(cfg, policy, reference, roll, adv, every, draws, collections.defaultdict(list))
+        reward_rl.awm_update(cfg, policy, reference, roll, adv, every, 1 / 4, draws, collections.defaultdict(list))
         return sum(float(p.grad.norm() ** 2) for p in policy.parameters() if p.grad is not None) ** 0.5
 
     below = -torch.ones(4)                       # every clip worse than its group
@@ -496,8 +507,9 @@ def test_awm_weights_warmup_and_curated_term(tiny_checkpoints):
     # bf16 autocast (the default for awm) keeps the gradient's direction
     def grad(bf16):
         policy.zero_grad()
+        roll.on_policy = True
         reward_rl.awm_update(reward_rl.Config(bf16=bf16), policy, reference, roll, torch.linspace(-1, 1, 4), every,
-                             draws, collections.defaultdict(list))
+                             1 / 4, draws, collections.defaultdict(list))
         return torch.cat([p.grad.flatten() for p in policy.parameters() if p.grad is not None])
     assert torch.nn.functional.cosine_similarity(grad(False), grad(True), dim=0) > 0.99
     # a run: the learning rate warms up linearly, and the curated (PPO-ptx) term is logged per iteration
@@ -507,22 +519,151 @@ def test_awm_weights_warmup_and_curated_term(tiny_checkpoints):
     assert all(r["sft_loss"] > 0 for r in recs)
 
 
-def test_grpo_one_and_two_ranks_agree(tiny_checkpoints):
-    _, tuned, root = tiny_checkpoints
-    args = ["reward_rl.py", f"--init={tuned}", "--iters=2", "--prompts_per_iter=2", "--group_size=4", "--rollout_steps=4",
-            "--eval_prompts=2", "--eval_steps=2", "--device=cpu", "--lr=1e-3", "--bf16=false"]  # bf16 rounds by batch
+def test_awm_bounded_objective_saturates_off_policy(tiny_checkpoints):
+    """Off the sampler, the plain advantage-weighted loss of below-group clips falls without limit; AWM's clipped
+    ratio of exp(-err) surrogates stops pushing once a clip's ratio leaves 1 +- awm_clip."""
+    _, tuned, _ = tiny_checkpoints
+    policy, _ = M.load_model(tuned)
+    sampler, _ = M.load_model(tuned)
+    gen = torch.Generator().manual_seed(0)
+    shape = (4, policy.cfg.channels, policy.cfg.frames, policy.cfg.size, policy.cfg.size)
+    clips, tokens = torch.rand(shape, generator=gen) * 2 - 1, data.tokenize(["a red circle moving left"] * 4)
+    draws = [(torch.full((4,), 0.3), torch.randn(shape, generator=gen), torch.full((4,), 0.6))]
+    roll = reward_rl.Rollout(["a red circle moving left"] * 4, tokens, clips, [], torch.arange(4), M.time_grid(4),
+                             sampler=sampler, on_policy=False)
+    every, below = torch.arange(4), -torch.ones(4)
+    loss_of = lambda clip: reward_rl.awm_update(reward_rl.Config(awm_beta=0.0, bf16=False, awm_clip=clip), policy, sampler,
+                                                roll, below, every, 1 / 4, draws, collections.defaultdict(list))
+    with torch.no_grad():                                    # a policy pushed far from the sampler: err rises
+        for p in policy.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=gen))
+    policy.zero_grad()
+    bounded = loss_of(0.02)
+    assert all(p.grad is None or p.grad.abs().max() == 0 for p in policy.parameters())  # saturated: no more push
+    assert bounded == pytest.approx(0.98, abs=1e-6)          # -A * clip(ratio) = 1 * (1 - 0.02)
+    policy.zero_grad()
+    unbounded = loss_of(0.0)                                 # A * err: more negative the further it goes
+    assert unbounded < 0 and sum(float(p.grad.abs().sum()) for p in policy.parameters() if p.grad is not None) > 0
+    roll.on_policy = True                                    # on-policy the two give the same gradient
+    policy.zero_grad()
+    loss_of(0.02)
+    g_bounded = [p.grad.clone() for p in policy.parameters() if p.grad is not None]
+    roll.on_policy = True
+    policy.zero_grad()
+    loss_of(0.0)
+    g_plain = [p.grad.clone() for p in policy.parameters() if p.grad is not None]
+    assert all(torch.allclose(a, b, rtol=1e-4, atol=1e-7) for a, b in zip(g_bounded, g_plain))
+
+
+@pytest.fixture(scope="module")
+def trained_tiny(tmp_path_factory):
+    """A tiny base pretrained for 40 steps and tuned for 20: far enough from its init that rollouts, rewards and
+    updates depend on every draw (a near-untrained net hides a shifted random stream)."""
+    root = tmp_path_factory.mktemp("trained")
+    base = sft.train(tiny_sft(root / "base", steps=40, batch_size=8, lr=2e-3, warmup=5, ckpt_every=40, log_every=10))
+    return sft.train(tiny_sft(root / "sft", init=base, data="curated", steps=20, batch_size=8, ckpt_every=20, log_every=10))
+
+
+def test_grpo_one_and_two_ranks_agree(trained_tiny, tmp_path):
+    """The same run on 1 and 2 ranks: same draws, same rollouts and rewards, the same decisions (the spike guard,
+    set tight here so that it rolls back, decides on reduced statistics), and the same weights on every rank."""
+    args = ["reward_rl.py", f"--init={trained_tiny}", "--iters=8", "--prompts_per_iter=2", "--group_size=4",
+            "--rollout_steps=4", "--eval_prompts=2", "--eval_steps=2", "--eval_every=4", "--device=cpu", "--lr=1e-3",
+            "--warmup=1", "--minibatches=2", "--spike_factor=1.5", "--sft_batch=4", "--bf16=false"]  # bf16 rounds by batch
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    one = subprocess.run([sys.executable, *args, f"--out_dir={root}/r1"], cwd=HERE, capture_output=True, text=True, env=env)
+    one = subprocess.run([sys.executable, *args, f"--out_dir={tmp_path}/r1"], cwd=HERE, capture_output=True, text=True, env=env)
     two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", *args,
-                          f"--out_dir={root}/r2"], cwd=HERE, capture_output=True, text=True, env=env, timeout=300)
-    assert one.returncode == 0 and two.returncode == 0, two.stderr[-2000:]
-    assert "2 rank(s) x 4" in two.stdout + two.stderr
-    a, b = [[r for r in read_log(root / d / "log.jsonl") if "reward_instruction" in r] for d in ("r1", "r2")]
-    for ra, rb in zip(a, b):   # the same rollouts and rewards, whatever the rank count
-        assert ra["reward_instruction"] == pytest.approx(rb["reward_instruction"], abs=1e-3)
-        assert ra["grad_norm"] == pytest.approx(rb["grad_norm"], rel=1e-3)
-    wa, wb = M.read_checkpoint(root / "r1" / "ckpt.safetensors")[0], M.read_checkpoint(root / "r2" / "ckpt.safetensors")[0]
-    assert max((wa[k] - wb[k]).abs().max() for k in wa) < 1e-4
+                          f"--out_dir={tmp_path}/r2"], cwd=HERE, capture_output=True, text=True, env=env, timeout=300)
+    assert one.returncode == 0, one.stderr[-2000:]
+    assert two.returncode == 0, two.stderr[-2000:]            # exit 0 includes: every rank ended with the same weights
+    assert "2 rank(s) x 4" in two.stdout + two.stderr and "terminate called" not in two.stderr
+    a, b = [[r for r in read_log(tmp_path / d / "log.jsonl") if "reward_instruction" in r] for d in ("r1", "r2")]
+    assert len(a) == len(b) == 8 and a[-1]["rollbacks"] > 0, a[-1]     # the guard did act
+    for ra, rb in zip(a, b):
+        assert ra["reward_instruction"] == pytest.approx(rb["reward_instruction"], abs=1e-4)
+        assert ra["grad_norm"] == pytest.approx(rb["grad_norm"], rel=1e-3) and ra["rollbacks"] == rb["rollbacks"]
+    for name in ("ckpt.safetensors", "state.safetensors"):
+        wa, wb = M.read_checkpoint(tmp_path / "r1" / name)[0], M.read_checkpoint(tmp_path / "r2" / name)[0]
+        assert max(float((wa[k] - wb[k]).abs().max()) for k in wa if k.startswith(("model.", "ema.")) or "." in k) < 1e-4
+
+
+KILL_TRIALS = int(os.environ.get("POSTFLOW_KILL_TRIALS", "2"))   # `make killtest` runs 10 per stage
+
+
+def run_until_checkpointed(args, out, delay=None):
+    """Start a run and wait for its first checkpoint; then kill -9 it after `delay` s (mid-write included), or let
+    it finish (delay None). Returns (whether it was killed before finishing, seconds from checkpoint to end)."""
+    p = subprocess.Popen([sys.executable, *args, f"--out_dir={out}"], cwd=HERE, stdout=subprocess.DEVNULL,
+                         stderr=subprocess.DEVNULL, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    while not (out / "state.safetensors").exists() and p.poll() is None:
+        time.sleep(0.01)
+    t0 = time.time()
+    if delay is not None:
+        time.sleep(delay)
+        p.kill()
+    return p.wait() != 0, time.time() - t0
+
+
+def kill_and_resume(args, out, rng, window):
+    """kill -9 a run at a random moment after its first checkpoint, then resume it to the end. A kill that came
+    too late (the run had finished) is retried sooner in a fresh folder."""
+    for attempt in range(4):
+        shutil.rmtree(out, ignore_errors=True)
+        killed, _ = run_until_checkpointed(args, out, rng.uniform(0, window / 2 ** attempt))
+        if killed:
+            break
+    r = subprocess.run([sys.executable, *args, f"--out_dir={out}", "--resume=true"], cwd=HERE, capture_output=True,
+                       text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    return killed
+
+
+@pytest.mark.parametrize("stage", ["sft", "rl", "dpo"])
+def test_kill_minus_9_then_resume_gives_the_same_weights(stage, trained_tiny, tmp_path):
+    """Interrupted anywhere, every stage resumes to bitwise the weights of an uninterrupted run, with each log
+    record written once and no temp file left; the RL run rolls back often (its guards' histories are state)."""
+    import random
+    preference.save_pairs(str(tmp_path / "pairs.safetensors"), tiny_pairs(8))
+    args = {"sft": ["sft.py", "--init=", "--data=web", "--preset=tiny", "--steps=24", "--batch_size=4", "--ckpt_every=2",
+                    "--log_every=2", "--val_clips=4", "--sample_steps=2", "--device=cpu"],
+            "rl": ["reward_rl.py", f"--init={trained_tiny}", "--iters=8", "--prompts_per_iter=2", "--group_size=4",
+                   "--rollout_steps=4", "--eval_prompts=2", "--eval_steps=2", "--eval_every=2", "--ckpt_every=1",
+                   "--lr=1e-3", "--warmup=1", "--spike_factor=1.5", "--sft_batch=4", "--device=cpu"],
+            "dpo": ["preference.py", f"--init={trained_tiny}", f"--pairs={tmp_path}/pairs.safetensors", "--steps=40",
+                    "--batch_size=4", "--ckpt_every=2", "--log_every=2", "--eval_prompts=2", "--eval_steps=2",
+                    "--device=cpu"]}[stage]
+    failed, window = run_until_checkpointed(args, tmp_path / "ref")
+    assert not failed
+    want = M.read_checkpoint(tmp_path / "ref" / "ckpt.safetensors")[0]
+    rng, hits = random.Random(stage), 0
+    for trial in range(KILL_TRIALS):
+        out = tmp_path / f"kill{trial}"
+        hits += kill_and_resume(args, out, rng, window)
+        got = M.read_checkpoint(out / "ckpt.safetensors")[0]
+        assert all(torch.equal(want[k], got[k]) for k in want), f"trial {trial} differs"
+        keys = [json.dumps({k: v for k, v in r.items() if not k.endswith("_s")}) for r in read_log(out / "log.jsonl")]
+        steps = [r.get("step", r.get("iter")) for r in read_log(out / "log.jsonl") if "eval" not in r and "final" not in r]
+        assert len(steps) == len(set(steps)) and steps == sorted(steps), steps      # each record once, in order
+        assert not [f for f in os.listdir(out) if ".tmp" in f]
+    print(f"{stage}: {KILL_TRIALS} of {KILL_TRIALS} bitwise equal ({hits} killed mid-run)")
+    assert hits == KILL_TRIALS                                 # every kill landed before the run ended
+
+
+def test_resume_falls_back_cleans_up_and_refuses_other_settings(tmp_path):
+    full = sft.train(tiny_sft(tmp_path / "full", steps=6, ckpt_every=2))
+    sft.train(tiny_sft(tmp_path / "cut", steps=6, ckpt_every=2), stop_after=4)   # state at 4, previous state at 2
+    cut = tmp_path / "cut"
+    (cut / "state.safetensors.tmp999").write_bytes(b"half a checkpoint")           # a kill during a write
+    data_ = (cut / "state.safetensors").read_bytes()
+    (cut / "state.safetensors").write_bytes(data_[: len(data_) // 2])              # the latest state damaged
+    with pytest.raises(stability.ConfigError, match="lr=0.005"):
+        sft.train(tiny_sft(cut, steps=6, ckpt_every=2, lr=5e-3, resume=True))
+    resumed = sft.train(tiny_sft(cut, steps=6, ckpt_every=2, resume=True))         # warns, resumes from step 2
+    a, b = M.read_checkpoint(full)[0], M.read_checkpoint(resumed)[0]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not [f for f in os.listdir(cut) if ".tmp" in f]
+    steps = [r["step"] for r in read_log(cut / "log.jsonl") if "step" in r]
+    assert steps == [2, 4, 6]                                                      # step 4 written once
 
 
 def test_grpo_refuses_batches_that_do_not_divide(tiny_checkpoints):
