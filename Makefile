@@ -10,6 +10,11 @@ setup:
 test: setup
 	$(PY) -m pytest -q test_all.py
 
+# Reliability, at full strength: 10 kill -9 trials per stage (the suite runs 2), then the torchrun tests 20 times.
+killtest: setup
+	POSTFLOW_KILL_TRIALS=10 $(PY) -m pytest -q -s test_all.py -k kill_minus_9
+	for i in $$(seq 20); do $(PY) -m pytest -q test_all.py -k "two_ranks or torchrun" || exit 1; done
+
 # The main job at the default CPU preset: the three stages from the shipped base, then all four judged side by
 # side. Each run of the pipeline replaces $(RUN) (pass RUN=runs/other to keep an earlier one).
 pipeline: setup
@@ -36,4 +41,4 @@ benchmarks: setup
 	$(PY) bench.py dpo_memory
 	$(PY) bench.py grpo --minutes=8
 
-.PHONY: setup test pipeline base sft_checkpoint reward_model benchmarks
+.PHONY: setup test killtest pipeline base sft_checkpoint reward_model benchmarks

@@ -28,9 +28,9 @@ from tqdm import tqdm
 import data
 import model as M
 import rewards as R
-from stability import (check_ranks_agree, EMA, ConfigError, HackingMonitor, NonFiniteGuard, SpikeGuard, all_mean, average_gradients,
-                       check_ranges, claim_out_dir, clip_gradients, from_rank0, gather_rows, make_logger, open_log,
-                       parse_config, print_config, run_cli, setup_distributed, teardown, warmup_cosine)
+from stability import (EMA, ConfigError, HackingMonitor, NonFiniteGuard, SpikeGuard, all_mean, average_gradients,
+                       check_ranges, check_ranks_agree, claim_out_dir, clip_gradients, from_rank0, gather_rows, make_logger,
+                       native_bf16, open_log, parse_config, print_config, run_cli, setup_distributed, teardown, warmup_cosine)
 
 
 @dataclass
@@ -53,8 +53,7 @@ class Config:
     reward: str = "heads"         # 'heads' (programmatic), 'rm' (learned ensemble) or 'both'
     reward_model: str = "checkpoints/reward_model.safetensors"  # the ensemble for 'rm' and 'both'
     weights: tuple = ()           # advantage weights as head=value (--weights=temporal=0.5); others: rewards.HEADS
-    split_instruction: bool = False  # z-score each prompted attribute's soft match as its own head, each weighted
-                                  # like instruction: a rare right speed is not drowned by direction's larger spread
+    split_instruction: bool = False  # each prompted attribute's soft match its own head (weighted as instruction)
     curriculum: bool = False      # self-paced: move weight from fidelity to temporal to instruction (HEADS' phase)
     # ---- ADVANTAGES
     std_floor: float = 0.01       # groups whose reward std is below this teach nothing: advantage 0
@@ -65,13 +64,11 @@ class Config:
     lr: float = 3e-4              # AdamW learning rate (constant after warmup)
     warmup: int = 10              # updates of linear warmup: Adam's first steps move every weight by ~lr
     beta: float = 0.01            # ppo: weight of the closed-form Gaussian KL per SDE step (mean-logp convention)
-    awm_beta: float = 0.3         # awm: weight of |v - v_ref|^2, the two flows' KL rate up to a constant
+    awm_beta: float = 0.3         # awm: weight of |v - v_ref|^2 (the flows' KL rate) at pretraining's t
     awm_draws: int = 2            # awm: (t, noise) draws per rollout per update, shared within a group
     awm_t_mean: float = -1.0      # awm: logit-normal mean of t (median 0.27): where motion (direction, speed) is decided
-    kl_all_t: bool = True         # awm: take the KL term at pretraining's t instead, anchoring the steps that render detail
     neg_scale: float = 1.0        # awm: weight of the push away from below-group clips (0 = pull toward winners only)
-    awm_clip: float = 0.02        # awm: PPO clip on the ratio exp(err_sampler - err) of flow-matching likelihood
-                                  # surrogates (AWM's bounded objective); 0 = the unbounded weighted loss
+    awm_clip: float = 0.02        # awm: clip of the ratio exp(err_sampler - err) (AWM's bound); 0 = unbounded loss
     sft_weight: float = 0.5       # weight of the flow loss on a fresh curated batch in every update (PPO-ptx)
     sft_batch: int = 32           # curated clips per update for that term (the same batch on every rank)
     clip_range: float = 2e-3      # PPO ratio clip; small because log-probs are means over pixels
@@ -90,35 +87,28 @@ class Config:
     ckpt_every: int = 5           # iterations between resumable checkpoints
     resume: bool = False          # continue the run in out_dir
     overwrite: bool = False       # replace whatever out_dir holds
-    bf16: bool = True             # awm: rollouts and training passes under bfloat16 autocast (1.7x on CPUs with
-                                  # AVX512-BF16); losses, log-probs and evaluation stay fp32; ppo is all fp32
+    bf16: str = "auto"            # awm: bfloat16 autocast; 'auto' = where native (1.7x; emulated it is 10x slower)
     device: str = "auto"          # 'cpu', 'cuda' or 'auto'
 
 
 def check_config(cfg, ranks):
-    if cfg.update not in ("awm", "ppo"):
-        raise ConfigError(f"--update must be 'awm' or 'ppo', got {cfg.update!r}")
-    if cfg.reward not in ("heads", "rm", "both"):
-        raise ConfigError(f"--reward must be 'heads', 'rm' or 'both', got {cfg.reward!r}")
-    if cfg.split_instruction and cfg.reward != "heads":
-        raise ConfigError("--split_instruction needs --reward=heads: the learned judge scores instruction as one head")
-    check_ranges(cfg, at_least_one=("iters", "prompts_per_iter", "rollout_steps", "chunks", "awm_draws", "sft_batch",
-                                    "epochs", "minibatches", "eval_every", "eval_prompts", "eval_steps", "patience",
-                                    "ckpt_every"),
-                 positive=("lr", "noise_level", "clip_range", "spike_factor", "adv_clip", "grad_clip"),
-                 non_negative=("warmup", "beta", "awm_beta", "neg_scale", "sft_weight", "cfg_scale", "std_floor",
-                               "max_minutes"), fraction=("ema_decay",))
-    if not 0 <= cfg.sde_window <= cfg.rollout_steps or cfg.window_start + cfg.sde_window > cfg.rollout_steps:
-        raise ConfigError(f"SDE window {cfg.window_start}+{cfg.sde_window} does not fit {cfg.rollout_steps} steps")
-    if not 0 < cfg.train_fraction <= 1:
-        raise ConfigError(f"--train_fraction must be in (0, 1], got {cfg.train_fraction}")
+    for key, allowed in (("update", ("awm", "ppo")), ("reward", ("heads", "rm", "both")), ("bf16", ("auto", "true", "false"))):
+        if str(getattr(cfg, key)).lower() not in allowed:
+            raise ConfigError(f"--{key} must be one of {', '.join(allowed)}; got {getattr(cfg, key)!r}")
+    check_ranges(cfg, at_least_one=("iters", "prompts_per_iter", "rollout_steps", "chunks", "awm_draws", "sft_batch", "epochs",
+                                    "minibatches", "eval_every", "eval_prompts", "eval_steps", "patience", "ckpt_every"),
+                 positive=("lr", "noise_level", "clip_range", "spike_factor", "adv_clip", "grad_clip"), fraction=("ema_decay",),
+                 non_negative=("warmup", "beta", "awm_beta", "neg_scale", "sft_weight", "cfg_scale", "std_floor", "max_minutes"))
     rollouts = cfg.prompts_per_iter * cfg.group_size
-    if cfg.group_size < 2:
-        raise ConfigError("--group_size must be at least 2: advantages are relative to the group")
-    if rollouts % ranks:
-        raise ConfigError(f"prompts_per_iter x group_size = {rollouts} rollouts do not divide over {ranks} ranks")
-    if rollouts % cfg.minibatches:
-        raise ConfigError(f"{rollouts} rollouts per iteration do not split into {cfg.minibatches} minibatches")
+    for bad, why in ((cfg.split_instruction and cfg.reward != "heads", "--split_instruction needs --reward=heads"),
+                     (not 0 <= cfg.sde_window <= cfg.rollout_steps or cfg.window_start + cfg.sde_window > cfg.rollout_steps,
+                      f"SDE window {cfg.window_start}+{cfg.sde_window} does not fit {cfg.rollout_steps} steps"),
+                     (not 0 < cfg.train_fraction <= 1, f"--train_fraction must be in (0, 1], got {cfg.train_fraction}"),
+                     (cfg.group_size < 2, "--group_size must be at least 2: advantages are relative to the group"),
+                     (rollouts % ranks, f"{rollouts} rollouts per iteration do not divide over {ranks} ranks"),
+                     (rollouts % cfg.minibatches, f"{rollouts} rollouts per iteration do not split into {cfg.minibatches} minibatches")):
+        if bad:
+            raise ConfigError(why)
     R.head_weights(cfg.weights)                                              # unknown heads are refused here
 
 
@@ -148,13 +138,12 @@ def reliability(rm_std):
     return (1 + (u.mean() - u) / (u.mean() + 1e-8)).clamp(0.5, 1.5)
 
 
-def ppo_clip_loss(logp_new, logp_old, advantages, clip_range):
-    """PPO's pessimistic clipped objective per sample, and the ratio and whether it was clipped. (B,) each.
-    The ratio of mean log-probs moves little, so clip_range is small (1e-4 .. 1e-2)."""
-    ratio = torch.exp(logp_new - logp_old)
-    unclipped = -advantages * ratio
-    clipped = -advantages * ratio.clamp(1 - clip_range, 1 + clip_range)
-    return torch.maximum(unclipped, clipped), ratio.detach(), ((ratio - 1).abs() > clip_range).detach()
+def ppo_clip_loss(log_ratio, advantages, clip_range):
+    """PPO's pessimistic clipped objective per sample (B,), and how many ratios were clipped. Flow-GRPO's ratio
+    of mean log-probs and AWM's of exp(-err) both move little, so clip ranges are small (1e-4 .. 2e-2)."""
+    ratio = torch.exp(log_ratio)
+    loss = torch.maximum(-advantages * ratio, -advantages * ratio.clamp(1 - clip_range, 1 + clip_range))
+    return loss, ratio.detach(), ((ratio.detach() - 1).abs() > clip_range).float().mean().item()
 
 
 def gaussian_kl(mean, mean_ref, step_std):
@@ -167,39 +156,37 @@ def window_steps(cfg, it):
     """The SDE steps of iteration `it`: the window, sliding from noise to data if window_start < 0."""
     if cfg.sde_window == 0:
         return list(range(cfg.rollout_steps))
-    start = cfg.window_start
-    if start < 0:
-        start = round((cfg.rollout_steps - cfg.sde_window) * it / max(1, cfg.iters - 1))
+    start = cfg.window_start if cfg.window_start >= 0 else round((cfg.rollout_steps - cfg.sde_window) * it / max(1, cfg.iters - 1))
     return list(range(start, start + cfg.sde_window))
 
 
 def bf16(cfg, device):
     """AWM's passes under bfloat16 autocast; PPO's ratio compares log-probs of two passes that must match: fp32."""
-    return torch.autocast(torch.device(device).type, torch.bfloat16, enabled=cfg.bf16 and cfg.update == "awm")
+    kind = torch.device(device).type
+    on = {"true": True, "false": False}.get(str(cfg.bf16).lower(), kind == "cuda" or native_bf16())
+    return torch.autocast(kind, torch.bfloat16, enabled=on and cfg.update == "awm")
 
 
 # ----------------------------------------------------------------------------- the bands of one iteration
 @dataclass
-class Rollout:
-    """What SAMPLING hands to TRAINING: this rank's share of the iteration's rollouts."""
-    prompts: list         # (n,) captions
-    tokens: torch.Tensor  # (n, L)
-    clips: torch.Tensor   # (n, C, F, H, W) the trained chunk, context frames pinned
-    steps: list           # per SDE step: (step index, x before, x after, fp32 log-prob (n,))
-    group: torch.Tensor   # (n,) the global group of each rollout
-    grid: torch.Tensor    # the rollout's time grid (rollout_steps + 1,)
-    trained: list = None  # which of the SDE steps PPO trains this iteration (train_fraction of them)
-    sampler: object = None  # AWM: a frozen copy of the policy that sampled them, for its ratio off-policy
-    on_policy: bool = True  # no update yet since sampling: the sampler's losses equal the policy's
+class Rollout:  # what SAMPLING hands to TRAINING: this rank's share n of the iteration's rollouts
+    prompts: list                  # (n,) captions
+    tokens: torch.Tensor           # (n, L)
+    clips: torch.Tensor            # (n, C, F, H, W) the trained chunk, context frames pinned
+    steps: list                    # per SDE step: (step index, x before, x after, fp32 log-prob (n,))
+    group: torch.Tensor            # (n,) the global group of each rollout
+    grid: torch.Tensor             # the rollout's time grid (rollout_steps + 1,)
+    trained: list = None           # ppo: which SDE steps it trains this iteration (train_fraction of them)
+    sampler: object = None         # awm: a frozen copy of the weights that sampled, for the ratio off-policy
+    on_policy: bool = True         # no update since sampling: the sampler's errors are the policy's
     ctx: torch.Tensor = None       # (n, C, F, H, W) clean context frames of a continuation, or None
     ctx_mask: torch.Tensor = None  # (n, F) bool
 
 
 @torch.no_grad()
 def sample_rollouts(cfg, policy, sampler, it, gen, train_prompts, mine, device):
-    """Every rank draws the same prompts and noise for the whole iteration, then rolls out its slice `mine`:
-    a group spans ranks, and 1 or N ranks roll out exactly the same clips. sampler (AWM's bounded update): a
-    module that keeps a copy of the weights that sampled. Returns (clips to score, Rollout)."""
+    """Every rank draws the same prompts and noise, then rolls out its slice `mine`: a group spans ranks, and 1
+    or N ranks roll out the same clips. Returns (clips to score, Rollout)."""
     if sampler is not None:
         sampler.load_state_dict(policy.state_dict())
     mc, rollouts = policy.cfg, cfg.prompts_per_iter * cfg.group_size
@@ -257,47 +244,36 @@ def advantages(cfg, scores, rm_std, weights):
 
 def awm_update(cfg, policy, reference, roll, adv, mb, share, draws, stats):
     """Advantage-weighted matching on this rank's rollouts mb: each clip's flow-matching error err, weighted by
-    its advantage (pull toward clips better than their group, push from worse ones), + awm_beta * |v - v_ref|^2.
-    Bounded as AWM does it: err enters through the ratio exp(err_sampler - err) of likelihood surrogates,
-    PPO-clipped to 1 +- awm_clip, so a clip's pull or push stops once the policy has moved that far from the
-    sampler (the plain weighted loss falls without limit off-policy); on-policy the gradient is the plain one.
-    draws: (t, x0, t_kl) per draw and group, shared in a group so that what does not depend on which clip won
-    cancels. t ~ 0.27 is where motion is laid down; kl_all_t anchors the KL at pretraining's t instead, where
-    edges are drawn. share turns sums into the minibatch's mean over all ranks."""
+    its advantage (pull toward clips better than their group, push from worse ones), bounded as AWM does it: err
+    enters through the ratio exp(err_sampler - err) of likelihood surrogates, PPO-clipped, so a clip's pull or
+    push stops once the policy has moved that far from the sampler (the plain weighted loss falls without limit
+    off-policy); on-policy the gradient is the plain one. Plus the KL rate awm_beta * |v - v_ref|^2 at
+    pretraining's t. draws: (t ~ 0.27, where motion is laid down; x0; t_kl) per group, shared in a group so that
+    what does not depend on which clip won cancels. share turns sums into the minibatch's mean over all ranks."""
     clips, tokens, a, g = roll.clips[mb], roll.tokens[mb], adv[mb], roll.group[mb]
     ctx, cm = (None, None) if roll.ctx is None else (roll.ctx[mb], roll.ctx_mask[mb])
     weight, total = torch.where(a < 0, cfg.neg_scale * a, a), 0.0
-    flow = lambda net, t, x0: M.straight_path_velocity(net, clips, x0.to(clips.device), t.to(clips.device), tokens, ctx, cm)
+    flow = lambda net, t, x0: M.straight_path_velocity(net, clips, x0[g].to(clips.device), t[g].to(clips.device), tokens, ctx, cm)
+    error = lambda net, t, x0: M.masked_msq(flow(net, t, x0), clips - x0[g].to(clips.device), cm).float()  # (mb,)
     with bf16(cfg, clips.device):
         for t, x0, _ in draws:
-            v = flow(policy, t[g], x0[g])
-            err = M.masked_msq(v, clips - x0[g].to(clips.device), cm).float()   # (mb,)
+            err = error(policy, t, x0)
             pg = weight * err                                                 # unbounded: falls without limit
             if cfg.awm_clip > 0:
                 with torch.no_grad():
-                    err_old = err if roll.on_policy else M.masked_msq(flow(roll.sampler, t[g], x0[g]),
-                                                                      clips - x0[g].to(clips.device), cm).float()
-                ratio = torch.exp(err_old.detach() - err)
-                pg = torch.maximum(-weight * ratio, -weight * ratio.clamp(1 - cfg.awm_clip, 1 + cfg.awm_clip))
-                stats["clipped"].append(float(((ratio.detach() - 1).abs() > cfg.awm_clip).float().mean()))
-                stats["ratio"].append(float(ratio.detach().mean()))
-            loss = pg.sum() * share
-            if not cfg.kl_all_t:                                              # the KL at the same points
-                with torch.no_grad():
-                    v_ref = flow(reference, t[g], x0[g])
-                kl = M.masked_msq(v, v_ref, cm)
-                loss = loss + cfg.awm_beta * kl.sum() * share
-                stats["kl_ref"].append(kl.mean().item())
-            (loss / len(draws)).backward()
-            total += loss.item() / len(draws)
-        if cfg.kl_all_t:  # one pass at pretraining's t: a regulariser needs its expectation, not many draws
-            t, x0 = draws[0][2][g], draws[0][1][g]
-            with torch.no_grad():
-                v_ref = flow(reference, t, x0)
-            kl = M.masked_msq(flow(policy, t, x0), v_ref, cm)
-            (cfg.awm_beta * kl.sum() * share).backward()
-            stats["kl_ref"].append(kl.mean().item())
+                    err_old = err.detach() if roll.on_policy else error(roll.sampler, t, x0)
+                pg, ratio, clipped = ppo_clip_loss(err_old - err, weight, cfg.awm_clip)
+                stats["ratio"].append(float(ratio.mean()))
+                stats["clipped"].append(clipped)
+            (pg.sum() * share / len(draws)).backward()
+            total += pg.sum().item() * share / len(draws)
+        t, x0 = draws[0][2], draws[0][1]      # the KL: one pass at pretraining's t, where the edges are drawn
+        with torch.no_grad():
+            v_ref = flow(reference, t, x0)
+        kl = M.masked_msq(flow(policy, t, x0), v_ref, cm)
+        (cfg.awm_beta * kl.sum() * share).backward()
     roll.on_policy = False                    # the optimizer steps next: later passes compare with the sampler
+    stats["kl_ref"].append(kl.mean().item())
     stats["loss"].append(total)
     return total
 
@@ -321,14 +297,14 @@ def ppo_update(cfg, policy, reference, roll, adv, mb, share, draws, stats):
         with torch.no_grad():
             mean_ref = sde_gaussian(cfg, reference, roll, k, mb)[0]
         logp_old = roll.steps[k][3][mb]
-        policy_loss, ratio, clipped = ppo_clip_loss(logp, logp_old, adv[mb], cfg.clip_range)
+        policy_loss, ratio, clipped = ppo_clip_loss(logp - logp_old, adv[mb], cfg.clip_range)
         kl = gaussian_kl(mean, mean_ref, step_std)                            # (mb,)
         loss = (policy_loss + cfg.beta * kl).sum() * share / len(trained)
         loss.backward()
         total += loss.item()
         log_ratio = (logp - logp_old).detach()
         stats["ratio"].append(float(ratio.mean()))
-        stats["clipped"].append(float(clipped.float().mean()))
+        stats["clipped"].append(clipped)
         stats["approx_kl"].append(float((log_ratio.exp() - 1 - log_ratio).mean()))
         stats["kl_ref"].append(kl.mean().item())
     stats["loss"].append(total)
@@ -366,27 +342,21 @@ def train(cfg: Config, reward_fn=None):
     d = setup_distributed(cfg.device)
     log = make_logger(d)
     check_config(cfg, d.ranks)
-    policy, parent_meta = M.load_model(cfg.init, d.device)
-    reference, _ = M.load_model(cfg.init, d.device)                          # frozen: the KL anchor
-    reference.requires_grad_(False)
-    judge = R.load_reward_model(cfg.reward_model, policy.cfg) if cfg.reward in ("rm", "both") else None
+    (policy, parent), (reference, _) = M.load_model(cfg.init, d.device), M.load_model(cfg.init, d.device)
+    reference.requires_grad_(False)                                           # frozen: the KL anchor
+    judge = R.load_reward_model(cfg.reward_model, policy.cfg) if cfg.reward != "heads" else None
     if d.main:  # every input is checked: only now may an old run be replaced
         claim_out_dir(cfg.out_dir, cfg.resume, cfg.overwrite, inputs=[cfg.init, cfg.reward_model])
-    if d.ranks > 1:
-        torch.distributed.barrier()
     state_path, ckpt_path = os.path.join(cfg.out_dir, "state.safetensors"), os.path.join(cfg.out_dir, "ckpt.safetensors")
     mc, world = policy.cfg, R.world_of(policy.cfg)
-    ema = EMA(policy, cfg.ema_decay)
-    opt = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, weight_decay=0.0)
+    ema, opt = EMA(policy, cfg.ema_decay), torch.optim.AdamW(policy.parameters(), lr=cfg.lr, weight_decay=0.0)
     guard, spikes, monitor = NonFiniteGuard(), SpikeGuard(cfg.spike_factor), HackingMonitor(cfg.patience)
     parts = dict(guard=guard, spikes=spikes, monitor=monitor)  # every decision's history: saved, restored
     start, log_offset = M.resume_run(state_path, policy, ema, opt, cfg, parts, log) if cfg.resume else (0, None)
     spikes.snapshot(policy, opt)                    # at a checkpoint the last good weights are the current ones
 
-    rollouts = cfg.prompts_per_iter * cfg.group_size
-    per_rank = rollouts // d.ranks
-    n_window = len(window_steps(cfg, 0))
-    n_trained = max(1, round(cfg.train_fraction * n_window))
+    rollouts, n_window = cfg.prompts_per_iter * cfg.group_size, len(window_steps(cfg, 0))
+    per_rank, n_trained = rollouts // d.ranks, max(1, round(cfg.train_fraction * n_window))
     log(f"batch: {cfg.prompts_per_iter} prompts x {cfg.group_size} rollouts = {rollouts} per iteration = "
         f"{d.ranks} rank(s) x {per_rank}; {cfg.rollout_steps} denoising steps, SDE on {n_window}, {n_trained} trained "
         f"per rollout; {cfg.epochs} epoch(s) x {cfg.minibatches} minibatch(es) = {cfg.epochs * cfg.minibatches} "
@@ -400,7 +370,7 @@ def train(cfg: Config, reward_fn=None):
     evaluate = lambda n: {"iter": n, **{k: round(v, 4) for k, v in R.quick_eval(
         ema.model, eval_prompts, eval_noise, cfg.eval_steps, cfg.cfg_scale, world).items()}}
     lineage = lambda n: M.lineage_record(f"rl-{cfg.update}", cfg.init, n, "prompts:train_combos", config=asdict(cfg),
-                                         parent_stage=parent_meta.get("lineage", {}).get("stage", ""))
+                                         parent_stage=parent.get("lineage", {}).get("stage", ""))
     update = awm_update if cfg.update == "awm" else ppo_update
     sampler = M.VideoDiT(mc).to(d.device).requires_grad_(False) if cfg.update == "awm" and cfg.awm_clip > 0 else None
     shape = (mc.channels, mc.frames, mc.size, mc.size)

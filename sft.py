@@ -21,9 +21,9 @@ from tqdm import tqdm
 
 import data
 import model as M
-from stability import (check_ranks_agree, EMA, ConfigError, NonFiniteGuard, all_mean, check_ranges, claim_out_dir, clip_gradients,
-                       make_logger, open_log, parse_config, print_config, run_cli, setup_distributed, teardown,
-                       warmup_cosine)
+from stability import (EMA, ConfigError, NonFiniteGuard, all_mean, check_ranges, check_ranks_agree, claim_out_dir,
+                       clip_gradients, make_logger, open_log, parse_config, print_config, run_cli, setup_distributed,
+                       teardown, warmup_cosine)
 
 
 @dataclass
