@@ -648,6 +648,27 @@ def test_kill_minus_9_then_resume_gives_the_same_weights(stage, trained_tiny, tm
     assert hits == KILL_TRIALS                                 # every kill landed before the run ended
 
 
+def test_non_finite_steps_stop_the_run_and_a_full_disk_is_one_line(tmp_path, monkeypatch, capsys):
+    guard = stability.NonFiniteGuard(limit=3)
+    assert guard.ok(1.0, 1.0) and not guard.ok(float("nan"), 1.0) and not guard.ok(1.0, float("inf"))
+    assert guard.ok(1.0, 1.0) and guard.in_a_row == 0 and guard.skipped == 2          # a stray step is skipped
+    with pytest.raises(stability.Diverged, match="3 steps in a row"):
+        for _ in range(3):
+            guard.ok(float("nan"), 1.0)
+    import errno
+    import safetensors.torch
+    def full_disk(tensors, path, metadata=None):
+        open(path, "wb").write(b"partial")
+        raise OSError(errno.ENOSPC, "No space left on device", path)
+    monkeypatch.setattr(safetensors.torch, "save_file", full_disk)
+    net = tiny_model()
+    with pytest.raises(SystemExit) as stop:
+        stability.run_cli(lambda argv: M.save_checkpoint(str(tmp_path / "a.safetensors"), net.state_dict(), net.cfg, {}), [])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert stop.value.code == 2 and len(err) == 1 and "No space left" in err[0], err
+    assert os.listdir(tmp_path) == []                                                 # no half-written temp file
+
+
 def test_resume_falls_back_cleans_up_and_refuses_other_settings(tmp_path):
     full = sft.train(tiny_sft(tmp_path / "full", steps=6, ckpt_every=2))
     sft.train(tiny_sft(tmp_path / "cut", steps=6, ckpt_every=2), stop_after=4)   # state at 4, previous state at 2
@@ -657,6 +678,8 @@ def test_resume_falls_back_cleans_up_and_refuses_other_settings(tmp_path):
     (cut / "state.safetensors").write_bytes(data_[: len(data_) // 2])              # the latest state damaged
     with pytest.raises(stability.ConfigError, match="lr=0.005"):
         sft.train(tiny_sft(cut, steps=6, ckpt_every=2, lr=5e-3, resume=True))
+    with pytest.raises(stability.ConfigError, match="--init="):                      # another KL reference / start
+        sft.train(tiny_sft(cut, steps=6, ckpt_every=2, init=full, resume=True))
     resumed = sft.train(tiny_sft(cut, steps=6, ckpt_every=2, resume=True))         # warns, resumes from step 2
     a, b = M.read_checkpoint(full)[0], M.read_checkpoint(resumed)[0]
     assert all(torch.equal(a[k], b[k]) for k in a)
