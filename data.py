@@ -12,7 +12,6 @@ plus `val` (curated quality, training combinations, its own seed stream) and `he
 direction combinations that no training split ever shows). Every batch carries its ground truth, and
 the same (split, seed, step) always gives the same batch: nothing is stored on disk.
 """
-import math
 from dataclasses import dataclass, field
 
 import numpy as np

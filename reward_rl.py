@@ -15,7 +15,6 @@ steps' log-probs). Then, in plain sight in the loop: the curated flow loss (PPO-
 non-finite guard, EMA, rollback on a spike, and a held-out oracle check that stops a run that hacks its reward.
 """
 import json
-import math
 import os
 import sys
 import time
@@ -173,7 +172,7 @@ class Rollout:  # what SAMPLING hands to TRAINING: this rank's share n of the it
     prompts: list                  # (n,) captions
     tokens: torch.Tensor           # (n, L)
     clips: torch.Tensor            # (n, C, F, H, W) the trained chunk, context frames pinned
-    steps: list                    # per SDE step: (step index, x before, x after, fp32 log-prob (n,))
+    transitions: list              # per SDE step: (step index, x before, x after, fp32 log-prob (n,))
     group: torch.Tensor            # (n,) the global group of each rollout
     grid: torch.Tensor             # the rollout's time grid (rollout_steps + 1,)
     trained: list = None           # ppo: which SDE steps it trains this iteration (train_fraction of them)
@@ -210,12 +209,12 @@ def sample_rollouts(cfg, policy, sampler, it, gen, train_prompts, mine, device):
             ctx_mask = (torch.arange(mc.frames) < overlap)[None].expand(len(x), -1).to(device)
             ctx = torch.zeros_like(x)
             ctx[:, :, :overlap] = prefix[:, :, -overlap:]
-        x, steps = M.sample_with_sde_window(policy, x, tokens, cfg.rollout_steps, sde, eps, cfg.cfg_scale,
+        x, transitions = M.sample_with_sde_window(policy, x, tokens, cfg.rollout_steps, sde, eps, cfg.cfg_scale,
                                             cfg.noise_level, ctx, ctx_mask)
     chunk = x.clamp(-1, 1) if ctx is None else torch.where(ctx_mask[:, None, :, None, None], ctx, x.clamp(-1, 1))
     clips = chunk if ctx is None else torch.cat([prefix, chunk[:, :, mc.frames // 2:]], dim=2)
     group = torch.arange(rollouts)[mine] // cfg.group_size
-    return clips, Rollout(prompts, tokens, chunk, steps, group, M.time_grid(cfg.rollout_steps), ctx=ctx,
+    return clips, Rollout(prompts, tokens, chunk, transitions, group, M.time_grid(cfg.rollout_steps), ctx=ctx,
                           ctx_mask=ctx_mask, sampler=sampler)
 
 
@@ -280,7 +279,7 @@ def awm_update(cfg, policy, reference, roll, adv, mb, share, draws, stats):
 
 def sde_gaussian(cfg, net, roll, k, mb):
     """The net's SDE step k of the rollouts mb, scored on the stored next latent: its mean, std and log-prob."""
-    (i, x_t, x_next, _), grid = roll.steps[k], roll.grid
+    (i, x_t, x_next, _), grid = roll.transitions[k], roll.grid
     t, t_next = float(grid[i]), float(grid[i + 1])
     ctx, cm = (None, None) if roll.ctx is None else (roll.ctx[mb], roll.ctx_mask[mb])
     v = M.guided_velocity(net, x_t[mb], t, roll.tokens[mb], cfg.cfg_scale, ctx, cm)
@@ -296,7 +295,7 @@ def ppo_update(cfg, policy, reference, roll, adv, mb, share, draws, stats):
         mean, step_std, logp = sde_gaussian(cfg, policy, roll, k, mb)
         with torch.no_grad():
             mean_ref = sde_gaussian(cfg, reference, roll, k, mb)[0]
-        logp_old = roll.steps[k][3][mb]
+        logp_old = roll.transitions[k][3][mb]
         policy_loss, ratio, clipped = ppo_clip_loss(logp - logp_old, adv[mb], cfg.clip_range)
         kl = gaussian_kl(mean, mean_ref, step_std)                            # (mb,)
         loss = (policy_loss + cfg.beta * kl).sum() * share / len(trained)
@@ -386,7 +385,7 @@ def train(cfg: Config, reward_fn=None):
         gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + it)       # this iteration's draws, on every rank
         # ================================================================ SAMPLING
         clips, roll = sample_rollouts(cfg, policy, sampler, it, gen, train_prompts, mine, d.device)
-        roll.trained = sorted(torch.randperm(len(roll.steps), generator=gen)[:n_trained].tolist())
+        roll.trained = sorted(torch.randperm(len(roll.transitions), generator=gen)[:n_trained].tolist())
         t_roll = time.time() - t0
         # ================================================================ REWARDS
         scores, rm_std = score(cfg, clips, roll, judge, reward_fn, names, world, d)  # (rollouts, heads), every rank
@@ -423,7 +422,7 @@ def train(cfg: Config, reward_fn=None):
         kl_ref = all_mean(torch.tensor(sum(stats["kl_ref"]) / len(stats["kl_ref"]), dtype=torch.float64), d).item()
         if not spikes.check(policy, opt, grad_norm=max(stats["grad_norm"]), kl_ref=kl_ref):
             spikes.snapshot(policy, opt)
-        rec = record(it, names, scores, weights, zero_frac, adv, [s[0] for s in roll.steps], roll.trained,
+        rec = record(it, names, scores, weights, zero_frac, adv, [s[0] for s in roll.transitions], roll.trained,
                      stats, opt.param_groups[0]["lr"], guard, spikes, t_roll, time.time() - t1)
         bar.set_postfix(instr=f"{rec['reward_instruction'][0]:.3f}", kl=f"{rec['kl_ref']:.2e}",
                         gnorm=f"{rec['grad_norm']:.3f}", zero=f"{zero_frac:.2f}")

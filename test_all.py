@@ -370,7 +370,6 @@ def test_diagnose_writes_every_metric(tiny_checkpoints):
     out = root / "diag"
     rewards.diagnose([f"--ckpt={base}", f"--ckpt={tuned}", f"--out={out}", "--prompts=2", "--seeds=2", "--steps=2",
                       "--long_clips=2", "--diversity_seeds=3", "--reward_model=" + str(root / "rm.safetensors")])
-    import json
     result = json.load(open(out / "diagnostics.json"))
     assert list(result) == ["base", "sft"]
     for r in result.values():
@@ -393,7 +392,6 @@ def tiny_rl(init, out_dir, **kw):
 
 
 def read_log(path):
-    import json
     return [json.loads(line) for line in open(path)]
 
 
@@ -640,7 +638,6 @@ def test_kill_minus_9_then_resume_gives_the_same_weights(stage, trained_tiny, tm
         hits += kill_and_resume(args, out, rng, window)
         got = M.read_checkpoint(out / "ckpt.safetensors")[0]
         assert all(torch.equal(want[k], got[k]) for k in want), f"trial {trial} differs"
-        keys = [json.dumps({k: v for k, v in r.items() if not k.endswith("_s")}) for r in read_log(out / "log.jsonl")]
         steps = [r.get("step", r.get("iter")) for r in read_log(out / "log.jsonl") if "eval" not in r and "final" not in r]
         assert len(steps) == len(set(steps)) and steps == sorted(steps), steps      # each record once, in order
         assert not [f for f in os.listdir(out) if ".tmp" in f]
@@ -877,7 +874,6 @@ def test_diagnose_checks_inputs_first_and_names_columns_apart(tiny_checkpoints, 
     assert rewards.column_names([base, str(tuned)]) == ["base", "sft"]
     tiny = ["--prompts=1", "--seeds=1", "--steps=1", "--long_clips=1", "--diversity_seeds=2"]
     rewards.diagnose([f"--ckpt={a}", f"--ckpt={b}", f"--out={tmp_path / 'diag'}", "--reward_model=", *tiny])
-    import json
     assert list(json.load(open(tmp_path / "diag" / "diagnostics.json"))) == ["pipeline/rl", "other/rl"]
     assert "| metric | pipeline/rl | other/rl |" in (tmp_path / "diag" / "diagnostics.md").read_text()
     # refused before anything is sampled or written: a judge for other clips, a policy passed as the judge
