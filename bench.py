@@ -14,8 +14,9 @@ from dataclasses import dataclass
 import torch
 
 import data
+import model as M
 import rewards as R
-from stability import parse_config, run_cli
+from stability import check_ranges, parse_config, run_cli
 
 
 def bench_heads(argv):
@@ -24,6 +25,7 @@ def bench_heads(argv):
         clips: int = 64   # clips per scoring call
         repeats: int = 10 # timed calls (after one warm-up)
     cfg = parse_config(C, argv)
+    check_ranges(cfg, at_least_one=("clips", "repeats"))
     b = data.make_batch("web", cfg.clips, seed=0)
     R.reward_heads(b.videos, b.prompts)
     times = []
@@ -61,6 +63,8 @@ def bench_dpo_memory(argv):
         batch_size: int = 16   # pairs in the step
         preset: str = "small"  # model preset
     cfg = parse_config(C, argv)
+    check_ranges(cfg, at_least_one=("batch_size",))
+    M.preset(cfg.preset)                                      # an unknown preset is refused here, not in the probe
     # Large blocks straight from mmap and back on free, so resident memory follows what torch holds.
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
     here = os.path.dirname(os.path.abspath(__file__))
@@ -81,6 +85,8 @@ def bench_grpo(argv):
         init: str = "checkpoints/sft_small.safetensors"   # both start here
         out: str = "runs/bench_grpo"                      # one run folder per variant, and grpo.json
     cfg = parse_config(C, argv)
+    check_ranges(cfg, positive=("minutes",))
+    M.load_model(cfg.init)                                    # a missing or broken init is refused before any run
     variants = {
         "postflow_default": [],
         # every step an SDE step and trained, one update per rollout batch, no warmup, fp32, no curated term

@@ -344,6 +344,29 @@ def sample_long(model, tokens, gen, chunks, steps=20, cfg_scale=3.0, overlap=Non
 
 
 @torch.no_grad()
+def continuation_context(model, tokens, gen, chunks, steps=20, cfg_scale=3.0):
+    """What the last chunk of a `chunks`-chunk clip is sampled against: the earlier chunks (by the ODE), their last
+    F // 2 frames as clean context (B, C, F, H, W), and its mask (B, F). One chunk: nothing (None, None, None)."""
+    if chunks == 1:
+        return None, None, None
+    c, overlap = model.cfg, model.cfg.frames // 2
+    prefix = sample_long(model, tokens, gen, chunks - 1, steps, cfg_scale, overlap)
+    mask = (torch.arange(c.frames) < overlap)[None].expand(len(tokens), -1).to(tokens.device)
+    ctx = torch.zeros(len(tokens), c.channels, c.frames, c.size, c.size, device=tokens.device)
+    ctx[:, :, :overlap] = prefix[:, :, -overlap:]
+    return prefix, ctx, mask
+
+
+def join_continuation(prefix, ctx, ctx_mask, chunk):
+    """The sampled chunk with its context frames pinned, and the whole clip (prefix + its new frames); without a
+    prefix both are the chunk."""
+    if prefix is None:
+        return chunk, chunk
+    chunk = torch.where(ctx_mask[:, None, :, None, None], ctx, chunk)
+    return chunk, torch.cat([prefix, chunk[:, :, ctx.shape[2] // 2:]], dim=2)
+
+
+@torch.no_grad()
 def sample_with_sde_window(model, x, tokens, steps, sde, eps, cfg_scale=3.0, noise_level=0.7, ctx=None, ctx_mask=None):
     """Euler ODE from noise, except the steps listed in `sde`, which take the SDE step with the fresh noise
     eps[k] (Flow-GRPO-Fast's window). Returns the final x (unclamped) and, per SDE step, (step index, x before,
@@ -378,6 +401,19 @@ def sde_step(x, v, t, t_next, t_first, noise_level=0.7, eps=None, x_next=None):
         x_next = mean + step_std * (eps if eps is not None else torch.randn_like(mean))
     logp = (-((x_next.float() - mean) ** 2) / (2 * step_std ** 2) - math.log(step_std) - 0.5 * math.log(2 * math.pi))
     return x_next, mean, step_std, logp.mean(dim=tuple(range(1, x.dim())))
+
+
+def score_sde_step(model, x_t, x_next, i, grid, tokens, cfg_scale=3.0, noise_level=0.7, ctx=None, ctx_mask=None):
+    """A stored SDE step x_t -> x_next (step i of `grid`) scored under `model`: its mean, std and fp32 log-prob (B,)."""
+    t, t_next = float(grid[i]), float(grid[i + 1])
+    v = guided_velocity(model, x_t, t, tokens, cfg_scale, ctx, ctx_mask)
+    return sde_step(x_t, v, t, t_next, float(grid[1]), noise_level, x_next=x_next)[1:]
+
+
+def gaussian_kl(mean, mean_ref, step_std):
+    """Closed-form KL between two Gaussian steps with the same std: |mean - mean_ref|^2 / (2 step_std^2),
+    averaged over the non-batch dimensions (the same mean convention as sde_step's log-prob). (B,)"""
+    return ((mean.float() - mean_ref.float()) ** 2).mean(dim=tuple(range(1, mean.dim()))) / (2 * step_std ** 2)
 
 
 # ----------------------------------------------------------------------------- checkpoints

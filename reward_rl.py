@@ -4,15 +4,9 @@
     torchrun --standalone --nproc_per_node=2 reward_rl.py   # the same run; each group spans the ranks
     python reward_rl.py --update=ppo --sde_window=0 --rollout_steps=10 --epochs=1 --lr=1e-4 --warmup=1 --sft_weight=0
                                                             # vanilla Flow-GRPO
-
-An iteration reads top to bottom in train(): SAMPLING (G rollouts per prompt; an ODE with a short window of
-Flow-GRPO's SDE steps, each a Gaussian policy step with an fp32 log-prob), REWARDS (the heads of
-rewards.HEADS, programmatic or learned, gathered over ranks), ADVANTAGES (per head, z-scored within each
-group, summed with weights in advantage space), TRAINING with one of two sibling update rules, each owning its
-loss, its KL to the frozen reference and its backward: awm_update (default; advantage-weighted flow matching
-on the rollouts' own clips, PPO-clipped as AWM bounds it) or ppo_update (Flow-GRPO's clipped ratio of the SDE
-steps' log-probs). Then, in plain sight in the loop: the curated flow loss (PPO-ptx), grad clipping, the
-non-finite guard, EMA, rollback on a spike, and a held-out oracle check that stops a run that hacks its reward.
+train() reads top to bottom: SAMPLING, REWARDS, ADVANTAGES, then TRAINING by one of two sibling rules that each own
+their loss, KL and backward (awm_update, the default, or ppo_update), the curated term, the clip, the guards, EMA,
+rollback, and a held-out oracle check against reward hacking.
 """
 import json
 import os
@@ -91,13 +85,11 @@ class Config:
 
 
 def check_config(cfg, ranks):
-    for key, allowed in (("update", ("awm", "ppo")), ("reward", ("heads", "rm", "both")), ("bf16", ("auto", "true", "false"))):
-        if str(getattr(cfg, key)).lower() not in allowed:
-            raise ConfigError(f"--{key} must be one of {', '.join(allowed)}; got {getattr(cfg, key)!r}")
     check_ranges(cfg, at_least_one=("iters", "prompts_per_iter", "rollout_steps", "chunks", "awm_draws", "sft_batch", "epochs",
                                     "minibatches", "eval_every", "eval_prompts", "eval_steps", "patience", "ckpt_every"),
                  positive=("lr", "noise_level", "clip_range", "spike_factor", "adv_clip", "grad_clip"), fraction=("ema_decay",),
-                 non_negative=("warmup", "beta", "awm_beta", "neg_scale", "sft_weight", "cfg_scale", "std_floor", "max_minutes"))
+                 non_negative=("warmup", "beta", "awm_beta", "neg_scale", "sft_weight", "cfg_scale", "std_floor", "max_minutes"),
+                 choices=dict(update=("awm", "ppo"), reward=("heads", "rm", "both"), bf16=("auto", "true", "false")))
     rollouts = cfg.prompts_per_iter * cfg.group_size
     for bad, why in ((cfg.split_instruction and cfg.reward != "heads", "--split_instruction needs --reward=heads"),
                      (not 0 <= cfg.sde_window <= cfg.rollout_steps or cfg.window_start + cfg.sde_window > cfg.rollout_steps,
@@ -105,58 +97,25 @@ def check_config(cfg, ranks):
                      (not 0 < cfg.train_fraction <= 1, f"--train_fraction must be in (0, 1], got {cfg.train_fraction}"),
                      (cfg.group_size < 2, "--group_size must be at least 2: advantages are relative to the group"),
                      (rollouts % ranks, f"{rollouts} rollouts per iteration do not divide over {ranks} ranks"),
-                     (rollouts % cfg.minibatches, f"{rollouts} rollouts per iteration do not split into {cfg.minibatches} minibatches")):
+                     (rollouts % cfg.minibatches, f"{rollouts} rollouts do not split into {cfg.minibatches} minibatches")):
         if bad:
             raise ConfigError(why)
     R.head_weights(cfg.weights)                                              # unknown heads are refused here
 
 
 # ----------------------------------------------------------------------------- Stage II's own math
-def curriculum_weights(cfg, progress, names):
-    """Advantage weight of each named head at progress in [0, 1] (rewards.curriculum moves them when asked).
-    With split_instruction the attribute parts carry instruction's weight and the whole head is only logged."""
-    base = R.head_weights(cfg.weights)
-    base = R.curriculum(base, progress) if cfg.curriculum else base
-    return torch.tensor([0.0 if cfg.split_instruction and n == "instruction" else base[n.split("_")[0]] for n in names])
-
-
-def group_zscores(scores, group_size, std_floor):
-    """scores (N, heads), N = groups * group_size rollouts grouped consecutively -> each head z-scored within
-    its group, (r - mean) / (std + 1e-4) with the Bessel-corrected std (TeleBoost's and DanceGRPO's convention),
-    and 0 where that std is under the floor; and the fraction of such (group, head) pairs."""
-    g = scores.view(-1, group_size, scores.shape[1])                          # (groups, G, heads)
-    mean, std = g.mean(1, keepdim=True), g.std(1, keepdim=True, correction=1)
-    flat = std < std_floor
-    z = torch.where(flat, torch.zeros_like(g), (g - mean) / (std + 1e-4))
-    return z.flatten(0, 1), float(flat.float().mean())
-
-
-def reliability(rm_std):
-    """Per-rollout trust in the ensemble: 1.5 where its members agree most, 0.5 where they disagree most."""
-    u = rm_std.mean(1)                                                        # (N,) over heads
-    return (1 + (u.mean() - u) / (u.mean() + 1e-8)).clamp(0.5, 1.5)
-
-
 def ppo_clip_loss(log_ratio, advantages, clip_range):
-    """PPO's pessimistic clipped objective per sample (B,), and how many ratios were clipped. Flow-GRPO's ratio
-    of mean log-probs and AWM's of exp(-err) both move little, so clip ranges are small (1e-4 .. 2e-2)."""
+    """PPO's pessimistic clipped objective per sample (B,), the ratio, and the fraction of ratios clipped. Flow-GRPO's
+    ratio of mean log-probs and AWM's of exp(-err) both move little, so clip ranges are small (1e-4 .. 2e-2)."""
     ratio = torch.exp(log_ratio)
     loss = torch.maximum(-advantages * ratio, -advantages * ratio.clamp(1 - clip_range, 1 + clip_range))
     return loss, ratio.detach(), ((ratio.detach() - 1).abs() > clip_range).float().mean().item()
 
 
-def gaussian_kl(mean, mean_ref, step_std):
-    """Closed-form KL between two Gaussian steps with the same std: |mean - mean_ref|^2 / (2 step_std^2),
-    averaged over the non-batch dimensions (the same mean convention as the log-probs). (B,)"""
-    return ((mean.float() - mean_ref.float()) ** 2).mean(dim=tuple(range(1, mean.dim()))) / (2 * step_std ** 2)
-
-
 def window_steps(cfg, it):
     """The SDE steps of iteration `it`: the window, sliding from noise to data if window_start < 0."""
-    if cfg.sde_window == 0:
-        return list(range(cfg.rollout_steps))
     start = cfg.window_start if cfg.window_start >= 0 else round((cfg.rollout_steps - cfg.sde_window) * it / max(1, cfg.iters - 1))
-    return list(range(start, start + cfg.sde_window))
+    return list(range(start, start + cfg.sde_window)) if cfg.sde_window else list(range(cfg.rollout_steps))
 
 
 def bf16(cfg, device):
@@ -174,7 +133,6 @@ class Rollout:  # what SAMPLING hands to TRAINING: this rank's share n of the it
     clips: torch.Tensor            # (n, C, F, H, W) the trained chunk, context frames pinned
     transitions: list              # per SDE step: (step index, x before, x after, fp32 log-prob (n,))
     group: torch.Tensor            # (n,) the global group of each rollout
-    grid: torch.Tensor             # the rollout's time grid (rollout_steps + 1,)
     trained: list = None           # ppo: which SDE steps it trains this iteration (train_fraction of them)
     sampler: object = None         # awm: a frozen copy of the weights that sampled, for the ratio off-policy
     on_policy: bool = True         # no update since sampling: the sampler's errors are the policy's
@@ -191,31 +149,21 @@ def sample_rollouts(cfg, policy, sampler, it, gen, train_prompts, mine, device):
     mc, rollouts = policy.cfg, cfg.prompts_per_iter * cfg.group_size
     shape = (mc.channels, mc.frames, mc.size, mc.size)
     idx = torch.randint(len(train_prompts), (cfg.prompts_per_iter,), generator=gen)
-    prompts = [train_prompts[i] for i in idx.tolist() for _ in range(cfg.group_size)][mine]
-    if cfg.shared_noise:
-        x = torch.randn(cfg.prompts_per_iter, *shape, generator=gen).repeat_interleave(cfg.group_size, 0)
-    else:
-        x = torch.randn(rollouts, *shape, generator=gen)
+    prompts = [train_prompts[i] for i in idx.tolist() for _ in range(cfg.group_size)][mine]   # groups consecutive
+    x = torch.randn(cfg.prompts_per_iter if cfg.shared_noise else rollouts, *shape, generator=gen)
+    x = x.repeat_interleave(cfg.group_size, 0) if cfg.shared_noise else x     # shared: one noise per group
     sde = window_steps(cfg, it)
     eps = torch.randn(len(sde), rollouts, *shape, generator=gen)[:, mine].to(device)
     tokens, x = data.tokenize(prompts).to(device), x[mine].to(device)
-    ctx = ctx_mask = prefix = None
     policy.eval()
-    with bf16(cfg, device):
-        if cfg.chunks > 1:  # earlier chunks by the ODE; the trained chunk continues them
-            overlap = mc.frames // 2
-            prefix = M.sample_long(policy, tokens, torch.Generator().manual_seed(cfg.seed + it), cfg.chunks - 1,
-                                   cfg.rollout_steps, cfg.cfg_scale, overlap)
-            ctx_mask = (torch.arange(mc.frames) < overlap)[None].expand(len(x), -1).to(device)
-            ctx = torch.zeros_like(x)
-            ctx[:, :, :overlap] = prefix[:, :, -overlap:]
+    with bf16(cfg, device):  # chunks > 1: earlier chunks by the ODE, then the trained chunk continues them
+        prefix, ctx, ctx_mask = M.continuation_context(policy, tokens, torch.Generator().manual_seed(cfg.seed + it),
+                                                       cfg.chunks, cfg.rollout_steps, cfg.cfg_scale)
         x, transitions = M.sample_with_sde_window(policy, x, tokens, cfg.rollout_steps, sde, eps, cfg.cfg_scale,
-                                            cfg.noise_level, ctx, ctx_mask)
-    chunk = x.clamp(-1, 1) if ctx is None else torch.where(ctx_mask[:, None, :, None, None], ctx, x.clamp(-1, 1))
-    clips = chunk if ctx is None else torch.cat([prefix, chunk[:, :, mc.frames // 2:]], dim=2)
+                                                  cfg.noise_level, ctx, ctx_mask)
+    chunk, clips = M.join_continuation(prefix, ctx, ctx_mask, x.clamp(-1, 1))
     group = torch.arange(rollouts)[mine] // cfg.group_size
-    return clips, Rollout(prompts, tokens, chunk, transitions, group, M.time_grid(cfg.rollout_steps), ctx=ctx,
-                          ctx_mask=ctx_mask, sampler=sampler)
+    return clips, Rollout(prompts, tokens, chunk, transitions, group, ctx=ctx, ctx_mask=ctx_mask, sampler=sampler)
 
 
 def score(cfg, clips, roll, judge, reward_fn, names, world, d):
@@ -234,26 +182,23 @@ def score(cfg, clips, roll, judge, reward_fn, names, world, d):
 def advantages(cfg, scores, rm_std, weights):
     """Per-head group z-scores, summed with weights in advantage space, scaled by the ensemble's reliability,
     and clipped after every scaling. (N,) and the fraction of zero-variance (group, head) pairs."""
-    z, zero_frac = group_zscores(scores, cfg.group_size, cfg.std_floor)
+    z, zero_frac = R.group_zscores(scores, cfg.group_size, cfg.std_floor)
     adv = (z * weights).sum(-1)
     if cfg.reward != "heads" and cfg.uncertainty:
-        adv = adv * reliability(rm_std)
+        adv = adv * R.reliability(rm_std)
     return adv.clamp(-cfg.adv_clip, cfg.adv_clip), zero_frac
 
 
 def awm_update(cfg, policy, reference, roll, adv, mb, share, draws, stats):
-    """Advantage-weighted matching on this rank's rollouts mb: each clip's flow-matching error err, weighted by
-    its advantage (pull toward clips better than their group, push from worse ones), bounded as AWM does it: err
-    enters through the ratio exp(err_sampler - err) of likelihood surrogates, PPO-clipped, so a clip's pull or
-    push stops once the policy has moved that far from the sampler (the plain weighted loss falls without limit
-    off-policy); on-policy the gradient is the plain one. Plus the KL rate awm_beta * |v - v_ref|^2 at
-    pretraining's t. draws: (t ~ 0.27, where motion is laid down; x0; t_kl) per group, shared in a group so that
-    what does not depend on which clip won cancels. share turns sums into the minibatch's mean over all ranks."""
+    """Advantage-weighted matching on this rank's rollouts mb: each clip's flow-matching error weighted by its advantage
+    (pull toward winners, push from losers), bounded as AWM does by the PPO-clipped ratio exp(err_sampler - err): the plain
+    weighted loss falls without limit off-policy. Plus the KL rate awm_beta * |v - v_ref|^2 at pretraining's t. draws:
+    (t, x0, t_kl) per group, shared within it so what does not depend on the winner cancels. share: sums -> global mean."""
     clips, tokens, a, g = roll.clips[mb], roll.tokens[mb], adv[mb], roll.group[mb]
     ctx, cm = (None, None) if roll.ctx is None else (roll.ctx[mb], roll.ctx_mask[mb])
-    weight, total = torch.where(a < 0, cfg.neg_scale * a, a), 0.0
-    flow = lambda net, t, x0: M.straight_path_velocity(net, clips, x0[g].to(clips.device), t[g].to(clips.device), tokens, ctx, cm)
-    error = lambda net, t, x0: M.masked_msq(flow(net, t, x0), clips - x0[g].to(clips.device), cm).float()  # (mb,)
+    weight, total, dev = torch.where(a < 0, cfg.neg_scale * a, a), 0.0, clips.device
+    flow = lambda net, t, x0: M.straight_path_velocity(net, clips, x0[g].to(dev), t[g].to(dev), tokens, ctx, cm)
+    error = lambda net, t, x0: M.masked_msq(flow(net, t, x0), clips - x0[g].to(dev), cm).float()  # (mb,)
     with bf16(cfg, clips.device):
         for t, x0, _ in draws:
             err = error(policy, t, x0)
@@ -263,7 +208,7 @@ def awm_update(cfg, policy, reference, roll, adv, mb, share, draws, stats):
                     err_old = err.detach() if roll.on_policy else error(roll.sampler, t, x0)
                 pg, ratio, clipped = ppo_clip_loss(err_old - err, weight, cfg.awm_clip)
                 stats["ratio"].append(float(ratio.mean()))
-                stats["clipped"].append(clipped)
+                stats["clip_frac"].append(clipped)
             (pg.sum() * share / len(draws)).backward()
             total += pg.sum().item() * share / len(draws)
         t, x0 = draws[0][2], draws[0][1]      # the KL: one pass at pretraining's t, where the edges are drawn
@@ -277,35 +222,26 @@ def awm_update(cfg, policy, reference, roll, adv, mb, share, draws, stats):
     return total
 
 
-def sde_gaussian(cfg, net, roll, k, mb):
-    """The net's SDE step k of the rollouts mb, scored on the stored next latent: its mean, std and log-prob."""
-    (i, x_t, x_next, _), grid = roll.transitions[k], roll.grid
-    t, t_next = float(grid[i]), float(grid[i + 1])
-    ctx, cm = (None, None) if roll.ctx is None else (roll.ctx[mb], roll.ctx_mask[mb])
-    v = M.guided_velocity(net, x_t[mb], t, roll.tokens[mb], cfg.cfg_scale, ctx, cm)
-    return M.sde_step(x_t[mb], v, t, t_next, float(grid[1]), cfg.noise_level, x_next=x_next[mb])[1:]
-
-
 def ppo_update(cfg, policy, reference, roll, adv, mb, share, draws, stats):
-    """Flow-GRPO: PPO's clipped ratio of each trained SDE step's log-prob under the policy and at rollout time,
-    plus beta * the closed-form KL between the policy's and the reference's Gaussian steps. Accumulates over
-    roll.trained; takes no (t, noise) draws: the rollout's own SDE steps are the samples."""
+    """Flow-GRPO: PPO's clipped ratio of each trained SDE step's log-prob now and at rollout time, plus beta * the
+    closed-form KL between the policy's and the reference's Gaussian steps. No draws: the SDE steps are the samples."""
     trained, total = roll.trained, 0.0
+    ctx, cm = (None, None) if roll.ctx is None else (roll.ctx[mb], roll.ctx_mask[mb])
     for k in trained:
-        mean, step_std, logp = sde_gaussian(cfg, policy, roll, k, mb)
+        i, x_t, x_next, logp_old = roll.transitions[k]
+        step = (x_t[mb], x_next[mb], i, M.time_grid(cfg.rollout_steps), roll.tokens[mb], cfg.cfg_scale, cfg.noise_level, ctx, cm)
+        mean, step_std, logp = M.score_sde_step(policy, *step)                 # the policy's Gaussian step, and
         with torch.no_grad():
-            mean_ref = sde_gaussian(cfg, reference, roll, k, mb)[0]
-        logp_old = roll.transitions[k][3][mb]
-        policy_loss, ratio, clipped = ppo_clip_loss(logp - logp_old, adv[mb], cfg.clip_range)
-        kl = gaussian_kl(mean, mean_ref, step_std)                            # (mb,)
+            mean_ref = M.score_sde_step(reference, *step)[0]                  # the reference's, on the same step
+        log_ratio = logp - logp_old[mb]
+        policy_loss, ratio, clipped = ppo_clip_loss(log_ratio, adv[mb], cfg.clip_range)
+        kl = M.gaussian_kl(mean, mean_ref, step_std)                            # (mb,)
         loss = (policy_loss + cfg.beta * kl).sum() * share / len(trained)
         loss.backward()
         total += loss.item()
-        log_ratio = (logp - logp_old).detach()
-        stats["ratio"].append(float(ratio.mean()))
-        stats["clipped"].append(clipped)
-        stats["approx_kl"].append(float((log_ratio.exp() - 1 - log_ratio).mean()))
-        stats["kl_ref"].append(kl.mean().item())
+        approx_kl, kl_mean = (ratio - 1 - log_ratio.detach()).mean(), kl.detach().mean()   # ratio = exp(log_ratio)
+        for key, value in (("ratio", ratio.mean()), ("clip_frac", clipped), ("approx_kl", approx_kl), ("kl_ref", kl_mean)):
+            stats[key].append(float(value))
     stats["loss"].append(total)
     return total
 
@@ -322,17 +258,15 @@ def curated_term(cfg, policy, n_update, world, device, stats):
     stats["sft_loss"].append(loss.mean().item())
 
 
-def record(it, names, scores, weights, zero_frac, adv, sde, trained, stats, lr, guard, spikes, t_roll, t_train):
-    mean_of = lambda k: sum(stats[k]) / len(stats[k]) if stats[k] else None
-    return dict(iter=it + 1, **{f"reward_{h}": [round(float(scores[:, j].mean()), 4), round(float(scores[:, j].std()), 4)]
-                                for j, h in enumerate(names)},
-                zero_std_frac=round(zero_frac, 4), adv_mean=round(float(adv.mean()), 4),
-                adv_std=round(float(adv.std()), 4), adv_absmax=round(float(adv.abs().max()), 4),
-                weights=[round(float(w), 3) for w in weights], sde_steps=sde, trained_steps=[sde[k] for k in trained],
-                ratio=mean_of("ratio"), clip_frac=mean_of("clipped"), approx_kl=mean_of("approx_kl"),
-                kl_ref=mean_of("kl_ref"), loss=mean_of("loss"), sft_loss=mean_of("sft_loss"),
-                grad_norm=round(max(stats["grad_norm"]), 4), lr=lr, skipped=guard.skipped, rollbacks=spikes.rollbacks,
-                rollout_s=round(t_roll, 2), train_s=round(t_train, 2))
+def record(it, names, scores, weights, zero_frac, adv, roll, stats, **extra):
+    """One log line: each head's reward (mean, std), the advantages, and every update statistic's mean."""
+    sde, r4 = [s[0] for s in roll.transitions], lambda x: round(float(x), 4)
+    means = {k: sum(stats[k]) / len(stats[k]) if stats[k] else None
+             for k in ("ratio", "clip_frac", "approx_kl", "kl_ref", "loss", "sft_loss")}
+    return dict(iter=it + 1, **{f"reward_{h}": [r4(scores[:, j].mean()), r4(scores[:, j].std())] for j, h in enumerate(names)},
+                zero_std_frac=r4(zero_frac), adv_mean=r4(adv.mean()), adv_std=r4(adv.std()), adv_absmax=r4(adv.abs().max()),
+                weights=[round(float(w), 3) for w in weights], sde_steps=sde, trained_steps=[sde[k] for k in roll.trained],
+                **means, grad_norm=r4(max(stats["grad_norm"])), **extra)
 
 
 # ----------------------------------------------------------------------------- the loop
@@ -354,12 +288,12 @@ def train(cfg: Config, reward_fn=None):
     start, log_offset = M.resume_run(state_path, policy, ema, opt, cfg, parts, log) if cfg.resume else (0, None)
     spikes.snapshot(policy, opt)                    # at a checkpoint the last good weights are the current ones
 
-    rollouts, n_window = cfg.prompts_per_iter * cfg.group_size, len(window_steps(cfg, 0))
+    groups, n_window = cfg.prompts_per_iter, len(window_steps(cfg, 0))
+    rollouts = groups * cfg.group_size
     per_rank, n_trained = rollouts // d.ranks, max(1, round(cfg.train_fraction * n_window))
-    log(f"batch: {cfg.prompts_per_iter} prompts x {cfg.group_size} rollouts = {rollouts} per iteration = "
-        f"{d.ranks} rank(s) x {per_rank}; {cfg.rollout_steps} denoising steps, SDE on {n_window}, {n_trained} trained "
-        f"per rollout; {cfg.epochs} epoch(s) x {cfg.minibatches} minibatch(es) = {cfg.epochs * cfg.minibatches} "
-        f"{cfg.update} updates per iteration, each over {rollouts // cfg.minibatches} rollouts")
+    log(f"batch: {cfg.prompts_per_iter} prompts x {cfg.group_size} rollouts = {rollouts} per iteration = {d.ranks} "
+        f"rank(s) x {per_rank}; {cfg.rollout_steps} denoising steps, SDE on {n_window}, {n_trained} trained per rollout; "
+        f"{cfg.epochs} epoch(s) x {cfg.minibatches} minibatch(es) = {cfg.epochs * cfg.minibatches} updates per iteration")
     assert per_rank * d.ranks == rollouts and (rollouts // cfg.minibatches) * cfg.minibatches == rollouts
     print_config(cfg, log)
 
@@ -372,7 +306,6 @@ def train(cfg: Config, reward_fn=None):
                                          parent_stage=parent.get("lineage", {}).get("stage", ""))
     update = awm_update if cfg.update == "awm" else ppo_update
     sampler = M.VideoDiT(mc).to(d.device).requires_grad_(False) if cfg.update == "awm" and cfg.awm_clip > 0 else None
-    shape = (mc.channels, mc.frames, mc.size, mc.size)
     mine = slice(d.rank * per_rank, (d.rank + 1) * per_rank)                  # this rank's share of the rollouts
     logf = open_log(os.path.join(cfg.out_dir, "log.jsonl"), log_offset) if d.main else None
     if d.main and start == 0:
@@ -390,7 +323,7 @@ def train(cfg: Config, reward_fn=None):
         # ================================================================ REWARDS
         scores, rm_std = score(cfg, clips, roll, judge, reward_fn, names, world, d)  # (rollouts, heads), every rank
         # ================================================================ ADVANTAGES
-        weights = curriculum_weights(cfg, it / max(1, cfg.iters - 1), names)
+        weights = R.advantage_weights(names, cfg.weights, it / max(1, cfg.iters - 1), cfg.curriculum)
         adv, zero_frac = advantages(cfg, scores, rm_std, weights)
         adv_mine = adv[mine].to(d.device)
         # ================================================================ TRAINING
@@ -398,15 +331,15 @@ def train(cfg: Config, reward_fn=None):
         policy.train()
         for epoch in range(cfg.epochs):
             order = torch.randperm(rollouts, generator=gen)                  # over all ranks: draws match any rank count
-            draws = [(M.sample_t(cfg.prompts_per_iter, gen, mean=cfg.awm_t_mean),  # AWM: (t, noise, t_kl) per group
-                      torch.randn(cfg.prompts_per_iter, *shape, generator=gen), M.sample_t(cfg.prompts_per_iter, gen))
+            draws = [(M.sample_t(groups, gen, mean=cfg.awm_t_mean),            # AWM: (t, noise, t_kl) per group
+                      torch.randn(groups, *roll.clips.shape[1:], generator=gen), M.sample_t(groups, gen))
                      for _ in range(cfg.awm_draws if cfg.update == "awm" else 0)]
             for j, chunk in enumerate(order.chunk(cfg.minibatches)):
                 n_update = (it * cfg.epochs + epoch) * cfg.minibatches + j  # counts every optimizer step
                 mb = chunk[(chunk >= mine.start) & (chunk < mine.stop)] - mine.start  # this rank's share of it
-                # the update rule: its loss + its KL to the frozen reference, backpropagated; sums * share
-                # are the minibatch's mean over all ranks once the gradients are averaged
-                loss = update(cfg, policy, reference, roll, adv_mine, mb, d.ranks / len(chunk), draws, stats) if len(mb) else 0.0
+                # the update rule's loss + its KL to the frozen reference, backpropagated (share: sums -> global mean)
+                share = d.ranks / len(chunk)
+                loss = update(cfg, policy, reference, roll, adv_mine, mb, share, draws, stats) if len(mb) else 0.0
                 if cfg.sft_weight > 0:
                     curated_term(cfg, policy, n_update, world, d.device, stats)  # + the curated flow loss
                 average_gradients(policy.parameters(), d)
@@ -422,14 +355,13 @@ def train(cfg: Config, reward_fn=None):
         kl_ref = all_mean(torch.tensor(sum(stats["kl_ref"]) / len(stats["kl_ref"]), dtype=torch.float64), d).item()
         if not spikes.check(policy, opt, grad_norm=max(stats["grad_norm"]), kl_ref=kl_ref):
             spikes.snapshot(policy, opt)
-        rec = record(it, names, scores, weights, zero_frac, adv, [s[0] for s in roll.transitions], roll.trained,
-                     stats, opt.param_groups[0]["lr"], guard, spikes, t_roll, time.time() - t1)
+        rec = record(it, names, scores, weights, zero_frac, adv, roll, stats, lr=opt.param_groups[0]["lr"],
+                     skipped=guard.skipped, rollbacks=spikes.rollbacks, rollout_s=round(t_roll, 2),
+                     train_s=round(time.time() - t1, 2))
         bar.set_postfix(instr=f"{rec['reward_instruction'][0]:.3f}", kl=f"{rec['kl_ref']:.2e}",
                         gnorm=f"{rec['grad_norm']:.3f}", zero=f"{zero_frac:.2f}")
-
         # ---- evaluation, the hacking monitor and the time budget: decided on rank 0, obeyed by all
-        stop = False
-        out_of_time = cfg.max_minutes > 0 and time.time() - t_start + (time.time() - t0) > 60 * cfg.max_minutes
+        stop, out_of_time = False, cfg.max_minutes > 0 and time.time() - t_start + (time.time() - t0) > 60 * cfg.max_minutes
         if d.main:
             logf.write(json.dumps(rec) + "\n")
             if (it + 1) % cfg.eval_every == 0 or it + 1 == cfg.iters or out_of_time:
@@ -453,8 +385,7 @@ def train(cfg: Config, reward_fn=None):
     check_ranks_agree(policy, d)                                                # before anything is handed off
     # ---- hand-off: the EMA policy, and a sample grid on the fixed eval prompts
     if d.main:
-        final_it = it + 1 if cfg.iters > start else start
-        M.save_checkpoint(ckpt_path, ema.model.state_dict(), mc, lineage(final_it))
+        M.save_checkpoint(ckpt_path, ema.model.state_dict(), mc, lineage(it + 1 if cfg.iters > start else start))
         videos = M.sample(ema.model, data.tokenize(eval_prompts[:8]).to(d.device), eval_noise[:8], cfg.eval_steps,
                           cfg.cfg_scale)
         data.write_video(data.video_grid(videos, 2, 4), os.path.join(cfg.out_dir, "samples.gif"))

@@ -246,6 +246,16 @@ def curriculum(weights, progress):
     return dict(zip(weights, (torch.tensor(list(weights.values())) * scale).tolist()))
 
 
+def advantage_weights(names, overrides=(), progress=0.0, self_paced=False):
+    """Stage II's weight of each head in `names` (head_names') at training progress in [0, 1]: the registry's with
+    overrides, moved by the curriculum when self_paced. When the instruction head is split, its attribute parts
+    carry its weight and the whole head only logs (weight 0). (len(names),)"""
+    base = head_weights(overrides)
+    base = curriculum(base, progress) if self_paced else base
+    split = any(n.startswith("instruction_") for n in names)
+    return torch.tensor([0.0 if split and n == "instruction" else base[n.split("_")[0]] for n in names])
+
+
 def reward_heads(videos, prompts, world=None, heads=HEADS, obs=None, split_instruction=False):
     """name -> (B,) score in [0, 1] for each head, from one oracle pass over the clips (or a given one,
     to score the same clips against other prompts). split_instruction adds instruction_<attribute>, each
@@ -256,6 +266,24 @@ def reward_heads(videos, prompts, world=None, heads=HEADS, obs=None, split_instr
     if split_instruction:
         out.update({f"instruction_{k}": v.nan_to_num(1.0) for k, v in instruction_parts(obs, want).items()})
     return out
+
+
+# ----------------------------------------------------------------------------- group advantages (Stage II)
+def group_zscores(scores, group_size, std_floor):
+    """scores (N, heads), N = groups * group_size rollouts grouped consecutively -> each head z-scored within
+    its group, (r - mean) / (std + 1e-4) with the Bessel-corrected std (TeleBoost's and DanceGRPO's convention),
+    and 0 where that std is under the floor; and the fraction of such (group, head) pairs."""
+    g = scores.view(-1, group_size, scores.shape[1])                          # (groups, G, heads)
+    mean, std = g.mean(1, keepdim=True), g.std(1, keepdim=True, correction=1)
+    flat = std < std_floor
+    z = torch.where(flat, torch.zeros_like(g), (g - mean) / (std + 1e-4))
+    return z.flatten(0, 1), float(flat.float().mean())
+
+
+def reliability(rm_std):
+    """Per-rollout trust in the ensemble: 1.5 where its members agree most, 0.5 where they disagree most."""
+    u = rm_std.mean(1)                                                        # (N,) over heads
+    return (1 + (u.mean() - u) / (u.mean() + 1e-8)).clamp(0.5, 1.5)
 
 
 # ----------------------------------------------------------------------------- the learned judge
@@ -355,6 +383,8 @@ def rm_pool(cfg, n, seed, world, base_videos=None):
 
 def train_reward_model(argv):
     cfg = parse_config(RewardModelConfig, argv)
+    check_ranges(cfg, at_least_one=("members", "width", "steps", "pool_clips", "batch_size", "eval_clips"), positive=("lr",),
+                 non_negative=("label_noise", "base_clips"), fraction=("label_flip",))
     if os.path.exists(cfg.out) and not cfg.overwrite:
         raise OutputExists(f"{cfg.out} exists; pass --overwrite=true to replace it")
     t0 = time.time()

@@ -86,8 +86,12 @@ def parse_config(cls, argv):
     return cfg
 
 
-def check_ranges(cfg, at_least_one=(), positive=(), non_negative=(), fraction=()):
-    """Refuse values outside their range, naming the key: counts >= 1, rates > 0, weights >= 0, [0, 1)."""
+def check_ranges(cfg, at_least_one=(), positive=(), non_negative=(), fraction=(), choices=None):
+    """Refuse values outside their range, naming the key: counts >= 1, rates > 0, weights >= 0, [0, 1), and
+    choices {key: allowed values}."""
+    for k, allowed in (choices or {}).items():
+        if str(getattr(cfg, k)).lower() not in allowed:
+            raise ConfigError(f"--{k} must be one of {', '.join(allowed)}; got {getattr(cfg, k)!r}")
     for keys, ok, what in ((at_least_one, lambda v: v >= 1, "at least 1"), (positive, lambda v: v > 0, "> 0"),
                            (non_negative, lambda v: v >= 0, ">= 0"), (fraction, lambda v: 0 <= v < 1, "in [0, 1)")):
         for k in keys:

@@ -413,10 +413,10 @@ def test_split_instruction_heads_and_weights():
     cfg = reward_rl.Config(split_instruction=True, weights=("fidelity=0.2", "temporal=0.3", "instruction=0.7"))
     names = rewards.head_names(cfg.split_instruction)
     assert names[:3] == list(rewards.HEADS) and len(names) == 3 + len(data.ATTRIBUTES)
-    assert reward_rl.curriculum_weights(cfg, 0.0, names).tolist() == pytest.approx([0.2, 0.3, 0, 0.7, 0.7, 0.7, 0.7])
-    late = reward_rl.Config(curriculum=True)                              # fidelity leads early, instruction late
-    assert reward_rl.curriculum_weights(late, 0.0, list(rewards.HEADS)).tolist() == pytest.approx([0.25, 0.125, 0.25])
-    assert reward_rl.curriculum_weights(late, 1.0, list(rewards.HEADS)).tolist() == pytest.approx([0.0625, 0.125, 1.0])
+    assert rewards.advantage_weights(names, cfg.weights).tolist() == pytest.approx([0.2, 0.3, 0, 0.7, 0.7, 0.7, 0.7])
+    heads = list(rewards.HEADS)                                          # self-paced: fidelity early, instruction late
+    assert rewards.advantage_weights(heads, (), 0.0, self_paced=True).tolist() == pytest.approx([0.25, 0.125, 0.25])
+    assert rewards.advantage_weights(heads, (), 1.0, self_paced=True).tolist() == pytest.approx([0.0625, 0.125, 1.0])
     with pytest.raises(stability.ConfigError, match="split_instruction"):
         reward_rl.check_config(reward_rl.Config(split_instruction=True, reward="rm"), 1)
 
@@ -437,9 +437,9 @@ def test_group_advantages_per_head_zero_variance_groups_and_clip_after_scaling()
     assert reward_rl.advantages(reward_rl.Config(group_size=4, std_floor=0.0095), edge, edge * 0, torch.ones(1))[1] == 0.0
     assert reward_rl.advantages(reward_rl.Config(group_size=4, std_floor=0.0105), edge, edge * 0, torch.ones(1))[1] == 1.0
     # ensemble reliability: agreeing members weigh more, clamped to [0.5, 1.5]
-    w = reward_rl.reliability(torch.tensor([[0.1], [0.2], [0.3], [0.2]]))
+    w = rewards.reliability(torch.tensor([[0.1], [0.2], [0.3], [0.2]]))
     assert torch.allclose(w, torch.tensor([1.5, 1.0, 0.5, 1.0]))
-    assert reward_rl.reliability(torch.tensor([[0.0], [1.0]])).tolist() == [1.5, 0.5]
+    assert rewards.reliability(torch.tensor([[0.0], [1.0]])).tolist() == [1.5, 0.5]
     # the clip comes after every scaling: reliability 1.5 on a clipped advantage stays within +-adv_clip
     rm_std = torch.tensor([[0.0], [0.1], [0.1], [0.1]])
     adv, _ = reward_rl.advantages(reward_rl.Config(group_size=4, reward="rm", adv_clip=2.0), big, rm_std, torch.tensor([4.0]))
@@ -453,8 +453,8 @@ def test_ppo_and_kl_helpers():
     loss, _, clipped = reward_rl.ppo_clip_loss(torch.tensor([0.5]), torch.tensor([1.0]), 0.1)
     assert clipped == 1 and torch.allclose(loss, torch.tensor([-1.1]))        # no credit beyond the trust region
     m = torch.randn(2, 3, 4)
-    assert torch.equal(reward_rl.gaussian_kl(m, m, 0.3), torch.zeros(2))
-    assert torch.allclose(reward_rl.gaussian_kl(m + 0.3, m, 0.3), torch.full((2,), 0.5))
+    assert torch.equal(M.gaussian_kl(m, m, 0.3), torch.zeros(2))
+    assert torch.allclose(M.gaussian_kl(m + 0.3, m, 0.3), torch.full((2,), 0.5))
 
 
 def test_grpo_first_update_is_on_policy_and_kl_starts_at_zero(tiny_checkpoints):
@@ -485,7 +485,7 @@ def awm_setup(path):
     shape = (4, policy.cfg.channels, policy.cfg.frames, policy.cfg.size, policy.cfg.size)
     clips, tokens = torch.rand(shape, generator=gen) * 2 - 1, data.tokenize(["a red circle moving left"] * 4)
     draws = [(torch.full((4,), 0.3), torch.randn(shape, generator=gen), torch.full((4,), 0.6))]  # one per group
-    roll = reward_rl.Rollout(["a red circle moving left"] * 4, tokens, clips, [], torch.arange(4), M.time_grid(4))
+    roll = reward_rl.Rollout(["a red circle moving left"] * 4, tokens, clips, [], torch.arange(4))
     return policy, other, roll, draws, gen
 
 
@@ -813,6 +813,8 @@ BAD_INPUT = {
     "rl_negative_lr": ("reward_rl.py --lr=-1", "--lr must be > 0"),
     "rl_negative_noise_level": ("reward_rl.py --noise_level=-0.5", "--noise_level must be > 0"),
     "dpo_negative_beta": ("preference.py --beta=-1", "--beta must be > 0"),
+    "judge_zero_members": ("rewards.py train_rm --members=0 --out={o}/rm.safetensors", "--members must be at least 1"),
+    "bench_zero_clips": ("bench.py heads --clips=0", "--clips must be at least 1"),
     "sft_unknown_preset": ("sft.py --init= --preset=huge --out_dir={o}", "unknown model preset 'huge'"),
     "sft_cuda_without_gpu": ("sft.py --device=cuda --out_dir={o}", "no usable CUDA GPU"),
     "sft_nan_lr": ("sft.py --lr=nan", "--lr must be a finite number"),
