@@ -36,9 +36,14 @@ sft_checkpoint: setup
 reward_model: setup
 	$(PY) rewards.py train_rm --out=checkpoints/reward_model.safetensors --overwrite=true
 
+# Why each part of Stage II exists: one part taken out at a time (6 runs of a few minutes on 2 CPU cores, each a
+# folder under runs/ablations; an interrupted run of this target picks up where it stopped).
+ablations: setup
+	$(PY) bench.py ablations
+
 benchmarks: setup
 	$(PY) bench.py heads
 	$(PY) bench.py dpo_memory
 	$(PY) bench.py grpo --minutes=8
 
-.PHONY: setup test killtest pipeline base sft_checkpoint reward_model benchmarks
+.PHONY: setup test killtest pipeline base sft_checkpoint reward_model benchmarks ablations

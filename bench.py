@@ -3,6 +3,7 @@
     python bench.py heads                     # seconds to score 64 default-preset clips with the reward heads
     python bench.py dpo_memory                # peak memory of one DPO step, joint vs decoupled backward
     python bench.py grpo --minutes=8          # cost-cutting GRPO vs vanilla Flow-GRPO for equal wall-clock
+    python bench.py ablations                 # Stage II with one part removed at a time (make ablations)
 """
 import json
 import os
@@ -16,7 +17,7 @@ import torch
 import data
 import model as M
 import rewards as R
-from stability import check_ranges, parse_config, run_cli
+from stability import ConfigError, check_ranges, parse_config, run_cli
 
 
 def bench_heads(argv):
@@ -112,7 +113,102 @@ def bench_grpo(argv):
     print(json.dumps(result, indent=1))
 
 
-COMMANDS = {"heads": bench_heads, "dpo_memory": bench_dpo_memory, "grpo": bench_grpo}
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+# Why each part exists, shown by taking it out: Stage II from the shipped SFT checkpoint at a size that takes minutes
+# on 2 CPU cores (half the prompts per iteration, held-out checks every 4 iterations so the hacking monitor can act).
+ABLATIONS = {
+    "defaults": ([], "the reference for the rows below it on the programmatic heads"),
+    "zscore_of_sum": (["--zscore=sum"], "one z-score of the weighted sum instead of one per head"),
+    "curriculum": (["--curriculum=true"], "self-paced head weights (fidelity, then temporal, then instruction)"),
+    "judge": (["--reward=rm"], "the learned judge alone as the reward, every stability term on"),
+    "judge_unguarded": (["--reward=rm", "--awm_beta=0", "--ema_decay=0", "--sft_weight=0"],
+                        "the learned judge without the KL, the EMA and the curated term"),
+    "judge_no_reliability": (["--reward=rm", "--uncertainty=false"], "the learned judge, its members' agreement ignored"),
+}
+SMALL = ["--prompts_per_iter=4", "--eval_every=4", "--eval_prompts=8", "--ckpt_every=4", "--max_minutes=0"]
+
+
+def proxy_gap(ckpt, judge, clips_per_split=16):
+    """The learned judge's score minus the oracle's, per head, on fresh held-out samples of a checkpoint."""
+    net, _ = M.load_model(ckpt)
+    members = R.load_reward_model(judge, net.cfg)
+    prompts, _ = R.eval_prompts(R.DiagnoseConfig(prompts=clips_per_split, seed=11))
+    clips = M.sample(net, data.tokenize(prompts), R.noise_for(len(prompts), net.cfg, 11), 20, 3.0)
+    proxy, truth = R.rm_score(members, clips, data.tokenize(prompts))[0], R.reward_heads(clips, prompts)
+    return {h: round(float((proxy[h] - truth[h]).mean()), 4) for h in proxy}
+
+
+def summarise(run, iters):
+    """Held-out oracle at the start and the end, the trained reward's first and last 4 iterations (weighted as
+    trained), the guards' counts, and whether the run stopped before its last iteration."""
+    recs = [json.loads(line) for line in open(os.path.join(run, "log.jsonl"))]
+    evals, steps = [r["eval"] for r in recs if "eval" in r], [r for r in recs if "rollout_s" in r]
+    trained = [sum(w * r[k][0] for w, k in zip(r["weights"], [k for k in r if k.startswith("reward_")])) for r in steps]
+    axes = ("acc_all", "acc_direction", "fidelity", "temporal", "instruction")
+    return {"iterations": len(steps), "stopped_early": len(steps) < iters,
+            **{f"{k}_start": evals[0][k] for k in axes}, **{f"{k}_end": evals[-1][k] for k in axes},
+            "trained_reward_first4": round(sum(trained[:4]) / len(trained[:4]), 4),
+            "trained_reward_last4": round(sum(trained[-4:]) / len(trained[-4:]), 4),
+            "skipped": steps[-1]["skipped"], "rollbacks": steps[-1]["rollbacks"],
+            "minutes": round(sum(r["rollout_s"] + r["train_s"] for r in steps) / 60, 2), "evals": evals}
+
+
+def bench_ablations(argv):
+    @dataclass
+    class C:
+        init: str = "checkpoints/sft_small.safetensors"           # every variant starts here
+        reward_model: str = "checkpoints/reward_model.safetensors"  # the judge of the 'judge' rows
+        iters: int = 24                                           # iterations per variant
+        only: tuple = ()                                          # run these variants (default: all of ABLATIONS)
+        out: str = "runs/ablations"                               # one run folder per variant, ablations.{json,md}
+    cfg = parse_config(C, argv)
+    check_ranges(cfg, at_least_one=("iters",))
+    unknown = [n for n in cfg.only if n not in ABLATIONS]
+    if unknown:
+        raise ConfigError(f"unknown ablation {unknown[0]!r}; choose from {', '.join(ABLATIONS)}")
+    M.load_model(cfg.init)
+    R.load_reward_model(cfg.reward_model)                     # inputs are checked before minutes of work
+    result = {}
+    for name in cfg.only or ABLATIONS:
+        flags, why = ABLATIONS[name]
+        run = os.path.join(cfg.out, name)
+        cmd = ["reward_rl.py", f"--init={cfg.init}", f"--reward_model={cfg.reward_model}", f"--iters={cfg.iters}",
+               *SMALL, *flags, f"--out_dir={run}"]
+        done = os.path.exists(os.path.join(run, "ckpt.safetensors"))
+        if not done:  # an interrupted `make ablations` picks up where it stopped: finished rows are kept
+            resume = ["--resume=true"] if os.path.exists(os.path.join(run, "state.safetensors")) else ["--overwrite=true"]
+            subprocess.run([sys.executable, os.path.join(HERE, cmd[0]), *cmd[1:], *resume], check=True)
+        result[name] = {"why": why, "command": "python " + " ".join(cmd), **summarise(run, cfg.iters)}
+        if "--reward=rm" in flags:
+            result[name]["proxy_minus_oracle_start"] = proxy_gap(cfg.init, cfg.reward_model)
+            result[name]["proxy_minus_oracle_end"] = proxy_gap(os.path.join(run, "ckpt.safetensors"), cfg.reward_model)
+    os.makedirs(cfg.out, exist_ok=True)
+    with open(os.path.join(cfg.out, "ablations.json"), "w") as f:
+        json.dump(result, f, indent=1)
+    with open(os.path.join(cfg.out, "ablations.md"), "w") as f:
+        f.write(ablation_table(result))
+    print(ablation_table(result))
+
+
+def ablation_table(result):
+    arrow = lambda r, k, f="{:.2f}": f"{f.format(r[k + '_start'])} -> {f.format(r[k + '_end'])}"
+    gap = lambda r: ", ".join(f"{h} {r['proxy_minus_oracle_start'][h]:+.2f} -> {r['proxy_minus_oracle_end'][h]:+.2f}"
+                              for h in r["proxy_minus_oracle_start"]) if "proxy_minus_oracle_start" in r else ""
+    rows = ["| variant | what changes | all attributes | fidelity | temporal | trained reward (first 4 -> last 4 its) "
+            "| judge - oracle | iterations | rollbacks / skipped |", "|" + " --- |" * 9]
+    for name, r in result.items():
+        stop = " (stopped by the hacking monitor)" if r["stopped_early"] else ""
+        rows.append(f"| {name} | {r['why']} | {arrow(r, 'acc_all')} | {arrow(r, 'fidelity', '{:.3f}')} | "
+                    f"{arrow(r, 'temporal', '{:.3f}')} | {r['trained_reward_first4']:.3f} -> {r['trained_reward_last4']:.3f} | "
+                    f"{gap(r)} | {r['iterations']}{stop} | {r['rollbacks']} / {r['skipped']} |")
+    rows += ["", "Commands (each row's run folder holds its log.jsonl, ckpt.safetensors and samples.gif):", ""]
+    rows += [f"- {name}: `{r['command']}`" for name, r in result.items()]
+    return "\n".join(rows) + "\n"
+
+
+COMMANDS = {"heads": bench_heads, "dpo_memory": bench_dpo_memory, "grpo": bench_grpo, "ablations": bench_ablations}
 
 if __name__ == "__main__":
     if len(sys.argv) < 2 or sys.argv[1] not in COMMANDS:

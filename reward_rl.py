@@ -3,10 +3,10 @@
     python reward_rl.py                                     # from the shipped SFT checkpoint, to runs/rl
     torchrun --standalone --nproc_per_node=2 reward_rl.py   # the same run; each group spans the ranks
     python reward_rl.py --update=ppo --sde_window=0 --rollout_steps=10 --epochs=1 --lr=1e-4 --warmup=1 --sft_weight=0
-                                                            # vanilla Flow-GRPO
-train() reads top to bottom: SAMPLING, REWARDS, ADVANTAGES, then TRAINING by one of two sibling rules that each own
-their loss, KL and backward (awm_update, the default, or ppo_update), the curated term, the clip, the guards, EMA,
-rollback, and a held-out oracle check against reward hacking.
+
+The last is vanilla Flow-GRPO. train() reads top to bottom: SAMPLING, REWARDS, ADVANTAGES, then TRAINING by one
+of two sibling rules that each own their loss, KL and backward (awm_update, the default, or ppo_update), the
+curated term, the clip, the guards, EMA, rollback, and a held-out check against reward hacking.
 """
 import json
 import os
@@ -49,6 +49,7 @@ class Config:
     split_instruction: bool = False  # each prompted attribute's soft match its own head (weighted as instruction)
     curriculum: bool = False      # self-paced: move weight from fidelity to temporal to instruction (HEADS' phase)
     # ---- ADVANTAGES
+    zscore: str = "per_head"      # 'per_head': z-score each head in its group, then weigh; 'sum': z-score the weighted sum
     std_floor: float = 0.01       # groups whose reward std is below this teach nothing: advantage 0
     adv_clip: float = 5.0         # clip the summed advantage to +- this
     uncertainty: bool = True      # scale advantages by ensemble agreement (reliability in [0.5, 1.5])
@@ -89,7 +90,8 @@ def check_config(cfg, ranks):
                                     "minibatches", "eval_every", "eval_prompts", "eval_steps", "patience", "ckpt_every"),
                  positive=("lr", "noise_level", "clip_range", "spike_factor", "adv_clip", "grad_clip"), fraction=("ema_decay",),
                  non_negative=("warmup", "beta", "awm_beta", "neg_scale", "sft_weight", "cfg_scale", "std_floor", "max_minutes"),
-                 choices=dict(update=("awm", "ppo"), reward=("heads", "rm", "both"), bf16=("auto", "true", "false")))
+                 choices=dict(update=("awm", "ppo"), reward=("heads", "rm", "both"), bf16=("auto", "true", "false"),
+                              zscore=("per_head", "sum")))
     rollouts = cfg.prompts_per_iter * cfg.group_size
     for bad, why in ((cfg.split_instruction and cfg.reward != "heads", "--split_instruction needs --reward=heads"),
                      (not 0 <= cfg.sde_window <= cfg.rollout_steps or cfg.window_start + cfg.sde_window > cfg.rollout_steps,
@@ -180,10 +182,11 @@ def score(cfg, clips, roll, judge, reward_fn, names, world, d):
 
 
 def advantages(cfg, scores, rm_std, weights):
-    """Per-head group z-scores, summed with weights in advantage space, scaled by the ensemble's reliability,
-    and clipped after every scaling. (N,) and the fraction of zero-variance (group, head) pairs."""
-    z, zero_frac = R.group_zscores(scores, cfg.group_size, cfg.std_floor)
-    adv = (z * weights).sum(-1)
+    """Per-head group z-scores summed with weights (--zscore=sum: one z-score of the weighted sum), scaled by the
+    ensemble's reliability, clipped after every scaling. (N,) and the fraction of zero-variance (group, head) pairs."""
+    summed = (scores * weights).sum(1, keepdim=True) if cfg.zscore == "sum" else None
+    z, zero_frac = R.group_zscores(scores if summed is None else summed, cfg.group_size, cfg.std_floor)
+    adv = (z * weights).sum(-1) if summed is None else z[:, 0]
     if cfg.reward != "heads" and cfg.uncertainty:
         adv = adv * R.reliability(rm_std)
     return adv.clamp(-cfg.adv_clip, cfg.adv_clip), zero_frac
@@ -288,8 +291,7 @@ def train(cfg: Config, reward_fn=None):
     start, log_offset = M.resume_run(state_path, policy, ema, opt, cfg, parts, log) if cfg.resume else (0, None)
     spikes.snapshot(policy, opt)                    # at a checkpoint the last good weights are the current ones
 
-    groups, n_window = cfg.prompts_per_iter, len(window_steps(cfg, 0))
-    rollouts = groups * cfg.group_size
+    groups, n_window, rollouts = cfg.prompts_per_iter, len(window_steps(cfg, 0)), cfg.prompts_per_iter * cfg.group_size
     per_rank, n_trained = rollouts // d.ranks, max(1, round(cfg.train_fraction * n_window))
     log(f"batch: {cfg.prompts_per_iter} prompts x {cfg.group_size} rollouts = {rollouts} per iteration = {d.ranks} "
         f"rank(s) x {per_rank}; {cfg.rollout_steps} denoising steps, SDE on {n_window}, {n_trained} trained per rollout; "
@@ -310,7 +312,6 @@ def train(cfg: Config, reward_fn=None):
     logf = open_log(os.path.join(cfg.out_dir, "log.jsonl"), log_offset) if d.main else None
     if d.main and start == 0:
         logf.write(json.dumps({"eval": evaluate(0)}) + "\n")
-
     t_start = time.time()
     bar = tqdm(range(start, cfg.iters), initial=start, total=cfg.iters, disable=not d.main, desc=f"rl-{cfg.update}")
     for it in bar:
@@ -382,8 +383,7 @@ def train(cfg: Config, reward_fn=None):
         if stop:
             break
 
-    check_ranks_agree(policy, d)                                                # before anything is handed off
-    # ---- hand-off: the EMA policy, and a sample grid on the fixed eval prompts
+    check_ranks_agree(policy, d)              # ---- hand-off, once the ranks agree: the EMA policy and a sample grid
     if d.main:
         M.save_checkpoint(ckpt_path, ema.model.state_dict(), mc, lineage(it + 1 if cfg.iters > start else start))
         videos = M.sample(ema.model, data.tokenize(eval_prompts[:8]).to(d.device), eval_noise[:8], cfg.eval_steps,

@@ -335,8 +335,9 @@ class RewardModelConfig:
     lr: float = 2e-3            # AdamW learning rate
     label_noise: float = 0.08   # std of Gaussian annotator noise on each oracle label
     label_flip: float = 0.05    # fraction of labels an annotator gets entirely wrong (uniform in [0, 1])
-    base: str = "checkpoints/base_small.safetensors"  # base-model samples join the training data ('' = none)
-    base_clips: int = 256       # how many base samples to draw (once, up front)
+    generators: tuple = ("checkpoints/base_small.safetensors", "checkpoints/sft_small.safetensors")  # whose samples
+                                # join the training data, so the judge ranks what the stages make ('' = none)
+    generator_clips: int = 256  # samples drawn from each generator (once, up front); eval_clips / 8 more held out
     out: str = "checkpoints/reward_model.safetensors"
     eval_clips: int = 512       # held-out clips for the accuracy report
     seed: int = 0
@@ -360,8 +361,27 @@ def mismatched_prompts(attrs, gen, p_wrong=0.5):
     return out
 
 
+def generator_samples(paths, n, seed, step):
+    """n guided samples (20 steps, guidance 3) of each checkpoint on val prompts, all paths together: (videos,
+    attrs, prompts) or None without paths; and the world shape they share."""
+    videos, attrs, prompts, shape = [], [], [], M.preset("small")
+    for i, path in enumerate(p for p in paths if p):
+        net, _ = M.load_model(path)
+        if videos and (net.cfg.frames, net.cfg.size) != (shape.frames, shape.size):
+            raise ConfigError(f"--generators make clips of different shapes ({path} is {net.cfg.frames}x{net.cfg.size})")
+        shape = net.cfg
+        b = data.make_batch("val", n, seed=seed, step=step + i, world=world_of(shape))
+        noise = torch.randn(b.videos.shape, generator=torch.Generator().manual_seed(seed + 1000 * i))
+        videos.append(M.sample(net, b.tokens, noise, 20, 3.0))
+        attrs.append(b.attrs)
+        prompts += b.prompts
+    if not videos:
+        return None, shape
+    return (torch.cat(videos), {k: torch.cat([a[k] for a in attrs]) for k in attrs[0]}, prompts), shape
+
+
 def rm_pool(cfg, n, seed, world, base_videos=None):
-    """Clips a judge should rank: clean renders, web renders with defects of random strength, base-model
+    """Clips a judge should rank: clean renders, web renders with defects of random strength, generator
     samples; captions right or wrong. Returns videos, prompts, oracle head scores (B, heads)."""
     gen = torch.Generator().manual_seed(seed)
     third = n // 3
@@ -383,18 +403,15 @@ def rm_pool(cfg, n, seed, world, base_videos=None):
 
 def train_reward_model(argv):
     cfg = parse_config(RewardModelConfig, argv)
-    check_ranges(cfg, at_least_one=("members", "width", "steps", "pool_clips", "batch_size", "eval_clips"), positive=("lr",),
-                 non_negative=("label_noise", "base_clips"), fraction=("label_flip",))
+    check_ranges(cfg, at_least_one=("members", "width", "steps", "pool_clips", "batch_size", "eval_clips", "generator_clips"),
+                 positive=("lr",), non_negative=("label_noise",), fraction=("label_flip",))
+    for path in (p for p in cfg.generators if p):
+        M.read_checkpoint(path)                                        # every input is checked before any work
     if os.path.exists(cfg.out) and not cfg.overwrite:
         raise OutputExists(f"{cfg.out} exists; pass --overwrite=true to replace it")
     t0 = time.time()
-    base_videos, shape = None, M.preset("small")
-    if cfg.base:  # what the generator actually makes: the judge must rank these, not only renders
-        net, _ = M.load_model(cfg.base)
-        shape = net.cfg
-        b = data.make_batch("val", cfg.base_clips, seed=cfg.seed, step=99, world=world_of(shape))
-        noise = torch.randn(b.videos.shape, generator=torch.Generator().manual_seed(cfg.seed))
-        base_videos = (M.sample(net, b.tokens, noise, 20, 3.0), b.attrs)
+    # what the generators actually make: the judge must rank these, not only renders
+    base_videos, shape = generator_samples(cfg.generators, cfg.generator_clips, cfg.seed, 99)
     # One labelled pool, scored by the oracle once; each member sees its own bootstrap of it, labelled by
     # its own noisy annotator, so the members disagree where the data leaves the judge unsure.
     videos, prompts, scores = rm_pool(cfg, cfg.pool_clips, cfg.seed, world_of(shape), base_videos)
@@ -417,11 +434,12 @@ def train_reward_model(argv):
             torch.nn.utils.clip_grad_norm_(member.parameters(), 1.0)
             opt.step()
         tensors.update({f"member{k}.{n}": p for n, p in member.state_dict().items()})
-    lineage = M.lineage_record("reward_model", cfg.base, cfg.steps, "curated+web+base", config=asdict(cfg),
+    lineage = M.lineage_record("reward_model", ",".join(cfg.generators), cfg.steps, "curated+web+samples", config=asdict(cfg),
                                seconds=round(time.time() - t0, 1))
     # the model config records the world shape (frames, size) the judge was trained for
     M.save_checkpoint(cfg.out, tensors, shape, lineage, members=cfg.members, width=cfg.width, heads=list(HEADS))
-    report = evaluate_reward_model(load_reward_model(cfg.out), cfg, world_of(shape))
+    held_out, _ = generator_samples(cfg.generators, max(1, cfg.eval_clips // 8), cfg.seed + 1, 199)
+    report = evaluate_reward_model(load_reward_model(cfg.out), cfg, world_of(shape), held_out)
     print(json.dumps(report, indent=1))
     print(f"wrote {cfg.out} in {time.time() - t0:.0f}s")
 
@@ -457,12 +475,16 @@ def rm_score(members, videos, tokens):
     return ({n: s[:, :, i].mean(0) for i, n in enumerate(names)}, {n: s[:, :, i].std(0) for i, n in enumerate(names)})
 
 
-def evaluate_reward_model(members, cfg, world):
-    """Against the oracle on clips none of the members trained on: error, ranking agreement, and whether
-    the ensemble's spread flags its own mistakes."""
+def evaluate_reward_model(members, cfg, world, samples=None):
+    """Against the oracle on clips none of the members trained on: error, ranking agreement, whether the
+    ensemble's spread flags its own mistakes, and (given held-out generator samples) its gap on those."""
     videos, prompts, scores = rm_pool(cfg, cfg.eval_clips, 10 ** 9 + cfg.seed, world)
     mean, std = rm_score(members, videos, data.tokenize(prompts))
     out = {}
+    if samples is not None:
+        truth = reward_heads(samples[0], samples[2], world)
+        proxy, _ = rm_score(members, samples[0], data.tokenize(samples[2]))
+        out["generator_samples_proxy_minus_oracle"] = {n: round(float((proxy[n] - truth[n]).mean()), 4) for n in HEADS}
     for i, n in enumerate(HEADS):
         err = (mean[n] - scores[:, i]).abs()
         a, b = torch.triu_indices(len(err), len(err), 1)
@@ -532,7 +554,7 @@ def mean_se(x):
 @dataclass
 class DiagnoseConfig:
     ckpt: tuple = ("checkpoints/base_small.safetensors",)  # checkpoints to compare (repeat --ckpt=, or A,B)
-    out: str = "runs/diagnose"  # diagnostics.json, diagnostics.md, grid.gif
+    out: str = "runs/diagnose"  # diagnostics.json, diagnostics.md, config.json, grid.gif
     prompts: int = 16           # eval prompts per split (val combinations and unseen held-out ones)
     seeds: int = 2              # noise seeds per prompt
     steps: int = 20             # Euler steps
@@ -743,7 +765,7 @@ def diagnose(argv):
         raise OutputExists(f"{cfg.out} already holds diagnostics; pass --overwrite=true or another --out")
     rm = check_diagnose_inputs(cfg)
     os.makedirs(cfg.out, exist_ok=True)
-    results, grids = {}, []
+    results, grids, t0 = {}, [], time.time()
     names = column_names(cfg.ckpt)
     with tqdm(total=5 * len(cfg.ckpt), desc="diagnose") as bar:
         for name, path in zip(names, cfg.ckpt):
@@ -757,8 +779,12 @@ def diagnose(argv):
     # one row per prompt, one column per checkpoint, same seeds
     side = torch.stack(grids, 1).flatten(0, 1)
     data.write_video(data.video_grid(side, len(grids[0]), len(grids)), os.path.join(cfg.out, "grid.gif"))
+    with open(os.path.join(cfg.out, "config.json"), "w") as f:   # what report.py needs to label and time it
+        json.dump({"config": asdict(cfg), "columns": dict(zip(names, cfg.ckpt)), "grid_rows": eval_prompts(cfg)[0][:8],
+                   "seconds": round(time.time() - t0, 1)}, f, indent=1)
     print(table)
-    print(f"wrote {cfg.out}/diagnostics.json, diagnostics.md, grid.gif (rows: prompts, columns: {', '.join(names)})")
+    print(f"wrote {cfg.out}/diagnostics.json, diagnostics.md, config.json, grid.gif (rows: prompts, columns: "
+          f"{', '.join(names)})")
 
 
 COMMANDS = {"diagnose": diagnose, "train_rm": train_reward_model}

@@ -350,9 +350,10 @@ def tiny_checkpoints(tmp_path_factory):
 def test_reward_model_ensemble_mean_and_std(tiny_checkpoints, capsys):
     base, _, root = tiny_checkpoints
     out = str(root / "rm.safetensors")
-    rewards.train_reward_model([f"--base={base}", "--base_clips=4", "--members=3", "--steps=3", "--pool_clips=24",
+    rewards.train_reward_model([f"--generators={base}", "--generator_clips=4", "--members=3", "--steps=3", "--pool_clips=24",
                                 "--batch_size=8", "--eval_clips=24", f"--out={out}"])
-    assert "pair_accuracy" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "pair_accuracy" in printed and "generator_samples_proxy_minus_oracle" in printed   # its gap on samples
     members = rewards.load_reward_model(out)
     b = data.make_batch("curated", 5)
     mean, std = rewards.rm_score(members, b.videos, b.tokens)
@@ -362,7 +363,23 @@ def test_reward_model_ensemble_mean_and_std(tiny_checkpoints, capsys):
         assert mean[head].min() >= 0 and mean[head].max() <= 1
     assert std["fidelity"].max() > 0                                             # bootstrapped members disagree
     with pytest.raises(FileExistsError):
-        rewards.train_reward_model([f"--out={out}", "--base="])
+        rewards.train_reward_model([f"--out={out}", "--generators="])
+
+
+def test_ablations_table_names_each_command_and_keeps_finished_rows(tiny_checkpoints, tmp_path):
+    import bench
+    _, tuned, root = tiny_checkpoints
+    args = [f"--init={tuned}", f"--reward_model={root / 'rm.safetensors'}", "--iters=1", "--only=judge", f"--out={tmp_path}"]
+    bench.bench_ablations(args)
+    table = (tmp_path / "ablations.md").read_text()
+    assert "| judge |" in table and "python reward_rl.py" in table and "--reward=rm" in table
+    row = json.load(open(tmp_path / "ablations.json"))["judge"]
+    assert row["iterations"] == 1 and set(row["proxy_minus_oracle_end"]) == set(rewards.HEADS)
+    stamp = os.path.getmtime(tmp_path / "judge" / "ckpt.safetensors")
+    bench.bench_ablations(args)                                               # a finished row is kept, not rerun
+    assert os.path.getmtime(tmp_path / "judge" / "ckpt.safetensors") == stamp
+    with pytest.raises(stability.ConfigError, match="unknown ablation 'kl'"):
+        bench.bench_ablations(["--only=kl"])
 
 
 def test_diagnose_writes_every_metric(tiny_checkpoints):
@@ -429,6 +446,12 @@ def test_group_advantages_per_head_zero_variance_groups_and_clip_after_scaling()
     z = lambda x: (x - x.mean()) / (x.std(correction=1) + 1e-4)   # Bessel-corrected, as the docstring says
     expect = torch.cat([z(torch.tensor([0.1, 0.3, 0.5])), 2 * z(torch.tensor([0.9, 0.1, 0.5]))])
     assert torch.allclose(adv, expect, atol=1e-5) and zero == 0.5
+    # the ablation, one z-score of the weighted sum: a head's weight no longer scales its advantage (group 1: x1, not x2)
+    summed = reward_rl.advantages(reward_rl.Config(group_size=3, std_floor=1e-3, zscore="sum"), scores,
+                                  torch.zeros_like(scores), torch.tensor([1.0, 2.0]))[0]
+    total = scores @ torch.tensor([1.0, 2.0])
+    assert torch.allclose(summed, torch.cat([z(total[:3]), z(total[3:])]), atol=1e-5)
+    assert not torch.allclose(summed, adv, atol=1e-2)
     big = torch.tensor([[0.0], [0.0], [0.0], [1.0]])                           # a lone outlier: z = 1.5, x4 -> clipped
     adv, _ = reward_rl.advantages(reward_rl.Config(group_size=4, std_floor=1e-3, adv_clip=5.0), big, big * 0, torch.tensor([4.0]))
     assert adv.max() == 5.0 and adv.min() < 0
@@ -789,7 +812,7 @@ def bad_files(tmp_path_factory):
     M.save_checkpoint(str(root / "nan.safetensors"), nan, net.cfg, M.lineage_record("sft"))
     whole = (root / "tiny.safetensors").read_bytes()
     (root / "cut.safetensors").write_bytes(whole[: len(whole) // 2])
-    rewards.train_reward_model(["--base=", "--members=2", "--steps=1", "--pool_clips=6", "--batch_size=2",  # 8x32x32
+    rewards.train_reward_model(["--generators=", "--members=2", "--steps=1", "--pool_clips=6", "--batch_size=2",  # 8x32x32
                                 "--eval_clips=6", f"--out={root / 'judge.safetensors'}"])
     p = tiny_pairs(4)
     preference.save_pairs(str(root / "uint8.safetensors"), {**p, "winner": ((p["winner"] + 1) * 127.5).round().byte()})
