@@ -16,13 +16,15 @@ killtest: setup
 	for i in $$(seq 20); do $(PY) -m pytest -q test_all.py -k "two_ranks or torchrun" || exit 1; done
 
 # The main job at the default CPU preset: the three stages from the shipped base, then all four judged side by
-# side. Each run of the pipeline replaces $(RUN) (pass RUN=runs/other to keep an earlier one).
+# side, then one page of it all: $(RUN)/report.html (offline, self-contained) and report.md. Each run of the
+# pipeline replaces $(RUN) (pass RUN=runs/other to keep an earlier one).
 pipeline: setup
 	$(PY) sft.py --out_dir=$(RUN)/sft --overwrite=true
 	$(PY) reward_rl.py --init=$(RUN)/sft/ckpt.safetensors --out_dir=$(RUN)/rl --overwrite=true
 	$(PY) preference.py --init=$(RUN)/rl/ckpt.safetensors --out_dir=$(RUN)/dpo --overwrite=true
 	$(PY) rewards.py diagnose --ckpt=checkpoints/base_small.safetensors --ckpt=$(RUN)/sft/ckpt.safetensors \
 		--ckpt=$(RUN)/rl/ckpt.safetensors --ckpt=$(RUN)/dpo/ckpt.safetensors --out=$(RUN)/diagnose --overwrite=true
+	$(PY) report.py --run=$(RUN) --overwrite=true
 
 # How the shipped checkpoints were made (each from scratch, on 2 CPU cores).
 base: setup

@@ -956,3 +956,77 @@ def test_a_fourth_head_reaches_stage_ii_stage_iii_and_diagnose(tiny_checkpoints,
     assert "| centred |" in (tmp_path / "diag" / "diagnostics.md").read_text()
     assert "--weights=centred=" in rewards.recommendation({"fidelity": 0.9, "temporal": 0.9, "instruction": 0.9,
                                                             "centred": 0.1})
+
+
+# ----------------------------------------------------------------------------- the report
+import re
+import xml.etree.ElementTree as ElementTree
+
+import report
+
+CHROMIUM = "/usr/bin/chromium"
+CHARTS = 1 + 5 + 3 + 2 + len(rewards.HEADS)          # Stage I, II, III curves; drift by frame, by chunk per head
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tiny_checkpoints):
+    """make pipeline's folder layout from tiny stages (the shipped base is the small preset), judged and reported."""
+    base, _, root = tiny_checkpoints
+    run = root / "run"
+    sft.train(tiny_sft(run / "sft", init=base, data="curated", steps=4))
+    reward_rl.train(tiny_rl(run / "sft" / "ckpt.safetensors", run / "rl", iters=2, eval_every=1, epochs=1, sft_batch=4))
+    preference.train(preference.Config(init=str(run / "rl" / "ckpt.safetensors"), out_dir=str(run / "dpo"), pair_prompts=2,
+                                       samples_per_prompt=3, sample_steps=2, margin=0.0, steps=2, batch_size=2, warmup=1,
+                                       log_every=1, eval_prompts=2, eval_steps=2, device="cpu"))
+    ckpts = [f"--ckpt={p}" for p in [base] + [run / s / "ckpt.safetensors" for s in ("sft", "rl", "dpo")]]
+    rewards.diagnose([*ckpts, f"--out={run / 'diagnose'}", "--reward_model=", "--prompts=1", "--seeds=2", "--steps=1",
+                      "--long_clips=1", "--diversity_seeds=2"])
+    report.main([f"--run={run}"])
+    return run
+
+
+def test_report_is_one_offline_page_with_the_table_curves_and_samples(tiny_run, capsys):
+    page = (tiny_run / "report.html").read_text()
+    root = ElementTree.fromstring(page.split("\n", 1)[1])   # well-formed after the doctype: every tag closed
+    assert "http://" not in page and "https://" not in page and root.find(".//script") is None
+    assert all(v.startswith("data:") for e in root.iter() for k, v in e.attrib.items() if k in ("src", "href"))
+    assert len(list(root.iter("svg"))) == CHARTS and all(len(list(s.iter("polyline"))) for s in root.iter("svg"))
+    (img,) = root.iter("img")
+    assert img.get("src").startswith("data:image/gif;base64,R0lGOD")                # GIF89a, embedded
+    table = ElementTree.tostring(root.find(".//table[@class='stages']"), encoding="unicode")
+    for needle in ("base", "sft", "rl-awm", "dpo", "oracle colour accuracy", "oracle all accuracy", "± ", "DPO win rate"):
+        assert needle in table, needle
+    twin = (tiny_run / "report.md").read_text()
+    assert "| metric | base (pretrain) | sft (sft) | rl (rl-awm) | dpo (dpo) |" in twin and "kl_ref" in twin
+    # refuses to replace a report unasked, and a missing run is one line, exit code 2
+    for args, needle in (([f"--run={tiny_run}"], "report.html exists"), ([f"--run={tiny_run}/none"], "not found")):
+        with pytest.raises(SystemExit) as exit_:
+            stability.run_cli(report.main, args)
+        err = capsys.readouterr().err
+        assert exit_.value.code == 2 and needle in err and len(err.strip().splitlines()) == 1, err
+
+
+@pytest.mark.skipif(not os.path.exists(CHROMIUM), reason="needs Debian's chromium (apt-get install chromium)")
+def test_report_renders_in_headless_chromium_without_console_errors(tiny_run, tmp_path):
+    """The page in a real browser: a frame around it counts what rendered (the GIF decoded, each chart drawn) and
+    logs it; any other console line is an error of the page's own. Then a screenshot that is not blank."""
+    flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-sync",
+             "--disable-background-networking", "--disable-component-update", "--enable-logging=stderr", "--v=0"]
+    browse = lambda *a: subprocess.run([CHROMIUM, *flags, f"--user-data-dir={tmp_path / 'profile'}", *a],
+                                       capture_output=True, text=True, timeout=120)
+    (tmp_path / "frame.html").write_text(
+        f'<iframe id="r" src="file://{tiny_run}/report.html"></iframe><script>'
+        'document.getElementById("r").onload = function () { var d = this.contentDocument;'
+        'var svgs = Array.from(d.querySelectorAll("svg")), imgs = Array.from(d.images);'
+        'console.log("RENDERED " + JSON.stringify({images: imgs.length, decoded: imgs.filter(function (i) {'
+        'return i.complete && i.naturalWidth > 0; }).length, svgs: svgs.length, drawn: svgs.filter(function (s) {'
+        'var b = s.getBBox(); return b.width > 100 && b.height > 100; }).length})); };</script>')
+    r = browse("--allow-file-access-from-files", "--dump-dom", f"file://{tmp_path}/frame.html")
+    console = re.findall(r'CONSOLE[^\]]*\] "(.*)", source: (\S+)', r.stderr)
+    assert len(console) == 1 and console[0][0].startswith("RENDERED "), console
+    assert json.loads(console[0][0][9:]) == {"images": 1, "decoded": 1, "svgs": CHARTS, "drawn": CHARTS}
+    import imageio.v3 as iio
+    r = browse("--hide-scrollbars", f"--screenshot={tmp_path / 'shot.png'}", "--window-size=1400,2000",
+               f"file://{tiny_run}/report.html")
+    shot = iio.imread(tmp_path / "shot.png")[..., :3]
+    assert shot.shape[:2] == (2000, 1400) and (shot.min(-1) < 200).mean() > 0.03, r.stderr[-500:]   # ink on it

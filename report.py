@@ -1,0 +1,411 @@
+"""The pipeline's report: one self-contained HTML page and its markdown twin, from a run folder.
+
+    python report.py --run=runs/pipeline      # writes runs/pipeline/report.html and report.md
+
+It only reads what the run left: diagnose/{diagnostics.json, config.json, grid.gif} (the stage table, drift,
+the samples), {sft,rl,dpo}/log.jsonl (training curves, the DPO win rate) and each checkpoint's metadata (its
+lineage and config). The page opens offline: the GIF is a data URI, the plots are SVG drawn here, there is no
+script and no link off the page. An existing report is kept unless --overwrite=true (`make pipeline` passes it,
+as it does to every step, since the pipeline replaces its whole run folder).
+"""
+import base64
+import html
+import itertools
+import json
+import math
+import os
+import platform
+import re
+import sys
+import time
+from dataclasses import dataclass
+
+import numpy
+import torch
+
+import data
+import model as M
+from rewards import HEADS, QUALITY, DiagnoseConfig
+from stability import OutputExists, UserError, parse_config, run_cli
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+STAGES = (("sft", "Stage I: SFT"), ("rl", "Stage II: GRPO"), ("dpo", "Stage III: DPO"))
+PALETTE = ("#4e79a7", "#f28e2b", "#e15759", "#59a14f", "#b07aa1", "#76b7b2", "#edc948", "#9c755f", "#ff9da7")
+SUPER = str.maketrans("-0123456789", "⁻⁰¹²³⁴⁵⁶⁷⁸⁹")
+esc = html.escape
+
+
+@dataclass
+class Config:
+    run: str = "runs/pipeline"  # a run folder holding diagnose/ and the stages' sft/, rl/, dpo/
+    overwrite: bool = False     # replace an existing report.html and report.md
+
+
+def read_jsonl(path):
+    """A log's records; a last line cut off by a kill is skipped rather than failing the whole report."""
+    out = []
+    for line in open(path) if os.path.exists(path) else ():
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:
+            pass
+    return out
+
+
+# ----------------------------------------------------------------------------- SVG line charts
+def nice_step(span, n=5):
+    raw = span / n
+    mag = 10 ** math.floor(math.log10(raw))
+    return next(m * mag for m in (1, 2, 2.5, 5, 10) if m * mag >= raw)
+
+
+def fmt_tick(v, step):
+    digits = max(0, -math.floor(math.log10(step) + 1e-9))
+    return f"{v:.1e}" if digits > 4 or abs(v) >= 1e5 else f"{v:.{digits}f}"
+
+
+def svg_plot(title, series, xlabel, log=False, w=420, h=230):
+    """A line chart as inline SVG. series: [(name, xs, ys)], None in ys leaves a gap; log: a log10 y axis, where
+    values <= 0 cannot be drawn and are left out. Sparse series get markers, so a lone evaluation still shows."""
+    f = math.log10 if log else float
+    pts = [[(x, f(y)) if y is not None and math.isfinite(y) and (y > 0 or not log) else None for x, y in zip(xs, ys)]
+           for _, xs, ys in series]
+    flat = [p for s in pts for p in s if p]
+    L, R, T, B = 58, 14, 26, 36
+    out = [f'<svg width="{w}" height="{{H}}" viewBox="0 0 {w} {{H}}" font-family="sans-serif" font-size="11">',
+           f'<text x="{w / 2}" y="15" text-anchor="middle" font-size="13" font-weight="bold">{esc(title)}</text>']
+    if not flat:
+        out.append(f'<text x="{w / 2}" y="{h / 2}" text-anchor="middle" fill="#888">not logged in this run</text>')
+        return "\n".join(out).replace("{H}", str(h)) + "</svg>"
+    x0, x1 = min(p[0] for p in flat), max(p[0] for p in flat)
+    y0, y1 = min(p[1] for p in flat), max(p[1] for p in flat)
+    x0, x1 = (x0 - 1, x1 + 1) if x0 == x1 else (x0, x1)
+    if log:  # whole decades; within two decades also 2x and 5x, labelled as plain numbers
+        y0, y1 = math.floor(y0), max(math.ceil(y1), math.floor(y0) + 1)
+        k = max(1, math.ceil((y1 - y0) / 6))
+        yticks = [(e, "10" + str(e).translate(SUPER)) for e in range(y0, y1 + 1, k)]
+        if y1 - y0 <= 2:
+            yticks = [(e + math.log10(m), f"{m * 10.0 ** e:g}") for e in range(y0, y1 + 1) for m in (1, 2, 5)
+                      if e + math.log10(m) <= y1]
+    else:
+        pad = abs(y0) * 0.1 or 0.5
+        y0, y1 = (y0 - pad, y1 + pad) if y0 == y1 else (y0, y1)
+        s = nice_step(y1 - y0)
+        y0, y1 = math.floor(y0 / s + 1e-9) * s, math.ceil(y1 / s - 1e-9) * s
+        yticks = [(y0 + i * s, fmt_tick(y0 + i * s, s)) for i in range(round((y1 - y0) / s) + 1)]
+    s = nice_step(x1 - x0)
+    xticks = [(v, fmt_tick(v, s)) for v in (math.ceil(x0 / s) * s + i * s for i in range(12)) if v <= x1 + 1e-9]
+    px = lambda x: L + (x - x0) / (x1 - x0) * (w - L - R)
+    py = lambda y: h - B - (y - y0) / (y1 - y0) * (h - B - T)
+    for y, lab in yticks:
+        out.append(f'<line x1="{L}" x2="{w - R}" y1="{py(y):.1f}" y2="{py(y):.1f}" stroke="#e4e4e4"/>'
+                   f'<text x="{L - 5}" y="{py(y) + 4:.1f}" text-anchor="end">{lab}</text>')
+    for x, lab in xticks:
+        out.append(f'<line x1="{px(x):.1f}" x2="{px(x):.1f}" y1="{h - B}" y2="{h - B + 4}" stroke="#444"/>'
+                   f'<text x="{px(x):.1f}" y="{h - B + 15}" text-anchor="middle">{lab}</text>')
+    out.append(f'<path d="M{L},{T} V{h - B} H{w - R}" fill="none" stroke="#444"/>'
+               f'<text x="{(L + w - R) / 2}" y="{h - B + 29}" text-anchor="middle" fill="#444">{esc(xlabel)}</text>')
+    lx, ly = L, h + 12
+    for i, ((name, _, _), p) in enumerate(zip(series, pts)):
+        c = PALETTE[i % len(PALETTE)]
+        segs = [[(px(x), py(y)) for x, y in run] for drawn, run in itertools.groupby(p, bool) if drawn]  # gaps split
+        out += [f'<polyline points="{" ".join(f"{x:.1f},{y:.1f}" for x, y in seg)}" fill="none" stroke="{c}" '
+                f'stroke-width="1.8"/>' for seg in segs]
+        if sum(map(len, segs)) <= 30:
+            out += [f'<circle cx="{x:.1f}" cy="{y:.1f}" r="2.6" fill="{c}"/>' for seg in segs for x, y in seg]
+        width = 26 + 6.4 * len(name)
+        lx, ly = (L, ly + 16) if lx + width > w - R and lx > L else (lx, ly)
+        out.append(f'<rect x="{lx}" y="{ly - 8}" width="14" height="4" fill="{c}"/>'
+                   f'<text x="{lx + 18}" y="{ly - 3}">{esc(name)}</text>')
+        lx += width
+    return "\n".join(out).replace("{H}", str(ly + 8)) + "</svg>"
+
+
+def chart(title, series, xlabel, log=False):
+    """(svg, markdown line): the markdown twin states each series' first and last value instead of drawing it."""
+    ends = []
+    for name, _, ys in series:
+        v = [y for y in ys if y is not None]
+        ends.append(f"{name} {v[0]:.4g} -> {v[-1]:.4g}" if v else f"{name} not logged")
+    return svg_plot(title, series, xlabel, log), f"- **{title}**: " + "; ".join(ends)
+
+
+# ----------------------------------------------------------------------------- the stage table
+def stage_rows(results, extra):
+    """(label, {column: (mean, se or None) or None}) for every axis diagnose measured, in markdown_table's order,
+    then `extra` rows read from the run (validation loss, DPO win rate)."""
+    names, first = list(results), next(iter(results.values()))
+    def row(label, get):
+        vals = {}
+        for n in names:
+            try:
+                v = get(results[n])
+            except (KeyError, IndexError, TypeError):
+                v = None
+            vals[n] = (v[0], v[1]) if isinstance(v, list) else None if v is None else (v, None)
+        return label, vals
+    heads = [h for h in HEADS if all(h in r for r in results.values())]
+    chunks = len(first.get("drift_by_chunk", [])) or 1
+    frames = len(first.get("drift_by_frame", {}).get("identity", [])) or 1
+    rows = [row(f"{h} head", lambda r, h=h: r[h]) for h in heads]
+    rows += [row(f"instruction head, {s.replace('heldout', 'held-out')} combos", lambda r, s=s: r["instruction_by_split"][s])
+             for s in ("val", "heldout")]
+    rows += [row(f"oracle {k} accuracy", lambda r, k=k: r["instruction_by_attribute"][k]) for k in (*data.ATTRIBUTES, "all")]
+    rows += [row("Quality score (VBench dims)", lambda r: r["quality_score"])]
+    rows += [row(f"  {k}", lambda r, k=k: r["vbench"][k]) for k in QUALITY]
+    rows += [row("Semantic score (VBench dims; its dims are the oracle accuracies)", lambda r: r["semantic_score"])]
+    for key, what in (("identity", "identity (prompted colour and shape)"), ("edge_error", "edge error")):
+        rows += [row(f"{what}, frame {i + 1 if i >= 0 else frames}", lambda r, k=key, i=i: r["drift_by_frame"][k][i])
+                 for i in (0, -1)]
+    for h in heads:
+        rows += [row(f"{h} head, chunk {c + 1 if c >= 0 else chunks} of a {chunks}x clip",
+                     lambda r, h=h, c=c: r["drift_by_chunk"][c][h]) for c in (0, -1)]
+    rows += [row(f"diversity, {k.replace('_', ' ')} across seeds", lambda r, k=k: r["diversity"][k])
+             for k in ("pixel_rms", "position_std")]
+    rows += [row(f"instruction head at guidance {w}", lambda r, w=w: r["cfg_response"][w])
+             for w in sorted(first.get("cfg_response", {}), key=float)]
+    rows += [row("context adherence (image-to-video)", lambda r: r["context_adherence"])]
+    for k in (first.get("proxy_reward") or {}):
+        rows += [row(f"learned judge: {k}", lambda r, k=k: r["proxy_reward"][k]),
+                 row(f"learned judge - oracle: {k}", lambda r, k=k: r["proxy_oracle_gap"][k])]
+    return rows + [(label, {n: vals.get(n) for n in names}) for label, vals in extra]
+
+
+def cell(vals, names, i):
+    """(html, markdown) of one stage-table cell: mean ± standard error, and the change from the column to its left."""
+    v, prev = vals[names[i]], vals[names[i - 1]] if i else None
+    if v is None:
+        return "", ""
+    se, delta = f" ± {v[1]:.3f}" if v[1] is not None else "", f"{v[0] - prev[0]:+.3f}" if prev else ""
+    return (f'{v[0]:.3f}<span class="se">{se}</span>' + (f'<br/><span class="d">{delta}</span>' if delta else ""),
+            f"{v[0]:.3f}{se}" + (f" ({delta})" if delta else ""))
+
+
+# ----------------------------------------------------------------------------- the run: logs, files, machine
+def stage_curves(run):
+    """{stage folder: [(svg, markdown line)]}: the curves each stage's log.jsonl holds."""
+    sft, rl, dpo = (read_jsonl(os.path.join(run, s, "log.jsonl")) for s, _ in STAGES)
+    sft, dpo = [r for r in sft if "step" in r], [r for r in dpo if "step" in r]
+    evals, rl = [r["eval"] for r in rl if "eval" in r], [r for r in rl if "iter" in r]
+    col = lambda recs, k, f=lambda v: v: [f(r[k]) if r.get(k) is not None else None for r in recs]
+    step, it = col(sft, "step"), col(rl, "iter")
+    bins = ["t < 0.25", "0.25-0.5", "0.5-0.75", "t >= 0.75"]
+    out = {"sft": [chart("flow loss by t-bin (log scale)", [("all t", step, col(sft, "loss"))] + [
+        (b, step, [r["loss_by_t"][i] for r in sft]) for i, b in enumerate(bins)], "step", log=True)]}
+    heads = [k for k in (rl[0] if rl else {}) if k.startswith("reward_")]
+    accs = [k for k in (evals[0] if evals else {}) if k.startswith("acc_")]
+    ev_it = [e["iter"] for e in evals]
+    out["rl"] = [chart("reward per head (rollout mean)", [(k[7:], it, col(rl, k, lambda v: v[0])) for k in heads], "iteration"),
+                 chart("held-out oracle accuracy (evaluations)", [(k[4:], ev_it, [e[k] for e in evals]) for k in accs], "iteration"),
+                 chart("KL to the reference (kl_ref, log scale)", [("kl_ref", it, col(rl, "kl_ref"))], "iteration", log=True),
+                 chart("grad norm before clipping (log scale)", [("grad_norm", it, col(rl, "grad_norm"))], "iteration", log=True),
+                 chart("skipped updates and rollbacks (cumulative)", [("skipped", it, col(rl, "skipped")),
+                                                                       ("rollbacks", it, col(rl, "rollbacks"))], "iteration")]
+    step = col(dpo, "step")
+    out["dpo"] = [chart("DPO loss", [("loss", step, col(dpo, "loss"))], "step"),
+                  chart("implicit accuracy (winner preferred)", [("implicit_acc", step, col(dpo, "implicit_acc"))], "step"),
+                  chart("implicit reward margin", [("reward_margin", step, col(dpo, "reward_margin"))], "step")]
+    return out
+
+
+def drift_curves(results):
+    names, first = list(results), next(iter(results.values()))
+    frames = range(1, len(first["drift_by_frame"]["identity"]) + 1)
+    out = [chart(f"{what} by frame", [(n, frames, results[n]["drift_by_frame"][k]) for n in names], "frame")
+           for k, what in (("identity", "identity"), ("edge_error", "edge error"))]
+    chunks = range(1, len(first["drift_by_chunk"]) + 1)
+    return out + [chart(f"{h} head by chunk", [(n, chunks, [c.get(h) for c in results[n]["drift_by_chunk"]]) for n in names],
+                        "chunk of the continued clip") for h in first["drift_by_chunk"][0]]
+
+
+def wall_times(run, diag_seconds):
+    """Per stage: the loop time its log records, and the span by file times from the previous stage's last file
+    to its own (the pipeline runs them back to back, so this also counts loading, evaluation and sample grids)."""
+    sft, rl, dpo = (read_jsonl(os.path.join(run, s, "log.jsonl")) for s, _ in STAGES)
+    last = lambda recs: next((r["elapsed_s"] for r in reversed(recs) if "elapsed_s" in r), None)
+    loop = {"sft": last(sft), "rl": sum(r.get("rollout_s", 0) + r.get("train_s", 0) for r in rl if "iter" in r) or None,
+            "dpo": last(dpo), "diagnose": diag_seconds}
+    rows, prev = [], None
+    for folder in ("sft", "rl", "dpo", "diagnose"):
+        path = os.path.join(run, folder)
+        end = max((os.path.getmtime(os.path.join(path, f)) for f in os.listdir(path)), default=None) if os.path.isdir(path) else None
+        span = end - prev if end and prev and end > prev else None
+        rows.append((folder, loop[folder], span))
+        prev = end
+    return rows
+
+
+def machine():
+    info = open("/proc/cpuinfo").read() if os.path.exists("/proc/cpuinfo") else ""
+    cpu = next((l.split(":", 1)[1].strip() for l in info.splitlines() if l.startswith("model name")), platform.processor())
+    gpu = ", ".join(torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())) or "none"
+    return {"python": platform.python_version(), "torch": torch.__version__, "numpy": numpy.__version__,
+            "os": platform.platform(), "CPU": f"{cpu or 'unknown'}, {os.cpu_count()} cores "
+            f"({len(os.sched_getaffinity(0))} usable by this process)", "GPU": gpu}
+
+
+def pipeline_commands(run):
+    """make pipeline's recipe as this checkout's Makefile writes it, with $(PY) and $(RUN) filled in."""
+    path, cmds, inside = os.path.join(HERE, "Makefile"), [""], False
+    for line in open(path) if os.path.exists(path) else ():
+        inside = line.startswith("pipeline:") or inside and line.startswith("\t")
+        if inside and line.startswith("\t"):
+            cmds[-1] += line.strip().rstrip("\\")
+            cmds += [] if line.rstrip().endswith("\\") else [""]
+    fill = lambda c: " ".join(c.replace("$(PY)", "python").replace("$(RUN)", run).split())
+    return [f"make pipeline RUN={run}   # runs:"] + [fill(c) for c in cmds if c]
+
+
+def diagnose_command(dcfg):
+    """The diagnose command that made the table: its checkpoints, then the settings it changed from the defaults."""
+    c = dcfg.get("config", {})
+    args = [f"--ckpt={p}" for p in c.get("ckpt", [])] + [f"--{k}={v}" for k, v in c.items()
+                                                          if k != "ckpt" and v != getattr(DiagnoseConfig, k, v)]
+    return "python rewards.py diagnose " + " ".join(args) if c else "not recorded (diagnose/config.json is missing)"
+
+
+# ----------------------------------------------------------------------------- the page
+CSS = """body{font-family:system-ui,sans-serif;margin:24px auto;max-width:1320px;color:#222;padding:0 16px}
+h2{border-bottom:1px solid #ddd;padding-bottom:4px;margin-top:32px}
+table{border-collapse:collapse;font-size:13px}td,th{border:1px solid #ddd;padding:3px 8px;vertical-align:top}
+table.stages td:not(:first-child){text-align:right;font-variant-numeric:tabular-nums;white-space:nowrap}
+th{background:#f4f4f4}.se{color:#888}.d{color:#3a6ea5;font-size:11px}.charts{display:flex;flex-wrap:wrap;gap:14px}
+.charts svg{border:1px solid #eee;background:#fff}code,pre{font-size:12px;background:#f6f6f6}pre{padding:8px;white-space:pre-wrap}
+.kv{column-width:300px;font-size:12px}.kv div{break-inside:avoid}.grid{position:relative;margin:8px 0}
+.grid img{position:absolute;image-rendering:pixelated}.grid div{position:absolute;font-size:12px}"""
+
+
+def gif_grid(path, rows, cols):
+    """The GIF with its prompts beside each row and checkpoint names above each column: video_grid's cells are
+    equal with a 2-pixel pad, so the label positions follow from the file's own size."""
+    raw = open(path, "rb").read()
+    w, h = int.from_bytes(raw[6:8], "little"), int.from_bytes(raw[8:10], "little")
+    scale, lw, top = 1.5, 260, 20
+    ch, cw = (h - 2) / max(1, len(rows)) * scale, (w - 2) / max(1, len(cols)) * scale
+    out = [f'<div class="grid" style="width:{lw + w * scale:.0f}px;height:{top + h * scale:.0f}px">',
+           f'<img style="left:{lw}px;top:{top}px" width="{w * scale:.0f}" height="{h * scale:.0f}" alt="samples" '
+           f'src="data:image/gif;base64,{base64.b64encode(raw).decode()}"/>']
+    out += [f'<div style="left:{lw + i * cw:.0f}px;top:0;width:{cw:.0f}px;text-align:center"><b>{esc(c)}</b></div>'
+            for i, c in enumerate(cols)]
+    out += [f'<div style="left:0;top:{top + i * ch + ch / 2 - 8:.0f}px;width:{lw - 8}px;text-align:right">{esc(r)}</div>'
+            for i, r in enumerate(rows)]
+    return "\n".join(out) + "</div>"
+
+
+def inline(text):
+    """The markdown twin's inline marks, `code` and **bold**, as HTML."""
+    return re.sub(r"\*\*([^*]*)\*\*", r"<b>\1</b>", re.sub(r"`([^`]*)`", r"<code>\1</code>", esc(text, quote=False)))
+
+
+def render(blocks):
+    """(html, markdown) of blocks ("h1".."h3" | "p" | "list" | "pre" | "table" | "charts" | "raw", ...): the page and
+    its twin are written once. Table cells are text or (html, markdown) pairs."""
+    h, md = [], []
+    pick = lambda c, i: c[i] if isinstance(c, tuple) else inline(str(c)) if i == 0 else str(c)
+    for kind, *a in blocks:
+        if kind[0] == "h":
+            h, md = h + [f"<{kind}>{inline(a[0])}</{kind}>"], md + ["#" * int(kind[1]) + " " + a[0]]
+        elif kind == "p":
+            h, md = h + [f"<p>{inline(a[0])}</p>"], md + [a[0]]
+        elif kind == "list":
+            h, md = h + ["<ul>" + "".join(f"<li>{inline(x)}</li>" for x in a[0]) + "</ul>"], md + [f"- {x}" for x in a[0]]
+        elif kind == "pre":
+            h, md = h + [f"<pre>{esc(chr(10).join(a[0]))}</pre>"], md + ["```", *a[0], "```"]
+        elif kind == "table":
+            tr = lambda row, tag: "<tr>" + "".join(f"<{tag}>{pick(c, 0)}</{tag}>" for c in row) + "</tr>"
+            h.append(f'<table class="{a[2]}">' + tr(a[0], "th") + "".join(tr(r, "td") for r in a[1]) + "</table>")
+            md += [" | ".join(["", *(pick(c, 1).strip() for c in row), ""]).strip() for row in (a[0], ["---"] * len(a[0]), *a[1])]
+        elif kind == "charts":
+            h, md = h + ['<div class="charts">', *(svg for svg, _ in a[0]), "</div>"], md + [line for _, line in a[0]]
+        else:
+            h, md = h + [a[0]], md + [a[1]]
+        md.append("")
+    return "\n".join(h), "\n".join(md)
+
+
+def write_report(cfg):
+    run = cfg.run.rstrip("/")
+    diag = os.path.join(run, "diagnose")
+    if not os.path.isdir(run):
+        raise UserError(f"run folder {run} not found; make one with `make pipeline RUN={run}`")
+    if not os.path.exists(os.path.join(diag, "diagnostics.json")):
+        raise UserError(f"{diag}/diagnostics.json not found: the report needs the pipeline's last step, "
+                        f"`python rewards.py diagnose --out={diag} --ckpt=...`")
+    html_path, md_path = os.path.join(run, "report.html"), os.path.join(run, "report.md")
+    if not cfg.overwrite and any(os.path.exists(p) for p in (html_path, md_path)):
+        raise OutputExists(f"{html_path} exists; pass --overwrite=true to replace it")
+    try:  # config.json: written by diagnose since the report exists; without it, columns and rows go unnamed
+        results, dcfg = (json.load(open(p)) if os.path.exists(p) else {} for p in (f"{diag}/diagnostics.json", f"{diag}/config.json"))
+    except json.JSONDecodeError as e:
+        raise UserError(f"{diag} holds a broken JSON file ({e}); rerun diagnose") from None
+    names = list(results)  # an older diagnose recorded no paths: a pipeline's columns are named after its folders
+    paths = dcfg.get("columns") or {n: f"{run}/{n}/ckpt.safetensors" for n in names if os.path.isdir(f"{run}/{n}")}
+    # each column's metadata from its checkpoint where it still exists, else the lineage diagnose copied
+    meta = {n: M.read_checkpoint(paths[n])[2] if os.path.exists(paths.get(n, "")) else
+            {"lineage": results[n].get("lineage", {})} for n in names}
+    stages = {n: meta[n]["lineage"].get("stage", "?") for n in names}
+    extra = [(f"validation flow loss, {s} (Stage I's checkpoint)",
+              {n: (meta[n]["val_loss"][s], None) for n in names if "val_loss" in meta[n]}) for s in ("val", "heldout")]
+    wins = {n: next((r["final"] for r in read_jsonl(os.path.join(os.path.dirname(paths[n]), "log.jsonl"))
+                     if isinstance(r.get("final"), dict) and "win_rate" in r["final"]), None) for n in paths}
+    extra += [(f"DPO win rate vs its input{s} (oracle; the DPO run's own eval)",
+               {n: (w[f"win_rate{k}"], None) for n, w in wins.items() if w}) for s, k in
+              (("", ""), (", held-out combos", "_heldout_combos"))]
+    table = [[label, *(cell(v, names, i) for i in range(len(names)))] for label, v in stage_rows(results, extra)]
+    curves, all_acc = stage_curves(run), [r["instruction_by_attribute"]["all"][0] for r in results.values()]
+    glance = (f"Oracle accuracy on every prompted attribute: {' -> '.join(f'{n} {a:.3f}' for n, a in zip(names, all_acc))}"
+              + "".join(f"; DPO win rate vs its input {w['win_rate']:.0%}" for w in wins.values() if w) + ".")
+    grid_rows, grid = dcfg.get("grid_rows") or [f"eval prompt {i + 1}" for i in range(8)], os.path.join(diag, "grid.gif")
+    minutes = lambda s: f"{s / 60:.1f} min" if s else "not recorded"
+    blocks = [("h1", f"postflow report: {run}"),
+              ("p", f"Written {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} by `python report.py --run={run}` "
+                    f"from the run's own files. {glance}"),
+              ("h2", "Stages side by side"),
+              ("p", "Each cell: mean ± standard error over the held-out clips (no ± where the metric is one number), and "
+                    f"the change from the column to its left. Diagnostics: `{diagnose_command(dcfg)}`."),
+              ("table", ["metric", *((f"{n}<br/><small>{esc(stages[n])}</small>", f"{n} ({stages[n]})") for n in names)],
+               table, "stages"),
+              ("list", [f"**{n}**: {r['recommendation']}" for n, r in results.items()]),
+              ("h2", "Samples: the same prompts and noise through every stage"),
+              ("raw", gif_grid(grid, grid_rows, names) if os.path.exists(grid) else "<p>diagnose/grid.gif not found.</p>",
+               "![same prompts and noise through every stage](diagnose/grid.gif)\n\nRows: " + "; ".join(grid_rows)
+               + ". Columns: " + ", ".join(names) + ".")]
+    for folder, title in STAGES:
+        blocks += [("h2", f"{title} training (`{folder}/log.jsonl`)"), ("charts", curves[folder])]
+    blocks += [("h2", "Drift: by frame, and by chunk of clips continued to 4x their length"),
+               ("charts", drift_curves(results)), ("h2", "How it was made"),
+               ("p", f"`make pipeline RUN={run}` runs these commands (this checkout's Makefile); the settings each stage "
+                     f"actually ran with are its config, below."), ("pre", pipeline_commands(run)),
+               ("h3", "Wall time per stage"),
+               ("table", ["stage", "loop time (its log)", "end to end (file times)"],
+                [(f, minutes(loop), minutes(span)) for f, loop, span in wall_times(run, dcfg.get("seconds"))], ""),
+               ("p", "Loop time: the last `elapsed_s` of sft's and dpo's logs, the sum of `rollout_s + train_s` over rl's, "
+                     "diagnose's own timer. End to end: from the previous stage's newest file to this stage's newest "
+                     "(Stage I's start is not recorded)."),
+               ("h3", "Versions and machine"),
+               ("p", "Of the machine that wrote this report (`make pipeline` runs every stage on it)."),
+               ("table", ["", ""], list(machine().items()), "")]
+    for n in names:  # each checkpoint's lineage, then the config of the run that made it
+        lin = dict(meta[n]["lineage"])
+        conf = lin.pop("config", {})
+        kv = [*lin.items(), *conf.items()]
+        blocks += [("h3", f"{n}: {stages[n]} (`{paths.get(n, 'path not recorded')}`)"),
+                   ("raw", '<div class="kv">' + "".join(f"<div><code>{esc(str(k))}</code> = {esc(json.dumps(v))}</div>"
+                                                       for k, v in kv) + "</div>",
+                    "```\n" + "\n".join(f"{k} = {json.dumps(v)}" for k, v in kv) + "\n```")]
+    page, twin = render(blocks)
+    page = (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"/><title>postflow report: {esc(run)}</title>'
+            f"<style>{CSS}</style></head><body>\n{page}\n</body></html>\n")
+    for path, text in ((html_path, page), (md_path, twin)):  # atomic, like every output of the project
+        with open(path + ".tmp", "w") as f:
+            f.write(text)
+        os.replace(path + ".tmp", path)
+    print(f"wrote {html_path} ({os.path.getsize(html_path) / 1e3:.0f} kB) and {md_path}")
+
+
+def main(argv):
+    write_report(parse_config(Config, argv))
+
+
+if __name__ == "__main__":
+    run_cli(main, sys.argv[1:])
