@@ -83,17 +83,16 @@ def svg_plot(title, series, xlabel, log=False, w=420, h=230):
     if log:  # whole decades; within two decades also 2x and 5x, labelled as plain numbers
         y0, y1 = math.floor(y0), max(math.ceil(y1), math.floor(y0) + 1)
         k = max(1, math.ceil((y1 - y0) / 6))
-        yticks = [(e, "10" + str(e).translate(SUPER)) for e in range(y0, y1 + 1, k)]
-        if y1 - y0 <= 2:
-            yticks = [(e + math.log10(m), f"{m * 10.0 ** e:g}") for e in range(y0, y1 + 1) for m in (1, 2, 5)
-                      if e + math.log10(m) <= y1]
+        label = lambda m, e: f"{m * 10.0 ** e:g}" if -3 <= e < 4 else ("" if m == 1 else f"{m}×") + "10" + str(e).translate(SUPER)
+        yticks = [(e + math.log10(m), label(m, e)) for e in range(y0, y1 + 1, k)
+                  for m in ((1, 2, 5) if y1 - y0 <= 2 else (1,)) if e + math.log10(m) <= y1]
     else:
-        pad = abs(y0) * 0.1 or 0.5
-        y0, y1 = (y0 - pad, y1 + pad) if y0 == y1 else (y0, y1)
+        pad = abs(y0) * 0.1 or 1
+        y0, y1 = (y0 - pad if y0 < 0 or y0 - pad > 0 else 0, y1 + pad) if y0 == y1 else (y0, y1)  # counts stay >= 0
         s = nice_step(y1 - y0)
         y0, y1 = math.floor(y0 / s + 1e-9) * s, math.ceil(y1 / s - 1e-9) * s
         yticks = [(y0 + i * s, fmt_tick(y0 + i * s, s)) for i in range(round((y1 - y0) / s) + 1)]
-    s = nice_step(x1 - x0)
+    s = max(nice_step(x1 - x0), 1 if all(float(x).is_integer() for x, _ in flat) else 0)  # steps are whole
     xticks = [(v, fmt_tick(v, s)) for v in (math.ceil(x0 / s) * s + i * s for i in range(12)) if v <= x1 + 1e-9]
     px = lambda x: L + (x - x0) / (x1 - x0) * (w - L - R)
     py = lambda y: h - B - (y - y0) / (y1 - y0) * (h - B - T)
@@ -135,39 +134,31 @@ def stage_rows(results, extra):
     """(label, {column: (mean, se or None) or None}) for every axis diagnose measured, in markdown_table's order,
     then `extra` rows read from the run (validation loss, DPO win rate)."""
     names, first = list(results), next(iter(results.values()))
-    def row(label, get):
+    def row(label, *keys):  # a metric some column lacks (an older diagnose, no judge) is an empty cell
         vals = {}
         for n in names:
-            try:
-                v = get(results[n])
-            except (KeyError, IndexError, TypeError):
-                v = None
+            v = results[n]
+            for k in keys:
+                ok = k in v if isinstance(v, dict) else isinstance(v, list) and isinstance(k, int) and -len(v) <= k < len(v)
+                v = v[k] if ok else None
             vals[n] = (v[0], v[1]) if isinstance(v, list) else None if v is None else (v, None)
         return label, vals
     heads = [h for h in HEADS if all(h in r for r in results.values())]
-    chunks = len(first.get("drift_by_chunk", [])) or 1
-    frames = len(first.get("drift_by_frame", {}).get("identity", [])) or 1
-    rows = [row(f"{h} head", lambda r, h=h: r[h]) for h in heads]
-    rows += [row(f"instruction head, {s.replace('heldout', 'held-out')} combos", lambda r, s=s: r["instruction_by_split"][s])
-             for s in ("val", "heldout")]
-    rows += [row(f"oracle {k} accuracy", lambda r, k=k: r["instruction_by_attribute"][k]) for k in (*data.ATTRIBUTES, "all")]
-    rows += [row("Quality score (VBench dims)", lambda r: r["quality_score"])]
-    rows += [row(f"  {k}", lambda r, k=k: r["vbench"][k]) for k in QUALITY]
-    rows += [row("Semantic score (VBench dims; its dims are the oracle accuracies)", lambda r: r["semantic_score"])]
-    for key, what in (("identity", "identity (prompted colour and shape)"), ("edge_error", "edge error")):
-        rows += [row(f"{what}, frame {i + 1 if i >= 0 else frames}", lambda r, k=key, i=i: r["drift_by_frame"][k][i])
-                 for i in (0, -1)]
-    for h in heads:
-        rows += [row(f"{h} head, chunk {c + 1 if c >= 0 else chunks} of a {chunks}x clip",
-                     lambda r, h=h, c=c: r["drift_by_chunk"][c][h]) for c in (0, -1)]
-    rows += [row(f"diversity, {k.replace('_', ' ')} across seeds", lambda r, k=k: r["diversity"][k])
-             for k in ("pixel_rms", "position_std")]
-    rows += [row(f"instruction head at guidance {w}", lambda r, w=w: r["cfg_response"][w])
-             for w in sorted(first.get("cfg_response", {}), key=float)]
-    rows += [row("context adherence (image-to-video)", lambda r: r["context_adherence"])]
-    for k in (first.get("proxy_reward") or {}):
-        rows += [row(f"learned judge: {k}", lambda r, k=k: r["proxy_reward"][k]),
-                 row(f"learned judge - oracle: {k}", lambda r, k=k: r["proxy_oracle_gap"][k])]
+    chunks, frames = len(first.get("drift_by_chunk", [])), len(first.get("drift_by_frame", {}).get("identity", []))
+    rows = [row(f"{h} head", h) for h in heads]
+    rows += [row(f"instruction head, {s} combos", "instruction_by_split", k) for s, k in (("val", "val"), ("held-out", "heldout"))]
+    rows += [row(f"oracle {k} accuracy", "instruction_by_attribute", k) for k in (*data.ATTRIBUTES, "all")]
+    rows += [row("Quality score (VBench dims)", "quality_score"), *(row(f"  {k}", "vbench", k) for k in QUALITY),
+             row("Semantic score (VBench dims; its dims are the oracle accuracies)", "semantic_score")]
+    rows += [row(f"{what}, frame {i + 1 if i >= 0 else frames}", "drift_by_frame", k, i)
+             for k, what in (("identity", "identity (prompted colour and shape)"), ("edge_error", "edge error")) for i in (0, -1)]
+    rows += [row(f"{h} head, chunk {c + 1 if c >= 0 else chunks} of a {chunks}x clip", "drift_by_chunk", c, h)
+             for h in heads for c in (0, -1)]
+    rows += [row(f"diversity, {k.replace('_', ' ')} across seeds", "diversity", k) for k in ("pixel_rms", "position_std")]
+    rows += [row(f"instruction head at guidance {w}", "cfg_response", w) for w in sorted(first.get("cfg_response", {}), key=float)]
+    rows += [row("context adherence (image-to-video)", "context_adherence")]
+    rows += [row(f"learned judge{s}: {k}", key, k) for k in (first.get("proxy_reward") or {})
+             for s, key in (("", "proxy_reward"), (" - oracle", "proxy_oracle_gap"))]
     return rows + [(label, {n: vals.get(n) for n in names}) for label, vals in extra]
 
 
@@ -266,7 +257,7 @@ def diagnose_command(dcfg):
 
 # ----------------------------------------------------------------------------- the page
 CSS = """body{font-family:system-ui,sans-serif;margin:24px auto;max-width:1320px;color:#222;padding:0 16px}
-h2{border-bottom:1px solid #ddd;padding-bottom:4px;margin-top:32px}
+h2{border-bottom:1px solid #ddd;padding-bottom:4px;margin-top:32px}h2 code,h3 code{font-size:.8em;background:none}
 table{border-collapse:collapse;font-size:13px}td,th{border:1px solid #ddd;padding:3px 8px;vertical-align:top}
 table.stages td:not(:first-child){text-align:right;font-variant-numeric:tabular-nums;white-space:nowrap}
 th{background:#f4f4f4}.se{color:#888}.d{color:#3a6ea5;font-size:11px}.charts{display:flex;flex-wrap:wrap;gap:14px}
@@ -344,8 +335,8 @@ def write_report(cfg):
     meta = {n: M.read_checkpoint(paths[n])[2] if os.path.exists(paths.get(n, "")) else
             {"lineage": results[n].get("lineage", {})} for n in names}
     stages = {n: meta[n]["lineage"].get("stage", "?") for n in names}
-    extra = [(f"validation flow loss, {s} (Stage I's checkpoint)",
-              {n: (meta[n]["val_loss"][s], None) for n in names if "val_loss" in meta[n]}) for s in ("val", "heldout")]
+    extra = [(f"validation flow loss, {s} (Stage I's checkpoint)", {n: (meta[n]["val_loss"][k], None) for n in names
+              if "val_loss" in meta[n]}) for s, k in (("val", "val"), ("held-out", "heldout"))]
     wins = {n: next((r["final"] for r in read_jsonl(os.path.join(os.path.dirname(paths[n]), "log.jsonl"))
                      if isinstance(r.get("final"), dict) and "win_rate" in r["final"]), None) for n in paths}
     extra += [(f"DPO win rate vs its input{s} (oracle; the DPO run's own eval)",
@@ -384,7 +375,7 @@ def write_report(cfg):
                      "(Stage I's start is not recorded)."),
                ("h3", "Versions and machine"),
                ("p", "Of the machine that wrote this report (`make pipeline` runs every stage on it)."),
-               ("table", ["", ""], list(machine().items()), "")]
+               ("table", ["what", "here"], list(machine().items()), "")]
     for n in names:  # each checkpoint's lineage, then the config of the run that made it
         lin = dict(meta[n]["lineage"])
         conf = lin.pop("config", {})
