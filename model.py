@@ -21,20 +21,32 @@ turns around the frame, so a query-key score depends only on their offset on the
 steps never learned the direction words; docs/results.md.)
 
 The policy interface: what a stage needs from a model, so a fork can plug in its own (a real video
-transformer behind an adapter) without touching the loops:
-    policy.cfg                        frames, size, channels: the clip shape (B, C, F, H, W) it makes
-    policy.velocity(x_t, t, tokens, ctx=None, ctx_mask=None, drop=None) -> v (B, C, F, H, W)
+transformer behind an adapter: adapters.py wraps diffusers' Wan) without touching the loops:
+    policy.cfg                        frames, size, channels: the pixel clip (B, C, F, H, W) it makes, what data and
+                                      rewards see
+    policy.flow_shape                 (C, F, H, W) of the flow's state x per clip: the clip's own shape here, a VAE's
+                                      latents behind an adapter
+    policy.encode(clips) -> x         clips in [-1, 1] into the flow's space (data, DPO pairs); the identity here
+    policy.decode(x) -> clips         back to pixels in [-1, 1], where a reward or a video file needs them; a clamp here
+    policy.velocity(x_t, t, tokens, ctx=None, ctx_mask=None, drop=None) -> v, shaped like x_t
                                       the flow at x_t in the convention above; t (B,) in [0, 1]; tokens (B, L)
-                                      from data.tokenize; ctx (like x_t) and ctx_mask (B, F) bool pin clean
-                                      context frames; drop (B,) bool = unconditional (classifier-free guidance)
-    policy(x_t, t, tokens, ...)       the same inputs -> its prediction (flow_loss turns it into a velocity)
-    policy.state_dict() / load_model / save_checkpoint: weights as safetensors, with config and lineage
+                                      from data.tokenize; ctx (like x_t) and ctx_mask (B, F) bool over the flow's
+                                      frames pin clean context frames; drop (B,) bool = unconditional (guidance)
+    policy(x_t, t, tokens, ...)       the same inputs -> the clean clip it predicts (flow_loss turns it into a velocity)
+    policy.reference()                the frozen KL anchor: the policy as it is now (a copy here; a LoRA policy turns
+                                      its adapter off instead)
+    policy.sampler                    the stochastic step its rollouts take, a name in ROLLOUT_STEPS; Stage II's PPO
+                                      ratio scores only sde_step's ('flow-grpo') and refuses another
+    policy.state_dict() / load_model / save_checkpoint: weights as safetensors, with config and lineage; a
+                                      model_config naming a `policy` is built by the module POLICIES names
 Everything else (guidance, the Euler and SDE samplers, the losses) is written once here on top of velocity().
 
 Run `python model.py --ckpt=X.safetensors --prompts="a fast red circle moving left" --out=clip.gif`
 to render any checkpoint.
 """
+import copy
 import hashlib
+import importlib
 import json
 import math
 import os
@@ -237,6 +249,27 @@ class VideoDiT(nn.Module):
         """The flow the samplers integrate. (B, C, F, H, W)"""
         return to_velocity(self(x, t, tokens, **kw), x, t, self.cfg.t_eps)
 
+    # The rest of the policy interface: the flow runs on pixels, so data needs no encoding and a sample only a clamp.
+    sampler = "flow-grpo"
+
+    @property
+    def flow_shape(self):
+        return (self.cfg.channels, self.cfg.frames, self.cfg.size, self.cfg.size)
+
+    def encode(self, clips):
+        return clips
+
+    def decode(self, x):
+        return x.clamp(-1, 1)
+
+    def reference(self):
+        return frozen_copy(self)
+
+
+def frozen_copy(policy):
+    """A frozen copy of a policy's weights as they are now (the KL reference, the AWM sampler)."""
+    return copy.deepcopy(policy).eval().requires_grad_(False)
+
 
 def to_velocity(x1_hat, x, t, t_eps):
     """v = (x1_hat - x_t) / (1 - t), with 1 - t floored at t_eps."""
@@ -267,6 +300,8 @@ def context_mask(n, frames, prob, gen):
 def flow_loss(model, x1, tokens, gen, cond_drop=0.1, ctx_mask=None, t_mean=-0.4, t_std=1.0):
     """Rectified-flow loss on v, per sample (B,), and the sampled t (B,). Context frames are given clean
     and excluded from the loss. gen: a CPU torch.Generator, so runs are reproducible on any device."""
+    policy = getattr(model, "module", model)  # model may be wrapped in DDP, which only calls forward
+    x1 = policy.encode(x1)                    # clips in [-1, 1] -> the flow's space; ctx_mask is over its frames
     B, dev = x1.shape[0], x1.device
     t = sample_t(B, gen, t_mean, t_std, dev)
     x0 = torch.randn(x1.shape, generator=gen).to(dev)
@@ -274,8 +309,7 @@ def flow_loss(model, x1, tokens, gen, cond_drop=0.1, ctx_mask=None, t_mean=-0.4,
     tt = t[:, None, None, None, None]
     xt = (1 - tt) * x0 + tt * x1
     ctx = x1 if ctx_mask is not None else None
-    t_eps = getattr(model, "module", model).cfg.t_eps  # model may be wrapped in DDP, which only calls forward
-    v_hat = to_velocity(model(xt, t, tokens, ctx=ctx, ctx_mask=ctx_mask, drop=drop), xt, t, t_eps)
+    v_hat = to_velocity(model(xt, t, tokens, ctx=ctx, ctx_mask=ctx_mask, drop=drop), xt, t, policy.cfg.t_eps)
     err = (v_hat - (x1 - x0)) ** 2                                          # (B, C, F, H, W)
     if ctx_mask is None:
         return err.mean(dim=(1, 2, 3, 4)), t
@@ -322,7 +356,7 @@ def sample(model, tokens, noise, steps=20, cfg_scale=3.0, ctx=None, ctx_mask=Non
         x = x + (t_next - t) * guided_velocity(model, x, t, tokens, cfg_scale, ctx, ctx_mask)
     if ctx is not None:
         x = torch.where(ctx_mask[:, None, :, None, None], ctx, x)
-    return x.clamp(-1, 1)
+    return model.decode(x)
 
 
 @torch.no_grad()
@@ -330,6 +364,9 @@ def sample_long(model, tokens, gen, chunks, steps=20, cfg_scale=3.0, overlap=Non
     """A clip of several chunks: each new chunk takes the previous chunk's last `overlap` frames as
     context and adds F - overlap frames. Returns (B, C, F + (chunks - 1) * (F - overlap), H, W)."""
     c = model.cfg
+    if model.flow_shape != (c.channels, c.frames, c.size, c.size):  # pixel frames do not map one to one onto latents
+        raise ConfigError("continuing a clip (--chunks > 1, long-clip diagnostics) needs a policy whose flow runs on "
+                          "pixels; this one runs on a VAE's latents")
     overlap = c.frames // 2 if overlap is None else overlap
     dev = tokens.device
     shape = (len(tokens), c.channels, c.frames, c.size, c.size)
@@ -371,12 +408,12 @@ def sample_with_sde_window(model, x, tokens, steps, sde, eps, cfg_scale=3.0, noi
     """Euler ODE from noise, except the steps listed in `sde`, which take the SDE step with the fresh noise
     eps[k] (Flow-GRPO-Fast's window). Returns the final x (unclamped) and, per SDE step, (step index, x before,
     x after, fp32 log-prob (B,)): what a policy-gradient update scores again."""
-    grid, taken = time_grid(steps), []
+    grid, taken, step = time_grid(steps), [], ROLLOUT_STEPS[model.sampler]
     for i in range(steps):
         t, t_next = float(grid[i]), float(grid[i + 1])
         v = guided_velocity(model, x, t, tokens, cfg_scale, ctx, ctx_mask)
         if i in sde:
-            x_next, _, _, logp = sde_step(x, v, t, t_next, float(grid[1]), noise_level, eps=eps[sde.index(i)])
+            x_next, _, _, logp = step(x, v, t, t_next, float(grid[1]), noise_level, eps=eps[sde.index(i)])
             taken.append((i, x, x_next, logp))
             x = x_next
         else:
@@ -405,9 +442,16 @@ def sde_step(x, v, t, t_next, t_first, noise_level=0.7, eps=None, x_next=None):
 
 def score_sde_step(model, x_t, x_next, i, grid, tokens, cfg_scale=3.0, noise_level=0.7, ctx=None, ctx_mask=None):
     """A stored SDE step x_t -> x_next (step i of `grid`) scored under `model`: its mean, std and fp32 log-prob (B,)."""
+    if model.sampler != "flow-grpo":  # a ratio of two different steps' densities looks like training but is not
+        raise ConfigError(f"this policy rolls out with the {model.sampler!r} step, but the PPO ratio scores sde_step's "
+                          f"Gaussian ('flow-grpo'): set the policy's sampler to flow-grpo, or use --update=awm")
     t, t_next = float(grid[i]), float(grid[i + 1])
     v = guided_velocity(model, x_t, t, tokens, cfg_scale, ctx, ctx_mask)
     return sde_step(x_t, v, t, t_next, float(grid[1]), noise_level, x_next=x_next)[1:]
+
+
+# The stochastic steps a rollout can take, by the name a policy gives as `policy.sampler`; an adapter adds its own.
+ROLLOUT_STEPS = {"flow-grpo": sde_step}
 
 
 def gaussian_kl(mean, mean_ref, step_std):
@@ -452,7 +496,7 @@ def save_checkpoint(path, tensors, cfg: ModelConfig, lineage, **meta):
 
 
 def read_checkpoint(path):
-    """Returns (tensors, ModelConfig, metadata dict with JSON values decoded). One-line errors."""
+    """Returns (tensors, ModelConfig or an adapter's config, metadata dict with JSON values decoded). One-line errors."""
     from safetensors import safe_open
     if not path:
         raise CheckpointError("no checkpoint given (an empty path)")
@@ -469,18 +513,21 @@ def read_checkpoint(path):
     try:
         meta = {k: json.loads(v) for k, v in meta.items() if k != "format"}
         shape = dict(meta.pop("model_config"))
-        if shape.pop("attention", "joint") != "joint":   # written before the factorised layout was removed
-            raise CheckpointError(f"checkpoint {path} uses the factorised attention layout, which postflow no "
-                                  f"longer builds; retrain it (make base)")
-        cfg = ModelConfig(**shape)
-        bad = [f"{k}={v!r}" for k, v in asdict(cfg).items()   # numbers of the default's kind (an int for a float too)
-               if isinstance(v, bool) or not isinstance(v, type(getattr(ModelConfig, k)) if k not in FLOAT_FIELDS
-                                                        else (int, float)) or v <= 0]
-        if bad or cfg.size % cfg.patch or cfg.frames % cfg.tpatch or cfg.dim % (2 * cfg.heads):
-            raise ValueError(f"model_config {', '.join(bad) or 'size/patch, frames/tpatch or dim/heads do not divide'}")
+        if "policy" in shape:                             # a policy behind an adapter reads and checks its own config
+            cfg = policy_module(shape["policy"]).read_config(shape)
+        else:
+            if shape.pop("attention", "joint") != "joint":   # written before the factorised layout was removed
+                raise CheckpointError(f"checkpoint {path} uses the factorised attention layout, which postflow no "
+                                      f"longer builds; retrain it (make base)")
+            cfg = ModelConfig(**shape)
+            bad = [f"{k}={v!r}" for k, v in asdict(cfg).items()   # numbers of the default's kind (an int for a float too)
+                   if isinstance(v, bool) or not isinstance(v, type(getattr(ModelConfig, k)) if k not in FLOAT_FIELDS
+                                                            else (int, float)) or v <= 0]
+            if bad or cfg.size % cfg.patch or cfg.frames % cfg.tpatch or cfg.dim % (2 * cfg.heads):
+                raise ValueError(f"model_config {', '.join(bad) or 'size/patch, frames/tpatch or dim/heads do not divide'}")
         if not isinstance(meta.get("lineage", {}), dict):
             raise ValueError(f"lineage is {type(meta['lineage']).__name__}, not an object")
-    except CheckpointError:
+    except UserError:                                     # already one line (a missing optional extra among them)
         raise
     except Exception as e:
         raise CheckpointError(f"checkpoint {path} has broken metadata ({type(e).__name__}: {e})") from None
@@ -488,6 +535,21 @@ def read_checkpoint(path):
 
 
 FLOAT_FIELDS = ("mlp_ratio", "t_eps")
+
+# A checkpoint whose model_config names a policy is built by that module (read_config, build), imported only then:
+# the default path never imports an adapter or its dependencies.
+POLICIES = {"wan": "adapters"}
+
+
+def policy_module(name):
+    if name not in POLICIES:
+        raise CheckpointError(f"unknown policy {name!r} in a checkpoint's model_config; known: {', '.join(POLICIES)}")
+    return importlib.import_module(POLICIES[name])
+
+
+def build_policy(cfg):
+    """An untrained policy of a config: a VideoDiT, or whatever the config's adapter builds."""
+    return VideoDiT(cfg) if isinstance(cfg, ModelConfig) else policy_module(cfg.policy).build(cfg)
 
 
 def load_weights(model, tensors, path="checkpoint", prefix=""):
@@ -514,11 +576,11 @@ def check_config(cfg: ModelConfig, expected: ModelConfig, path):
 
 
 def load_model(path, device="cpu", expect: ModelConfig = None):
-    """A VideoDiT with the weights of a hand-off checkpoint, and the checkpoint's metadata."""
+    """The policy of a hand-off checkpoint (a VideoDiT unless its config names another), and the checkpoint's metadata."""
     tensors, cfg, meta = read_checkpoint(path)
     if expect is not None:
         check_config(cfg, expect, path)
-    model = VideoDiT(cfg)
+    model = build_policy(cfg)
     # A run's resumable state file holds "ema.*" weights too: render those, so a run can be watched.
     load_weights(model, tensors, path, prefix="ema." if any(k.startswith("ema.") for k in tensors) else "")
     return model.to(device).eval(), meta
@@ -629,7 +691,7 @@ def main(argv):
     tokens = data.tokenize(prompts).repeat_interleave(cfg.seeds, 0)
     model, _ = load_model(cfg.ckpt)
     gen = torch.Generator().manual_seed(cfg.seed)
-    noise = torch.randn(len(tokens), model.cfg.channels, model.cfg.frames, model.cfg.size, model.cfg.size, generator=gen)
+    noise = torch.randn(len(tokens), *model.flow_shape, generator=gen)
     videos = sample(model, tokens, noise, cfg.steps, cfg.cfg_scale)
     os.makedirs(os.path.dirname(os.path.abspath(cfg.out)), exist_ok=True)
     data.write_video(data.video_grid(videos, len(prompts), cfg.seeds), cfg.out)

@@ -103,7 +103,7 @@ def make_pairs(net, cfg, world, log, rm=None):
     mc, n = net.cfg, cfg.samples_per_prompt
     out = {k: [] for k in PAIR_KEYS}
     for p in tqdm(prompts, desc="pairs", leave=False):
-        noise = torch.randn(n, mc.channels, mc.frames, mc.size, mc.size, generator=gen)
+        noise = torch.randn(n, *net.flow_shape, generator=gen)
         tok = data.tokenize([p] * n)
         dev = next(net.parameters()).device
         clips = M.sample(net, tok.to(dev), noise.to(dev), cfg.sample_steps, cfg.cfg_scale).cpu()
@@ -236,8 +236,7 @@ def train(cfg: Config):
     if stage not in INPUT_STAGES and not cfg.any_input:
         raise ConfigError(f"--init={cfg.init} is a {stage or 'unknown'} checkpoint; Stage III refines an SFT or RL "
                           f"policy ({', '.join(INPUT_STAGES)}): pass --any_input=true to use it anyway")
-    reference, _ = M.load_model(cfg.init, d.device)
-    reference.requires_grad_(False)
+    reference = policy.reference()                                            # frozen: the input policy
     mc, world = policy.cfg, R.world_of(policy.cfg)
     if cfg.pairs:
         load_pairs(cfg.pairs, mc)                                             # checked before anything is replaced
@@ -278,11 +277,11 @@ def train(cfg: Config):
         gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)       # the same on every rank
         idx = torch.randint(n_pairs, (cfg.batch_size,), generator=gen)[d.rank * per_rank:(d.rank + 1) * per_rank]
         t = M.sample_t(cfg.batch_size, gen, cfg.t_mean, cfg.t_std)[d.rank * per_rank:(d.rank + 1) * per_rank]
-        x0 = torch.randn(cfg.batch_size, *pairs["winner"].shape[1:], generator=gen)[d.rank * per_rank:(d.rank + 1) * per_rank]
-        dev = lambda x: x.to(d.device)
+        x0 = torch.randn(cfg.batch_size, *policy.flow_shape, generator=gen)[d.rank * per_rank:(d.rank + 1) * per_rank]
+        dev, enc = (lambda x: x.to(d.device)), (lambda clips: policy.encode(clips.to(d.device)))  # pairs are pixels
         for group in opt.param_groups:
             group["lr"] = warmup_cosine(step, cfg.lr, cfg.warmup, cfg.steps)
-        loss, z, e_w = dpo_step(policy, reference, dev(pairs["winner"][idx]), dev(pairs["loser"][idx]),
+        loss, z, e_w = dpo_step(policy, reference, enc(pairs["winner"][idx]), enc(pairs["loser"][idx]),
                                 dev(pairs["tokens"][idx]), dev(pairs["weight"][idx]), dev(t), dev(x0),
                                 cfg.beta, cfg.sft_weight, cfg.decoupled)
         average_gradients(policy.parameters(), d)
@@ -315,7 +314,7 @@ def train(cfg: Config):
     if d.main:
         M.save_checkpoint(paths["ckpt"], ema.model.state_dict(), mc, lineage(cfg.steps))
         prompts, splits = R.eval_prompts(R.DiagnoseConfig(prompts=cfg.eval_prompts, seed=cfg.seed))
-        noise = R.noise_for(len(prompts), mc, cfg.seed + 7).to(d.device)
+        noise = R.noise_for(len(prompts), policy, cfg.seed + 7).to(d.device)
         tok = data.tokenize(prompts).to(d.device)
         ours, theirs = (M.sample(net, tok, noise, cfg.eval_steps, cfg.cfg_scale).cpu() for net in (ema.model, reference))
         verdict = R.oracle_win_rate(ours, theirs, prompts, world)

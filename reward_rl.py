@@ -132,7 +132,7 @@ def bf16(cfg, device):
 class Rollout:  # what SAMPLING hands to TRAINING: this rank's share n of the iteration's rollouts
     prompts: list                  # (n,) captions
     tokens: torch.Tensor           # (n, L)
-    clips: torch.Tensor            # (n, C, F, H, W) the trained chunk, context frames pinned
+    clips: torch.Tensor            # (n, *policy.flow_shape) the trained chunk, context frames pinned
     transitions: list              # per SDE step: (step index, x before, x after, fp32 log-prob (n,))
     group: torch.Tensor            # (n,) the global group of each rollout
     trained: list = None           # ppo: which SDE steps it trains this iteration (train_fraction of them)
@@ -148,8 +148,7 @@ def sample_rollouts(cfg, policy, sampler, it, gen, train_prompts, mine, device):
     or N ranks roll out the same clips. Returns (clips to score, Rollout)."""
     if sampler is not None:
         sampler.load_state_dict(policy.state_dict())
-    mc, rollouts = policy.cfg, cfg.prompts_per_iter * cfg.group_size
-    shape = (mc.channels, mc.frames, mc.size, mc.size)
+    shape, rollouts = policy.flow_shape, cfg.prompts_per_iter * cfg.group_size   # noise in the flow's space
     idx = torch.randint(len(train_prompts), (cfg.prompts_per_iter,), generator=gen)
     prompts = [train_prompts[i] for i in idx.tolist() for _ in range(cfg.group_size)][mine]   # groups consecutive
     x = torch.randn(cfg.prompts_per_iter if cfg.shared_noise else rollouts, *shape, generator=gen)
@@ -163,8 +162,8 @@ def sample_rollouts(cfg, policy, sampler, it, gen, train_prompts, mine, device):
                                                        cfg.chunks, cfg.rollout_steps, cfg.cfg_scale)
         x, transitions = M.sample_with_sde_window(policy, x, tokens, cfg.rollout_steps, sde, eps, cfg.cfg_scale,
                                                   cfg.noise_level, ctx, ctx_mask)
-    chunk, clips = M.join_continuation(prefix, ctx, ctx_mask, x.clamp(-1, 1))
-    group = torch.arange(rollouts)[mine] // cfg.group_size
+    chunk, clips = M.join_continuation(prefix, ctx, ctx_mask, policy.decode(x))   # the rewards see pixels
+    group, chunk = torch.arange(rollouts)[mine] // cfg.group_size, policy.encode(chunk)  # AWM fits what was rewarded
     return clips, Rollout(prompts, tokens, chunk, transitions, group, ctx=ctx, ctx_mask=ctx_mask, sampler=sampler)
 
 
@@ -254,7 +253,7 @@ def curated_term(cfg, policy, n_update, world, device, stats):
     fits the same curated batch (a few % of an iteration's cost): 1 or N ranks step alike."""
     g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + n_update)
     b = data.make_batch("curated", cfg.sft_batch, seed=cfg.seed + 1, step=n_update, world=world)
-    ctx_mask = M.context_mask(cfg.sft_batch, world.frames, 0.5, g).to(device)
+    ctx_mask = M.context_mask(cfg.sft_batch, policy.flow_shape[1], 0.5, g).to(device)
     with bf16(cfg, device):
         loss, _ = M.flow_loss(policy, b.videos.to(device), b.tokens.to(device), g, 0.1, ctx_mask)
     (cfg.sft_weight * loss.mean()).backward()
@@ -278,8 +277,8 @@ def train(cfg: Config, reward_fn=None):
     d = setup_distributed(cfg.device)
     log = make_logger(d)
     check_config(cfg, d.ranks)
-    (policy, parent), (reference, _) = M.load_model(cfg.init, d.device), M.load_model(cfg.init, d.device)
-    reference.requires_grad_(False)                                           # frozen: the KL anchor
+    policy, parent = M.load_model(cfg.init, d.device)
+    reference = policy.reference()                                            # frozen: the KL anchor
     judge = R.load_reward_model(cfg.reward_model, policy.cfg) if cfg.reward != "heads" else None
     if d.main:  # every input is checked: only now may an old run be replaced
         claim_out_dir(cfg.out_dir, cfg.resume, cfg.overwrite, inputs=[cfg.init, cfg.reward_model])
@@ -301,13 +300,13 @@ def train(cfg: Config, reward_fn=None):
 
     train_prompts, names = data.train_prompts(), R.head_names(cfg.split_instruction)
     eval_prompts, _ = R.eval_prompts(R.DiagnoseConfig(prompts=cfg.eval_prompts, seed=cfg.seed))
-    eval_noise = R.noise_for(len(eval_prompts), mc, cfg.seed + 7).to(d.device)
+    eval_noise = R.noise_for(len(eval_prompts), policy, cfg.seed + 7).to(d.device)
     evaluate = lambda n: {"iter": n, **{k: round(v, 4) for k, v in R.quick_eval(
         ema.model, eval_prompts, eval_noise, cfg.eval_steps, cfg.cfg_scale, world).items()}}
     lineage = lambda n: M.lineage_record(f"rl-{cfg.update}", cfg.init, n, "prompts:train_combos", config=asdict(cfg),
                                          parent_stage=parent.get("lineage", {}).get("stage", ""))
     update = awm_update if cfg.update == "awm" else ppo_update
-    sampler = M.VideoDiT(mc).to(d.device).requires_grad_(False) if cfg.update == "awm" and cfg.awm_clip > 0 else None
+    sampler = M.frozen_copy(policy) if cfg.update == "awm" and cfg.awm_clip > 0 else None
     mine = slice(d.rank * per_rank, (d.rank + 1) * per_rank)                  # this rank's share of the rollouts
     logf = open_log(os.path.join(cfg.out_dir, "log.jsonl"), log_offset) if d.main else None
     if d.main and start == 0:

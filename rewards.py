@@ -571,9 +571,11 @@ def eval_prompts(cfg):
     return val[0] + heldout[0], ["val"] * cfg.prompts + ["heldout"] * cfg.prompts
 
 
-def noise_for(n, mcfg, seed, frames=None):
-    gen = torch.Generator().manual_seed(seed)
-    return torch.randn(n, mcfg.channels, frames or mcfg.frames, mcfg.size, mcfg.size, generator=gen)
+def noise_for(n, net, seed, frames=None):
+    """Fixed starting noise in a policy's flow space (n, *net.flow_shape), or a ModelConfig's pixel clip shape;
+    `frames` overrides the frame count."""
+    c, f, h, w = getattr(net, "flow_shape", None) or (net.channels, net.frames, net.size, net.size)
+    return torch.randn(n, c, frames or f, h, w, generator=torch.Generator().manual_seed(seed))
 
 
 @torch.no_grad()
@@ -585,7 +587,7 @@ def diagnose_checkpoint(path, cfg, bar, rm=None):
     prompts = [p for p in prompts for _ in range(cfg.seeds)]
     splits = [s for s in splits for _ in range(cfg.seeds)]
     tokens = data.tokenize(prompts)
-    noise = noise_for(len(prompts), mc, cfg.seed)
+    noise = noise_for(len(prompts), net, cfg.seed)
     sample = lambda tok, nz, w, **kw: M.sample(net, tok, nz, cfg.steps, w, **kw)
 
     videos = sample(tokens, noise, cfg.cfg_scale); bar.update()
@@ -622,7 +624,7 @@ def diagnose_checkpoint(path, cfg, bar, rm=None):
     # diversity: spread across seeds for one prompt per split (collapse shows as 0)
     spread = []
     for p in (prompts[0], prompts[-1]):
-        clips = sample(data.tokenize([p] * cfg.diversity_seeds), noise_for(cfg.diversity_seeds, mc, cfg.seed + 2),
+        clips = sample(data.tokenize([p] * cfg.diversity_seeds), noise_for(cfg.diversity_seeds, net, cfg.seed + 2),
                        cfg.cfg_scale)
         pos = oracle(clips, world)["center"][:, 0]                                   # first-frame positions
         pix = torch.cdist(clips.flatten(1), clips.flatten(1)) / math.sqrt(clips[0].numel())

@@ -129,7 +129,7 @@ def train(cfg: Config, stop_after=None):
         # Everything random in a step comes from (seed, step, rank), so a resumed run repeats it exactly.
         gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step * d.ranks + d.rank)
         b = data.make_batch(cfg.data, per_rank, seed=cfg.seed, step=step * d.ranks + d.rank, world=world)
-        ctx_mask = M.context_mask(per_rank, mcfg.frames, cfg.ctx_prob, gen).to(d.device)
+        ctx_mask = M.context_mask(per_rank, net.flow_shape[1], cfg.ctx_prob, gen).to(d.device)  # over the flow's frames
         lr = warmup_cosine(step, cfg.lr, cfg.warmup, cfg.steps)
         for group in opt.param_groups:
             group["lr"] = lr
@@ -169,8 +169,7 @@ def train(cfg: Config, stop_after=None):
         M.save_checkpoint(ckpt_path, ema.model.state_dict(), mcfg, lineage(cfg.steps), val_loss=val,
                           train_seconds=round(time.time() - t0, 1))
         tokens = data.tokenize(SAMPLE_PROMPTS).repeat_interleave(4, 0).to(d.device)
-        noise = torch.randn(len(tokens), mcfg.channels, mcfg.frames, mcfg.size, mcfg.size,
-                            generator=torch.Generator().manual_seed(0)).to(d.device)
+        noise = torch.randn(len(tokens), *net.flow_shape, generator=torch.Generator().manual_seed(0)).to(d.device)
         videos = M.sample(ema.model, tokens, noise, cfg.sample_steps, cfg.cfg_scale)
         data.write_video(data.video_grid(videos, len(SAMPLE_PROMPTS), 4), os.path.join(cfg.out_dir, "samples.gif"))
         log(f"done in {time.time() - t0:.0f}s: {ckpt_path}; validation flow loss val={val['val']:.4f} "

@@ -189,9 +189,10 @@ def from_rank0(value, d: Dist):
 def average_gradients(params, d: Dist):
     """Mean the gradients over ranks by hand: the loop calls the model several times per update (CFG halves,
     several denoising steps), which DDP's one-forward-one-backward hooks do not fit. A rank that had no
-    sample in this minibatch contributes zeros, so every rank joins every all_reduce."""
+    sample in this minibatch contributes zeros, so every rank joins every all_reduce. Frozen weights (a LoRA
+    policy's base) are skipped: they have no gradient to agree on."""
     if d.ranks > 1:
-        for p in params:
+        for p in (p for p in params if p.requires_grad):
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
             dist.all_reduce(p.grad)
@@ -258,7 +259,8 @@ class EMA:
         # initial weights (16 % after 1800 steps), and adaLN-Zero's initial model outputs nothing.
         decay = min(self.decay, (1 + step) / (10 + step))
         for e, p in zip(self.model.parameters(), model.parameters()):
-            e.lerp_(p.detach(), 1 - decay)
+            if p.requires_grad:  # frozen weights do not move (and a LoRA policy's copies share them)
+                e.lerp_(p.detach(), 1 - decay)
 
 
 def clip_gradients(params, max_norm):
