@@ -7,7 +7,11 @@ setup:
 	@$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q $(TORCH)
 	@$(PY) -m pip install -q -r requirements.txt
 
-test: setup
+# The optional extra behind adapters.py (diffusers' Wan), pinned beside the torch already installed, which it keeps.
+setup-wan: setup
+	@$(PY) -m pip install -q -r requirements-wan.txt "torch==$$($(PY) -c 'import torch; print(torch.__version__)')"
+
+test: setup-wan
 	$(PY) -m pytest -q test_all.py
 
 # Reliability, at full strength: 10 kill -9 trials per stage (the suite runs 2), then the torchrun tests 20 times.
@@ -48,4 +52,4 @@ benchmarks: setup
 	$(PY) bench.py dpo_memory
 	$(PY) bench.py grpo --minutes=8
 
-.PHONY: setup test killtest pipeline base sft_checkpoint reward_model benchmarks ablations
+.PHONY: setup setup-wan test killtest pipeline base sft_checkpoint reward_model benchmarks ablations

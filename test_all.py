@@ -1030,3 +1030,174 @@ def test_report_renders_in_headless_chromium_without_console_errors(tiny_run, tm
                f"file://{tiny_run}/report.html")
     shot = iio.imread(tmp_path / "shot.png")[..., :3]
     assert shot.shape[:2] == (2000, 1400) and (shot.min(-1) < 200).mean() > 0.03, r.stderr[-500:]   # ink on it
+
+
+# ----------------------------------------------------------------------------- Wan through adapters.py (the optional extra)
+# A random tiny Wan (2 layers, 2 heads of 12, 4 latent channels, 16x16x2 latents = 128x128x5 pixels) behind the policy
+# interface, through the real stage entry points. `make test` installs the extra (requirements-wan.txt); elsewhere
+# these tests skip without it, in CI they fail.
+import importlib.util
+
+HAVE_WAN = all(importlib.util.find_spec(m) for m in ("diffusers", "peft"))
+needs_wan = pytest.mark.skipif(not HAVE_WAN and not os.environ.get("CI"),
+                               reason="the Wan extra is not installed: pip install -r requirements-wan.txt")
+# One pixel's value: a reward with spread in every group (a random tiny VAE draws much the same clip from any latent).
+PIXEL = lambda clips, prompts: {"fidelity": torch.zeros(len(clips)), "temporal": torch.zeros(len(clips)),
+                                "instruction": clips[:, 0, -1, 64, 64]}
+
+
+def wan_rl(init, out_dir, **kw):
+    base = dict(init=str(init), out_dir=str(out_dir), iters=1, prompts_per_iter=1, group_size=2, rollout_steps=2,
+                sde_window=1, eval_prompts=1, eval_steps=1, eval_every=100, ckpt_every=1, epochs=1, warmup=1, lr=1e-2,
+                sft_weight=0.0, std_floor=1e-6, device="cpu")
+    return reward_rl.Config(**{**base, **kw})
+
+
+@pytest.fixture(scope="module")
+def wan_chain(tmp_path_factory):
+    """init -> Stage I (1 step) -> Stage II (1 iteration, AWM and PPO) -> Stage III (1 step), each from the last's file."""
+    import adapters
+    root = tmp_path_factory.mktemp("wan")
+    init = str(root / "init.safetensors")
+    adapters.init_checkpoint([f"--out={init}"])
+    tuned = sft.train(sft.Config(init=init, out_dir=str(root / "sft"), steps=1, batch_size=2, lr=1e-2, warmup=1, log_every=1,
+                                 ckpt_every=1, val_clips=2, sample_steps=1, device="cpu"))
+    rl = {u: reward_rl.train(wan_rl(tuned, root / f"rl_{u}", update=u), reward_fn=PIXEL) for u in ("awm", "ppo")}
+    dpo = preference.train(preference.Config(init=rl["awm"], out_dir=str(root / "dpo"), pair_prompts=1, samples_per_prompt=2,
+                                             sample_steps=1, margin=0.0, steps=1, batch_size=2, lr=1e-2, warmup=1,
+                                             log_every=1, eval_prompts=1, eval_steps=1, device="cpu"))
+    return dict(root=root, init=init, sft=tuned, awm=rl["awm"], ppo=rl["ppo"], dpo=dpo)
+
+
+@needs_wan
+def test_wan_euler_step_and_sde_logprob_match_diffusers(tmp_path):
+    """The convention mapping (sigma = 1 - t, timestep = 1000 sigma, v = -u) against diffusers' own scheduler and call."""
+    import adapters
+    from diffusers import FlowMatchEulerDiscreteScheduler
+    policy = adapters.WanPolicy(adapters.WanConfig())
+    gen = torch.Generator().manual_seed(0)
+    x, tokens = torch.randn(2, *policy.flow_shape, generator=gen), data.tokenize(["a fast red circle moving left"] * 2)
+    states, empty = policy.text(tokens), policy.text(tokens, drop=torch.ones(2, dtype=torch.bool))
+    grid = M.time_grid(3)
+    sched = FlowMatchEulerDiscreteScheduler()
+    sched.set_timesteps(sigmas=(1 - grid[:-1]).tolist())
+    assert torch.allclose(sched.timesteps, 1000 * (1 - grid[:-1]))
+    u_of = lambda x, ts, s: policy.transformer(x, ts.expand(len(x)), s, return_dict=False)[0]   # diffusers' call
+    with torch.no_grad():
+        xd = x
+        for i, ts in enumerate(sched.timesteps):              # an Euler step each, guided (w = 3) as Wan's pipeline does
+            u = u_of(xd, ts, empty) + 3.0 * (u_of(xd, ts, states) - u_of(xd, ts, empty))
+            ours = xd + float(grid[i + 1] - grid[i]) * M.guided_velocity(policy, xd, float(grid[i]), tokens, 3.0)
+            xd = sched.step(u, ts, xd).prev_sample
+            assert torch.allclose(ours, xd, atol=1e-5) and (u.abs().mean() > 0.1), i
+        assert torch.allclose(M.sample(policy, tokens, x, 3, 3.0), policy.decode(xd), atol=1e-4)
+        # the SDE step's log-prob through the adapter is the Gaussian density of Flow-GRPO's step, written in sigma and u
+        i, sigma, sigma_next = 1, 1 - float(grid[1]), 1 - float(grid[2])
+        u, dsigma = u_of(x, sched.timesteps[1], states), sigma_next - sigma
+        std = 0.7 * math.sqrt(sigma / (1 - sigma))
+        mean = x * (1 + std ** 2 * dsigma / (2 * sigma)) + u * (1 + std ** 2 * (1 - sigma) / (2 * sigma)) * dsigma
+        x_next = mean + std * math.sqrt(-dsigma) * torch.randn(x.shape, generator=gen)
+        got_mean, got_std, logp = M.score_sde_step(policy, x, x_next, i, grid, tokens, cfg_scale=1.0)
+        density = torch.distributions.Normal(mean, std * math.sqrt(-dsigma)).log_prob(x_next).mean((1, 2, 3, 4))
+        assert torch.allclose(got_mean, mean, atol=1e-5) and torch.allclose(logp, density, atol=1e-4)
+        # the other rollout step is diffusers' stochastic Euler step, the same draw given the same noise
+        noisy = FlowMatchEulerDiscreteScheduler(stochastic_sampling=True)
+        noisy.set_timesteps(sigmas=(1 - grid[:-1]).tolist())
+        theirs = noisy.step(u, noisy.timesteps[1], x, generator=torch.Generator().manual_seed(5)).prev_sample
+        eps = torch.randn(x.shape, generator=torch.Generator().manual_seed(5))
+        step = adapters.flow_match_sde_step(x, -u, float(grid[1]), float(grid[2]), float(grid[1]), eps=eps)
+        assert torch.allclose(step[0], theirs, atol=1e-5)
+        # ...whose density is not sde_step's: on-policy, a PPO ratio of the two would sit 50 clip ranges from 1 (refused)
+        log_ratio = M.sde_step(x, -u, float(grid[1]), float(grid[2]), float(grid[1]), x_next=step[0])[3] - step[3]
+        assert log_ratio.abs().min() > 50 * reward_rl.Config().clip_range
+    # a diffusers folder (from_pretrained) gives the same policy as the seeded tiny source
+    tiny = adapters.load_source(adapters.WanConfig())
+    tiny[0].save_pretrained(tmp_path / "transformer")
+    tiny[1].save_pretrained(tmp_path / "vae")
+    folder = adapters.WanPolicy(adapters.WanConfig(source=str(tmp_path)))
+    t = torch.full((2,), 0.3)
+    assert torch.equal(folder.velocity(x, t, tokens), adapters.WanPolicy(adapters.WanConfig()).velocity(x, t, tokens))
+
+
+@needs_wan
+def test_wan_stages_run_from_each_others_files_and_change_the_weights(wan_chain):
+    c = wan_chain
+    read = lambda path: M.read_checkpoint(path)[0]
+    init, tuned, awm, ppo, dpo = (read(c[k]) for k in ("init", "sft", "awm", "ppo", "dpo"))
+    lora_b = [k for k in init if "lora_B" in k and not k.startswith("folded.")]
+    assert len(lora_b) == 16 and all(init[k].abs().sum() == 0 for k in lora_b)            # a fresh adapter: B = 0
+    assert all(tuned[k].abs().sum() > 0 for k in lora_b)                                     # Stage I trained it
+    for name, out, parent, n in (("awm", awm, tuned, 1), ("ppo", ppo, tuned, 1), ("dpo", dpo, awm, 2)):
+        # each later stage folded its input's adapter into the frozen weights (kept as factors) and trained a new one
+        assert M.read_checkpoint(c[name])[1].folded == n
+        assert all(torch.equal(out[f"folded.{n - 1}.{k[len('transformer.'):].replace('.default.weight', '')}"], parent[k])
+                   for k in parent if "lora_" in k and not k.startswith("folded."))
+        assert all(torch.equal(out[k], parent[k]) for k in parent if k.startswith("folded."))
+        # the new adapter starts at B = 0; at its first update the policy is its reference (no KL gradient) and there is
+        # no curated term (sft_weight=0), so a B that moved is the reward's doing
+        assert all(out[k].abs().sum() > 0 for k in lora_b), name
+    recs = [[r for r in read_log(c["root"] / f"rl_{u}" / "log.jsonl") if "reward_instruction" in r][0] for u in ("awm", "ppo")]
+    assert all(r["adv_absmax"] > 0.5 and r["kl_ref"] == 0 for r in recs)
+    final = read_log(c["root"] / "dpo" / "log.jsonl")[-1]["final"]
+    assert 0 <= final["win_rate"] <= 1
+
+
+@needs_wan
+def test_wan_lora_reference_is_the_input_policy_and_kl_is_zero_at_the_first_update(wan_chain):
+    """The reference is the policy with its adapter off, after the input's adapter was folded in: the stage's input."""
+    policy, _ = M.load_model(wan_chain["sft"])
+    x, t, tokens = torch.randn(2, *policy.flow_shape), torch.full((2,), 0.4), data.tokenize(["a slow blue square moving up"] * 2)
+    with torch.no_grad():
+        before = policy.velocity(x, t, tokens)
+        with policy.adapter_off():                         # without the fold, the adapter off would be the base model
+            assert (policy.velocity(x, t, tokens) - before).abs().max() > 1e-4
+        reference = policy.reference()
+        assert torch.allclose(policy.velocity(x, t, tokens), before, atol=1e-5)
+        assert torch.equal(reference.velocity(x, t, tokens), policy.velocity(x, t, tokens))
+    assert not list(reference.parameters()) and sum(p.requires_grad for p in policy.parameters()) == 32   # no copy
+    rec = [r for r in read_log(wan_chain["root"] / "rl_ppo" / "log.jsonl") if "reward_instruction" in r][0]
+    assert rec["kl_ref"] == 0.0 and rec["ratio"] == 1.0 and rec["approx_kl"] == 0.0
+
+
+@needs_wan
+def test_wan_save_load_round_trip_and_an_interrupted_stage_ii_resumes_to_the_same_weights(wan_chain):
+    c = wan_chain
+    policy, meta = M.load_model(c["dpo"])                          # two folds re-applied from the file's factors
+    assert meta["lineage"]["stage"] == "dpo" and policy.cfg.folded == 2
+    path = str(c["root"] / "again.safetensors")
+    M.save_checkpoint(path, policy.state_dict(), policy.cfg, meta["lineage"])
+    again, _ = M.load_model(path)
+    x, t, tokens = torch.randn(2, *policy.flow_shape), torch.full((2,), 0.7), data.tokenize(["a fast cyan circle moving down"] * 2)
+    with torch.no_grad():
+        assert torch.equal(again.velocity(x, t, tokens), policy.velocity(x, t, tokens))
+    full = reward_rl.train(wan_rl(c["sft"], c["root"] / "rl_full", iters=2), reward_fn=PIXEL)
+    reward_rl.train(wan_rl(c["sft"], c["root"] / "rl_cut", iters=1), reward_fn=PIXEL)
+    resumed = reward_rl.train(wan_rl(c["sft"], c["root"] / "rl_cut", iters=2, resume=True), reward_fn=PIXEL)
+    a, b = M.read_checkpoint(full)[0], M.read_checkpoint(resumed)[0]
+    assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@needs_wan
+def test_wan_full_fine_tuning_and_one_line_refusals(wan_chain, monkeypatch, capsys):
+    import adapters
+    full = adapters.WanPolicy(adapters.WanConfig(lora_rank=0))      # no LoRA: the reference is a frozen copy
+    reference = full.reference()
+    shared = lambda a, b: all(p is q for p, q in zip(a.parameters(), b.parameters()))
+    assert shared(reference.vae, full.vae) and not shared(reference.transformer, full.transformer)   # frozen: shared
+    assert set(full.state_dict()) == {f"transformer.{k}" for k in full.transformer.state_dict()}
+    # PPO cannot score rollouts drawn by another step than sde_step's
+    other = str(wan_chain["root"] / "other.safetensors")
+    adapters.init_checkpoint([f"--out={other}", "--sampler=flow-match-sde"])
+    for run, needle in ((lambda: reward_rl.train(wan_rl(other, wan_chain["root"] / "rl_other", update="ppo"), reward_fn=PIXEL),
+                         "flow-match-sde"),
+                        (lambda: adapters.init_checkpoint([f"--out={other}", "--overwrite=true", "--frames=6"]), "1 + 4k"),
+                        (lambda: M.sample_long(M.load_model(other)[0], data.tokenize(["a red circle"]), torch.Generator(), 2),
+                         "latents")):
+        with pytest.raises(SystemExit) as exit_:
+            stability.run_cli(lambda argv: run(), [])
+        err = capsys.readouterr().err                              # progress bars may stand before the error
+        errors = [line for line in err.splitlines() if line.startswith("error: ")]
+        assert exit_.value.code == 2 and len(errors) == 1 and needle in errors[0] and "Traceback" not in err, err
+    monkeypatch.setattr(adapters, "WanTransformer3DModel", None)                # as without the extra
+    with pytest.raises(stability.UserError, match="requirements-wan.txt"):
+        M.load_model(wan_chain["init"])

@@ -1,0 +1,439 @@
+"""diffusers' Wan as a postflow policy: the three stages train a real video transformer through model.py's interface.
+
+    pip install -r requirements-wan.txt                # the optional extra (diffusers, peft); torch stays as installed
+    python adapters.py embed --source=Wan2.1-T2V-1.3B-Diffusers --out=prompts.safetensors
+    python adapters.py --source=Wan2.1-T2V-1.3B-Diffusers --text=prompts.safetensors --text_len=512 --dtype=bfloat16 \\
+        --frames=33 --size=256 --out=runs/wan/init.safetensors
+    python sft.py --init=runs/wan/init.safetensors --out_dir=runs/wan_sft           # then reward_rl.py, preference.py
+
+A checkpoint written here says `policy: wan` in its model_config and holds this adapter's whole config, so
+model.load_model builds this policy from any stage's --init: no stage knows which model it trains. --source=tiny
+builds a random tiny Wan (the sizes diffusers' own tests use) for the tests; a folder is read with from_pretrained.
+
+Conventions, mapped once, here:
+    postflow   x_t = (1 - t) noise + t data,       v = data - noise,   t from 0 (noise) to 1 (data)
+    diffusers  x = sigma noise + (1 - sigma) data,  the transformer predicts u = noise - data at timestep 1000 sigma
+so sigma = 1 - t and v = -u. The flow runs on the VAE's latents, normalised as Wan's pipeline does ((z - mean) / std);
+clips are decoded to pixels only where a reward or a video file needs them, and data is encoded (the posterior mean).
+
+Text: the prompt encoder (UMT5-XXL, 5.7B parameters) does not run in the loop. --text names a safetensors file of its
+states, one (L, D) tensor per prompt, keyed by the prompt ('' for guidance's unconditional half, zeros without it;
+`embed` writes one for every caption of the world), or 'module:function' (prompts -> (B, L, D)), or 'tokens': a fixed
+random embedding of postflow's own words (tests). States are zero-padded to text_len, as Wan's pipeline pads to 512.
+
+LoRA (peft, --lora_rank > 0): the frozen reference of Stages II and III is this policy with its adapter disabled, not a
+second copy. So that the reference is the stage's input, reference() first folds the adapter trained so far into the
+frozen weights (its factors are kept in the checkpoint, which stays small) and restarts it at zero. --lora_rank=0
+fine-tunes the whole transformer, and the reference is a frozen copy of it.
+"""
+import copy
+import importlib
+import math
+import os
+import sys
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, fields
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import data
+import model as M
+from stability import ConfigError, OutputExists, UserError, check_ranges, parse_config, run_cli
+
+SETUP = "pip install -r requirements-wan.txt"
+try:
+    from diffusers import AutoencoderKLWan, WanTransformer3DModel
+except ImportError:  # the default path needs none of this; a Wan checkpoint says what to install
+    AutoencoderKLWan = WanTransformer3DModel = None
+
+TINY_TRANSFORMER = dict(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12, in_channels=4, out_channels=4,
+                        text_dim=16, freq_dim=256, ffn_dim=32, num_layers=2, cross_attn_norm=True,
+                        qk_norm="rms_norm_across_heads", rope_max_seq_len=32)
+TINY_VAE = dict(base_dim=3, z_dim=4, dim_mult=[1, 1, 1, 1], num_res_blocks=1, temperal_downsample=[False, True, True],
+                latents_mean=[0.0] * 4, latents_std=[1.0] * 4)
+
+
+@dataclass
+class WanConfig:  # the defaults are the tiny test policy: 16x16x2 latents of 4 channels, 128x128x5 pixels
+    policy: str = "wan"        # selects this adapter when a checkpoint is read (model.POLICIES)
+    source: str = "tiny"       # a diffusers Wan folder (transformer/, vae/), or 'tiny': random, from seed (tests)
+    text: str = "tokens"       # prompt states: a .safetensors file (prompt -> (L, D)), 'module:function', or 'tokens'
+    text_len: int = 8          # states are zero-padded to this many rows (Wan's pipeline: 512)
+    frames: int = 5            # pixel frames per clip, 1 + 4k: the VAE keeps frame 0, then packs 4 frames per latent
+    size: int = 128            # pixel frame edge: latents are size / 8, tokens size / 16 per side
+    channels: int = 3          # RGB
+    lora_rank: int = 4         # peft LoRA on lora_targets; 0 = full fine-tuning
+    lora_alpha: float = 4.0    # the adapter's scale is alpha / rank
+    lora_targets: str = "to_q,to_k,to_v,to_out.0"  # attention projections, self- and cross-attention
+    dtype: str = "float32"     # the transformer's weights ('bfloat16' on a GPU); LoRA weights and log-probs stay fp32
+    sampler: str = "flow-grpo" # the rollouts' SDE step: model.sde_step, or 'flow-match-sde' (diffusers' stochastic Euler)
+    vae_batch: int = 4         # clips per VAE call: a batch of long clips at once does not fit
+    seed: int = 0              # the tiny source, the 'tokens' embedding and every adapter (re)start
+    t_eps: float = 1e-3        # floor on 1 - t where flow_loss turns the clean-clip prediction back into v
+    folded: int = 0            # adapters that earlier stages folded into the frozen weights
+
+
+def check(cfg):
+    """Refuse a config this adapter cannot build, in one line."""
+    for f in fields(WanConfig):
+        if isinstance(getattr(cfg, f.name), bool) or not isinstance(getattr(cfg, f.name), (int, float) if f.type is float else f.type):
+            raise ConfigError(f"Wan config {f.name}={getattr(cfg, f.name)!r} is not a {f.type.__name__}")
+    check_ranges(cfg, at_least_one=("text_len", "frames", "size", "vae_batch"), positive=("lora_alpha", "t_eps"),
+                 non_negative=("lora_rank", "folded"), choices=dict(policy=("wan",), dtype=("float32", "bfloat16"),
+                                                                   sampler=("flow-grpo", "flow-match-sde")))
+    if (cfg.frames - 1) % 4 or cfg.size % 16:
+        raise ConfigError(f"a Wan clip has 1 + 4k frames and a size divisible by 16, got {cfg.frames}x{cfg.size}")
+    if cfg.text == "tokens" and cfg.text_len < data.MAX_TOKENS:
+        raise ConfigError(f"--text=tokens needs --text_len >= {data.MAX_TOKENS}, postflow's caption length")
+    if cfg.folded and not cfg.lora_rank:
+        raise ConfigError("folded adapters need --lora_rank > 0")
+
+
+def read_config(shape):
+    """model.read_checkpoint's hook: the WanConfig of a checkpoint's model_config, checked."""
+    unknown = sorted(set(shape) - {f.name for f in fields(WanConfig)})
+    if unknown:
+        raise ValueError(f"unknown Wan config keys {unknown}")
+    cfg = WanConfig(**shape)
+    check(cfg)
+    return cfg
+
+
+def build(cfg):
+    return WanPolicy(cfg)
+
+
+def load_source(cfg):
+    """The transformer (in cfg.dtype) and the VAE (fp32), untouched by LoRA."""
+    if WanTransformer3DModel is None:
+        raise UserError(f"this checkpoint's policy is Wan, which needs the optional extra: {SETUP}")
+    dtype = getattr(torch, cfg.dtype)
+    if cfg.source == "tiny":
+        with torch.random.fork_rng(devices=[]):  # the caller's global stream is left as it was
+            torch.manual_seed(cfg.seed)
+            transformer = WanTransformer3DModel(**TINY_TRANSFORMER)
+            return transformer if dtype == torch.float32 else transformer.to(dtype), AutoencoderKLWan(**TINY_VAE)
+    if not os.path.isdir(os.path.join(cfg.source, "transformer")):
+        raise ConfigError(f"--source={cfg.source} is not a diffusers Wan folder (transformer/, vae/) nor 'tiny'")
+    try:
+        return (WanTransformer3DModel.from_pretrained(cfg.source, subfolder="transformer", torch_dtype=dtype),
+                AutoencoderKLWan.from_pretrained(cfg.source, subfolder="vae", torch_dtype=torch.float32))
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"cannot read a Wan model from {cfg.source}: {str(e).splitlines()[0]}") from None
+
+
+class PromptStates(nn.Module):
+    """The text encoder's states (B, text_len, D) for postflow's token ids, from the source cfg.text names."""
+
+    def __init__(self, cfg, dim):
+        super().__init__()
+        self.len, self.fn, self.index = cfg.text_len, None, None
+        empty = torch.zeros(cfg.text_len, dim)
+        if cfg.text == "tokens":   # a frozen stand-in for a text encoder: one fixed vector per word
+            table = torch.randn(len(data.VOCAB), dim, generator=torch.Generator().manual_seed(cfg.seed + 1))
+        elif cfg.text.endswith(".safetensors"):
+            from safetensors.torch import load_file
+            if not os.path.isfile(cfg.text):
+                raise ConfigError(f"prompt states file not found: {cfg.text} (write one with python adapters.py embed)")
+            states = load_file(cfg.text)
+            bad = [p for p, s in states.items() if s.dim() != 2 or s.shape[1] != dim or len(s) > cfg.text_len]
+            if bad:
+                raise ConfigError(f"{cfg.text}: the states of {bad[0]!r} are {tuple(states[bad[0]].shape)}; this transformer "
+                                  f"takes (L <= text_len={cfg.text_len}, {dim})")
+            pad = lambda s: F.pad(s.float(), (0, 0, 0, cfg.text_len - len(s)))
+            empty = pad(states.pop("", empty[:0]))
+            self.index = {p: i for i, p in enumerate(states)}
+            table = torch.stack([pad(s) for s in states.values()]) if states else empty[None]
+        else:
+            module, _, name = cfg.text.partition(":")
+            try:
+                self.fn = getattr(importlib.import_module(module), name)
+            except (ImportError, AttributeError):
+                raise ConfigError(f"--text={cfg.text} is not 'tokens', a .safetensors file or an importable "
+                                  f"'module:function'") from None
+            table = empty[None]
+        self.register_buffer("table", table, persistent=False)
+        self.register_buffer("empty", empty, persistent=False)
+
+    def forward(self, tokens, drop=None):
+        if self.fn is None and self.index is None:
+            states = self.table[tokens] * (tokens != 0)[..., None]                    # (B, L, D), pads are zero
+        else:
+            prompts = [" ".join(data.VOCAB[i] for i in row if i) for row in tokens.tolist()]
+            if self.fn is not None:
+                states = self.fn(prompts).to(self.empty)
+            else:
+                missing = [p for p in prompts if p not in self.index]
+                if missing:
+                    raise UserError(f"the prompt states file has no entry for {missing[0]!r}; rerun adapters.py embed")
+                states = self.table[torch.tensor([self.index[p] for p in prompts], device=tokens.device)]
+        states = F.pad(states, (0, 0, 0, self.len - states.shape[1]))                # (B, text_len, D)
+        return states if drop is None else torch.where(drop[:, None, None], self.empty, states)
+
+
+class WanPolicy(nn.Module):
+    """model.py's policy interface over WanTransformer3DModel and AutoencoderKLWan (the module docstring says how)."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.cfg, self.sampler = cfg, cfg.sampler
+        self.transformer, self.vae = load_source(cfg)
+        self.vae.requires_grad_(False).eval()
+        vc, tc = self.vae.config, self.transformer.config
+        s = vc.scale_factor_spatial
+        if cfg.size % (s * tc.patch_size[1]) or vc.z_dim != tc.in_channels:
+            raise ConfigError(f"--size={cfg.size} does not patch into {s}x VAE latents, or the VAE's {vc.z_dim} "
+                              f"channels are not the transformer's {tc.in_channels}")
+        self.flow_shape = (vc.z_dim, 1 + (cfg.frames - 1) // vc.scale_factor_temporal, cfg.size // s, cfg.size // s)
+        self.register_buffer("mean", torch.tensor(vc.latents_mean).view(1, -1, 1, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(vc.latents_std).view(1, -1, 1, 1, 1), persistent=False)
+        self.text = PromptStates(cfg, tc.text_dim)
+        if cfg.lora_rank:
+            try:
+                from peft import LoraConfig
+            except ImportError:
+                raise UserError(f"--lora_rank > 0 needs peft, part of the optional extra: {SETUP}") from None
+            self.transformer.add_adapter(LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha,
+                                                    target_modules=cfg.lora_targets.split(",")))
+            self.restart_adapter()
+        else:
+            self.transformer.requires_grad_(True)
+        self.trained = {f"transformer.{n}" for n, p in self.transformer.named_parameters() if p.requires_grad}
+        # the factors folded by earlier stages: placeholders that loading fills, then adds into the frozen weights
+        self.history = [{n: (torch.zeros_like(a), torch.zeros_like(b)) for n, (a, b) in self.factors().items()}
+                        for _ in range(cfg.folded)]
+        self.history_in_weights = cfg.folded == 0
+
+    # ------------------------------------------------------------------ the flow, in postflow's convention
+    def velocity(self, x, t, tokens, ctx=None, ctx_mask=None, drop=None):
+        """v at x_t through diffusers' call: timestep 1000 (1 - t), v = -u. Context latents are pinned clean and their
+        tokens get timestep 0, the way Wan 2.2's TI2V conditions on a first frame."""
+        timestep = 1000 * (1 - t.float())                                              # (B,)
+        if ctx is not None:
+            x = torch.where(ctx_mask[:, None, :, None, None], ctx, x)
+            pt, ph, pw = self.transformer.config.patch_size
+            per_frame = (x.shape[3] // ph) * (x.shape[4] // pw)
+            timestep = torch.where(ctx_mask[:, ::pt], 0.0, timestep[:, None]).repeat_interleave(per_frame, 1)  # (B, tokens)
+        dtype = self.transformer.dtype
+        u = self.transformer(x.to(dtype), timestep, self.text(tokens, drop).to(dtype), return_dict=False)[0]
+        return -u.float()
+
+    def forward(self, x, t, tokens, **kw):
+        """The interface's prediction, the clean clip: x1_hat = x_t + (1 - t) v, Wan's x0 = x - sigma u."""
+        return x + (1 - t)[:, None, None, None, None] * self.velocity(x, t, tokens, **kw)
+
+    @torch.no_grad()
+    def encode(self, clips):
+        """Pixels (B, 3, F, H, W) in [-1, 1] -> normalised latents (B, *flow_shape): the posterior's mean, no draw."""
+        with torch.autocast(clips.device.type, enabled=False):
+            z = torch.cat([self.vae.encode(c.float()).latent_dist.mean for c in clips.split(self.cfg.vae_batch)])
+        return (z - self.mean) / self.std
+
+    @torch.no_grad()
+    def decode(self, x):
+        with torch.autocast(x.device.type, enabled=False):
+            z = x.float() * self.std + self.mean
+            return torch.cat([self.vae.decode(c).sample for c in z.split(self.cfg.vae_batch)]).clamp(-1, 1)
+
+    def train(self, mode=True):
+        super().train(mode)
+        self.vae.eval()
+        return self
+
+    # ------------------------------------------------------------------ the reference, and LoRA's bookkeeping
+    def reference(self):
+        if not self.cfg.lora_rank:
+            return M.frozen_copy(self)
+        self.fold()
+        return AdapterOff(self)
+
+    @contextmanager
+    def adapter_off(self):
+        self.transformer.disable_adapters()
+        try:
+            yield
+        finally:
+            self.transformer.enable_adapters()
+
+    def factors(self):
+        """Each LoRA layer's (A (r, in), B (out, r)), by layer name."""
+        return {n: (m.lora_A["default"].weight, m.lora_B["default"].weight) for n, m in self.lora_layers().items()}
+
+    def lora_layers(self):
+        from peft.tuners.lora import LoraLayer
+        return {n: m for n, m in self.transformer.named_modules() if isinstance(m, LoraLayer)}
+
+    @torch.no_grad()
+    def add_into_weights(self, factors):
+        for name, m in self.lora_layers().items():
+            a, b = (f.to(m.base_layer.weight.device) for f in factors[name])
+            w = m.base_layer.weight
+            w.copy_((w.float() + m.scaling["default"] * (b.float() @ a.float())).to(w.dtype))
+
+    @torch.no_grad()
+    def restart_adapter(self):
+        """B = 0, so the policy is unchanged; A as peft draws it (kaiming-uniform), but from a generator seeded by the
+        number of folds, so a stage starts alike on every rank and on resume."""
+        gen = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + self.cfg.folded)
+        for a, b in self.factors().values():
+            a.copy_((torch.rand(a.shape, generator=gen) * 2 - 1) / math.sqrt(a.shape[1]))
+            b.zero_()
+
+    @torch.no_grad()
+    def fold(self):
+        """The adapter trained so far joins the frozen weights; a fresh one trains from here."""
+        current = {n: (a.detach().clone(), b.detach().clone()) for n, (a, b) in self.factors().items()}
+        self.add_into_weights(current)
+        self.history.append(current)
+        self.cfg.folded += 1
+        self.restart_adapter()
+
+    def state_dict(self, *args, **kwargs):
+        """What trains (the adapter, or the whole transformer without one) and the folded factors; the frozen rest is
+        rebuilt from cfg.source, so a LoRA checkpoint holds megabytes, not the model."""
+        sd = {k: v for k, v in super().state_dict(*args, **kwargs).items() if k in self.trained}
+        for i, factors in enumerate(self.history):
+            for name, (a, b) in factors.items():
+                sd[f"folded.{i}.{name}.lora_A"], sd[f"folded.{i}.{name}.lora_B"] = a.clone(), b.clone()  # copies share them
+        return sd
+
+    def load_state_dict(self, state_dict, strict=True, assign=False):
+        """state_dict's counterpart. The folded factors enter the frozen weights once, on a fresh build; a later load
+        (resume, rollback, the AWM sampler's refresh) must bring the same ones."""
+        for i, factors in enumerate(self.history):
+            for name, (a, b) in factors.items():
+                new = state_dict[f"folded.{i}.{name}.lora_A"], state_dict[f"folded.{i}.{name}.lora_B"]
+                if not self.history_in_weights:
+                    a.copy_(new[0])
+                    b.copy_(new[1])
+                elif not (torch.equal(a, new[0].to(a)) and torch.equal(b, new[1].to(b))):
+                    raise M.CheckpointError("these weights continue another chain of stages (other folded adapters)")
+        if not self.history_in_weights:
+            for factors in self.history:
+                self.add_into_weights(factors)
+            self.history_in_weights = True
+        rest = {k: v for k, v in state_dict.items() if not k.startswith("folded.")}
+        result = super().load_state_dict(rest, strict=False, assign=assign)
+        if result.unexpected_keys or self.trained - set(rest):
+            raise M.CheckpointError(f"Wan weights do not match this policy ({len(result.unexpected_keys)} unexpected, "
+                                    f"{len(self.trained - set(rest))} missing)")
+        return result
+
+    def __deepcopy__(self, memo):
+        """Copies (EMA, the AWM sampler, a full fine-tuning reference) share what is frozen and copy only what trains."""
+        trained = {id(p) for n, p in self.named_parameters() if n in self.trained}
+        for t in [*self.parameters(), *self.buffers(), *(f for fs in self.history for ab in fs.values() for f in ab)]:
+            if id(t) not in trained:
+                memo[id(t)] = t
+        new = self.__class__.__new__(self.__class__)
+        memo[id(self)] = new
+        new.__dict__.update({k: copy.deepcopy(v, memo) for k, v in self.__dict__.items()})
+        return new
+
+
+class AdapterOff(nn.Module):
+    """A LoRA policy with its adapter disabled: the frozen reference, computed by the policy's own modules."""
+
+    def __init__(self, policy):
+        super().__init__()
+        self.__dict__["policy"] = policy  # not a submodule: freezing or moving the view leaves the policy alone
+        self.cfg, self.flow_shape, self.sampler = policy.cfg, policy.flow_shape, policy.sampler
+        self.encode, self.decode = policy.encode, policy.decode
+
+    def velocity(self, *args, **kw):
+        with self.policy.adapter_off():
+            return self.policy.velocity(*args, **kw)
+
+    def forward(self, *args, **kw):
+        with self.policy.adapter_off():
+            return self.policy(*args, **kw)
+
+
+def flow_match_sde_step(x, v, t, t_next, t_first, noise_level=0.7, eps=None, x_next=None):
+    """diffusers' FlowMatchEulerDiscreteScheduler step with stochastic_sampling: the clean clip predicted at sigma,
+    noised afresh to sigma_next, x_next = (1 - sigma_next) x1_hat + sigma_next eps. Gaussian too, but not sde_step's:
+    Stage II's PPO refuses to score it. Returns what model.sde_step returns (noise_level and t_first are unused)."""
+    x, v, sigma_next = x.float(), v.float(), 1.0 - t_next
+    mean = (1 - sigma_next) * (x + (1.0 - t) * v)                   # x1_hat = x_t - sigma u = x_t + sigma v
+    if x_next is None:
+        x_next = mean + sigma_next * (eps if eps is not None else torch.randn_like(mean))
+    if sigma_next == 0:                                              # the last step is deterministic
+        return x_next, mean, 0.0, torch.zeros(len(x), device=x.device)
+    logp = -((x_next.float() - mean) ** 2) / (2 * sigma_next ** 2) - math.log(sigma_next) - 0.5 * math.log(2 * math.pi)
+    return x_next, mean, sigma_next, logp.mean(dim=tuple(range(1, x.dim())))
+
+
+M.ROLLOUT_STEPS["flow-match-sde"] = flow_match_sde_step
+
+
+# ----------------------------------------------------------------------------- command line
+@dataclass
+class InitConfig(WanConfig):
+    out: str = "runs/wan/init.safetensors"  # the checkpoint every stage takes as --init
+    overwrite: bool = False                 # replace an existing file
+
+
+def init_checkpoint(argv):
+    """Write a Wan policy's starting checkpoint: its config, and its adapter (or transformer) weights."""
+    cli = parse_config(InitConfig, argv)
+    cfg = WanConfig(**{f.name: getattr(cli, f.name) for f in fields(WanConfig)})
+    check(cfg)
+    if cfg.folded:
+        raise ConfigError("--folded is written by the stages, not given")
+    if os.path.exists(cli.out) and not cli.overwrite:
+        raise OutputExists(f"{cli.out} exists; pass --overwrite=true to replace it")
+    policy = WanPolicy(cfg)
+    M.save_checkpoint(cli.out, policy.state_dict(), cfg, M.lineage_record("wan-init", source=cfg.source))
+    trained = sum(p.numel() for p in policy.parameters() if p.requires_grad)
+    print(f"wrote {cli.out}: Wan from {cfg.source}, {trained / 1e6:.3f}M trained of "
+          f"{sum(p.numel() for p in policy.transformer.parameters()) / 1e6:.2f}M, flow shape {policy.flow_shape}")
+
+
+def all_prompts():
+    """Every complete caption of the world: what the stages ask the text source for."""
+    return sorted(data.caption(c, s, d, sp) for c, s, d in data.ALL_COMBOS for sp in range(len(data.SPEED_NAMES)))
+
+
+def write_states(path, prompts, encode, batch=16):
+    """A prompt states file: encode(list of prompts) -> a (L, D) tensor per prompt, saved atomically."""
+    from safetensors.torch import save_file
+    states = {}
+    for i in range(0, len(prompts), batch):
+        states.update(zip(prompts[i:i + batch], (s.float().contiguous() for s in encode(prompts[i:i + batch]))))
+    tmp = f"{path}.tmp{os.getpid()}"
+    save_file(states, tmp, metadata={"format": "postflow-prompt-states"})
+    os.replace(tmp, path)
+
+
+def embed(argv):
+    """The UMT5 states of '' and every caption, from a local Wan folder's tokenizer/ and text_encoder/."""
+    @dataclass
+    class EmbedConfig:
+        source: str = ""                  # a diffusers Wan folder
+        out: str = "prompts.safetensors"  # the file --text takes
+        overwrite: bool = False
+
+    cfg = parse_config(EmbedConfig, argv)
+    if not os.path.isdir(os.path.join(cfg.source, "text_encoder")):
+        raise ConfigError(f"--source={cfg.source!r} is not a diffusers Wan folder with tokenizer/ and text_encoder/")
+    if os.path.exists(cfg.out) and not cfg.overwrite:
+        raise OutputExists(f"{cfg.out} exists; pass --overwrite=true to replace it")
+    from transformers import AutoTokenizer, UMT5EncoderModel
+    tok = AutoTokenizer.from_pretrained(cfg.source, subfolder="tokenizer")
+    encoder = UMT5EncoderModel.from_pretrained(cfg.source, subfolder="text_encoder").eval()
+
+    @torch.no_grad()
+    def encode(prompts):  # Wan's pipeline keeps each prompt's own tokens and pads with zeros: so do the stages
+        ids = tok(prompts, padding="longest", add_special_tokens=True, return_tensors="pt")
+        states = encoder(ids.input_ids, attention_mask=ids.attention_mask).last_hidden_state
+        return [s[:n] for s, n in zip(states, ids.attention_mask.sum(1))]
+
+    write_states(cfg.out, ["", *all_prompts()], encode)
+    print(f"wrote {cfg.out}: states of {len(all_prompts())} captions and ''")
+
+
+if __name__ == "__main__":
+    args = sys.argv[1:]
+    run_cli(embed, args[1:]) if args[:1] == ["embed"] else run_cli(init_checkpoint, args)
