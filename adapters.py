@@ -32,7 +32,7 @@ import math
 import os
 import sys
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass, fields
 
 import torch
 import torch.nn as nn
@@ -70,6 +70,7 @@ class WanConfig:  # the defaults are the tiny test policy: 16x16x2 latents of 4 
     dtype: str = "float32"     # the transformer's weights ('bfloat16' on a GPU); LoRA weights and log-probs stay fp32
     sampler: str = "flow-grpo" # the rollouts' SDE step: model.sde_step, or 'flow-match-sde' (diffusers' stochastic Euler)
     vae_batch: int = 4         # clips per VAE call: a batch of long clips at once does not fit
+    checkpointing: bool = False  # recompute each block in the backward pass: activations of 30 blocks do not fit
     seed: int = 0              # the tiny source, the 'tokens' embedding and every adapter (re)start
     t_eps: float = 1e-3        # floor on 1 - t where flow_loss turns the clean-clip prediction back into v
     folded: int = 0            # adapters that earlier stages folded into the frozen weights
@@ -78,8 +79,9 @@ class WanConfig:  # the defaults are the tiny test policy: 16x16x2 latents of 4 
 def check(cfg):
     """Refuse a config this adapter cannot build, in one line."""
     for f in fields(WanConfig):
-        if isinstance(getattr(cfg, f.name), bool) or not isinstance(getattr(cfg, f.name), (int, float) if f.type is float else f.type):
-            raise ConfigError(f"Wan config {f.name}={getattr(cfg, f.name)!r} is not a {f.type.__name__}")
+        v = getattr(cfg, f.name)
+        if not isinstance(v, (int, float) if f.type is float else f.type) or (isinstance(v, bool) and f.type is not bool):
+            raise ConfigError(f"Wan config {f.name}={v!r} is not a {f.type.__name__}")
     check_ranges(cfg, at_least_one=("text_len", "frames", "size", "vae_batch"), positive=("lora_alpha", "t_eps"),
                  non_negative=("lora_rank", "folded"), choices=dict(policy=("wan",), dtype=("float32", "bfloat16"),
                                                                    sampler=("flow-grpo", "flow-match-sde")))
@@ -99,10 +101,6 @@ def read_config(shape):
     cfg = WanConfig(**shape)
     check(cfg)
     return cfg
-
-
-def build(cfg):
-    return WanPolicy(cfg)
 
 
 def load_source(cfg):
@@ -200,6 +198,8 @@ class WanPolicy(nn.Module):
             self.restart_adapter()
         else:
             self.transformer.requires_grad_(True)
+        if cfg.checkpointing:
+            self.transformer.enable_gradient_checkpointing()
         self.trained = {f"transformer.{n}" for n, p in self.transformer.named_parameters() if p.requires_grad}
         # the factors folded by earlier stages: placeholders that loading fills, then adds into the frozen weights
         self.history = [{n: (torch.zeros_like(a), torch.zeros_like(b)) for n, (a, b) in self.factors().items()}
@@ -366,6 +366,7 @@ def flow_match_sde_step(x, v, t, t_next, t_first, noise_level=0.7, eps=None, x_n
 
 
 M.ROLLOUT_STEPS["flow-match-sde"] = flow_match_sde_step
+build = WanPolicy  # what model.build_policy calls for a config whose policy is 'wan'
 
 
 # ----------------------------------------------------------------------------- command line
@@ -391,47 +392,26 @@ def init_checkpoint(argv):
           f"{sum(p.numel() for p in policy.transformer.parameters()) / 1e6:.2f}M, flow shape {policy.flow_shape}")
 
 
-def all_prompts():
-    """Every complete caption of the world: what the stages ask the text source for."""
-    return sorted(data.caption(c, s, d, sp) for c, s, d in data.ALL_COMBOS for sp in range(len(data.SPEED_NAMES)))
-
-
-def write_states(path, prompts, encode, batch=16):
-    """A prompt states file: encode(list of prompts) -> a (L, D) tensor per prompt, saved atomically."""
-    from safetensors.torch import save_file
-    states = {}
-    for i in range(0, len(prompts), batch):
-        states.update(zip(prompts[i:i + batch], (s.float().contiguous() for s in encode(prompts[i:i + batch]))))
-    tmp = f"{path}.tmp{os.getpid()}"
-    save_file(states, tmp, metadata={"format": "postflow-prompt-states"})
-    os.replace(tmp, path)
-
-
 def embed(argv):
-    """The UMT5 states of '' and every caption, from a local Wan folder's tokenizer/ and text_encoder/."""
+    """The UMT5 states of '' and of every caption of the world, from a Wan folder's tokenizer/ and text_encoder/."""
     @dataclass
     class EmbedConfig:
         source: str = ""                  # a diffusers Wan folder
         out: str = "prompts.safetensors"  # the file --text takes
-        overwrite: bool = False
 
     cfg = parse_config(EmbedConfig, argv)
     if not os.path.isdir(os.path.join(cfg.source, "text_encoder")):
         raise ConfigError(f"--source={cfg.source!r} is not a diffusers Wan folder with tokenizer/ and text_encoder/")
-    if os.path.exists(cfg.out) and not cfg.overwrite:
-        raise OutputExists(f"{cfg.out} exists; pass --overwrite=true to replace it")
+    from safetensors.torch import save_file
     from transformers import AutoTokenizer, UMT5EncoderModel
     tok = AutoTokenizer.from_pretrained(cfg.source, subfolder="tokenizer")
     encoder = UMT5EncoderModel.from_pretrained(cfg.source, subfolder="text_encoder").eval()
-
-    @torch.no_grad()
-    def encode(prompts):  # Wan's pipeline keeps each prompt's own tokens and pads with zeros: so do the stages
-        ids = tok(prompts, padding="longest", add_special_tokens=True, return_tensors="pt")
-        states = encoder(ids.input_ids, attention_mask=ids.attention_mask).last_hidden_state
-        return [s[:n] for s, n in zip(states, ids.attention_mask.sum(1))]
-
-    write_states(cfg.out, ["", *all_prompts()], encode)
-    print(f"wrote {cfg.out}: states of {len(all_prompts())} captions and ''")
+    prompts = ["", *sorted(data.caption(c, s, d, sp) for c, s, d in data.ALL_COMBOS for sp in range(len(data.SPEEDS)))]
+    with torch.no_grad():   # one prompt at a time keeps its own tokens; the policy pads with zeros, as Wan's pipeline does
+        states = {p: encoder(**tok(p, return_tensors="pt")).last_hidden_state[0].float().contiguous() for p in prompts}
+    save_file(states, f"{cfg.out}.tmp")
+    os.replace(f"{cfg.out}.tmp", cfg.out)
+    print(f"wrote {cfg.out}: the states of {len(prompts) - 1} captions and ''")
 
 
 if __name__ == "__main__":
