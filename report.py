@@ -182,7 +182,8 @@ def stage_curves(run):
     step, it = col(sft, "step"), col(rl, "iter")
     bins = ["t < 0.25", "0.25-0.5", "0.5-0.75", "t >= 0.75"]
     out = {"sft": [chart("flow loss by t-bin (log scale)", [("all t", step, col(sft, "loss"))] + [
-        (b, step, [r["loss_by_t"][i] for r in sft]) for i, b in enumerate(bins)], "step", log=True)]}
+        (b, step, [r["loss_by_t"][i] for r in sft]) for i, b in enumerate(bins)], "step", log=True),
+                   chart("grad norm before clipping (log scale)", [("grad_norm", step, col(sft, "grad_norm"))], "step", log=True)]}
     heads = [k for k in (rl[0] if rl else {}) if k.startswith("reward_")]
     accs = [k for k in (evals[0] if evals else {}) if k.startswith("acc_")]
     ev_it = [e["iter"] for e in evals]
@@ -195,7 +196,8 @@ def stage_curves(run):
     step = col(dpo, "step")
     out["dpo"] = [chart("DPO loss", [("loss", step, col(dpo, "loss"))], "step"),
                   chart("implicit accuracy (winner preferred)", [("implicit_acc", step, col(dpo, "implicit_acc"))], "step"),
-                  chart("implicit reward margin", [("reward_margin", step, col(dpo, "reward_margin"))], "step")]
+                  chart("implicit reward margin", [("reward_margin", step, col(dpo, "reward_margin"))], "step"),
+                  chart("grad norm before clipping (log scale)", [("grad_norm", step, col(dpo, "grad_norm"))], "step", log=True)]
     return out
 
 
@@ -240,7 +242,7 @@ def pipeline_commands(run):
     path, cmds, inside = os.path.join(HERE, "Makefile"), [""], False
     for line in open(path) if os.path.exists(path) else ():
         inside = line.startswith("pipeline:") or inside and line.startswith("\t")
-        if inside and line.startswith("\t"):
+        if inside and line.startswith("\t"):  # a line ending in a backslash goes on in the next
             cmds[-1] += line.strip().rstrip("\\")
             cmds += [] if line.rstrip().endswith("\\") else [""]
     fill = lambda c: " ".join(c.replace("$(PY)", "python").replace("$(RUN)", run).split())
@@ -250,8 +252,8 @@ def pipeline_commands(run):
 def diagnose_command(dcfg):
     """The diagnose command that made the table: its checkpoints, then the settings it changed from the defaults."""
     c = dcfg.get("config", {})
-    args = [f"--ckpt={p}" for p in c.get("ckpt", [])] + [f"--{k}={v}" for k, v in c.items()
-                                                          if k != "ckpt" and v != getattr(DiagnoseConfig, k, v)]
+    args = [f"--ckpt={p}" for p in c.get("ckpt", [])] + [f"--{k}={str(v).lower() if isinstance(v, bool) else v}"
+                                                          for k, v in c.items() if k != "ckpt" and v != getattr(DiagnoseConfig, k, v)]
     return "python rewards.py diagnose " + " ".join(args) if c else "not recorded (diagnose/config.json is missing)"
 
 
@@ -361,8 +363,13 @@ def write_report(cfg):
               ("raw", gif_grid(grid, grid_rows, names) if os.path.exists(grid) else "<p>diagnose/grid.gif not found.</p>",
                "![same prompts and noise through every stage](diagnose/grid.gif)\n\nRows: " + "; ".join(grid_rows)
                + ". Columns: " + ", ".join(names) + ".")]
-    for folder, title in STAGES:
-        blocks += [("h2", f"{title} training (`{folder}/log.jsonl`)"), ("charts", curves[folder])]
+    for folder, title in STAGES:  # a stage stopped early (--max_minutes, the hacking monitor) ran fewer steps than asked
+        ckpt = f"{run}/{folder}/ckpt.safetensors"
+        lin = next((meta[n]["lineage"] for n in names if os.path.exists(ckpt) and os.path.exists(paths.get(n, ""))
+                    and os.path.samefile(paths[n], ckpt)), {})
+        asked = lin.get("config", {}).get("iters" if folder == "rl" else "steps")
+        ran = f"; {lin['step']} of {asked} {'iterations' if folder == 'rl' else 'steps'}" if asked and "step" in lin else ""
+        blocks += [("h2", f"{title} training (`{folder}/log.jsonl`{ran})"), ("charts", curves[folder])]
     blocks += [("h2", "Drift: by frame, and by chunk of clips continued to 4x their length"),
                ("charts", drift_curves(results)), ("h2", "How it was made"),
                ("p", f"`make pipeline RUN={run}` runs these commands (this checkout's Makefile); the settings each stage "

@@ -965,7 +965,7 @@ import xml.etree.ElementTree as ElementTree
 import report
 
 CHROMIUM = "/usr/bin/chromium"
-CHARTS = 1 + 5 + 3 + 2 + len(rewards.HEADS)          # Stage I, II, III curves; drift by frame, by chunk per head
+CHARTS = 2 + 5 + 4 + 2 + len(rewards.HEADS)          # Stage I, II, III curves; drift by frame, by chunk per head
 
 
 @pytest.fixture(scope="module")
