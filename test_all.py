@@ -1201,3 +1201,26 @@ def test_wan_full_fine_tuning_and_one_line_refusals(wan_chain, monkeypatch, caps
     monkeypatch.setattr(adapters, "WanTransformer3DModel", None)                # as without the extra
     with pytest.raises(stability.UserError, match="requirements-wan.txt"):
         M.load_model(wan_chain["init"])
+
+
+def fake_states(prompts):
+    """A stand-in text encoder for --text=module:function: (B, 3, 16), one row per word of the first three."""
+    return torch.stack([torch.tensor([[float(len(w)), float(i), 1.0] * 5 + [0.0] for i, w in enumerate(p.split()[:3])])
+                        for p in prompts])
+
+
+@needs_wan
+def test_wan_prompt_states_from_a_file_or_a_callable(tmp_path):
+    import adapters
+    from safetensors.torch import save_file
+    prompts = ["a fast red circle moving left", "a slow blue square moving up"]
+    states = {p: torch.randn(3 + i, 16) for i, p in enumerate(prompts)} | {"": torch.full((1, 16), 0.5)}
+    save_file(states, str(tmp_path / "states.safetensors"))
+    text = adapters.WanPolicy(adapters.WanConfig(text=str(tmp_path / "states.safetensors"))).text
+    got = text(data.tokenize(prompts), drop=torch.tensor([False, True]))
+    assert got.shape == (2, 8, 16) and torch.equal(got[0, :3], states[prompts[0]]) and got[0, 3:].abs().sum() == 0
+    assert torch.equal(got[1, :1], states[""][0:1]) and got[1, 1:].abs().sum() == 0     # guidance's empty prompt
+    with pytest.raises(stability.UserError, match="no entry for 'a red circle'"):
+        text(data.tokenize(["a red circle"]))
+    text = adapters.WanPolicy(adapters.WanConfig(text="test_all:fake_states")).text
+    assert torch.equal(text(data.tokenize(prompts))[:, :3], fake_states(prompts))
