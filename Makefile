@@ -47,9 +47,13 @@ reward_model: setup
 ablations: setup
 	$(PY) bench.py ablations
 
+# This machine's matmul peak and how close a train step and guided sampling come to it: runs/bench/speed.json.
+bench: setup
+	$(PY) bench.py speed
+
 benchmarks: setup
 	$(PY) bench.py heads
 	$(PY) bench.py dpo_memory
 	$(PY) bench.py grpo --minutes=8
 
-.PHONY: setup setup-wan test killtest pipeline base sft_checkpoint reward_model benchmarks ablations
+.PHONY: setup setup-wan test killtest pipeline base sft_checkpoint reward_model benchmarks ablations bench

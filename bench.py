@@ -17,7 +17,7 @@ import torch
 import data
 import model as M
 import rewards as R
-from stability import ConfigError, check_ranges, parse_config, run_cli
+from stability import ConfigError, check_ranges, native_bf16, parse_config, run_cli
 
 
 def bench_heads(argv):
@@ -74,9 +74,10 @@ def bench_dpo_memory(argv):
         code = MEMORY_PROBE.format(here=here, preset=cfg.preset, batch=cfg.batch_size, decoupled=decoupled)
         out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True).stdout
         peak["decoupled" if decoupled else "joint"] = int(out.strip().splitlines()[-1]) / 1024
-    print(json.dumps({"batch_pairs": cfg.batch_size, "preset": cfg.preset,
-                      "peak_mb_joint": round(peak["joint"], 1), "peak_mb_decoupled": round(peak["decoupled"], 1),
-                      "decoupled_over_joint": round(peak["decoupled"] / peak["joint"], 3)}))
+    result = {"batch_pairs": cfg.batch_size, "preset": cfg.preset, "peak_mb_joint": round(peak["joint"], 1),
+              "peak_mb_decoupled": round(peak["decoupled"], 1), "decoupled_over_joint": round(peak["decoupled"] / peak["joint"], 3)}
+    print(json.dumps(result))
+    return result
 
 
 def bench_grpo(argv):
@@ -208,7 +209,89 @@ def ablation_table(result):
     return "\n".join(rows) + "\n"
 
 
-COMMANDS = {"heads": bench_heads, "dpo_memory": bench_dpo_memory, "grpo": bench_grpo, "ablations": bench_ablations}
+def timed(fn, repeats):
+    """Median seconds of fn() over `repeats` calls, after one warm-up."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return sorted(times)[len(times) // 2]
+
+
+def counted_flops(fn):
+    from torch.utils.flop_counter import FlopCounterMode
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return counter.get_total_flops()
+
+
+def bench_speed(argv):
+    @dataclass
+    class C:
+        preset: str = "small"       # model preset
+        batch: int = 32             # clips per train step and per sampling call
+        repeats: int = 5            # timed calls per figure (median)
+        out: str = "runs/bench"     # speed.json, and the Stage II iterations it times
+        init: str = "checkpoints/sft_small.safetensors"  # the Stage II run's start (its preset must be `preset`)
+    cfg = parse_config(C, argv)
+    check_ranges(cfg, at_least_one=("batch", "repeats"))
+    M.load_model(cfg.init, expect=M.preset(cfg.preset))
+    torch.manual_seed(0)
+    net = M.VideoDiT(M.preset(cfg.preset))
+    mc = net.cfg
+    result = {"date": time.strftime("%Y-%m-%d"), "machine": machine(), "threads": torch.get_num_threads(),
+              "preset": cfg.preset, "parameters": sum(p.numel() for p in net.parameters()), "batch": cfg.batch,
+              "bf16_native": native_bf16()}
+    # the ceiling: a large square matmul, the best case for every kernel below
+    for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+        a, b = torch.randn(1024, 1024, dtype=dtype), torch.randn(1024, 1024, dtype=dtype)
+        result[f"matmul_peak_gflops_{name}"] = round(2 * 1024 ** 3 / timed(lambda: a @ b, cfg.repeats * 4) / 1e9, 1)
+    world = data.WorldConfig(frames=mc.frames, size=mc.size)
+    batch = data.make_batch("curated", cfg.batch, world=world)
+    opt = torch.optim.AdamW(net.parameters(), lr=1e-4)
+    gen = torch.Generator().manual_seed(0)
+
+    def train_step(bf16=False):
+        with torch.autocast("cpu", torch.bfloat16, enabled=bf16):
+            loss, _ = M.flow_loss(net, batch.videos, batch.tokens, gen)
+        loss.mean().backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    sample = lambda: M.sample(net, batch.tokens, torch.randn(batch.videos.shape, generator=gen), 20, 3.0)
+    flops_train = counted_flops(train_step)
+    flops_sample = counted_flops(sample)
+    for name, fn, flops, peak in (("train_step_fp32", train_step, flops_train, "fp32"),
+                                  ("train_step_bf16", lambda: train_step(True), flops_train, "bf16"),
+                                  ("guided_sampling_20_steps_fp32", sample, flops_sample, "fp32")):
+        sec = timed(fn, cfg.repeats)
+        result[name] = {"seconds": round(sec, 4), "clips_per_s": round(cfg.batch / sec, 2), "gflop": round(flops / 1e9, 2),
+                        "fraction_of_peak": round(flops / sec / 1e9 / result[f"matmul_peak_gflops_{peak}"], 3)}
+    # a whole Stage II iteration at the defaults: rollout and update from its log, the reward heads timed here
+    run = os.path.join(cfg.out, "stage_ii")
+    subprocess.run([sys.executable, os.path.join(HERE, "reward_rl.py"), f"--init={cfg.init}", "--iters=3", "--eval_every=100",
+                    "--eval_prompts=1", "--max_minutes=0", f"--out_dir={run}", "--overwrite=true"], check=True,
+                   capture_output=True)
+    its = [json.loads(line) for line in open(os.path.join(run, "log.jsonl")) if '"rollout_s"' in line][1:]  # warm ones
+    clips = data.make_batch("web", 64, seed=0, world=world)
+    result["stage_ii_iteration_s"] = {"rollout": round(sum(r["rollout_s"] for r in its) / len(its), 2),
+                                      "reward": round(timed(lambda: R.reward_heads(clips.videos, clips.prompts, world), 3), 3),
+                                      "update": round(sum(r["train_s"] for r in its) / len(its), 2)}
+    result["dpo_memory"] = bench_dpo_memory([f"--preset={cfg.preset}"])
+    os.makedirs(cfg.out, exist_ok=True)
+    with open(os.path.join(cfg.out, "speed.json"), "w") as f:
+        json.dump(result, f, indent=1)
+    print(json.dumps(result, indent=1))
+
+
+def machine():
+    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), "?")
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none"
+    return f"{cpu}, {os.cpu_count()} cores, GPU {gpu}, torch {torch.__version__}"
+
+
+COMMANDS = {"speed": bench_speed, "heads": bench_heads, "dpo_memory": bench_dpo_memory, "grpo": bench_grpo, "ablations": bench_ablations}
 
 if __name__ == "__main__":
     if len(sys.argv) < 2 or sys.argv[1] not in COMMANDS:
