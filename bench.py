@@ -131,29 +131,46 @@ ABLATIONS = {
 SMALL = ["--prompts_per_iter=4", "--eval_every=4", "--eval_prompts=8", "--ckpt_every=4", "--max_minutes=0"]
 
 
-def proxy_gap(ckpt, judge, clips_per_split=16):
-    """The learned judge's score minus the oracle's, per head, on fresh held-out samples of a checkpoint."""
+@torch.no_grad()
+def held_out(ckpt, judge, prompts=16):
+    """The oracle and the learned judge on diagnose's held-out clips (by default its 64: 16 val + 16 unseen-combination
+    prompts x 2 seeds, its noise): per-attribute accuracy and head means with standard errors, and judge minus oracle per
+    head. Training's own evaluations use 16 clips, too few to tell most rows apart (a standard error of 0.12)."""
     net, _ = M.load_model(ckpt)
-    members = R.load_reward_model(judge, net.cfg)
-    prompts, _ = R.eval_prompts(R.DiagnoseConfig(prompts=clips_per_split, seed=11))
-    clips = M.sample(net, data.tokenize(prompts), R.noise_for(len(prompts), net.cfg, 11), 20, 3.0)
-    proxy, truth = R.rm_score(members, clips, data.tokenize(prompts))[0], R.reward_heads(clips, prompts)
-    return {h: round(float((proxy[h] - truth[h]).mean()), 4) for h in proxy}
+    dcfg = R.DiagnoseConfig(prompts=prompts)
+    prompts = [p for p in R.eval_prompts(dcfg)[0] for _ in range(dcfg.seeds)]
+    tokens = data.tokenize(prompts)
+    clips = M.sample(net, tokens, R.noise_for(len(prompts), net, dcfg.seed), dcfg.steps, dcfg.cfg_scale)
+    obs = R.oracle(clips, R.world_of(net.cfg))
+    heads, ok = R.reward_heads(clips, prompts, obs=obs), R.check(clips, prompts, obs=obs)
+    proxy = R.rm_score(R.load_reward_model(judge, net.cfg), clips, tokens)[0]
+    return {"clips": len(prompts), **{f"acc_{k}": R.mean_se(v) for k, v in ok.items()},
+            **{h: R.mean_se(v) for h, v in heads.items()},
+            "judge_minus_oracle": {h: round(float((proxy[h] - heads[h]).mean()), 4) for h in proxy}}
 
 
 def summarise(run, iters):
-    """Held-out oracle at the start and the end, the trained reward's first and last 4 iterations (weighted as
-    trained), the guards' counts, and whether the run stopped before its last iteration."""
+    """The trained reward's first and last 4 iterations (weighted as trained), training's own evaluations, the
+    guards' counts, and whether the run stopped before its last iteration."""
     recs = [json.loads(line) for line in open(os.path.join(run, "log.jsonl"))]
     evals, steps = [r["eval"] for r in recs if "eval" in r], [r for r in recs if "rollout_s" in r]
     trained = [sum(w * r[k][0] for w, k in zip(r["weights"], [k for k in r if k.startswith("reward_")])) for r in steps]
-    axes = ("acc_all", "acc_direction", "fidelity", "temporal", "instruction")
     return {"iterations": len(steps), "stopped_early": len(steps) < iters,
-            **{f"{k}_start": evals[0][k] for k in axes}, **{f"{k}_end": evals[-1][k] for k in axes},
             "trained_reward_first4": round(sum(trained[:4]) / len(trained[:4]), 4),
             "trained_reward_last4": round(sum(trained[-4:]) / len(trained[-4:]), 4),
             "skipped": steps[-1]["skipped"], "rollbacks": steps[-1]["rollbacks"],
             "minutes": round(sum(r["rollout_s"] + r["train_s"] for r in steps) / 60, 2), "evals": evals}
+
+
+def verdict(row, ref, ref_name):
+    """A row against its reference on the 64 held-out clips; a difference under two standard errors is called
+    no difference, whichever way it points."""
+    said = []
+    for k, label in (("acc_all", "all attributes"), ("fidelity", "fidelity"), ("temporal", "temporal")):
+        (a, sa), (b, sb) = row["end"][k], ref["end"][k]
+        d, se = a - b, (sa ** 2 + sb ** 2) ** 0.5
+        said.append(f"{label} {d:+.3f} ± {se:.3f}" + (" (no difference)" if abs(d) < 2 * se else ""))
+    return f"vs {ref_name}: " + "; ".join(said)
 
 
 def bench_ablations(argv):
@@ -164,14 +181,15 @@ def bench_ablations(argv):
         iters: int = 24                                           # iterations per variant
         only: tuple = ()                                          # run these variants (default: all of ABLATIONS)
         out: str = "runs/ablations"                               # one run folder per variant, ablations.{json,md}
+        heldout_prompts: int = 16                                 # per split, x 2 seeds: diagnose's 64 clips
     cfg = parse_config(C, argv)
-    check_ranges(cfg, at_least_one=("iters",))
+    check_ranges(cfg, at_least_one=("iters", "heldout_prompts"))
     unknown = [n for n in cfg.only if n not in ABLATIONS]
     if unknown:
         raise ConfigError(f"unknown ablation {unknown[0]!r}; choose from {', '.join(ABLATIONS)}")
     M.load_model(cfg.init)
     R.load_reward_model(cfg.reward_model)                     # inputs are checked before minutes of work
-    result = {}
+    result = {"start": {"command": f"the input, {cfg.init}", **held_out(cfg.init, cfg.reward_model, cfg.heldout_prompts)}}
     for name in cfg.only or ABLATIONS:
         flags, why = ABLATIONS[name]
         run = os.path.join(cfg.out, name)
@@ -181,10 +199,11 @@ def bench_ablations(argv):
         if not done:  # an interrupted `make ablations` picks up where it stopped: finished rows are kept
             resume = ["--resume=true"] if os.path.exists(os.path.join(run, "state.safetensors")) else ["--overwrite=true"]
             subprocess.run([sys.executable, os.path.join(HERE, cmd[0]), *cmd[1:], *resume], check=True)
-        result[name] = {"why": why, "command": "python " + " ".join(cmd), **summarise(run, cfg.iters)}
-        if "--reward=rm" in flags:
-            result[name]["proxy_minus_oracle_start"] = proxy_gap(cfg.init, cfg.reward_model)
-            result[name]["proxy_minus_oracle_end"] = proxy_gap(os.path.join(run, "ckpt.safetensors"), cfg.reward_model)
+        result[name] = {"why": why, "command": "python " + " ".join(cmd), **summarise(run, cfg.iters),
+                        "end": held_out(os.path.join(run, "ckpt.safetensors"), cfg.reward_model, cfg.heldout_prompts)}
+        ref = "judge" if name.startswith("judge_") else "defaults"
+        if name != ref and ref in result:
+            result[name]["verdict"] = verdict(result[name], result[ref], ref)
     os.makedirs(cfg.out, exist_ok=True)
     with open(os.path.join(cfg.out, "ablations.json"), "w") as f:
         json.dump(result, f, indent=1)
@@ -193,20 +212,32 @@ def bench_ablations(argv):
     print(ablation_table(result))
 
 
-def ablation_table(result):
-    arrow = lambda r, k, f="{:.2f}": f"{f.format(r[k + '_start'])} -> {f.format(r[k + '_end'])}"
-    gap = lambda r: ", ".join(f"{h} {r['proxy_minus_oracle_start'][h]:+.2f} -> {r['proxy_minus_oracle_end'][h]:+.2f}"
-                              for h in r["proxy_minus_oracle_start"]) if "proxy_minus_oracle_start" in r else ""
-    rows = ["| variant | what changes | all attributes | fidelity | temporal | trained reward (first 4 -> last 4 its) "
-            "| judge - oracle | iterations | rollbacks / skipped |", "|" + " --- |" * 9]
-    for name, r in result.items():
+def ablation_rows(result):
+    """(header, rows) of the ablation table, shared by ablations.md and report.py: each variant's end state on the
+    64 held-out clips, its trained reward, the judge's gap, the guards and the verdict against its reference."""
+    pm = lambda v, f="{:.3f}": f"{f.format(v[0])} ± {f.format(v[1])}"
+    start, rows = result["start"], []
+    rows.append(["start (the input)", "", pm(start["acc_all"], "{:.2f}"), pm(start["fidelity"]), pm(start["temporal"]),
+                 "", ", ".join(f"{h} {v:+.3f}" for h, v in start["judge_minus_oracle"].items()), "", "", ""])
+    for name, r in ((n, r) for n, r in result.items() if n != "start"):
         stop = " (stopped by the hacking monitor)" if r["stopped_early"] else ""
-        rows.append(f"| {name} | {r['why']} | {arrow(r, 'acc_all')} | {arrow(r, 'fidelity', '{:.3f}')} | "
-                    f"{arrow(r, 'temporal', '{:.3f}')} | {r['trained_reward_first4']:.3f} -> {r['trained_reward_last4']:.3f} | "
-                    f"{gap(r)} | {r['iterations']}{stop} | {r['rollbacks']} / {r['skipped']} |")
-    rows += ["", "Commands (each row's run folder holds its log.jsonl, ckpt.safetensors and samples.gif):", ""]
-    rows += [f"- {name}: `{r['command']}`" for name, r in result.items()]
-    return "\n".join(rows) + "\n"
+        rows.append([name, r["why"], pm(r["end"]["acc_all"], "{:.2f}"), pm(r["end"]["fidelity"]), pm(r["end"]["temporal"]),
+                     f"{r['trained_reward_first4']:.3f} -> {r['trained_reward_last4']:.3f}",
+                     ", ".join(f"{h} {v:+.3f}" for h, v in r["end"]["judge_minus_oracle"].items()),
+                     f"{r['iterations']}{stop}", f"{r['rollbacks']} / {r['skipped']}", r.get("verdict", "the reference")])
+    return (["variant", "what changes", "all attributes", "fidelity", "temporal", "trained reward (first 4 -> last 4 its)",
+             "judge - oracle", "iterations", "rollbacks / skipped", "verdict"], rows)
+
+
+def ablation_table(result):
+    header, rows = ablation_rows(result)
+    lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    lines += ["", f"Each row's end checkpoint on {result['start']['clips']} of diagnose's held-out clips (mean ± standard "
+                  "error); the verdict compares it with its reference, calling a difference under two standard errors "
+                  "none. Commands (each run folder holds its log.jsonl, ckpt.safetensors and samples.gif):", ""]
+    lines += [f"- {name}: `{r['command']}`" for name, r in result.items() if name != "start"]
+    return "\n".join(lines) + "\n"
 
 
 def timed(fn, repeats):
@@ -244,8 +275,10 @@ def bench_speed(argv):
     result = {"date": time.strftime("%Y-%m-%d"), "machine": machine(), "threads": torch.get_num_threads(),
               "preset": cfg.preset, "parameters": sum(p.numel() for p in net.parameters()), "batch": cfg.batch,
               "bf16_native": native_bf16()}
-    # the ceiling: a large square matmul, the best case for every kernel below
-    for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+    # the ceiling: a large square matmul, the best case for every kernel below. A CPU without bf16 units emulates
+    # it about 100x slower than fp32: no stage runs bf16 there, so it is not timed (the JSON says why).
+    precisions = (("fp32", torch.float32), ("bf16", torch.bfloat16)) if result["bf16_native"] else (("fp32", torch.float32),)
+    for name, dtype in precisions:
         a, b = torch.randn(1024, 1024, dtype=dtype), torch.randn(1024, 1024, dtype=dtype)
         result[f"matmul_peak_gflops_{name}"] = round(2 * 1024 ** 3 / timed(lambda: a @ b, cfg.repeats * 4) / 1e9, 1)
     world = data.WorldConfig(frames=mc.frames, size=mc.size)
@@ -262,9 +295,13 @@ def bench_speed(argv):
     sample = lambda: M.sample(net, batch.tokens, torch.randn(batch.videos.shape, generator=gen), 20, 3.0)
     flops_train = counted_flops(train_step)
     flops_sample = counted_flops(sample)
-    for name, fn, flops, peak in (("train_step_fp32", train_step, flops_train, "fp32"),
-                                  ("train_step_bf16", lambda: train_step(True), flops_train, "bf16"),
-                                  ("guided_sampling_20_steps_fp32", sample, flops_sample, "fp32")):
+    figures = [("train_step_fp32", train_step, flops_train, "fp32"),
+               ("guided_sampling_20_steps_fp32", sample, flops_sample, "fp32")]
+    if result["bf16_native"]:
+        figures.insert(1, ("train_step_bf16", lambda: train_step(True), flops_train, "bf16"))
+    else:
+        result["bf16"] = "not timed: this CPU has no bf16 units (no avx512_bf16 / amx_bf16), so every stage runs fp32"
+    for name, fn, flops, peak in figures:
         sec = timed(fn, cfg.repeats)
         result[name] = {"seconds": round(sec, 4), "clips_per_s": round(cfg.batch / sec, 2), "gflop": round(flops / 1e9, 2),
                         "fraction_of_peak": round(flops / sec / 1e9 / result[f"matmul_peak_gflops_{peak}"], 3)}
@@ -282,7 +319,15 @@ def bench_speed(argv):
     os.makedirs(cfg.out, exist_ok=True)
     with open(os.path.join(cfg.out, "speed.json"), "w") as f:
         json.dump(result, f, indent=1)
-    print(json.dumps(result, indent=1))
+    print(f"{result['machine']}, {result['threads']} threads, {result['date']}; preset {cfg.preset}, {cfg.batch} clips a call")
+    for k in (k for k in result if k.startswith("matmul_peak")):
+        print(f"  {k:34s} {result[k]:8.1f} GFLOP/s")
+    for k in (k for k in result if k.startswith(("train_step", "guided_sampling"))):
+        r = result[k]
+        print(f"  {k:34s} {r['seconds']:8.3f} s  {r['clips_per_s']:7.2f} clips/s  {r['fraction_of_peak']:6.1%} of peak")
+    print("  stage II iteration (s)             " + ", ".join(f"{k} {v}" for k, v in result["stage_ii_iteration_s"].items()))
+    print(f"  DPO memory, decoupled / joint      {result['dpo_memory']['decoupled_over_joint']:.3f}")
+    print(f"wrote {cfg.out}/speed.json")
 
 
 def machine():
