@@ -172,6 +172,23 @@ def cell(vals, names, i):
             f"{v[0]:.3f}{se}" + (f" ({delta})" if delta else ""))
 
 
+def parts_rows(results):
+    """The why-table: each head's parts (penalties in tolerances, 0 = perfect), the training data's score on each
+    (the same for every column), then each checkpoint's. [] for diagnostics written before diagnose had parts."""
+    if not all("parts" in r for r in results.values()):
+        return []
+    names, first = list(results), next(iter(results.values()))["parts"]
+    model = lambda n, h, p: results[n]["parts"].get(h, {}).get(p, {}).get("model")
+    return [[f"{h}: {p}", f"{v['curated']:.2f}", f"{v['web']:.2f}",
+             *("" if model(n, h, p) is None else f"{model(n, h, p):.2f}" for n in names)]
+            for h, ps in first.items() for p, v in ps.items()]
+
+
+def recommended(name, rec):
+    """A column's recommendation: the sentence and the command (an older diagnose wrote only a sentence)."""
+    return f"**{name}**: {rec}" if isinstance(rec, str) else f"**{name}**: {rec['text']}. Next: `{rec['command']}`"
+
+
 # ----------------------------------------------------------------------------- the run: logs, files, machine
 def stage_curves(run):
     """{stage folder: [(svg, markdown line)]}: the curves each stage's log.jsonl holds."""
@@ -357,12 +374,18 @@ def write_report(cfg):
               ("p", "Each cell: mean ± standard error over the held-out clips (no ± where the metric is one number), and "
                     f"the change from the column to its left. Diagnostics: `{diagnose_command(dcfg)}`."),
               ("table", ["metric", *((f"{n}<br/><small>{esc(stages[n])}</small>", f"{n} ({stages[n]})") for n in names)],
-               table, "stages"),
-              ("list", [f"**{n}**: {r['recommendation']}" for n, r in results.items()]),
-              ("h2", "Samples: the same prompts and noise through every stage"),
-              ("raw", gif_grid(grid, grid_rows, names) if os.path.exists(grid) else "<p>diagnose/grid.gif not found.</p>",
-               "![same prompts and noise through every stage](diagnose/grid.gif)\n\nRows: " + "; ".join(grid_rows)
-               + ". Columns: " + ", ".join(names) + ".")]
+               table, "stages")]
+    why = parts_rows(results)
+    blocks += [("h3", "Why: each head's parts beside the training data's own"),
+               ("p", "Each part is a penalty over its tolerance, 0 = perfect (instruction: 1 - the soft agreement with "
+                     "the prompted attribute); curated and web: the same parts on the training data's clips, each "
+                     "against its own caption. The recommendation reads this table."),
+               ("table", ["part", "curated data", "web data", *names], why, "stages parts")] if why else []
+    blocks += [("list", [recommended(n, r["recommendation"]) for n, r in results.items()]),
+               ("h2", "Samples: the same prompts and noise through every stage"),
+               ("raw", gif_grid(grid, grid_rows, names) if os.path.exists(grid) else "<p>diagnose/grid.gif not found.</p>",
+                "![same prompts and noise through every stage](diagnose/grid.gif)\n\nRows: " + "; ".join(grid_rows)
+                + ". Columns: " + ", ".join(names) + ".")]
     for folder, title in STAGES:  # a stage stopped early (--max_minutes, the hacking monitor) ran fewer steps than asked
         ckpt = f"{run}/{folder}/ckpt.safetensors"
         lin = next((meta[n]["lineage"] for n in names if os.path.exists(ckpt) and os.path.exists(paths.get(n, ""))

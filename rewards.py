@@ -23,6 +23,7 @@ Stage II's weights and curriculum, Stage III's judge, the learned ensemble and t
 import json
 import math
 import os
+import shlex
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -137,11 +138,16 @@ def pass_score(*penalties):
     return torch.exp(-torch.stack(penalties).clamp(min=0).mean(0))
 
 
+def fidelity_parts(obs, want=None):
+    """The fidelity head's penalties, each divided by its tolerance (0 = perfect): (B,) each."""
+    return dict(edges=obs["shape_err"].amin(-1).mean(1) / 0.1,              # blur and speckle near the object
+                background=obs["background"].mean(1) / 0.02,
+                palette=torch.cdist(obs["rgb"] * 2 - 1, data.PALETTE).amin(-1).mean(1) / 0.15)
+
+
 def fidelity(obs, want):
     """Visual quality: edges as crisp as a template, a black background, colour on the world's palette."""
-    edge = obs["shape_err"].amin(-1).mean(1)                                  # blur and speckle near the object
-    off_palette = torch.cdist(obs["rgb"] * 2 - 1, data.PALETTE).amin(-1).mean(1)
-    return pass_score(edge / 0.1, obs["background"].mean(1) / 0.02, off_palette / 0.15)
+    return pass_score(*fidelity_parts(obs).values())
 
 
 def temporal_parts(obs):
@@ -191,6 +197,16 @@ def instruction_parts(obs, want):
             for k, p in soft.items()}                                         # p: (B, n_values)
 
 
+def temporal_misses(obs, want):
+    """temporal_parts and the head's other factor, the fraction of frames with no object: diagnose's breakdown."""
+    return {**temporal_parts(obs), "empty": 1 - presence(obs)}
+
+
+def instruction_misses(obs, want):
+    """instruction_parts as penalties, 1 - soft agreement (0 = perfect, NaN where not asked): diagnose's breakdown."""
+    return {k: 1 - v for k, v in instruction_parts(obs, want).items()}
+
+
 def instruction(obs, want):
     """Text alignment: the mean of instruction_parts over the attributes the prompt names (1 if none)."""
     parts = torch.stack(list(instruction_parts(obs, want).values()), 1)      # (B, attributes)
@@ -203,13 +219,14 @@ class Head:
     fn: object           # (obs, want) -> (B,) in [0, 1]
     weight: float = 1.0  # Stage II's advantage weight (override: --weights=name=value)
     phase: int = 1       # when the self-paced curriculum leans on it: 0 early, 1 middle, 2 late
+    parts: object = None  # (obs, want) -> {part: (B,) penalty, 0 = perfect}: what diagnose blames (None: 1 - score)
 
 
 # The registry. A fork adds a head with one function above and one line here.
 HEADS = {
-    "fidelity": Head(fidelity, weight=0.25, phase=0),        # visual fidelity first,
-    "temporal": Head(temporal, weight=0.25, phase=1),        # then temporal coherence,
-    "instruction": Head(instruction, weight=1.0, phase=2),   # then text-video semantics (TeleBoost's order)
+    "fidelity": Head(fidelity, weight=0.25, phase=0, parts=fidelity_parts),           # visual fidelity first,
+    "temporal": Head(temporal, weight=0.25, phase=1, parts=temporal_misses),          # then temporal coherence,
+    "instruction": Head(instruction, weight=1.0, phase=2, parts=instruction_misses),  # then semantics (TeleBoost)
 }
 
 
@@ -578,9 +595,28 @@ def noise_for(n, net, seed, frames=None):
     return torch.randn(n, c, frames or f, h, w, generator=torch.Generator().manual_seed(seed))
 
 
+def head_parts(obs, want, heads=HEADS):
+    """Each head broken into its parts, each penalty's mean over the clips (0 = perfect): {head: {part: float}}.
+    A head without a breakdown (a fork's) is one part, 1 - its score."""
+    out = {}
+    for name, h in heads.items():
+        parts = h.parts(obs, want) if h.parts else {"1 - score": 1 - h.fn(obs, want).clamp(0, 1)}
+        out[name] = {k: round(float(v.nanmean().nan_to_num(0)), 4) for k, v in parts.items()}  # NaN: never asked
+    return out
+
+
+def data_parts(world, seed=0, n=64):
+    """head_parts on the training data itself, each clip against its own caption (a web caption may be wrong or
+    leave words out: what the base learned from): where each part sits for a model that learned its data
+    perfectly. No sampling, so diagnose computes it once. {"curated": {head: {part: float}}, "web": ...}"""
+    batches = {split: data.make_batch(split, n, seed=seed, world=world) for split in ("curated", "web")}
+    return {split: head_parts(oracle(b.videos, world), targets(b.prompts, n)) for split, b in batches.items()}
+
+
 @torch.no_grad()
-def diagnose_checkpoint(path, cfg, bar, rm=None):
-    """Every diagnostic for one checkpoint on the fixed eval set. Returns (metrics dict, main clips)."""
+def diagnose_checkpoint(path, cfg, bar, rm=None, ref=None):
+    """Every diagnostic for one checkpoint on the fixed eval set; ref: data_parts for the parts' comparison
+    (computed here if not given). Returns (metrics dict, main clips)."""
     net, meta = M.load_model(path)
     mc, world = net.cfg, world_of(net.cfg)
     prompts, splits = eval_prompts(cfg)
@@ -603,9 +639,13 @@ def diagnose_checkpoint(path, cfg, bar, rm=None):
     out["vbench"] = {k: mean_se(v) for k, v in dims.items()}
     out["quality_score"] = round(float(sum(dims[k].mean() for k in QUALITY) / len(QUALITY)), 4)
     out["semantic_score"] = round(float(sum(dims[k].mean() for k in SEMANTIC) / len(SEMANTIC)), 4)
+    # why: every head's parts beside the training data's own score on each (what recommendation reads)
+    want = targets(prompts, len(prompts))
+    ref = ref or data_parts(world, cfg.seed)
+    out["parts"] = {h: {p: {"model": v, "curated": ref["curated"][h][p], "web": ref["web"][h][p]} for p, v in ps.items()}
+                    for h, ps in head_parts(obs, want).items()}
 
     # drift: per frame, does the object still match the prompt and look like a clean render?
-    want = targets(prompts, len(prompts))
     ident = (obs["frame_colour"] == want["colour"][:, None]) & (obs["frame_shape"] == want["shape"][:, None])
     out["drift_by_frame"] = {"identity": [round(float(x), 4) for x in ident.float().mean(0)],
                              "edge_error": [round(float(x), 4) for x in obs["shape_err"].amin(-1).mean(0)]}
@@ -656,25 +696,62 @@ def diagnose_checkpoint(path, cfg, bar, rm=None):
         out["proxy_oracle_gap"] = {k: round(float((proxy[k] - heads[k]).mean()), 4) for k in proxy if k in heads}
     else:
         out["proxy_reward"] = out["proxy_oracle_gap"] = None
-    out["recommendation"] = recommendation({h: out[h][0] for h in HEADS})
+    out["recommendation"] = recommendation({h: out[h][0] for h in HEADS}, out["parts"], path,
+                                           meta.get("lineage", {}).get("stage", ""))
     out["lineage"] = meta.get("lineage", {})
     return out, videos
 
 
-RECOMMEND = {
-    "fidelity": "more Stage I SFT on curated clips, or Stage II with the fidelity head weighted up",
-    "temporal": "Stage II with the temporal head weighted up and long-clip rollouts (drift across chunks)",
-    "instruction": "Stage II GRPO with the instruction head (per-attribute soft reward), then Stage III DPO",
-}
+MATCHED = 0.1  # within a tenth of its tolerance of the curated data's score, a part has nothing left to learn from it
+RANKABLE = 0.05  # under this mean score most samples score ~0 on the head: little for a reward to rank, data first
 
 
-def recommendation(axes):
-    """What to run next for the weakest head (name -> mean score): RECOMMEND's advice, or for a head it does not
-    know (a fork's) the generic one: weight that head up in Stage II, then pairs judged with it in Stage III."""
-    weakest = min(axes, key=axes.get)
-    advice = RECOMMEND.get(weakest, f"Stage II with the {weakest} head weighted up (--weights={weakest}=...), then "
-                                    f"Stage III DPO with pairs judged by it")
-    return f"weakest axis: {weakest} ({axes[weakest]:.3f}); {advice}"
+def recommendation(axes, parts=None, ckpt="CKPT", stage=""):
+    """What to run next, from what was measured. axes: head -> mean score; parts: diagnose's {head: {part: {"model",
+    "curated", "web"}}}, penalties in tolerances (0 = perfect); stage: the checkpoint's lineage stage. The rule:
+      axis     the weakest head with a part more than MATCHED above the curated data's score; heads whose every
+               part matches it are named and passed over (a head missing from parts never matches)
+      part     that head's part furthest above the curated data's score
+      command  the part lies between the web and the curated data's scores, nearer the web's: a defect learned from
+               the pretraining data, which curated clips teach away -> more Stage I SFT. Otherwise the data does
+               not explain it (worse than even the web data: the sampler adds it), so a reward on samples must
+               remove it -> Stage II with the head weighted up, or for a checkpoint Stage II already made, Stage III
+               with a judge weighted toward the head; unless the head is under RANKABLE, where a reward has nothing
+               to rank -> SFT. Every head matched: preferences are what is left, Stage III.
+    Returns {"text", "command", "axis", "part"}."""
+    parts = parts or {}
+    gaps = {h: {p: v["model"] - v["curated"] for p, v in parts.get(h, {}).items()} for h in axes}
+    matched = [h for h in axes if gaps[h] and max(gaps[h].values()) <= MATCHED]
+    axis = min((h for h in axes if h not in matched), key=axes.get, default=None)
+    part = max(gaps[axis], key=gaps[axis].get) if axis and gaps[axis] else None
+    rl_done = stage.startswith("rl") or stage in ("grpo", "dpo")             # made by Stage II (or III after it)
+    run = lambda script, *flags: " ".join(["python", script, shlex.quote(f"--init={ckpt}"), *flags])
+    if axis is None:
+        return {"axis": None, "part": None, "text": "every part of every head matches the curated data: preferences "
+                "are what is left to learn, Stage III DPO on on-policy pairs", "command": run(
+                    "preference.py", "--out_dir=runs/next_dpo", *([] if rl_done or stage == "sft" else ["--any_input=true"]))}
+    text = f"weakest axis: {axis} ({axes[axis]:.3f})" + (f", after {', '.join(matched)} (matching the curated data)"
+                                                        if matched else "")
+    v = parts.get(axis, {}).get(part)
+    web, model = (v["web"] - v["curated"], v["model"] - v["curated"]) if v else (0.0, 0.0)
+    if v:
+        text += f"; worst part: {part} {v['model']:.2f} (curated data {v['curated']:.2f}, web {v['web']:.2f})"
+    learned_defect = web > MATCHED and web / 2 < model <= web + MATCHED
+    if learned_defect or axes[axis] < RANKABLE:
+        why = ("nearer the web data's score: a defect learned in pretraining" if learned_defect else
+               "too low for a reward to rank samples by") + ", more Stage I SFT on curated clips"
+        command = run("sft.py", "--data=curated", "--steps=400", "--out_dir=runs/next_sft")
+    elif rl_done:
+        why = f"the data does not explain it and Stage II has run: Stage III DPO with the judge weighted toward {axis}"
+        command = run("preference.py", f"--weights={axis}=3.0", "--out_dir=runs/next_dpo")
+    else:  # the head's weight: at least instruction's default, and twice its own
+        weight = max(1.0, 2 * HEADS[axis].weight if axis in HEADS else 1.0)
+        extra = {"temporal": ["--chunks=2"], "instruction": ["--split_instruction=true"]}.get(axis, [])
+        why = f"the data does not explain it: Stage II GRPO with the {axis} head weighted up" + {
+            "fidelity": "", "temporal": " and rewards on continued clips",
+            "instruction": ", each attribute its own advantage"}.get(axis, ", then Stage III DPO judged by it")
+        command = run("reward_rl.py", f"--weights={axis}={weight}", *extra, "--out_dir=runs/next_rl")
+    return {"text": f"{text}; {why}", "command": command, "axis": axis, "part": part}
 
 
 def markdown_table(results):
@@ -701,7 +778,14 @@ def markdown_table(results):
              ", ".join(f"{k} {v:+.3f}" for k, v in r["proxy_oracle_gap"].items()))]
     lines = ["| metric | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
     lines += [f"| {label} | " + " | ".join(fn(results[n]) for n in names) + " |" for label, fn in rows]
-    lines += [""] + [f"- **{n}**: {results[n]['recommendation']}" for n in names]
+    # why: every head's parts, the training data's own score beside each checkpoint's (the data's are the same for all)
+    parts = results[names[0]]["parts"]
+    lines += ["", "| part (penalty in tolerances, 0 = perfect) | curated data | web data | " + " | ".join(names) + " |",
+              "|---" * (len(names) + 3) + "|"]
+    lines += [f"| {h}: {p} | {v['curated']:.2f} | {v['web']:.2f} | " + " | ".join(
+        f"{results[n]['parts'][h][p]['model']:.2f}" for n in names) + " |" for h, ps in parts.items() for p, v in ps.items()]
+    rec = {n: results[n]["recommendation"] for n in names}
+    lines += [""] + [f"- **{n}**: {r['text']}. Next: `{r['command']}`" for n, r in rec.items()]
     return "\n".join(lines) + "\n"
 
 
@@ -738,7 +822,8 @@ def column_names(paths):
 
 def check_diagnose_inputs(cfg):
     """Every checkpoint (and the learned judge) read and checked before any sampling: a missing or broken last
-    --ckpt fails in a second, not after the others were diagnosed. Returns the judge's members or None."""
+    --ckpt fails in a second, not after the others were diagnosed. Returns the judge's members or None, and the
+    world the checkpoints share."""
     if not cfg.ckpt:
         raise ConfigError("no checkpoints to diagnose: pass --ckpt=PATH (repeat it, or --ckpt=A,B)")
     check_ranges(cfg, at_least_one=("prompts", "seeds", "steps", "long_clips"), non_negative=("cfg_scale",))
@@ -754,9 +839,9 @@ def check_diagnose_inputs(cfg):
             raise ConfigError(f"diagnose compares checkpoints on the same clips: {first} makes {a.frames}x{a.size}"
                               f"x{a.size} clips but {path} makes {b.frames}x{b.size}x{b.size}; diagnose them apart")
     if not (cfg.reward_model and os.path.exists(cfg.reward_model)):
-        return None
+        return None, world_of(a)
     try:
-        return load_reward_model(cfg.reward_model, a)                 # one for another clip shape is refused
+        return load_reward_model(cfg.reward_model, a), world_of(a)    # one for another clip shape is refused
     except M.CheckpointError as e:
         raise M.CheckpointError(f"{e} (pass --reward_model= to diagnose without the learned judge)") from None
 
@@ -765,13 +850,14 @@ def diagnose(argv):
     cfg = parse_config(DiagnoseConfig, argv)
     if os.path.exists(os.path.join(cfg.out, "diagnostics.json")) and not cfg.overwrite:
         raise OutputExists(f"{cfg.out} already holds diagnostics; pass --overwrite=true or another --out")
-    rm = check_diagnose_inputs(cfg)
+    rm, world = check_diagnose_inputs(cfg)
+    ref = data_parts(world, cfg.seed)                                  # the same data for every checkpoint
     os.makedirs(cfg.out, exist_ok=True)
     results, grids, t0 = {}, [], time.time()
     names = column_names(cfg.ckpt)
     with tqdm(total=5 * len(cfg.ckpt), desc="diagnose") as bar:
         for name, path in zip(names, cfg.ckpt):
-            results[name], videos = diagnose_checkpoint(path, cfg, bar, rm)
+            results[name], videos = diagnose_checkpoint(path, cfg, bar, rm, ref)
             grids.append(videos[:: cfg.seeds][:8])                 # seed 0 of the first 8 prompts
     with open(os.path.join(cfg.out, "diagnostics.json"), "w") as f:
         json.dump(results, f, indent=1)

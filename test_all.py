@@ -3,6 +3,7 @@ import collections
 import json
 import math
 import os
+import shlex
 import subprocess
 import sys
 import time
@@ -395,7 +396,86 @@ def test_diagnose_writes_every_metric(tiny_checkpoints):
                 "recommendation", "quality_score", "semantic_score", "vbench"} <= set(r)
         assert len(r["drift_by_chunk"]) == 4 and len(r["drift_by_frame"]["identity"]) == 4
         assert set(r["vbench"]) == set(rewards.QUALITY + rewards.SEMANTIC)
-    assert (out / "diagnostics.md").exists() and (out / "grid.gif").exists()
+        # why: every head in parts, each beside the training data's own score on it, penalties >= 0 (0 = perfect)
+        parts = r["parts"]
+        assert list(parts) == list(rewards.HEADS) and set(parts["instruction"]) == set(data.ATTRIBUTES)
+        assert set(parts["fidelity"]) == {"edges", "background", "palette"}
+        assert set(parts["temporal"]) == {"acceleration", "size", "morph", "flicker", "background", "empty"}
+        for head, ps in parts.items():
+            for v in ps.values():
+                assert set(v) == {"model", "curated", "web"} and all(math.isfinite(x) and x >= 0 for x in v.values())
+                assert head != "instruction" or max(v.values()) <= 1                         # 1 - agreement
+        for head in ("fidelity", "temporal"):   # curated clips are the clean renders the web clips are noisy copies of
+            assert sum(v["curated"] for v in parts[head].values()) < sum(v["web"] for v in parts[head].values())
+        rec = r["recommendation"]
+        assert rec["axis"] in rewards.HEADS and rec["part"] in parts[rec["axis"]] and rec["part"] in rec["text"]
+        assert stage_command(rec["command"])[1].init in (str(base), str(tuned))
+    assert result["base"]["parts"]["fidelity"]["edges"]["web"] == result["sft"]["parts"]["fidelity"]["edges"]["web"]
+    table = (out / "diagnostics.md").read_text()
+    assert "| fidelity: edges |" in table and result["sft"]["recommendation"]["command"] in table
+    assert (out / "grid.gif").exists()
+
+
+def stage_command(command):
+    """A recommended command read back by its stage's own config parser, its --weights by the registry's."""
+    python, script, *flags = shlex.split(command)
+    configs = {"sft.py": sft.Config, "reward_rl.py": reward_rl.Config, "preference.py": preference.Config}
+    assert python == "python" and script in configs, command
+    cfg = stability.parse_config(configs[script], flags)
+    rewards.head_weights(getattr(cfg, "weights", ()))                         # an unknown head is refused here
+    return script, cfg
+
+
+def test_head_parts_rebuild_each_head():
+    """diagnose's breakdown is the heads' own arithmetic: each head is rebuilt from its parts, clip by clip."""
+    b = data.make_batch("web", 16, seed=2, world=TINY_WORLD, defects=data.Defects().scaled(3.0))
+    obs, want = rewards.oracle(b.videos, TINY_WORLD), rewards.targets(b.prompts, 16)
+    f, t, i = (h.parts(obs, want) for h in rewards.HEADS.values())
+    assert torch.allclose(rewards.fidelity(obs, want), rewards.pass_score(*f.values()))
+    still = rewards.pass_score(*(v for k, v in t.items() if k != "empty")) * (1 - t["empty"])
+    assert torch.allclose(rewards.temporal(obs, want), still)
+    misses = torch.stack(list(i.values()), 1)                                 # NaN where the caption leaves it out
+    assert misses.isnan().any() and torch.allclose(rewards.instruction(obs, want), 1 - misses.nanmean(1))
+    assert min(v.min() for v in (*f.values(), *t.values())) >= 0 and f["edges"].max() > 0.5   # defects show
+
+
+def test_recommendation_follows_the_worst_part_and_parses(monkeypatch):
+    axes, ckpt = {"fidelity": 0.3, "temporal": 0.5, "instruction": 0.7}, "runs/my run/ckpt.safetensors"
+    part = lambda model, web=1.0: {"model": model, "curated": 0.0, "web": web}
+    measured = lambda edges=0.0, flicker=0.0, direction=0.0: {
+        "fidelity": {"edges": part(edges), "background": part(0.05)}, "temporal": {"flicker": part(flicker),
+                                                                                    "size": part(0.0)},
+        "instruction": {"direction": part(direction, web=0.05), "colour": part(0.0, web=0.05)}}
+    sft_like, worse_than_web = (rewards.recommendation(axes, measured(edges=e), ckpt, "sft") for e in (0.8, 3.0))
+    fid_matched = rewards.recommendation(axes, measured(edges=0.05, flicker=2.0), ckpt, "sft")
+    after_rl = rewards.recommendation(axes, measured(edges=3.0), ckpt, "rl-awm")
+    all_matched = rewards.recommendation(axes, measured(), ckpt, "pretrain")
+    words = rewards.recommendation({**axes, "instruction": 0.1}, measured(direction=0.5), ckpt, "sft")
+    # edges nearer the web data's score than the curated's: a pretraining defect -> more SFT on curated clips
+    assert (sft_like["axis"], sft_like["part"]) == ("fidelity", "edges")
+    assert stage_command(sft_like["command"])[1].data == "curated"
+    # worse than even the web data: a reward must fix it -> Stage II with fidelity weighted up (0.25 -> 1)
+    script, cfg = stage_command(worse_than_web["command"])
+    assert script == "reward_rl.py" and cfg.weights == ("fidelity=1.0",) and cfg.init == ckpt
+    # ... unless the head scores so low that GRPO's groups have nothing to rank: data first
+    hopeless = rewards.recommendation({**axes, "fidelity": 0.01}, measured(edges=3.0), ckpt, "sft")
+    assert stage_command(hopeless["command"])[0] == "sft.py" and "too low" in hopeless["text"]
+    # fidelity matches the curated data: said, and the next weakest head's worst part decides
+    assert (fid_matched["axis"], fid_matched["part"]) == ("temporal", "flicker") and "after fidelity" in fid_matched["text"]
+    assert stage_command(fid_matched["command"])[1].weights == ("temporal=1.0",)
+    # the same measurement on Stage II's output: Stage III with the judge weighted toward fidelity
+    script, cfg = stage_command(after_rl["command"])
+    assert script == "preference.py" and rewards.head_weights(cfg.weights, default=1.0)["fidelity"] == 3.0
+    # nothing left to learn from the data: Stage III, which refines a base only with --any_input
+    script, cfg = stage_command(all_matched["command"])
+    assert all_matched["axis"] is None and script == "preference.py" and cfg.any_input
+    script, cfg = stage_command(words["command"])
+    assert words["part"] == "direction" and cfg.split_instruction and cfg.weights == ("instruction=2.0",)
+    assert len({r["command"] for r in (sft_like, worse_than_web, fid_matched, after_rl, all_matched, words)}) == 6
+    # a fork's head without parts still gets a command that names it (and parses: it is in the registry)
+    monkeypatch.setitem(rewards.HEADS, "centred", rewards.Head(centred, weight=0.5, phase=1))
+    fork = rewards.recommendation({**axes, "centred": 0.1}, measured(), ckpt)
+    assert fork["axis"] == "centred" and stage_command(fork["command"])[1].weights == ("centred=1.0",)
 
 
 # ----------------------------------------------------------------------------- Stage II
@@ -953,12 +1033,14 @@ def test_a_fourth_head_reaches_stage_ii_stage_iii_and_diagnose(tiny_checkpoints,
     # diagnose: a row, a metric, and a recommendation for a head RECOMMEND does not know
     rewards.diagnose([f"--ckpt={tuned}", f"--out={tmp_path / 'diag'}", "--reward_model=", "--prompts=1", "--seeds=1",
                       "--steps=1", "--long_clips=1", "--diversity_seeds=2"])
-    assert "| centred |" in (tmp_path / "diag" / "diagnostics.md").read_text()
+    table = (tmp_path / "diag" / "diagnostics.md").read_text()
+    assert "| centred |" in table and "| centred: 1 - score |" in table
     assert "--weights=centred=" in rewards.recommendation({"fidelity": 0.9, "temporal": 0.9, "instruction": 0.9,
-                                                            "centred": 0.1})
+                                                            "centred": 0.1})["command"]
 
 
 # ----------------------------------------------------------------------------- the report
+import html
 import re
 import xml.etree.ElementTree as ElementTree
 
@@ -998,12 +1080,31 @@ def test_report_is_one_offline_page_with_the_table_curves_and_samples(tiny_run, 
         assert needle in table, needle
     twin = (tiny_run / "report.md").read_text()
     assert "| metric | base (pretrain) | sft (sft) | rl (rl-awm) | dpo (dpo) |" in twin and "kl_ref" in twin
+    # why: the parts beside the training data's, and each column's next command (code on the page)
+    assert "| part | curated data | web data | base | sft | rl | dpo |" in twin and "| fidelity: edges |" in twin
+    rec = json.load(open(tiny_run / "diagnose" / "diagnostics.json"))["rl"]["recommendation"]
+    assert f"<code>{html.escape(rec['command'], quote=False)}</code>" in page and f"Next: `{rec['command']}`" in twin
     # refuses to replace a report unasked, and a missing run is one line, exit code 2
     for args, needle in (([f"--run={tiny_run}"], "report.html exists"), ([f"--run={tiny_run}/none"], "not found")):
         with pytest.raises(SystemExit) as exit_:
             stability.run_cli(report.main, args)
         err = capsys.readouterr().err
         assert exit_.value.code == 2 and needle in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_report_reads_diagnostics_from_before_parts(tiny_run, tmp_path):
+    """An older diagnose wrote no parts and a plain sentence as the recommendation: the report shows the sentence."""
+    import shutil
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run / "diagnose", run / "diagnose")
+    results = json.load(open(run / "diagnose" / "diagnostics.json"))
+    for r in results.values():
+        del r["parts"]
+        r["recommendation"] = "weakest axis: fidelity (0.100); more Stage I SFT on curated clips"
+    json.dump(results, open(run / "diagnose" / "diagnostics.json", "w"))
+    report.main([f"--run={run}"])
+    twin = (run / "report.md").read_text()
+    assert "- **dpo**: weakest axis: fidelity (0.100); more Stage I SFT" in twin and "| part |" not in twin
 
 
 @pytest.mark.skipif(not os.path.exists(CHROMIUM), reason="needs Debian's chromium (apt-get install chromium)")
