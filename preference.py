@@ -100,7 +100,7 @@ def make_pairs(net, cfg, world, log, rm=None):
     prompts = [train_prompts[i] for i in idx.tolist()]
     if cfg.judge == "rm" and rm is None:
         rm = R.load_reward_model(cfg.reward_model, net.cfg)
-    mc, n = net.cfg, cfg.samples_per_prompt
+    n = cfg.samples_per_prompt
     out = {k: [] for k in PAIR_KEYS}
     for p in tqdm(prompts, desc="pairs", leave=False):
         noise = torch.randn(n, *net.flow_shape, generator=gen)

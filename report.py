@@ -25,6 +25,7 @@ import torch
 
 import data
 import model as M
+from bench import ablation_rows
 from rewards import HEADS, QUALITY, DiagnoseConfig
 from stability import OutputExists, UserError, parse_config, run_cli
 
@@ -39,6 +40,7 @@ esc = html.escape
 class Config:
     run: str = "runs/pipeline"  # a run folder holding diagnose/ and the stages' sft/, rl/, dpo/
     overwrite: bool = False     # replace an existing report.html and report.md
+    ablations: str = "runs/ablations/ablations.json"  # `make ablations`' results, a section when present ('' = none)
 
 
 def read_jsonl(path):
@@ -228,6 +230,35 @@ def drift_curves(results):
                         "chunk of the continued clip") for h in first["drift_by_chunk"][0]]
 
 
+def ablation_blocks(path):
+    """`make ablations`' table, its commands and its curves: Stage II with one part taken out at a time."""
+    if not path:
+        return []
+    if not os.path.exists(path):
+        return [("h2", "Ablations"), ("p", f"`{path}` not found: `make ablations` writes it (Stage II with one part "
+                                          f"taken out at a time; rerun this report after it).")]
+    result = json.load(open(path))
+    header, rows = ablation_rows(result)
+    runs = {n: r for n, r in result.items() if n != "start"}
+    logs = {n: [r for r in read_jsonl(os.path.join(os.path.dirname(path), n, "log.jsonl")) if "rollout_s" in r] for n in runs}
+    trained = lambda recs: [sum(w * r[k][0] for w, k in zip(r["weights"], [k for k in r if k.startswith("reward_")]))
+                            for r in recs]
+    evals = lambda r, k: ([e["iter"] for e in r["evals"]], [e[k] for e in r["evals"]])
+    charts = [chart("trained reward (rollout mean as weighted; the judge's for judge rows)",
+                    [(n, [r["iter"] for r in recs], trained(recs)) for n, recs in logs.items() if recs], "iteration"),
+              *[chart(f"oracle: held-out {label} (training's 16-clip evaluations)", [(n, *evals(r, k)) for n, r in runs.items()],
+                      "iteration") for k, label in (("acc_all", "all-attributes accuracy"), ("fidelity", "fidelity head"))]]
+    return [("h2", "Ablations: why each part of Stage II exists"),
+            ("p", f"From `{path}` (`make ablations`): Stage II from the same input with one part taken out at a time. "
+                  f"Columns 3-5 and the judge's gap: each run's end checkpoint on {result['start']['clips']} of "
+                  "diagnose's held-out clips (mean ± standard error). The verdict compares a row with its reference "
+                  "(defaults, or the judge row for the other judge rows) and calls a difference under two standard "
+                  "errors none."),
+            ("table", header, rows, "ablations"),
+            ("list", [f"**{n}**: `{r['command']}`" for n, r in runs.items()]),
+            ("charts", charts)]
+
+
 def wall_times(run, diag_seconds):
     """Per stage: the loop time its log records, and the span by file times from the previous stage's last file
     to its own (the pipeline runs them back to back, so this also counts loading, evaluation and sample grids)."""
@@ -394,7 +425,7 @@ def write_report(cfg):
         ran = f"; {lin['step']} of {asked} {'iterations' if folder == 'rl' else 'steps'}" if asked and "step" in lin else ""
         blocks += [("h2", f"{title} training (`{folder}/log.jsonl`{ran})"), ("charts", curves[folder])]
     blocks += [("h2", "Drift: by frame, and by chunk of clips continued to 4x their length"),
-               ("charts", drift_curves(results)), ("h2", "How it was made"),
+               ("charts", drift_curves(results)), *ablation_blocks(cfg.ablations), ("h2", "How it was made"),
                ("p", f"`make pipeline RUN={run}` runs these commands (this checkout's Makefile); the settings each stage "
                      f"actually ran with are its config, below."), ("pre", pipeline_commands(run)),
                ("h3", "Wall time per stage"),

@@ -367,20 +367,39 @@ def test_reward_model_ensemble_mean_and_std(tiny_checkpoints, capsys):
         rewards.train_reward_model([f"--out={out}", "--generators="])
 
 
-def test_ablations_table_names_each_command_and_keeps_finished_rows(tiny_checkpoints, tmp_path):
+@pytest.fixture(scope="module")
+def tiny_ablations(tiny_checkpoints):
+    """Two rows of make ablations (the judge with and without its stability terms), 1 iteration each."""
     import bench
-    _, tuned, root = tiny_checkpoints
-    args = [f"--init={tuned}", f"--reward_model={root / 'rm.safetensors'}", "--iters=1", "--only=judge", f"--out={tmp_path}"]
+    base, tuned, root = tiny_checkpoints
+    judge = root / "ablation_judge.safetensors"
+    rewards.train_reward_model([f"--generators={base}", "--generator_clips=4", "--members=2", "--steps=3", "--pool_clips=24",
+                                "--batch_size=8", "--eval_clips=24", f"--out={judge}"])
+    args = [f"--init={tuned}", f"--reward_model={judge}", "--iters=1", "--only=judge,judge_unguarded",
+            "--heldout_prompts=2", f"--out={root / 'ablations'}"]
     bench.bench_ablations(args)
-    table = (tmp_path / "ablations.md").read_text()
-    assert "| judge |" in table and "python reward_rl.py" in table and "--reward=rm" in table
-    row = json.load(open(tmp_path / "ablations.json"))["judge"]
-    assert row["iterations"] == 1 and set(row["proxy_minus_oracle_end"]) == set(rewards.HEADS)
-    stamp = os.path.getmtime(tmp_path / "judge" / "ckpt.safetensors")
+    return root / "ablations", args
+
+
+def test_ablations_table_names_each_command_and_keeps_finished_rows(tiny_ablations):
+    import bench
+    out, args = tiny_ablations
+    table = (out / "ablations.md").read_text()
+    assert "| judge |" in table and "| start (the input) |" in table and "python reward_rl.py" in table
+    assert "--reward=rm --awm_beta=0" in table
+    result = json.load(open(out / "ablations.json"))
+    assert result["start"]["clips"] == 8 and result["judge"]["iterations"] == 1
+    assert set(result["judge"]["end"]["judge_minus_oracle"]) == set(rewards.HEADS)
+    assert result["judge_unguarded"]["verdict"].startswith("vs judge: all attributes")
+    stamp = os.path.getmtime(out / "judge" / "ckpt.safetensors")
     bench.bench_ablations(args)                                               # a finished row is kept, not rerun
-    assert os.path.getmtime(tmp_path / "judge" / "ckpt.safetensors") == stamp
+    assert os.path.getmtime(out / "judge" / "ckpt.safetensors") == stamp
     with pytest.raises(stability.ConfigError, match="unknown ablation 'kl'"):
         bench.bench_ablations(["--only=kl"])
+    # the verdict calls a difference under two standard errors none, and names one beyond them with its sign
+    end = lambda acc, se: {"end": {"acc_all": [acc, se], "fidelity": [0.3, 0.01], "temporal": [0.5, 0.01]}}
+    assert "all attributes +0.100 ± 0.071 (no difference)" in bench.verdict(end(0.6, 0.05), end(0.5, 0.05), "defaults")
+    assert "all attributes -0.300 ± 0.028;" in bench.verdict(end(0.2, 0.02), end(0.5, 0.02), "defaults")
 
 
 def test_diagnose_writes_every_metric(tiny_checkpoints):
@@ -1047,11 +1066,11 @@ import xml.etree.ElementTree as ElementTree
 import report
 
 CHROMIUM = "/usr/bin/chromium"
-CHARTS = 2 + 5 + 4 + 2 + len(rewards.HEADS)          # Stage I, II, III curves; drift by frame, by chunk per head
+CHARTS = 2 + 5 + 4 + 2 + len(rewards.HEADS) + 3      # Stage I, II, III curves; drift by frame, by chunk per head; ablations
 
 
 @pytest.fixture(scope="module")
-def tiny_run(tiny_checkpoints):
+def tiny_run(tiny_checkpoints, tiny_ablations):
     """make pipeline's folder layout from tiny stages (the shipped base is the small preset), judged and reported."""
     base, _, root = tiny_checkpoints
     run = root / "run"
@@ -1063,7 +1082,7 @@ def tiny_run(tiny_checkpoints):
     ckpts = [f"--ckpt={p}" for p in [base] + [run / s / "ckpt.safetensors" for s in ("sft", "rl", "dpo")]]
     rewards.diagnose([*ckpts, f"--out={run / 'diagnose'}", "--reward_model=", "--prompts=1", "--seeds=2", "--steps=1",
                       "--long_clips=1", "--diversity_seeds=2"])
-    report.main([f"--run={run}"])
+    report.main([f"--run={run}", f"--ablations={tiny_ablations[0] / 'ablations.json'}"])
     return run
 
 
@@ -1078,6 +1097,8 @@ def test_report_is_one_offline_page_with_the_table_curves_and_samples(tiny_run, 
     table = ElementTree.tostring(root.find(".//table[@class='stages']"), encoding="unicode")
     for needle in ("base", "sft", "rl-awm", "dpo", "oracle colour accuracy", "oracle all accuracy", "± ", "DPO win rate"):
         assert needle in table, needle
+    ablations = ElementTree.tostring(root.find(".//table[@class='ablations']"), encoding="unicode")
+    assert "judge_unguarded" in ablations and "vs judge: all attributes" in ablations and "start (the input)" in ablations
     twin = (tiny_run / "report.md").read_text()
     assert "| metric | base (pretrain) | sft (sft) | rl (rl-awm) | dpo (dpo) |" in twin and "kl_ref" in twin
     # why: the parts beside the training data's, and each column's next command (code on the page)
