@@ -349,13 +349,14 @@ def tiny_checkpoints(tmp_path_factory):
 
 
 def test_reward_model_ensemble_mean_and_std(tiny_checkpoints, capsys):
-    base, _, root = tiny_checkpoints
+    base, tuned, root = tiny_checkpoints
     out = str(root / "rm.safetensors")
-    rewards.train_reward_model([f"--generators={base}", "--generator_clips=4", "--members=3", "--steps=3", "--pool_clips=24",
+    rewards.train_reward_model([f"--generators={base},{tuned}", "--generator_clips=4", "--members=3", "--steps=3", "--pool_clips=24",
                                 "--batch_size=8", "--eval_clips=24", f"--out={out}"])
     printed = capsys.readouterr().out
     assert "pair_accuracy" in printed and "generator_samples_proxy_minus_oracle" in printed   # its gap on samples
     members = rewards.load_reward_model(out)
+    assert len(M.read_checkpoint(out)[2]["lineage"]["parent_hash"].split(",")) == 2        # both generators
     b = data.make_batch("curated", 5)
     mean, std = rewards.rm_score(members, b.videos, b.tokens)
     each = torch.stack([m(b.videos, b.tokens) for m in members])               # (K, B, heads)
