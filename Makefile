@@ -20,15 +20,36 @@ killtest: setup
 	for i in $$(seq 20); do $(PY) -m pytest -q test_all.py -k "two_ranks or torchrun" || exit 1; done
 
 # The main job at the default CPU preset: the three stages from the shipped base, then all four judged side by
-# side, then one page of it all: $(RUN)/report.html (offline, self-contained) and report.md. Each run of the
+# side (a diagnosis already made of the same file, settings and code is read back from runs/diagnose_cache),
+# then one page of it all: $(RUN)/report.html (offline, self-contained) and report.md. Each run of the
 # pipeline replaces $(RUN) (pass RUN=runs/other to keep an earlier one).
 pipeline: setup
 	$(PY) sft.py --out_dir=$(RUN)/sft --overwrite=true
 	$(PY) reward_rl.py --init=$(RUN)/sft/ckpt.safetensors --out_dir=$(RUN)/rl --overwrite=true
 	$(PY) preference.py --init=$(RUN)/rl/ckpt.safetensors --out_dir=$(RUN)/dpo --overwrite=true
 	$(PY) rewards.py diagnose --ckpt=checkpoints/base_small.safetensors --ckpt=$(RUN)/sft/ckpt.safetensors \
-		--ckpt=$(RUN)/rl/ckpt.safetensors --ckpt=$(RUN)/dpo/ckpt.safetensors --out=$(RUN)/diagnose --overwrite=true
+		--ckpt=$(RUN)/rl/ckpt.safetensors --ckpt=$(RUN)/dpo/ckpt.safetensors --out=$(RUN)/diagnose --overwrite=true \
+		--cache=runs/diagnose_cache
 	$(PY) report.py --run=$(RUN) --overwrite=true
+
+# The diagnostic loop closed: the same stages, but each stage's diagnosis picks the axis the next one is turned toward
+# (`rewards.py advise` prints its flags; the decisions land in $(DRIVEN)/advice_{rl,dpo}.json and the report).
+# SFT=path starts from a Stage I checkpoint you have (e.g. runs/pipeline/sft/ckpt.safetensors) instead of training one.
+DRIVEN ?= runs/driven
+SFT ?=
+pipeline_driven: setup
+	@mkdir -p $(DRIVEN)
+	$(if $(SFT),mkdir -p $(DRIVEN)/sft && cp $(SFT) $(DRIVEN)/sft/ckpt.safetensors,$(PY) sft.py --out_dir=$(DRIVEN)/sft --overwrite=true)
+	$(PY) rewards.py diagnose --ckpt=$(DRIVEN)/sft/ckpt.safetensors --out=$(DRIVEN)/diagnose_sft --overwrite=true --cache=runs/diagnose_cache
+	$(PY) rewards.py advise --diagnose=$(DRIVEN)/diagnose_sft --stage=rl --out=$(DRIVEN)/advice_rl.json > $(DRIVEN)/rl.flags
+	$(PY) reward_rl.py --init=$(DRIVEN)/sft/ckpt.safetensors --out_dir=$(DRIVEN)/rl --overwrite=true $$(cat $(DRIVEN)/rl.flags)
+	$(PY) rewards.py diagnose --ckpt=$(DRIVEN)/rl/ckpt.safetensors --out=$(DRIVEN)/diagnose_rl --overwrite=true --cache=runs/diagnose_cache
+	$(PY) rewards.py advise --diagnose=$(DRIVEN)/diagnose_rl --stage=dpo --out=$(DRIVEN)/advice_dpo.json > $(DRIVEN)/dpo.flags
+	$(PY) preference.py --init=$(DRIVEN)/rl/ckpt.safetensors --out_dir=$(DRIVEN)/dpo --overwrite=true $$(cat $(DRIVEN)/dpo.flags)
+	$(PY) rewards.py diagnose --ckpt=checkpoints/base_small.safetensors --ckpt=$(DRIVEN)/sft/ckpt.safetensors \
+		--ckpt=$(DRIVEN)/rl/ckpt.safetensors --ckpt=$(DRIVEN)/dpo/ckpt.safetensors --out=$(DRIVEN)/diagnose --overwrite=true \
+		--cache=runs/diagnose_cache
+	$(PY) report.py --run=$(DRIVEN) --overwrite=true
 
 # How the shipped checkpoints were made (each from scratch, on 2 CPU cores).
 base: setup
@@ -56,4 +77,4 @@ benchmarks: setup
 	$(PY) bench.py dpo_memory
 	$(PY) bench.py grpo --minutes=8
 
-.PHONY: setup setup-wan test killtest pipeline base sft_checkpoint reward_model benchmarks ablations bench
+.PHONY: setup setup-wan test killtest pipeline pipeline_driven base sft_checkpoint reward_model benchmarks ablations bench

@@ -230,6 +230,31 @@ def drift_curves(results):
                         "chunk of the continued clip") for h in first["drift_by_chunk"][0]]
 
 
+def decision_blocks(run, results):
+    """`make pipeline_driven`'s decisions (advice_rl.json, advice_dpo.json): what each diagnosis told the next stage,
+    and how the axis it named moved from that stage's input column to its output column."""
+    rows = []
+    for stage, title in (("rl", "Stage II"), ("dpo", "Stage III")):
+        path = os.path.join(run, f"advice_{stage}.json")
+        if not os.path.exists(path):
+            continue
+        d = json.load(open(path))
+        source = {"rl": "sft", "dpo": "rl"}[stage]
+        axis = d["axis"]
+        moved = (f"{results[source][axis][0]:.3f} -> {results[stage][axis][0]:.3f}"
+                 if axis and source in results and stage in results else "")
+        rows.append([title, f"{d['from']}'s diagnosis: {d['why']}", " ".join(d["flags"]) or "the defaults",
+                     f"{axis}: {moved}" if axis else ""])
+    if not rows:
+        return []
+    return [("h2", "Decisions: what each diagnosis told the next stage"),
+            ("p", "This run is diagnostic-driven (`make pipeline_driven`): after each stage `rewards.py diagnose` named "
+                  "the weakest axis and its worst part, and `rewards.py advise` turned the next stage toward it with "
+                  "the flags below. The last column is that axis from the stage's input to its output (the table "
+                  "above); `make pipeline` runs the same stages with fixed settings for comparison."),
+            ("table", ["stage", "decided from", "flags passed", "the axis it named, input -> output"], rows, "decisions")]
+
+
 def ablation_blocks(path):
     """`make ablations`' table, its commands and its curves: Stage II with one part taken out at a time."""
     if not path:
@@ -425,7 +450,8 @@ def write_report(cfg):
         ran = f"; {lin['step']} of {asked} {'iterations' if folder == 'rl' else 'steps'}" if asked and "step" in lin else ""
         blocks += [("h2", f"{title} training (`{folder}/log.jsonl`{ran})"), ("charts", curves[folder])]
     blocks += [("h2", "Drift: by frame, and by chunk of clips continued to 4x their length"),
-               ("charts", drift_curves(results)), *ablation_blocks(cfg.ablations), ("h2", "How it was made"),
+               ("charts", drift_curves(results)), *decision_blocks(run, results), *ablation_blocks(cfg.ablations),
+               ("h2", "How it was made"),
                ("p", f"`make pipeline RUN={run}` runs these commands (this checkout's Makefile); the settings each stage "
                      f"actually ran with are its config, below."), ("pre", pipeline_commands(run)),
                ("h3", "Wall time per stage"),

@@ -20,6 +20,7 @@ A head is a function (obs, want) -> (B,) registered in HEADS: obs is the oracle'
 per batch), want the prompted attribute indices (-1 = not asked). A new head is a function and a line;
 Stage II's weights and curriculum, Stage III's judge, the learned ensemble and the logs follow HEADS.
 """
+import hashlib
 import json
 import math
 import os
@@ -581,6 +582,8 @@ class DiagnoseConfig:
     reward_model: str = "checkpoints/reward_model.safetensors"  # learned ensemble for proxy_reward ('' = none)
     seed: int = 0               # eval seed: the same prompts and noise for every checkpoint
     overwrite: bool = False     # replace an existing output folder
+    cache: str = ""             # a folder keeping each checkpoint's diagnosis by content (file, settings, judge,
+                                # heads, code): a repeat is read back, not recomputed ('' = off)
 
 
 def eval_prompts(cfg):
@@ -743,15 +746,61 @@ def recommendation(axes, parts=None, ckpt="CKPT", stage=""):
         command = run("sft.py", "--data=curated", "--steps=400", "--out_dir=runs/next_sft")
     elif rl_done:
         why = f"the data does not explain it and Stage II has run: Stage III DPO with the judge weighted toward {axis}"
-        command = run("preference.py", f"--weights={axis}=3.0", "--out_dir=runs/next_dpo")
-    else:  # the head's weight: at least instruction's default, and twice its own
-        weight = max(1.0, 2 * HEADS[axis].weight if axis in HEADS else 1.0)
-        extra = {"temporal": ["--chunks=2"], "instruction": ["--split_instruction=true"]}.get(axis, [])
+        command = run("preference.py", *stage_flags("dpo", axis), "--out_dir=runs/next_dpo")
+    else:
         why = f"the data does not explain it: Stage II GRPO with the {axis} head weighted up" + {
             "fidelity": "", "temporal": " and rewards on continued clips",
             "instruction": ", each attribute its own advantage"}.get(axis, ", then Stage III DPO judged by it")
-        command = run("reward_rl.py", f"--weights={axis}={weight}", *extra, "--out_dir=runs/next_rl")
+        command = run("reward_rl.py", *stage_flags("rl", axis), "--out_dir=runs/next_rl")
     return {"text": f"{text}; {why}", "command": command, "axis": axis, "part": part}
+
+
+def stage_flags(stage, axis):
+    """The flags that turn a stage toward one axis. Stage II ("rl"): the head's advantage weight at least
+    instruction's default and twice its own, rewards on continued clips for temporal, one advantage per attribute
+    for instruction. Stage III ("dpo"): the judge weighs the head 3:1 against each other. No axis: no flags."""
+    if axis is None:
+        return []
+    if stage == "dpo":
+        return [f"--weights={axis}=3.0"]
+    weight = max(1.0, 2 * HEADS[axis].weight if axis in HEADS else 1.0)
+    return [f"--weights={axis}={weight}", *{"temporal": ["--chunks=2"], "instruction": ["--split_instruction=true"]}.get(axis, [])]
+
+
+@dataclass
+class AdviseConfig:
+    diagnose: str = "runs/diagnose"  # a diagnose --out folder
+    column: str = ""                 # which checkpoint's diagnosis ('' = the last column)
+    stage: str = "rl"                # the stage to be told: rl or dpo
+    out: str = ""                    # also write the decision here as JSON ('' = print only)
+
+
+def advise(argv):
+    """The diagnostic loop's hand-off: prints the flags that point the next stage at the axis a checkpoint's
+    diagnosis names (its recommendation's axis), so `make pipeline_driven` can pass them on; the reason goes to
+    stderr and, with --out, to a JSON file the report shows."""
+    cfg = parse_config(AdviseConfig, argv)
+    if cfg.stage not in ("rl", "dpo"):
+        raise ConfigError(f"--stage must be rl or dpo, got {cfg.stage!r}")
+    path = os.path.join(cfg.diagnose, "diagnostics.json")
+    if not os.path.exists(path):
+        raise ConfigError(f"{path} not found: run `python rewards.py diagnose --out={cfg.diagnose} --ckpt=...` first")
+    results = json.load(open(path))
+    column = cfg.column or list(results)[-1]
+    if column not in results:
+        raise ConfigError(f"{path} has no column {column!r}; it has {', '.join(results)}")
+    rec = results[column]["recommendation"]
+    if not isinstance(rec, dict):
+        raise ConfigError(f"{path} is from a diagnose without parts; rerun diagnose")
+    flags = stage_flags(cfg.stage, rec["axis"])
+    decision = {"from": column, "diagnose": cfg.diagnose, "stage": cfg.stage, "axis": rec["axis"], "part": rec["part"],
+                "flags": flags, "why": rec["text"]}
+    if cfg.out:
+        with open(cfg.out + ".tmp", "w") as f:
+            json.dump(decision, f, indent=1)
+        os.replace(cfg.out + ".tmp", cfg.out)
+    print(f"{cfg.stage} from {column}'s diagnosis: {' '.join(flags) or 'the defaults'} ({rec['text']})", file=sys.stderr)
+    print(" ".join(flags))
 
 
 def markdown_table(results):
@@ -846,6 +895,44 @@ def check_diagnose_inputs(cfg):
         raise M.CheckpointError(f"{e} (pass --reward_model= to diagnose without the learned judge)") from None
 
 
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def cache_key(path, cfg):
+    """What a diagnosis depends on: the checkpoint's bytes, the settings that shape the samples, the judge's bytes,
+    and the code that samples and scores (an edit to any of these files is a new key)."""
+    settings = {k: v for k, v in asdict(cfg).items() if k not in ("ckpt", "out", "overwrite", "cache", "reward_model")}
+    code = [M.file_hash(os.path.join(HERE, f)) for f in ("rewards.py", "model.py", "data.py")]
+    judge = M.file_hash(cfg.reward_model) if cfg.reward_model and os.path.exists(cfg.reward_model) else ""
+    text = json.dumps([M.file_hash(path), settings, judge, list(HEADS), code], sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:20]
+
+
+def read_cached(folder, key):
+    """(result, grid clips) of an earlier diagnosis with this key, or None (no cache, a miss, a broken entry)."""
+    stem = os.path.join(folder, key)
+    if not folder or not (os.path.exists(stem + ".json") and os.path.exists(stem + ".safetensors")):
+        return None
+    from safetensors.torch import load_file
+    try:
+        return json.load(open(stem + ".json")), load_file(stem + ".safetensors")["grid"]
+    except (OSError, ValueError, KeyError):                        # truncated by a kill: computed again
+        return None
+
+
+def write_cached(folder, key, result, grid):
+    if not folder:
+        return
+    from safetensors.torch import save_file
+    os.makedirs(folder, exist_ok=True)
+    stem = os.path.join(folder, key)
+    save_file({"grid": grid.contiguous()}, stem + ".safetensors.tmp")
+    with open(stem + ".json.tmp", "w") as f:
+        json.dump(result, f)
+    os.replace(stem + ".safetensors.tmp", stem + ".safetensors")   # clips first: a result is never read without them
+    os.replace(stem + ".json.tmp", stem + ".json")
+
+
 def diagnose(argv):
     cfg = parse_config(DiagnoseConfig, argv)
     if os.path.exists(os.path.join(cfg.out, "diagnostics.json")) and not cfg.overwrite:
@@ -857,8 +944,20 @@ def diagnose(argv):
     names = column_names(cfg.ckpt)
     with tqdm(total=5 * len(cfg.ckpt), desc="diagnose") as bar:
         for name, path in zip(names, cfg.ckpt):
-            results[name], videos = diagnose_checkpoint(path, cfg, bar, rm, ref)
-            grids.append(videos[:: cfg.seeds][:8])                 # seed 0 of the first 8 prompts
+            key = cache_key(path, cfg)
+            cached = read_cached(cfg.cache, key)
+            if cached:
+                results[name], grid = cached
+                bar.update(5)
+            else:
+                results[name], videos = diagnose_checkpoint(path, cfg, bar, rm, ref)
+                grid = videos[:: cfg.seeds][:8]                        # seed 0 of the first 8 prompts
+                write_cached(cfg.cache, key, results[name], grid)
+            # the advice names the path it was given, which a cached diagnosis of the same file may not share
+            results[name]["recommendation"] = recommendation({h: results[name][h][0] for h in HEADS},
+                                                             results[name]["parts"], path,
+                                                             results[name]["lineage"].get("stage", ""))
+            grids.append(grid)
     with open(os.path.join(cfg.out, "diagnostics.json"), "w") as f:
         json.dump(results, f, indent=1)
     table = markdown_table(results)
@@ -875,7 +974,7 @@ def diagnose(argv):
           f"{', '.join(names)})")
 
 
-COMMANDS = {"diagnose": diagnose, "train_rm": train_reward_model}
+COMMANDS = {"diagnose": diagnose, "advise": advise, "train_rm": train_reward_model}
 
 if __name__ == "__main__":
     if len(sys.argv) < 2 or sys.argv[1] not in COMMANDS:

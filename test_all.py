@@ -436,6 +436,38 @@ def test_diagnose_writes_every_metric(tiny_checkpoints):
     assert (out / "grid.gif").exists()
 
 
+def test_diagnose_reads_a_repeat_back_and_advise_hands_the_axis_to_the_next_stage(tiny_checkpoints, tmp_path, monkeypatch,
+                                                                                    capsys):
+    base, tuned, _ = tiny_checkpoints
+    tiny = ["--prompts=1", "--seeds=2", "--steps=1", "--long_clips=1", "--diversity_seeds=2", "--reward_model=",
+            f"--cache={tmp_path / 'cache'}"]
+    rewards.diagnose([f"--ckpt={base}", f"--ckpt={tuned}", f"--out={tmp_path / 'a'}", *tiny])
+    first = json.load(open(tmp_path / "a" / "diagnostics.json"))
+    # the same files and settings again, here under other names: nothing is sampled
+    copy = tmp_path / "copy.safetensors"
+    shutil.copy(tuned, copy)
+    monkeypatch.setattr(rewards, "diagnose_checkpoint", lambda *a: pytest.fail("recomputed a cached diagnosis"))
+    rewards.diagnose([f"--ckpt={base}", f"--ckpt={copy}", f"--out={tmp_path / 'b'}", *tiny])
+    again = json.load(open(tmp_path / "b" / "diagnostics.json"))
+    assert again["copy"]["fidelity"] == first["sft"]["fidelity"] and again["base"] == first["base"]
+    assert str(copy) in again["copy"]["recommendation"]["command"]                 # the advice names the path given
+    with pytest.raises(pytest.fail.Exception, match="recomputed"):                    # another setting is a miss
+        rewards.diagnose([f"--ckpt={base}", f"--out={tmp_path / 'c'}", *tiny[:2], "--steps=2", *tiny[3:]])
+    # advise: the flags that point the next stage at the diagnosed axis, parsed by that stage's own config
+    capsys.readouterr()
+    for stage, module in (("rl", reward_rl), ("dpo", preference)):
+        rewards.advise([f"--diagnose={tmp_path / 'a'}", f"--stage={stage}", f"--out={tmp_path / stage}.json"])
+        flags = capsys.readouterr().out.split()
+        decision = json.load(open(f"{tmp_path / stage}.json"))
+        axis = first["sft"]["recommendation"]["axis"]
+        assert decision["from"] == "sft" and decision["axis"] == axis and decision["flags"] == flags
+        assert flags == rewards.stage_flags(stage, axis) and flags[0].startswith(f"--weights={axis}=")
+        cfg = stability.parse_config(module.Config, flags)
+        assert rewards.head_weights(cfg.weights)[axis] > rewards.head_weights(())[axis] or stage == "dpo"
+    with pytest.raises(stability.ConfigError, match="no column 'rl'"):
+        rewards.advise([f"--diagnose={tmp_path / 'a'}", "--column=rl"])
+
+
 def stage_command(command):
     """A recommended command read back by its stage's own config parser, its --weights by the registry's."""
     python, script, *flags = shlex.split(command)
@@ -1083,6 +1115,8 @@ def tiny_run(tiny_checkpoints, tiny_ablations):
     ckpts = [f"--ckpt={p}" for p in [base] + [run / s / "ckpt.safetensors" for s in ("sft", "rl", "dpo")]]
     rewards.diagnose([*ckpts, f"--out={run / 'diagnose'}", "--reward_model=", "--prompts=1", "--seeds=2", "--steps=1",
                       "--long_clips=1", "--diversity_seeds=2"])
+    # as make pipeline_driven leaves it: the decision sft's diagnosis handed to Stage II
+    rewards.advise([f"--diagnose={run / 'diagnose'}", "--column=sft", "--stage=rl", f"--out={run / 'advice_rl.json'}"])
     report.main([f"--run={run}", f"--ablations={tiny_ablations[0] / 'ablations.json'}"])
     return run
 
@@ -1100,6 +1134,9 @@ def test_report_is_one_offline_page_with_the_table_curves_and_samples(tiny_run, 
         assert needle in table, needle
     ablations = ElementTree.tostring(root.find(".//table[@class='ablations']"), encoding="unicode")
     assert "judge_unguarded" in ablations and "vs judge: all attributes" in ablations and "start (the input)" in ablations
+    decisions = ElementTree.tostring(root.find(".//table[@class='decisions']"), encoding="unicode")
+    axis = json.load(open(tiny_run / "advice_rl.json"))["axis"]
+    assert "Stage II" in decisions and f"--weights={axis}=" in decisions and f"{axis}: " in decisions
     twin = (tiny_run / "report.md").read_text()
     assert "| metric | base (pretrain) | sft (sft) | rl (rl-awm) | dpo (dpo) |" in twin and "kl_ref" in twin
     # why: the parts beside the training data's, and each column's next command (code on the page)
