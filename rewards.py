@@ -499,10 +499,15 @@ def evaluate_reward_model(members, cfg, world, samples=None):
     videos, prompts, scores = rm_pool(cfg, cfg.eval_clips, 10 ** 9 + cfg.seed, world)
     mean, std = rm_score(members, videos, data.tokenize(prompts))
     out = {}
-    if samples is not None:
+    if samples is not None:  # and on each generator's own samples (equal blocks, in --generators order)
         truth = reward_heads(samples[0], samples[2], world)
         proxy, _ = rm_score(members, samples[0], data.tokenize(samples[2]))
-        out["generator_samples_proxy_minus_oracle"] = {n: round(float((proxy[n] - truth[n]).mean()), 4) for n in HEADS}
+        gap = {n: proxy[n] - truth[n] for n in HEADS}
+        out["generator_samples_proxy_minus_oracle"] = {n: round(float(gap[n].mean()), 4) for n in HEADS}
+        names = column_names([p for p in cfg.generators if p])
+        per = len(samples[2]) // len(names)
+        for i, name in enumerate(names):
+            out[f"proxy_minus_oracle_on_{name}"] = {n: round(float(gap[n][i * per:(i + 1) * per].mean()), 4) for n in HEADS}
     for i, n in enumerate(HEADS):
         err = (mean[n] - scores[:, i]).abs()
         a, b = torch.triu_indices(len(err), len(err), 1)

@@ -355,6 +355,7 @@ def test_reward_model_ensemble_mean_and_std(tiny_checkpoints, capsys):
                                 "--batch_size=8", "--eval_clips=24", f"--out={out}"])
     printed = capsys.readouterr().out
     assert "pair_accuracy" in printed and "generator_samples_proxy_minus_oracle" in printed   # its gap on samples
+    assert '"proxy_minus_oracle_on_base"' in printed and '"proxy_minus_oracle_on_sft"' in printed  # and per generator
     members = rewards.load_reward_model(out)
     assert len(M.read_checkpoint(out)[2]["lineage"]["parent_hash"].split(",")) == 2        # both generators
     b = data.make_batch("curated", 5)
