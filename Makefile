@@ -22,10 +22,11 @@ killtest: setup
 # The main job at the default CPU preset: the three stages from the shipped base, then all four judged side by
 # side (a diagnosis already made of the same file, settings and code is read back from runs/diagnose_cache),
 # then one page of it all: $(RUN)/report.html (offline, self-contained) and report.md. Each run of the
-# pipeline replaces $(RUN) (pass RUN=runs/other to keep an earlier one).
+# pipeline replaces $(RUN) (pass RUN=runs/other to keep an earlier one). Stage II runs all its iterations
+# (--max_minutes=0): its 10-minute default guard would cut it short on a slower machine and change the table.
 pipeline: setup
 	$(PY) sft.py --out_dir=$(RUN)/sft --overwrite=true
-	$(PY) reward_rl.py --init=$(RUN)/sft/ckpt.safetensors --out_dir=$(RUN)/rl --overwrite=true
+	$(PY) reward_rl.py --init=$(RUN)/sft/ckpt.safetensors --out_dir=$(RUN)/rl --overwrite=true --max_minutes=0
 	$(PY) preference.py --init=$(RUN)/rl/ckpt.safetensors --out_dir=$(RUN)/dpo --overwrite=true
 	$(PY) rewards.py diagnose --ckpt=checkpoints/base_small.safetensors --ckpt=$(RUN)/sft/ckpt.safetensors \
 		--ckpt=$(RUN)/rl/ckpt.safetensors --ckpt=$(RUN)/dpo/ckpt.safetensors --out=$(RUN)/diagnose --overwrite=true \
@@ -42,7 +43,7 @@ pipeline_driven: setup
 	$(if $(SFT),mkdir -p $(DRIVEN)/sft && cp $(SFT) $(DRIVEN)/sft/ckpt.safetensors,$(PY) sft.py --out_dir=$(DRIVEN)/sft --overwrite=true)
 	$(PY) rewards.py diagnose --ckpt=$(DRIVEN)/sft/ckpt.safetensors --out=$(DRIVEN)/diagnose_sft --overwrite=true --cache=runs/diagnose_cache
 	$(PY) rewards.py advise --diagnose=$(DRIVEN)/diagnose_sft --stage=rl --out=$(DRIVEN)/advice_rl.json > $(DRIVEN)/rl.flags
-	$(PY) reward_rl.py --init=$(DRIVEN)/sft/ckpt.safetensors --out_dir=$(DRIVEN)/rl --overwrite=true $$(cat $(DRIVEN)/rl.flags)
+	$(PY) reward_rl.py --init=$(DRIVEN)/sft/ckpt.safetensors --out_dir=$(DRIVEN)/rl --overwrite=true --max_minutes=0 $$(cat $(DRIVEN)/rl.flags)
 	$(PY) rewards.py diagnose --ckpt=$(DRIVEN)/rl/ckpt.safetensors --out=$(DRIVEN)/diagnose_rl --overwrite=true --cache=runs/diagnose_cache
 	$(PY) rewards.py advise --diagnose=$(DRIVEN)/diagnose_rl --stage=dpo --out=$(DRIVEN)/advice_dpo.json > $(DRIVEN)/dpo.flags
 	$(PY) preference.py --init=$(DRIVEN)/rl/ckpt.safetensors --out_dir=$(DRIVEN)/dpo --overwrite=true $$(cat $(DRIVEN)/dpo.flags)
