@@ -149,6 +149,22 @@ def held_out(ckpt, judge, prompts=16):
             "judge_minus_oracle": {h: round(float((proxy[h] - heads[h]).mean()), 4) for h in proxy}}
 
 
+def held_out_once(run, judge, prompts):
+    """held_out of a run's checkpoint, kept in its folder beside the hashes it was made from (a rerun of the table
+    reads it back; a new checkpoint or judge computes it again)."""
+    key = [M.file_hash(os.path.join(run, "ckpt.safetensors")), M.file_hash(judge), prompts]
+    path = os.path.join(run, "held_out.json")
+    if os.path.exists(path):
+        kept = json.load(open(path))
+        if kept.get("key") == key:
+            return kept["result"]
+    result = held_out(os.path.join(run, "ckpt.safetensors"), judge, prompts)
+    with open(path + ".tmp", "w") as f:
+        json.dump({"key": key, "result": result}, f)
+    os.replace(path + ".tmp", path)
+    return result
+
+
 def summarise(run, iters):
     """The trained reward's first and last 4 iterations (weighted as trained), training's own evaluations, the
     guards' counts, and whether the run stopped before its last iteration."""
@@ -200,7 +216,7 @@ def bench_ablations(argv):
             resume = ["--resume=true"] if os.path.exists(os.path.join(run, "state.safetensors")) else ["--overwrite=true"]
             subprocess.run([sys.executable, os.path.join(HERE, cmd[0]), *cmd[1:], *resume], check=True)
         result[name] = {"why": why, "command": "python " + " ".join(cmd), **summarise(run, cfg.iters),
-                        "end": held_out(os.path.join(run, "ckpt.safetensors"), cfg.reward_model, cfg.heldout_prompts)}
+                        "end": held_out_once(run, cfg.reward_model, cfg.heldout_prompts)}
         ref = "judge" if name.startswith("judge_") else "defaults"
         if name != ref and ref in result:
             result[name]["verdict"] = verdict(result[name], result[ref], ref)

@@ -368,8 +368,10 @@ def train(cfg: Config, reward_fn=None):
                 ev = evaluate(it + 1)
                 logf.write(json.dumps({"eval": ev}) + "\n")
                 log(f"eval @{it + 1}: " + " ".join(f"{k}={v}" for k, v in ev.items() if k != "iter"))
-                if monitor.update(ev["acc_all"], float((scores * weights).sum(1).mean())):
-                    log(f"stopping: held-out oracle accuracy fell {cfg.patience} evaluations in a row while the "
+                # the oracle's version of the trained reward: its weights on the held-out heads (accuracy is too coarse)
+                held = sum(w * ev.get(n, ev["instruction"]) for n, w in zip(names, weights.tolist()))
+                if monitor.update(held, float((scores * weights).sum(1).mean())):
+                    log(f"stopping: the held-out oracle reward fell {cfg.patience} evaluations in a row while the "
                         f"trained reward rose (reward hacking); keeping the last checkpoint")
                     stop = True
             if out_of_time:

@@ -337,8 +337,10 @@ class SpikeGuard:
 
 
 class HackingMonitor:
-    """Stop a stage when the held-out judge falls for `patience` evaluations in a row while the trained
-    reward rises over the same span: the policy is exploiting the reward, not getting better."""
+    """Stop a stage when the held-out oracle score falls for `patience` evaluations in a row while the trained
+    reward overstates it more at the end of that span than at its start (rising, or falling less): the gap between
+    proxy and truth widens, so the policy is exploiting the reward, not getting better. Both are the same heads under
+    the same weights, the trained one on rollouts, the held-out one on fixed prompts and noise."""
 
     def __init__(self, patience=3, tolerance=0.0):
         self.patience, self.tolerance, self.held_out, self.trained = patience, tolerance, [], []
@@ -350,7 +352,7 @@ class HackingMonitor:
         if len(h) <= self.patience:
             return False
         falling = all(b < a - self.tolerance for a, b in zip(h, h[1:]))
-        return falling and r[-1] > r[0]
+        return falling and r[-1] - h[-1] > r[0] - h[0]
 
     def state_dict(self):
         return {"held_out": self.held_out, "trained": self.trained}

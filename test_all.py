@@ -545,6 +545,31 @@ def read_log(path):
     return [json.loads(line) for line in open(path)]
 
 
+def test_hacking_monitor_stops_when_the_oracle_falls_while_the_trained_reward_rises(tiny_checkpoints, tmp_path,
+                                                                                     monkeypatch):
+    monitor = stability.HackingMonitor(patience=3)
+    assert not any(monitor.update(h, r) for h, r in ((1.0, 0.1), (0.9, 0.2), (0.9, 0.3), (0.8, 0.4), (0.7, 0.5)))
+    assert monitor.update(0.6, 0.6)                        # a tie broke the run of falls; 0.9 > 0.8 > 0.7 > 0.6 does it
+    assert not stability.HackingMonitor(patience=2).update(0.5, 0.0) and not any(
+        stability.HackingMonitor(patience=1).update(h, 1.0) for h in (1.0, 1.1))   # the oracle rising is no hacking
+    both_fall = stability.HackingMonitor(patience=2)                                 # nor a proxy that falls alike
+    assert not any(both_fall.update(v, v + 0.1) for v in (1.0, 0.9, 0.8))
+    # in Stage II: a judge whose score climbs every iteration while every oracle head falls at each evaluation
+    _, tuned, _ = tiny_checkpoints
+    calls, evals = [0], [0]
+    def judge(clips, prompts):
+        calls[0] += 1
+        return {h: torch.rand(len(clips)) * 0.1 + 0.1 * calls[0] for h in rewards.HEADS}
+    def oracle_falls(*a, **k):
+        evals[0] += 1
+        return {**{h: 1.0 - 0.1 * evals[0] for h in rewards.HEADS}, "acc_all": 0.5}  # accuracy flat: not what it reads
+    monkeypatch.setattr(rewards, "quick_eval", oracle_falls)
+    out = tmp_path / "hacked"
+    reward_rl.train(tiny_rl(tuned, out, iters=8, eval_every=1), reward_fn=judge)
+    steps = [r for r in read_log(out / "log.jsonl") if "rollout_s" in r]
+    assert len(steps) == 4 and os.path.exists(out / "ckpt.safetensors")            # 4 evaluations: 3 falls, then stop
+
+
 def test_split_instruction_heads_and_weights():
     b = data.make_batch("val", 8, seed=0)
     a = {k: v.tolist() for k, v in b.attrs.items()}
