@@ -372,7 +372,7 @@ def train(cfg: Config, reward_fn=None):
                 held = sum(w * ev.get(n, ev["instruction"]) for n, w in zip(names, weights.tolist()))
                 if monitor.update(held, float((scores * weights).sum(1).mean())):
                     log(f"stopping: the held-out oracle reward fell {cfg.patience} evaluations in a row while the "
-                        f"trained reward rose (reward hacking); keeping the last checkpoint")
+                        f"trained reward overstated it more and more (reward hacking); keeping the last checkpoint")
                     stop = True
             if out_of_time:
                 log(f"stopping: --max_minutes={cfg.max_minutes} reached after {it + 1} iterations")
