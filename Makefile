@@ -40,7 +40,8 @@ DRIVEN ?= runs/driven
 SFT ?=
 pipeline_driven: setup
 	@mkdir -p $(DRIVEN)
-	$(if $(SFT),mkdir -p $(DRIVEN)/sft && cp $(SFT) $(DRIVEN)/sft/ckpt.safetensors,$(PY) sft.py --out_dir=$(DRIVEN)/sft --overwrite=true)
+	$(if $(SFT),cp $(SFT) $(DRIVEN)/sft_input.tmp && rm -rf $(DRIVEN)/sft && mkdir -p $(DRIVEN)/sft && \
+		mv $(DRIVEN)/sft_input.tmp $(DRIVEN)/sft/ckpt.safetensors,$(PY) sft.py --out_dir=$(DRIVEN)/sft --overwrite=true)
 	$(PY) rewards.py diagnose --ckpt=$(DRIVEN)/sft/ckpt.safetensors --out=$(DRIVEN)/diagnose_sft --overwrite=true --cache=runs/diagnose_cache
 	$(PY) rewards.py advise --diagnose=$(DRIVEN)/diagnose_sft --stage=rl --out=$(DRIVEN)/advice_rl.json > $(DRIVEN)/rl.flags
 	$(PY) reward_rl.py --init=$(DRIVEN)/sft/ckpt.safetensors --out_dir=$(DRIVEN)/rl --overwrite=true --max_minutes=0 $$(cat $(DRIVEN)/rl.flags)

@@ -152,7 +152,7 @@ def held_out(ckpt, judge, prompts=16):
 def held_out_once(run, judge, prompts):
     """held_out of a run's checkpoint, kept in its folder beside the hashes it was made from (a rerun of the table
     reads it back; a new checkpoint or judge computes it again)."""
-    key = [M.file_hash(os.path.join(run, "ckpt.safetensors")), M.file_hash(judge), prompts]
+    key = [M.file_hash(os.path.join(run, "ckpt.safetensors")), M.file_hash(judge), prompts, R.code_version()]
     path = os.path.join(run, "held_out.json")
     if os.path.exists(path):
         kept = json.load(open(path))
@@ -170,12 +170,17 @@ def summarise(run, iters):
     guards' counts, and whether the run stopped before its last iteration."""
     recs = [json.loads(line) for line in open(os.path.join(run, "log.jsonl"))]
     evals, steps = [r["eval"] for r in recs if "eval" in r], [r for r in recs if "rollout_s" in r]
-    trained = [sum(w * r[k][0] for w, k in zip(r["weights"], [k for k in r if k.startswith("reward_")])) for r in steps]
+    trained = [trained_reward(r) for r in steps]
     return {"iterations": len(steps), "stopped_early": len(steps) < iters,
             "trained_reward_first4": round(sum(trained[:4]) / len(trained[:4]), 4),
             "trained_reward_last4": round(sum(trained[-4:]) / len(trained[-4:]), 4),
             "skipped": steps[-1]["skipped"], "rollbacks": steps[-1]["rollbacks"],
             "minutes": round(sum(r["rollout_s"] + r["train_s"] for r in steps) / 60, 2), "evals": evals}
+
+
+def trained_reward(rec):
+    """An iteration's reward as it was trained: its heads' rollout means under that iteration's weights."""
+    return sum(w * rec[k][0] for w, k in zip(rec["weights"], [k for k in rec if k.startswith("reward_")]))
 
 
 def verdict(row, ref, ref_name):
@@ -186,7 +191,7 @@ def verdict(row, ref, ref_name):
         (a, sa), (b, sb) = row["end"][k], ref["end"][k]
         d, se = a - b, (sa ** 2 + sb ** 2) ** 0.5
         said.append(f"{label} {d:+.3f} ± {se:.3f}" + (" (no difference)" if abs(d) < 2 * se else ""))
-    return f"vs {ref_name}: " + "; ".join(said)
+    return f"vs {ref_name}: " + "; ".join(said)  # unpaired: the rows share clips and noise, so it errs toward "none"
 
 
 def bench_ablations(argv):
@@ -218,8 +223,9 @@ def bench_ablations(argv):
         result[name] = {"why": why, "command": "python " + " ".join(cmd), **summarise(run, cfg.iters),
                         "end": held_out_once(run, cfg.reward_model, cfg.heldout_prompts)}
         ref = "judge" if name.startswith("judge_") else "defaults"
-        if name != ref and ref in result:
-            result[name]["verdict"] = verdict(result[name], result[ref], ref)
+        if name != ref:
+            result[name]["verdict"] = verdict(result[name], result[ref], ref) if ref in result else \
+                f"no reference: the {ref} row was not run (--only)"
     os.makedirs(cfg.out, exist_ok=True)
     with open(os.path.join(cfg.out, "ablations.json"), "w") as f:
         json.dump(result, f, indent=1)

@@ -476,7 +476,7 @@ def file_hash(path):
 def lineage_record(stage, parent="", step=0, data_preset="", **extra):
     """Where a checkpoint came from: stage, parent file and its hash (several parents, "a,b": a hash each), step,
     data, time."""
-    hashes = ",".join(file_hash(p) for p in str(parent).split(",")) if parent else ""
+    hashes = ",".join(file_hash(p) for p in str(parent).split(",") if p) if parent else ""
     return dict(stage=stage, parent=str(parent), parent_hash=hashes,
                 step=step, data=data_preset, time=time.strftime("%Y-%m-%dT%H:%M:%S"), **extra)
 

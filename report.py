@@ -25,7 +25,7 @@ import torch
 
 import data
 import model as M
-from bench import ablation_rows
+from bench import ablation_rows, trained_reward
 from rewards import HEADS, QUALITY, DiagnoseConfig
 from stability import OutputExists, UserError, parse_config, run_cli
 
@@ -40,7 +40,7 @@ esc = html.escape
 class Config:
     run: str = "runs/pipeline"  # a run folder holding diagnose/ and the stages' sft/, rl/, dpo/
     overwrite: bool = False     # replace an existing report.html and report.md
-    ablations: str = "runs/ablations/ablations.json"  # `make ablations`' results, a section when present ('' = none)
+    ablations: str = "runs/ablations/ablations.json"  # `make ablations`' results: a section when the file exists
 
 
 def read_jsonl(path):
@@ -257,20 +257,17 @@ def decision_blocks(run, results):
 
 def ablation_blocks(path):
     """`make ablations`' table, its commands and its curves: Stage II with one part taken out at a time."""
-    if not path:
+    if not (path and os.path.exists(path)):   # `make ablations` has not run here: no section
         return []
-    if not os.path.exists(path):
-        return [("h2", "Ablations"), ("p", f"`{path}` not found: `make ablations` writes it (Stage II with one part "
-                                          f"taken out at a time; rerun this report after it).")]
     result = json.load(open(path))
+    if "start" not in result:                 # written before rows were judged on the held-out clips
+        return [("h2", "Ablations"), ("p", f"`{path}` is from an older `make ablations`; rerun it for this section.")]
     header, rows = ablation_rows(result)
     runs = {n: r for n, r in result.items() if n != "start"}
     logs = {n: [r for r in read_jsonl(os.path.join(os.path.dirname(path), n, "log.jsonl")) if "rollout_s" in r] for n in runs}
-    trained = lambda recs: [sum(w * r[k][0] for w, k in zip(r["weights"], [k for k in r if k.startswith("reward_")]))
-                            for r in recs]
     evals = lambda r, k: ([e["iter"] for e in r["evals"]], [e[k] for e in r["evals"]])
     charts = [chart("trained reward (rollout mean as weighted; the judge's for judge rows)",
-                    [(n, [r["iter"] for r in recs], trained(recs)) for n, recs in logs.items() if recs], "iteration"),
+                    [(n, [r["iter"] for r in recs], [trained_reward(r) for r in recs]) for n, recs in logs.items() if recs], "iteration"),
               *[chart(f"oracle: held-out {label} (training's 16-clip evaluations)", [(n, *evals(r, k)) for n, r in runs.items()],
                       "iteration") for k, label in (("acc_all", "all-attributes accuracy"), ("fidelity", "fidelity head"))]]
     return [("h2", "Ablations: why each part of Stage II exists"),
@@ -310,16 +307,20 @@ def machine():
             f"({len(os.sched_getaffinity(0))} usable by this process)", "GPU": gpu}
 
 
-def pipeline_commands(run):
-    """make pipeline's recipe as this checkout's Makefile writes it, with $(PY) and $(RUN) filled in."""
+def pipeline_commands(run, target="pipeline"):
+    """The Makefile recipe of `target` as this checkout writes it, with $(PY), the run folder and the flags a
+    driven run read from its .flags files filled in."""
     path, cmds, inside = os.path.join(HERE, "Makefile"), [""], False
     for line in open(path) if os.path.exists(path) else ():
-        inside = line.startswith("pipeline:") or inside and line.startswith("\t")
+        inside = line.startswith(f"{target}:") or inside and line.startswith("\t")
         if inside and line.startswith("\t"):  # a line ending in a backslash goes on in the next
             cmds[-1] += line.strip().rstrip("\\")
             cmds += [] if line.rstrip().endswith("\\") else [""]
-    fill = lambda c: " ".join(c.replace("$(PY)", "python").replace("$(RUN)", run).split())
-    return [f"make pipeline RUN={run}   # runs:"] + [fill(c) for c in cmds if c]
+    flags = lambda m: open(m.group(1)).read().strip() if os.path.exists(m.group(1)) else m.group(0)[1:]
+    fill = lambda c: " ".join(re.sub(r"\$\$\(cat (\S+)\)", flags, c.replace("$(PY)", "python").replace(
+        "$(RUN)", run).replace("$(DRIVEN)", run)).split())
+    var = "DRIVEN" if target == "pipeline_driven" else "RUN"
+    return [f"make {target} {var}={run}   # runs:"] + [fill(c) for c in cmds if c and not c.startswith("@")]
 
 
 def diagnose_command(dcfg):
@@ -423,6 +424,7 @@ def write_report(cfg):
               + "".join(f"; DPO win rate vs its input {w['win_rate']:.0%}" for w in wins.values() if w) + ".")
     grid_rows, grid = dcfg.get("grid_rows") or [f"eval prompt {i + 1}" for i in range(8)], os.path.join(diag, "grid.gif")
     minutes = lambda s: f"{s / 60:.1f} min" if s else "not recorded"
+    target = "pipeline_driven" if os.path.exists(os.path.join(run, "advice_rl.json")) else "pipeline"
     blocks = [("h1", f"postflow report: {run}"),
               ("p", f"Written {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} by `python report.py --run={run}` "
                     f"from the run's own files. {glance}"),
@@ -452,8 +454,8 @@ def write_report(cfg):
     blocks += [("h2", "Drift: by frame, and by chunk of clips continued to 4x their length"),
                ("charts", drift_curves(results)), *decision_blocks(run, results), *ablation_blocks(cfg.ablations),
                ("h2", "How it was made"),
-               ("p", f"`make pipeline RUN={run}` runs these commands (this checkout's Makefile); the settings each stage "
-                     f"actually ran with are its config, below."), ("pre", pipeline_commands(run)),
+               ("p", f"`make {target}` runs these commands (this checkout's Makefile); the settings each stage "
+                     f"actually ran with are its config, below."), ("pre", pipeline_commands(run, target)),
                ("h3", "Wall time per stage"),
                ("table", ["stage", "loop time (its log)", "end to end (file times)"],
                 [(f, minutes(loop), minutes(span)) for f, loop, span in wall_times(run, dcfg.get("seconds"))], ""),

@@ -368,9 +368,9 @@ def train(cfg: Config, reward_fn=None):
                 ev = evaluate(it + 1)
                 logf.write(json.dumps({"eval": ev}) + "\n")
                 log(f"eval @{it + 1}: " + " ".join(f"{k}={v}" for k, v in ev.items() if k != "iter"))
-                # the oracle's version of the trained reward: its weights on the held-out heads (accuracy is too coarse)
-                held = sum(w * ev.get(n, ev["instruction"]) for n, w in zip(names, weights.tolist()))
-                if monitor.update(held, float((scores * weights).sum(1).mean())):
+                # proxy vs truth on the heads the eval scores, at fixed weights (a curriculum's would move both)
+                w = [(i, v) for i, (n, v) in enumerate(zip(names, R.advantage_weights(names, cfg.weights).tolist())) if n in ev]
+                if monitor.update(sum(v * ev[names[i]] for i, v in w), sum(v * scores[:, i].mean().item() for i, v in w)):
                     log(f"stopping: the held-out oracle reward fell {cfg.patience} evaluations in a row while the "
                         f"trained reward overstated it more and more (reward hacking); keeping the last checkpoint")
                     stop = True

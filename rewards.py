@@ -798,13 +798,18 @@ def advise(argv):
     if not isinstance(rec, dict):
         raise ConfigError(f"{path} is from a diagnose without parts; rerun diagnose")
     flags = stage_flags(cfg.stage, rec["axis"])
+    # the pipeline's stage order is fixed; where the diagnosis would run another stage first, that stage is told
+    # the same axis, and the record keeps what was recommended
+    recommended = rec["command"].split()[1]
+    override = "" if recommended == {"rl": "reward_rl.py", "dpo": "preference.py"}[cfg.stage] else \
+        f" (it recommends {recommended} next; the pipeline's next stage is {cfg.stage}, turned toward the same axis)"
     decision = {"from": column, "diagnose": cfg.diagnose, "stage": cfg.stage, "axis": rec["axis"], "part": rec["part"],
-                "flags": flags, "why": rec["text"]}
+                "flags": flags, "why": rec["text"] + override, "recommended": rec["command"]}
     if cfg.out:
         with open(cfg.out + ".tmp", "w") as f:
             json.dump(decision, f, indent=1)
         os.replace(cfg.out + ".tmp", cfg.out)
-    print(f"{cfg.stage} from {column}'s diagnosis: {' '.join(flags) or 'the defaults'} ({rec['text']})", file=sys.stderr)
+    print(f"{cfg.stage} from {column}'s diagnosis: {' '.join(flags) or 'the defaults'} ({decision['why']})", file=sys.stderr)
     print(" ".join(flags))
 
 
@@ -903,13 +908,17 @@ def check_diagnose_inputs(cfg):
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
+def code_version():
+    """The hashes of the code that samples and scores, and torch's version: a result kept under them is still true."""
+    return [M.file_hash(os.path.join(HERE, f)) for f in ("rewards.py", "model.py", "data.py")] + [torch.__version__]
+
+
 def cache_key(path, cfg):
     """What a diagnosis depends on: the checkpoint's bytes, the settings that shape the samples, the judge's bytes,
     and the code that samples and scores (an edit to any of these files is a new key)."""
     settings = {k: v for k, v in asdict(cfg).items() if k not in ("ckpt", "out", "overwrite", "cache", "reward_model")}
-    code = [M.file_hash(os.path.join(HERE, f)) for f in ("rewards.py", "model.py", "data.py")]
     judge = M.file_hash(cfg.reward_model) if cfg.reward_model and os.path.exists(cfg.reward_model) else ""
-    text = json.dumps([M.file_hash(path), settings, judge, list(HEADS), code], sort_keys=True)
+    text = json.dumps([M.file_hash(path), settings, judge, list(HEADS), code_version()], sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()[:20]
 
 
@@ -921,7 +930,7 @@ def read_cached(folder, key):
     from safetensors.torch import load_file
     try:
         return json.load(open(stem + ".json")), load_file(stem + ".safetensors")["grid"]
-    except (OSError, ValueError, KeyError):                        # truncated by a kill: computed again
+    except Exception:                                              # truncated by a kill, any broken file: recomputed
         return None
 
 
