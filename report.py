@@ -266,10 +266,10 @@ def ablation_blocks(path):
     runs = {n: r for n, r in result.items() if n != "start"}
     logs = {n: [r for r in read_jsonl(os.path.join(os.path.dirname(path), n, "log.jsonl")) if "rollout_s" in r] for n in runs}
     evals = lambda r, k: ([e["iter"] for e in r["evals"]], [e[k] for e in r["evals"]])
-    charts = [chart("trained reward (rollout mean as weighted; the judge's for judge rows)",
+    charts = [chart("trained reward (the judge's in judge rows)",
                     [(n, [r["iter"] for r in recs], [trained_reward(r) for r in recs]) for n, recs in logs.items() if recs], "iteration"),
-              *[chart(f"oracle: held-out {label} (training's 16-clip evaluations)", [(n, *evals(r, k)) for n, r in runs.items()],
-                      "iteration") for k, label in (("acc_all", "all-attributes accuracy"), ("fidelity", "fidelity head"))]]
+              *[chart(f"oracle, 16 held-out clips: {label}", [(n, *evals(r, k)) for n, r in runs.items()],
+                      "iteration") for k, label in (("acc_all", "all attributes"), ("fidelity", "fidelity"))]]
     return [("h2", "Ablations: why each part of Stage II exists"),
             ("p", f"From `{path}` (`make ablations`): Stage II from the same input with one part taken out at a time. "
                   f"Columns 3-5 and the judge's gap: each run's end checkpoint on {result['start']['clips']} of "
