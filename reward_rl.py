@@ -272,6 +272,25 @@ def record(it, names, scores, weights, zero_frac, adv, roll, stats, **extra):
 
 
 # ----------------------------------------------------------------------------- the loop
+def evaluate_and_decide(cfg, it, rec, scores, names, evaluate, monitor, out_of_time, logf, log):
+    """Rank 0's end of an iteration: the log line, a held-out evaluation when due, and whether to stop."""
+    logf.write(json.dumps(rec) + "\n")
+    hacked = False
+    if (it + 1) % cfg.eval_every == 0 or it + 1 == cfg.iters or out_of_time:
+        ev = evaluate(it + 1)
+        logf.write(json.dumps({"eval": ev}) + "\n")
+        log(f"eval @{it + 1}: " + " ".join(f"{k}={v}" for k, v in ev.items() if k != "iter"))
+        # proxy vs truth on the heads the eval scores, at fixed weights (a curriculum's would move both)
+        w = [(i, v) for i, (n, v) in enumerate(zip(names, R.advantage_weights(names, cfg.weights).tolist())) if n in ev]
+        if hacked := monitor.update(sum(v * ev[names[i]] for i, v in w), sum(v * scores[:, i].mean().item() for i, v in w)):
+            log(f"stopping: the held-out oracle reward fell {cfg.patience} evaluations in a row while the trained "
+                f"reward overstated it more and more (reward hacking); keeping the last checkpoint")
+    if out_of_time:
+        log(f"stopping: --max_minutes={cfg.max_minutes} reached after {it + 1} iterations")
+    logf.flush()
+    return hacked or out_of_time
+
+
 def train(cfg: Config, reward_fn=None):
     """reward_fn(clips, prompts) -> {head: (B,)} replaces the configured judge (tests use a simple one)."""
     d = setup_distributed(cfg.device)
@@ -289,15 +308,12 @@ def train(cfg: Config, reward_fn=None):
     parts = dict(guard=guard, spikes=spikes, monitor=monitor)  # every decision's history: saved, restored
     start, log_offset = M.resume_run(state_path, policy, ema, opt, cfg, parts, log) if cfg.resume else (0, None)
     spikes.snapshot(policy, opt)                    # at a checkpoint the last good weights are the current ones
-
     groups, n_window, rollouts = cfg.prompts_per_iter, len(window_steps(cfg, 0)), cfg.prompts_per_iter * cfg.group_size
     per_rank, n_trained = rollouts // d.ranks, max(1, round(cfg.train_fraction * n_window))
     log(f"batch: {cfg.prompts_per_iter} prompts x {cfg.group_size} rollouts = {rollouts} per iteration = {d.ranks} "
         f"rank(s) x {per_rank}; {cfg.rollout_steps} denoising steps, SDE on {n_window}, {n_trained} trained per rollout; "
         f"{cfg.epochs} epoch(s) x {cfg.minibatches} minibatch(es) = {cfg.epochs * cfg.minibatches} updates per iteration")
-    assert per_rank * d.ranks == rollouts and (rollouts // cfg.minibatches) * cfg.minibatches == rollouts
     print_config(cfg, log)
-
     train_prompts, names = data.train_prompts(), R.head_names(cfg.split_instruction)
     eval_prompts, _ = R.eval_prompts(R.DiagnoseConfig(prompts=cfg.eval_prompts, seed=cfg.seed))
     eval_noise = R.noise_for(len(eval_prompts), policy, cfg.seed + 7).to(d.device)
@@ -360,24 +376,9 @@ def train(cfg: Config, reward_fn=None):
                      train_s=round(time.time() - t1, 2))
         bar.set_postfix(instr=f"{rec['reward_instruction'][0]:.3f}", kl=f"{rec['kl_ref']:.2e}",
                         gnorm=f"{rec['grad_norm']:.3f}", zero=f"{zero_frac:.2f}")
-        # ---- evaluation, the hacking monitor and the time budget: decided on rank 0, obeyed by all
-        stop, out_of_time = False, cfg.max_minutes > 0 and time.time() - t_start + (time.time() - t0) > 60 * cfg.max_minutes
-        if d.main:
-            logf.write(json.dumps(rec) + "\n")
-            if (it + 1) % cfg.eval_every == 0 or it + 1 == cfg.iters or out_of_time:
-                ev = evaluate(it + 1)
-                logf.write(json.dumps({"eval": ev}) + "\n")
-                log(f"eval @{it + 1}: " + " ".join(f"{k}={v}" for k, v in ev.items() if k != "iter"))
-                # proxy vs truth on the heads the eval scores, at fixed weights (a curriculum's would move both)
-                w = [(i, v) for i, (n, v) in enumerate(zip(names, R.advantage_weights(names, cfg.weights).tolist())) if n in ev]
-                if monitor.update(sum(v * ev[names[i]] for i, v in w), sum(v * scores[:, i].mean().item() for i, v in w)):
-                    log(f"stopping: the held-out oracle reward fell {cfg.patience} evaluations in a row while the "
-                        f"trained reward overstated it more and more (reward hacking); keeping the last checkpoint")
-                    stop = True
-            if out_of_time:
-                log(f"stopping: --max_minutes={cfg.max_minutes} reached after {it + 1} iterations")
-                stop = True
-            logf.flush()
+        # ---- EVALUATION, the hacking monitor and the time budget: decided on rank 0, obeyed by all
+        out_of_time = cfg.max_minutes > 0 and time.time() - t_start + (time.time() - t0) > 60 * cfg.max_minutes
+        stop = d.main and evaluate_and_decide(cfg, it, rec, scores, names, evaluate, monitor, out_of_time, logf, log)
         stop = bool(from_rank0(stop, d))
         if ((it + 1) % cfg.ckpt_every == 0 or it + 1 == cfg.iters or stop) and d.main:
             M.save_run_state(state_path, policy, ema, opt, lineage(it + 1), it + 1, parts, logf)
