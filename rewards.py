@@ -952,7 +952,7 @@ def diagnose(argv):
     if os.path.exists(os.path.join(cfg.out, "diagnostics.json")) and not cfg.overwrite:
         raise OutputExists(f"{cfg.out} already holds diagnostics; pass --overwrite=true or another --out")
     rm, world = check_diagnose_inputs(cfg)
-    ref = data_parts(world, cfg.seed)                                  # the same data for every checkpoint
+    ref = None                                                         # the data's parts, once, if any column needs them
     os.makedirs(cfg.out, exist_ok=True)
     results, grids, t0 = {}, [], time.time()
     names = column_names(cfg.ckpt)
@@ -964,6 +964,7 @@ def diagnose(argv):
                 results[name], grid = cached
                 bar.update(5)
             else:
+                ref = ref or data_parts(world, cfg.seed)                   # the same data for every checkpoint
                 results[name], videos = diagnose_checkpoint(path, cfg, bar, rm, ref)
                 grid = videos[:: cfg.seeds][:8]                        # seed 0 of the first 8 prompts
                 write_cached(cfg.cache, key, results[name], grid)
