@@ -329,10 +329,19 @@ def straight_path_velocity(model, x1, x0, t, tokens, ctx=None, ctx_mask=None):
     return model.velocity((1 - tt) * x0 + tt * x1, t, tokens, ctx=ctx, ctx_mask=ctx_mask)
 
 
-def guided_velocity(model, x, t, tokens, cfg_scale, ctx=None, ctx_mask=None):
-    """Classifier-free guidance: v_u + w (v_c - v_u), both halves in one batch."""
+# Guidance in a limited interval (Kynkaanniemi et al. 2024): classifier-free guidance decides what a clip shows
+# while t is small; applied near the data it pushes the predicted clean clip past the data, which shows as speckle
+# inside the object, a halo on the background and off-palette colour (the fidelity head's three parts). Measured
+# on the 64 held-out clips (docs/results.md): the same SFT checkpoint, guidance everywhere -> until t = 0.6,
+# fidelity 0.488 -> 0.637, all-attributes 0.875 -> 0.875, temporal 0.774 -> 0.800.
+CFG_UNTIL = 0.6
+
+
+def guided_velocity(model, x, t, tokens, cfg_scale, ctx=None, ctx_mask=None, cfg_until=None):
+    """Classifier-free guidance: v_u + w (v_c - v_u), both halves in one batch, while t < cfg_until (default
+    CFG_UNTIL; 1.0 guides every step); the conditional velocity alone after that."""
     tvec = torch.full((x.shape[0],), float(t), device=x.device)
-    if cfg_scale == 1.0:
+    if cfg_scale == 1.0 or t >= (CFG_UNTIL if cfg_until is None else cfg_until):
         return model.velocity(x, tvec, tokens, ctx=ctx, ctx_mask=ctx_mask)
     two = lambda a: None if a is None else torch.cat([a, a])
     drop = torch.cat([torch.zeros(x.shape[0], dtype=torch.bool), torch.ones(x.shape[0], dtype=torch.bool)]).to(x.device)
@@ -348,19 +357,19 @@ def time_grid(steps, shift=1.0):
 
 
 @torch.no_grad()
-def sample(model, tokens, noise, steps=20, cfg_scale=3.0, ctx=None, ctx_mask=None, shift=1.0):
+def sample(model, tokens, noise, steps=20, cfg_scale=3.0, ctx=None, ctx_mask=None, shift=1.0, cfg_until=None):
     """Euler ODE from noise (t=0) to data (t=1). noise: (B, C, F, H, W). Context frames are pinned."""
     x, grid = noise, time_grid(steps, shift)
     for i in range(steps):
         t, t_next = float(grid[i]), float(grid[i + 1])
-        x = x + (t_next - t) * guided_velocity(model, x, t, tokens, cfg_scale, ctx, ctx_mask)
+        x = x + (t_next - t) * guided_velocity(model, x, t, tokens, cfg_scale, ctx, ctx_mask, cfg_until)
     if ctx is not None:
         x = torch.where(ctx_mask[:, None, :, None, None], ctx, x)
     return model.decode(x)
 
 
 @torch.no_grad()
-def sample_long(model, tokens, gen, chunks, steps=20, cfg_scale=3.0, overlap=None):
+def sample_long(model, tokens, gen, chunks, steps=20, cfg_scale=3.0, overlap=None, cfg_until=None):
     """A clip of several chunks: each new chunk takes the previous chunk's last `overlap` frames as
     context and adds F - overlap frames. Returns (B, C, F + (chunks - 1) * (F - overlap), H, W)."""
     c = model.cfg
@@ -370,12 +379,13 @@ def sample_long(model, tokens, gen, chunks, steps=20, cfg_scale=3.0, overlap=Non
     overlap = c.frames // 2 if overlap is None else overlap
     dev = tokens.device
     shape = (len(tokens), c.channels, c.frames, c.size, c.size)
-    clip = sample(model, tokens, torch.randn(shape, generator=gen).to(dev), steps, cfg_scale)
+    clip = sample(model, tokens, torch.randn(shape, generator=gen).to(dev), steps, cfg_scale, cfg_until=cfg_until)
     mask = (torch.arange(c.frames) < overlap)[None].expand(len(tokens), -1).to(dev)
     for _ in range(chunks - 1):
         ctx = torch.zeros(shape, device=dev)
         ctx[:, :, :overlap] = clip[:, :, -overlap:]
-        nxt = sample(model, tokens, torch.randn(shape, generator=gen).to(dev), steps, cfg_scale, ctx, mask)
+        nxt = sample(model, tokens, torch.randn(shape, generator=gen).to(dev), steps, cfg_scale, ctx, mask,
+                     cfg_until=cfg_until)
         clip = torch.cat([clip, nxt[:, :, overlap:]], dim=2)
     return clip
 

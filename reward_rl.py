@@ -219,7 +219,7 @@ def awm_update(cfg, policy, reference, roll, adv, mb, share, draws, stats):
         kl = M.masked_msq(flow(policy, t, x0), v_ref, cm)
         (cfg.awm_beta * kl.sum() * share).backward()
     roll.on_policy = False                    # the optimizer steps next: later passes compare with the sampler
-    stats["kl_ref"].append(kl.mean().item())
+    stats["kl_ref"].append(kl.sum().item() * share)  # this rank's part of the minibatch's mean: summed over ranks
     stats["loss"].append(total)
     return total
 
@@ -241,9 +241,10 @@ def ppo_update(cfg, policy, reference, roll, adv, mb, share, draws, stats):
         loss = (policy_loss + cfg.beta * kl).sum() * share / len(trained)
         loss.backward()
         total += loss.item()
-        approx_kl, kl_mean = (ratio - 1 - log_ratio.detach()).mean(), kl.detach().mean()   # ratio = exp(log_ratio)
-        for key, value in (("ratio", ratio.mean()), ("clip_frac", clipped), ("approx_kl", approx_kl), ("kl_ref", kl_mean)):
+        approx_kl = (ratio - 1 - log_ratio.detach()).mean()                    # ratio = exp(log_ratio)
+        for key, value in (("ratio", ratio.mean()), ("clip_frac", clipped), ("approx_kl", approx_kl)):
             stats[key].append(float(value))
+        stats["kl_ref"].append(kl.detach().sum().item() * share / len(trained))  # as awm_update's: summed over ranks
     stats["loss"].append(total)
     return total
 
@@ -367,8 +368,10 @@ def train(cfg: Config, reward_fn=None):
                     opt.step()
                     ema.update(policy, n_update)                              # EMA
                 opt.zero_grad(set_to_none=True)
-        # ROLLBACK on a spike, decided on statistics every rank shares (grad norm is global, the KL reduced)
-        kl_ref = all_mean(torch.tensor(sum(stats["kl_ref"]) / len(stats["kl_ref"]), dtype=torch.float64), d).item()
+        # ROLLBACK on a spike, decided on statistics every rank shares and any rank count gives alike (grad norm is
+        # global; the KL is each minibatch's mean over all its clips, however the shuffle split them over ranks)
+        kl_ref = all_mean(torch.tensor(sum(stats["kl_ref"]), dtype=torch.float64), d).item() / (cfg.epochs * cfg.minibatches)
+        stats["kl_ref"] = [kl_ref]                                            # logged as decided
         if not spikes.check(policy, opt, grad_norm=max(stats["grad_norm"]), kl_ref=kl_ref):
             spikes.snapshot(policy, opt)
         rec = record(it, names, scores, weights, zero_frac, adv, roll, stats, lr=opt.param_groups[0]["lr"],

@@ -582,6 +582,7 @@ class DiagnoseConfig:
     seeds: int = 2              # noise seeds per prompt
     steps: int = 20             # Euler steps
     cfg_scale: float = 3.0      # guidance weight of the main samples
+    cfg_until: float = M.CFG_UNTIL  # guidance stops at this t (1.0 = guide every step)
     long_clips: int = 8         # clips continued to 4x their length for drift_by_chunk
     diversity_seeds: int = 8    # seeds per prompt for the diversity spread
     reward_model: str = "checkpoints/reward_model.safetensors"  # learned ensemble for proxy_reward ('' = none)
@@ -632,7 +633,7 @@ def diagnose_checkpoint(path, cfg, bar, rm=None, ref=None):
     splits = [s for s in splits for _ in range(cfg.seeds)]
     tokens = data.tokenize(prompts)
     noise = noise_for(len(prompts), net, cfg.seed)
-    sample = lambda tok, nz, w, **kw: M.sample(net, tok, nz, cfg.steps, w, **kw)
+    sample = lambda tok, nz, w, **kw: M.sample(net, tok, nz, cfg.steps, w, cfg_until=cfg.cfg_until, **kw)
 
     videos = sample(tokens, noise, cfg.cfg_scale); bar.update()
     obs = oracle(videos, world)
@@ -662,7 +663,7 @@ def diagnose_checkpoint(path, cfg, bar, rm=None, ref=None):
     chunks = 1 + 3 * mc.frames // (mc.frames - overlap)
     n_long = min(cfg.long_clips, len(prompts))
     long = M.sample_long(net, tokens[:n_long], torch.Generator().manual_seed(cfg.seed + 1), chunks, cfg.steps,
-                         cfg.cfg_scale, overlap); bar.update()
+                         cfg.cfg_scale, overlap, cfg.cfg_until); bar.update()
     by_chunk = []
     for c in range(long.shape[2] // mc.frames):
         h = reward_heads(long[:, :, c * mc.frames:(c + 1) * mc.frames], prompts[:n_long], world)
@@ -885,7 +886,7 @@ def check_diagnose_inputs(cfg):
     world the checkpoints share."""
     if not cfg.ckpt:
         raise ConfigError("no checkpoints to diagnose: pass --ckpt=PATH (repeat it, or --ckpt=A,B)")
-    check_ranges(cfg, at_least_one=("prompts", "seeds", "steps", "long_clips"), non_negative=("cfg_scale",))
+    check_ranges(cfg, at_least_one=("prompts", "seeds", "steps", "long_clips"), non_negative=("cfg_scale", "cfg_until"))
     if cfg.diversity_seeds < 2:
         raise ConfigError(f"--diversity_seeds must be at least 2 to measure a spread, got {cfg.diversity_seeds}")
     shapes = {}

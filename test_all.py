@@ -148,6 +148,17 @@ def test_sampler_is_deterministic_and_seeded():
     assert torch.equal(a, b) and not torch.equal(a, c)
 
 
+def test_guidance_stops_at_cfg_until():
+    net = tiny_model(randomize=True).eval()
+    tok = data.tokenize(["a red circle", "a blue square"])
+    noise = torch.randn(2, 3, 4, 16, 16, generator=torch.Generator().manual_seed(0))
+    sample = lambda w, until: M.sample(net, tok, noise, steps=4, cfg_scale=w, cfg_until=until)
+    assert torch.equal(sample(3.0, 0.0), sample(1.0, 1.0))            # never guided = the conditional sampler
+    everywhere, half = sample(3.0, 1.0), sample(3.0, 0.5)              # grid 0, .25, .5, .75: two steps guided
+    assert (everywhere - half).abs().mean() > 1e-4 and (half - sample(1.0, 1.0)).abs().mean() > 1e-4
+    assert torch.equal(sample(3.0, None), sample(3.0, M.CFG_UNTIL))   # the default is the module's one setting
+
+
 def test_context_frames_condition_the_model_and_are_pinned():
     net = tiny_model(randomize=True).eval()
     tok = data.tokenize(["a red circle moving left"] * 2)
@@ -1271,12 +1282,13 @@ def test_wan_euler_step_and_sde_logprob_match_diffusers(tmp_path):
     u_of = lambda x, ts, s: policy.transformer(x, ts.expand(len(x)), s, return_dict=False)[0]   # diffusers' call
     with torch.no_grad():
         xd = x
-        for i, ts in enumerate(sched.timesteps):              # an Euler step each, guided (w = 3) as Wan's pipeline does
+        for i, ts in enumerate(sched.timesteps):              # an Euler step each, guided (w = 3) at every step as Wan's pipeline does
             u = u_of(xd, ts, empty) + 3.0 * (u_of(xd, ts, states) - u_of(xd, ts, empty))
-            ours = xd + float(grid[i + 1] - grid[i]) * M.guided_velocity(policy, xd, float(grid[i]), tokens, 3.0)
+            ours = xd + float(grid[i + 1] - grid[i]) * M.guided_velocity(policy, xd, float(grid[i]), tokens, 3.0,
+                                                                                  cfg_until=1.0)
             xd = sched.step(u, ts, xd).prev_sample
             assert torch.allclose(ours, xd, atol=1e-5) and (u.abs().mean() > 0.1), i
-        assert torch.allclose(M.sample(policy, tokens, x, 3, 3.0), policy.decode(xd), atol=1e-4)
+        assert torch.allclose(M.sample(policy, tokens, x, 3, 3.0, cfg_until=1.0), policy.decode(xd), atol=1e-4)
         # the SDE step's log-prob through the adapter is the Gaussian density of Flow-GRPO's step, written in sigma and u
         i, sigma, sigma_next = 1, 1 - float(grid[1]), 1 - float(grid[2])
         u, dsigma = u_of(x, sched.timesteps[1], states), sigma_next - sigma
