@@ -4,6 +4,7 @@
     python bench.py dpo_memory                # peak memory of one DPO step, joint vs decoupled backward
     python bench.py grpo --minutes=8          # cost-cutting GRPO vs vanilla Flow-GRPO for equal wall-clock
     python bench.py ablations                 # Stage II with one part removed at a time (make ablations)
+    python bench.py fidelity --ckpt=A --ckpt=B  # where fidelity is lost: the sampler's guidance, the network's redraw
 """
 import json
 import os
@@ -352,13 +353,58 @@ def bench_speed(argv):
     print(f"wrote {cfg.out}/speed.json")
 
 
+@dataclass
+class FidelityConfig:
+    ckpt: tuple = ("checkpoints/base_small.safetensors",)  # checkpoints to probe (repeat --ckpt=)
+    out: str = "runs/bench/fidelity.json"                  # every figure, per checkpoint
+
+
+@torch.no_grad()
+def bench_fidelity(argv):
+    """Where a checkpoint's fidelity is lost, on diagnose's 64 held-out clips (its prompts and noise): the same
+    network under several guidance settings (the sampler's share), and the clean clip it predicts from a clip
+    2 % noised (t = 0.98: the network's own redraw, no sampler at all; the data scores 0 on every part)."""
+    cfg = parse_config(FidelityConfig, argv)
+    dcfg = R.DiagnoseConfig()
+    prompts = [p for p in R.eval_prompts(dcfg)[0] for _ in range(dcfg.seeds)]
+    tokens, result = data.tokenize(prompts), {}
+    settings = {"cfg 3 every step": (3.0, 1.0), f"cfg 3 until t={M.CFG_UNTIL}": (3.0, M.CFG_UNTIL),
+                "cfg 4 until t=0.5": (4.0, 0.5), "cfg 1.5 every step": (1.5, 1.0)}
+    for path in cfg.ckpt:
+        net, _ = M.load_model(path)
+        world, noise, rows = R.world_of(net.cfg), R.noise_for(len(prompts), net, dcfg.seed), {}
+        for name, (w, until) in settings.items():
+            clips = M.sample(net, tokens, noise, dcfg.steps, w, cfg_until=until)
+            obs = R.oracle(clips, world)
+            heads, ok = R.reward_heads(clips, prompts, obs=obs), R.check(clips, prompts, obs=obs)
+            rows[name] = {"all_attributes": R.mean_se(ok["all"]), **{h: R.mean_se(v) for h, v in heads.items()},
+                          "fidelity_parts": {k: round(float(v.mean()), 3) for k, v in R.fidelity_parts(obs).items()}}
+        truth = data.make_batch("val", len(prompts), seed=dcfg.seed + 5, world=world)
+        x1 = net.encode(truth.videos)
+        x = 0.98 * x1 + 0.02 * torch.randn(x1.shape, generator=torch.Generator().manual_seed(dcfg.seed))
+        redraw = net.decode(net(x, torch.full((len(x1),), 0.98), truth.tokens))
+        rows["redraw at t=0.98"] = {"mse": round(float(((redraw - truth.videos) ** 2).mean()), 5), "fidelity_parts": {
+            k: round(float(v.mean()), 3) for k, v in R.fidelity_parts(R.oracle(redraw, world)).items()}}
+        result[path] = rows
+        print(path)
+        for name, r in rows.items():
+            print(f"  {name:20s} " + (f"fidelity {r['fidelity'][0]:.3f}  temporal {r['temporal'][0]:.3f}  all-attributes "
+                                      f"{r['all_attributes'][0]:.3f}  " if "fidelity" in r else f"mse {r['mse']:.5f}  ")
+                  + "parts " + ", ".join(f"{k} {v:.2f}" for k, v in r["fidelity_parts"].items()))
+    os.makedirs(os.path.dirname(cfg.out) or ".", exist_ok=True)
+    with open(cfg.out, "w") as f:
+        json.dump({"machine": machine(), "date": time.strftime("%Y-%m-%d"), "checkpoints": result}, f, indent=1)
+    print(f"wrote {cfg.out}")
+
+
 def machine():
     cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), "?")
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none"
     return f"{cpu}, {os.cpu_count()} cores, GPU {gpu}, torch {torch.__version__}"
 
 
-COMMANDS = {"speed": bench_speed, "heads": bench_heads, "dpo_memory": bench_dpo_memory, "grpo": bench_grpo, "ablations": bench_ablations}
+COMMANDS = {"speed": bench_speed, "heads": bench_heads, "dpo_memory": bench_dpo_memory, "grpo": bench_grpo, "ablations": bench_ablations,
+            "fidelity": bench_fidelity}
 
 if __name__ == "__main__":
     if len(sys.argv) < 2 or sys.argv[1] not in COMMANDS:

@@ -651,8 +651,15 @@ def diagnose_checkpoint(path, cfg, bar, rm=None, ref=None):
     # why: every head's parts beside the training data's own score on each (what recommendation reads)
     want = targets(prompts, len(prompts))
     ref = ref or data_parts(world, cfg.seed)
-    out["parts"] = {h: {p: {"model": v, "curated": ref["curated"][h][p], "web": ref["web"][h][p]} for p, v in ps.items()}
-                    for h, ps in head_parts(obs, want).items()}
+    # ... and the network's own redraw of clean validation clips 2 % noised (t = 0.98), no sampler: a part the redraw
+    # already misses is the network's to learn (data, steps), not the sampler's or a reward's (docs/results.md)
+    clean = data.make_batch("val", len(prompts), seed=cfg.seed + 5, world=world)
+    x1 = net.encode(clean.videos)
+    noised = 0.98 * x1 + 0.02 * torch.randn(x1.shape, generator=torch.Generator().manual_seed(cfg.seed))
+    redraw = head_parts(oracle(net.decode(net(noised, torch.full((len(x1),), 0.98), clean.tokens)), world),
+                        targets(clean.prompts, len(x1)))
+    out["parts"] = {h: {p: {"model": v, "curated": ref["curated"][h][p], "web": ref["web"][h][p], "redraw": redraw[h][p]}
+                        for p, v in ps.items()} for h, ps in head_parts(obs, want).items()}
 
     # drift: per frame, does the object still match the prompt and look like a clean render?
     ident = (obs["frame_colour"] == want["colour"][:, None]) & (obs["frame_shape"] == want["shape"][:, None])
@@ -721,8 +728,10 @@ def recommendation(axes, parts=None, ckpt="CKPT", stage=""):
       axis     the weakest head with a part more than MATCHED above the curated data's score; heads whose every
                part matches it are named and passed over (a head missing from parts never matches)
       part     that head's part furthest above the curated data's score
-      command  the part lies between the web and the curated data's scores, nearer the web's: a defect learned from
-               the pretraining data, which curated clips teach away -> more Stage I SFT. Otherwise the data does
+      command  the network's own redraw of a clean clip (t = 0.98, no sampler) already shows at least half of the
+               part's excess over the curated data: the network cannot draw it yet -> more Stage I SFT (or a base
+               pretrained longer). The part lies between the web and the curated data's scores, nearer the web's: a
+               defect learned from the pretraining data, which curated clips teach away -> more Stage I SFT. Otherwise the data does
                not explain it (worse than even the web data: the sampler adds it), so a reward on samples must
                remove it -> Stage II with the head weighted up, or for a checkpoint Stage II already made, Stage III
                with a judge weighted toward the head; unless the head is under RANKABLE, where a reward has nothing
@@ -746,8 +755,12 @@ def recommendation(axes, parts=None, ckpt="CKPT", stage=""):
     if v:
         text += f"; worst part: {part} {v['model']:.2f} (curated data {v['curated']:.2f}, web {v['web']:.2f})"
     learned_defect = web > MATCHED and web / 2 < model <= web + MATCHED
-    if learned_defect or axes[axis] < RANKABLE:
-        why = ("nearer the web data's score: a defect learned in pretraining" if learned_defect else
+    drawn = v["redraw"] - v["curated"] if v and v.get("redraw") is not None else 0.0
+    undrawn = drawn > MATCHED and drawn >= model / 2
+    if undrawn or learned_defect or axes[axis] < RANKABLE:
+        why = (f"the network's own redraw of a clean clip already misses it ({v['redraw']:.2f}): the network's to learn, "
+               "not the sampler's or a reward's" if undrawn else
+               "nearer the web data's score: a defect learned in pretraining" if learned_defect else
                "too low for a reward to rank samples by") + ", more Stage I SFT on curated clips"
         command = run("sft.py", "--data=curated", "--steps=400", "--out_dir=runs/next_sft")
     elif rl_done:

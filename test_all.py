@@ -394,6 +394,17 @@ def tiny_ablations(tiny_checkpoints):
     return root / "ablations", args
 
 
+def test_fidelity_probe_separates_the_samplers_share_from_the_networks(tiny_checkpoints, tmp_path, capsys):
+    import bench
+    base, tuned, _ = tiny_checkpoints
+    bench.bench_fidelity([f"--ckpt={base},{tuned}", f"--out={tmp_path}/f.json"])
+    rows = json.load(open(tmp_path / "f.json"))["checkpoints"][tuned]
+    every, interval = rows["cfg 3 every step"], rows[f"cfg 3 until t={M.CFG_UNTIL}"]
+    assert every["instruction"] != interval["instruction"]                  # guidance's share is measured
+    assert set(every["fidelity_parts"]) == {"edges", "background", "palette"}
+    assert rows["redraw at t=0.98"]["mse"] > 0 and "redraw at t=0.98" in capsys.readouterr().out
+
+
 def test_ablations_table_names_each_command_and_keeps_finished_rows(tiny_ablations):
     import bench
     out, args = tiny_ablations
@@ -435,7 +446,7 @@ def test_diagnose_writes_every_metric(tiny_checkpoints):
         assert set(parts["temporal"]) == {"acceleration", "size", "morph", "flicker", "background", "empty"}
         for head, ps in parts.items():
             for v in ps.values():
-                assert set(v) == {"model", "curated", "web"} and all(math.isfinite(x) and x >= 0 for x in v.values())
+                assert set(v) == {"model", "curated", "web", "redraw"} and all(math.isfinite(x) and x >= 0 for x in v.values())
                 assert head != "instruction" or max(v.values()) <= 1                         # 1 - agreement
         for head in ("fidelity", "temporal"):   # curated clips are the clean renders the web clips are noisy copies of
             assert sum(v["curated"] for v in parts[head].values()) < sum(v["web"] for v in parts[head].values())
@@ -522,6 +533,11 @@ def test_recommendation_follows_the_worst_part_and_parses(monkeypatch):
     script, cfg = stage_command(worse_than_web["command"])
     assert script == "reward_rl.py" and cfg.weights == ("fidelity=1.0",) and cfg.init == ckpt
     # ... unless the head scores so low that GRPO's groups have nothing to rank: data first
+    # ... unless the network's own redraw of a clean clip already misses it: no reward or sampler fixes that, data does
+    undrawn = measured(edges=3.0)
+    undrawn["fidelity"]["edges"]["redraw"] = 1.6
+    undrawn = rewards.recommendation(axes, undrawn, ckpt, "rl-awm")
+    assert stage_command(undrawn["command"])[0] == "sft.py" and "redraw of a clean clip already misses it (1.60)" in undrawn["text"]
     hopeless = rewards.recommendation({**axes, "fidelity": 0.01}, measured(edges=3.0), ckpt, "sft")
     assert stage_command(hopeless["command"])[0] == "sft.py" and "too low" in hopeless["text"]
     # fidelity matches the curated data: said, and the next weakest head's worst part decides
