@@ -379,10 +379,7 @@ def bench_fidelity(argv):
             heads, ok = R.reward_heads(clips, prompts, obs=obs), R.check(clips, prompts, obs=obs)
             rows[name] = {"all_attributes": R.mean_se(ok["all"]), **{h: R.mean_se(v) for h, v in heads.items()},
                           "fidelity_parts": {k: round(float(v.mean()), 3) for k, v in R.fidelity_parts(obs).items()}}
-        truth = data.make_batch("val", len(prompts), seed=dcfg.seed + 5, world=world)
-        x1 = net.encode(truth.videos)
-        x = 0.98 * x1 + 0.02 * torch.randn(x1.shape, generator=torch.Generator().manual_seed(dcfg.seed))
-        redraw = net.decode(net(x, torch.full((len(x1),), 0.98), truth.tokens))
+        redraw, truth = R.redraw(net, len(prompts), dcfg.seed, world)
         rows["redraw at t=0.98"] = {"mse": round(float(((redraw - truth.videos) ** 2).mean()), 5), "fidelity_parts": {
             k: round(float(v.mean()), 3) for k, v in R.fidelity_parts(R.oracle(redraw, world)).items()}}
         result[path] = rows

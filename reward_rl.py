@@ -22,8 +22,8 @@ import data
 import model as M
 import rewards as R
 from stability import (EMA, ConfigError, HackingMonitor, NonFiniteGuard, SpikeGuard, all_mean, average_gradients,
-                       check_ranges, check_ranks_agree, claim_out_dir, clip_gradients, from_rank0, gather_rows, make_logger,
-                       native_bf16, open_log, parse_config, print_config, run_cli, setup_distributed, teardown, warmup_cosine)
+                       bf16_autocast, check_ranges, check_ranks_agree, claim_out_dir, clip_gradients, from_rank0, gather_rows,
+                       make_logger, open_log, parse_config, print_config, run_cli, setup_distributed, teardown, warmup_cosine)
 
 
 @dataclass
@@ -105,26 +105,15 @@ def check_config(cfg, ranks):
     R.head_weights(cfg.weights)                                              # unknown heads are refused here
 
 
-# ----------------------------------------------------------------------------- Stage II's own math
-def ppo_clip_loss(log_ratio, advantages, clip_range):
-    """PPO's pessimistic clipped objective per sample (B,), the ratio, and the fraction of ratios clipped. Flow-GRPO's
-    ratio of mean log-probs and AWM's of exp(-err) both move little, so clip ranges are small (1e-4 .. 2e-2)."""
-    ratio = torch.exp(log_ratio)
-    loss = torch.maximum(-advantages * ratio, -advantages * ratio.clamp(1 - clip_range, 1 + clip_range))
-    return loss, ratio.detach(), ((ratio.detach() - 1).abs() > clip_range).float().mean().item()
-
-
+# ----------------------------------------------------------------------------- Stage II's own settings
 def window_steps(cfg, it):
     """The SDE steps of iteration `it`: the window, sliding from noise to data if window_start < 0."""
     start = cfg.window_start if cfg.window_start >= 0 else round((cfg.rollout_steps - cfg.sde_window) * it / max(1, cfg.iters - 1))
     return list(range(start, start + cfg.sde_window)) if cfg.sde_window else list(range(cfg.rollout_steps))
 
 
-def bf16(cfg, device):
-    """AWM's passes under bfloat16 autocast; PPO's ratio compares log-probs of two passes that must match: fp32."""
-    kind = torch.device(device).type
-    on = {"true": True, "false": False}.get(str(cfg.bf16).lower(), kind == "cuda" or native_bf16())
-    return torch.autocast(kind, torch.bfloat16, enabled=on and cfg.update == "awm")
+def bf16(cfg, device):  # AWM's passes under bf16 autocast; PPO's ratio compares two passes' log-probs that must match
+    return bf16_autocast(cfg.bf16, device, allowed=cfg.update == "awm")
 
 
 # ----------------------------------------------------------------------------- the bands of one iteration
@@ -208,7 +197,7 @@ def awm_update(cfg, policy, reference, roll, adv, mb, share, draws, stats):
             if cfg.awm_clip > 0:
                 with torch.no_grad():
                     err_old = err.detach() if roll.on_policy else error(roll.sampler, t, x0)
-                pg, ratio, clipped = ppo_clip_loss(err_old - err, weight, cfg.awm_clip)
+                pg, ratio, clipped = R.ppo_clip_loss(err_old - err, weight, cfg.awm_clip)
                 stats["ratio"].append(float(ratio.mean()))
                 stats["clip_frac"].append(clipped)
             (pg.sum() * share / len(draws)).backward()
@@ -236,7 +225,7 @@ def ppo_update(cfg, policy, reference, roll, adv, mb, share, draws, stats):
         with torch.no_grad():
             mean_ref = M.score_sde_step(reference, *step)[0]                  # the reference's, on the same step
         log_ratio = logp - logp_old[mb]
-        policy_loss, ratio, clipped = ppo_clip_loss(log_ratio, adv[mb], cfg.clip_range)
+        policy_loss, ratio, clipped = R.ppo_clip_loss(log_ratio, adv[mb], cfg.clip_range)
         kl = M.gaussian_kl(mean, mean_ref, step_std)                            # (mb,)
         loss = (policy_loss + cfg.beta * kl).sum() * share / len(trained)
         loss.backward()

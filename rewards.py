@@ -287,6 +287,14 @@ def reward_heads(videos, prompts, world=None, heads=HEADS, obs=None, split_instr
 
 
 # ----------------------------------------------------------------------------- group advantages (Stage II)
+def ppo_clip_loss(log_ratio, advantages, clip_range):
+    """PPO's pessimistic clipped objective per sample (B,), the ratio, and the fraction of ratios clipped. Flow-GRPO's
+    ratio of mean log-probs and AWM's of exp(-err) both move little, so clip ranges are small (1e-4 .. 2e-2)."""
+    ratio = torch.exp(log_ratio)
+    loss = torch.maximum(-advantages * ratio, -advantages * ratio.clamp(1 - clip_range, 1 + clip_range))
+    return loss, ratio.detach(), ((ratio.detach() - 1).abs() > clip_range).float().mean().item()
+
+
 def group_zscores(scores, group_size, std_floor):
     """scores (N, heads), N = groups * group_size rollouts grouped consecutively -> each head z-scored within
     its group, (r - mean) / (std + 1e-4) with the Bessel-corrected std (TeleBoost's and DanceGRPO's convention),
@@ -623,6 +631,16 @@ def data_parts(world, seed=0, n=64):
 
 
 @torch.no_grad()
+def redraw(net, n, seed, world):
+    """The network alone, no sampler: the clean clips it predicts from n validation clips 2 % noised (t = 0.98), and
+    that batch of clips. The data scores 0 on every part; what the redraw misses, the network cannot draw yet."""
+    clean = data.make_batch("val", n, seed=seed + 5, world=world)
+    x1 = net.encode(clean.videos)
+    noised = 0.98 * x1 + 0.02 * torch.randn(x1.shape, generator=torch.Generator().manual_seed(seed))
+    return net.decode(net(noised, torch.full((n,), 0.98), clean.tokens)), clean
+
+
+@torch.no_grad()
 def diagnose_checkpoint(path, cfg, bar, rm=None, ref=None):
     """Every diagnostic for one checkpoint on the fixed eval set; ref: data_parts for the parts' comparison
     (computed here if not given). Returns (metrics dict, main clips)."""
@@ -651,14 +669,11 @@ def diagnose_checkpoint(path, cfg, bar, rm=None, ref=None):
     # why: every head's parts beside the training data's own score on each (what recommendation reads)
     want = targets(prompts, len(prompts))
     ref = ref or data_parts(world, cfg.seed)
-    # ... and the network's own redraw of clean validation clips 2 % noised (t = 0.98), no sampler: a part the redraw
-    # already misses is the network's to learn (data, steps), not the sampler's or a reward's (docs/results.md)
-    clean = data.make_batch("val", len(prompts), seed=cfg.seed + 5, world=world)
-    x1 = net.encode(clean.videos)
-    noised = 0.98 * x1 + 0.02 * torch.randn(x1.shape, generator=torch.Generator().manual_seed(cfg.seed))
-    redraw = head_parts(oracle(net.decode(net(noised, torch.full((len(x1),), 0.98), clean.tokens)), world),
-                        targets(clean.prompts, len(x1)))
-    out["parts"] = {h: {p: {"model": v, "curated": ref["curated"][h][p], "web": ref["web"][h][p], "redraw": redraw[h][p]}
+    # ... and the network's own redraw of clean clips: a part it already misses there is the network's to learn
+    # (data, steps), not the sampler's or a reward's (docs/results.md)
+    drawn, clean = redraw(net, len(prompts), cfg.seed, world)
+    drawn = head_parts(oracle(drawn, world), targets(clean.prompts, len(prompts)))
+    out["parts"] = {h: {p: {"model": v, "curated": ref["curated"][h][p], "web": ref["web"][h][p], "redraw": drawn[h][p]}
                         for p, v in ps.items()} for h, ps in head_parts(obs, want).items()}
 
     # drift: per frame, does the object still match the prompt and look like a clean render?

@@ -163,6 +163,13 @@ def native_bf16():
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
+def bf16_autocast(setting, device, allowed=True):
+    """bfloat16 autocast as a --bf16 setting says: 'true', 'false', or 'auto' = on GPUs and CPUs that compute it."""
+    kind = torch.device(device).type
+    on = {"true": True, "false": False}.get(str(setting).lower(), kind == "cuda" or native_bf16())
+    return torch.autocast(kind, torch.bfloat16, enabled=on and allowed)
+
+
 def make_logger(d: Dist):
     from tqdm import tqdm
     return (lambda msg: tqdm.write(str(msg))) if d.main else (lambda msg: None)

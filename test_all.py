@@ -656,9 +656,9 @@ def test_group_advantages_per_head_zero_variance_groups_and_clip_after_scaling()
 
 def test_ppo_and_kl_helpers():
     logp = torch.tensor([0.0, 0.1, -0.1])
-    loss, ratio, clipped = reward_rl.ppo_clip_loss(logp - logp.clone(), torch.tensor([1.0, -1.0, 2.0]), 0.01)
+    loss, ratio, clipped = rewards.ppo_clip_loss(logp - logp.clone(), torch.tensor([1.0, -1.0, 2.0]), 0.01)
     assert torch.equal(ratio, torch.ones(3)) and clipped == 0 and torch.allclose(loss, torch.tensor([-1.0, 1.0, -2.0]))
-    loss, _, clipped = reward_rl.ppo_clip_loss(torch.tensor([0.5]), torch.tensor([1.0]), 0.1)
+    loss, _, clipped = rewards.ppo_clip_loss(torch.tensor([0.5]), torch.tensor([1.0]), 0.1)
     assert clipped == 1 and torch.allclose(loss, torch.tensor([-1.1]))        # no credit beyond the trust region
     m = torch.randn(2, 3, 4)
     assert torch.equal(M.gaussian_kl(m, m, 0.3), torch.zeros(2))
