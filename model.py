@@ -317,6 +317,16 @@ def flow_loss(model, x1, tokens, gen, cond_drop=0.1, ctx_mask=None, t_mean=-0.4,
     return (err * keep).sum(dim=(1, 2, 3, 4)) / (keep.sum(dim=(1, 2, 3, 4)) * err[0, :, 0].numel()).clamp(min=1), t
 
 
+def curated_loss(net, n, seed, step, world, device):
+    """The flow loss (B,) on a fresh batch of n curated clips: the anchor Stage II and III add to their own
+    objective (PPO-ptx), so a reward or a preference cannot buy its gain with fidelity. The batch, t, noise
+    and context follow from (seed, step) alone: every rank fits the same clips, and a resume the same ones."""
+    g = torch.Generator().manual_seed(seed * 1_000_003 + step)
+    b = data.make_batch("curated", n, seed=seed + 1, step=step, world=world)
+    ctx_mask = context_mask(n, net.flow_shape[1], 0.5, g).to(device)
+    return flow_loss(net, b.videos.to(device), b.tokens.to(device), g, 0.1, ctx_mask)[0]
+
+
 def masked_msq(a, b, ctx_mask=None):
     """Mean squared difference per clip (B,), context frames excluded."""
     keep = 1.0 if ctx_mask is None else (~ctx_mask).float()[:, None, :, None, None]

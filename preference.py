@@ -10,7 +10,8 @@ PAIRS     N clips per prompt from the input policy (fixed seeds), scored by a ju
           become (winner, loser) and are saved as safetensors, a format anyone can write (human labels).
 TRAINING  Diffusion-DPO written for velocity: one shared t and noise for winner and loser,
               d = |v - v_theta(x_t)|^2 - |v - v_ref(x_t)|^2,   L = -log sigmoid(-beta / 2 * (d_w - d_l)),
-          the log-sigmoid meaned over the batch, an optional flow-matching (SFT) term on winners, warmup,
+          the log-sigmoid meaned over the batch, plus the flow-matching loss on a fresh batch of curated clips
+          (the anchor that keeps the preference from costing fidelity), an optional one on winners, warmup,
           global grad clipping, EMA and the non-finite guard. `decoupled` backpropagates the winner and the
           loser branch one after the other with a detached coefficient: the same gradient, one graph at a time.
 """
@@ -54,6 +55,9 @@ class Config:
     warmup: int = 15              # linear warmup steps, then cosine decay
     beta: float = 2000.0          # DPO temperature on mean-squared velocity errors (a small lr and a large beta)
     sft_weight: float = 0.0       # flow-matching loss on winners (the policy's own samples: it cost fidelity here)
+    curated_weight: float = 300.0  # flow loss on a fresh curated batch every step, Stage II's PPO-ptx anchor; large
+                                   # because beta makes DPO's gradient ~1000x a flow loss's (0: fidelity 0.586 -> 0.542)
+    curated_batch: int = 16       # curated clips per step for that term (the same batch on every rank)
     decoupled: bool = True        # winner and loser backpropagated one after the other (less peak memory)
     grad_clip: float = 1.0        # global grad-norm clip
     ema_decay: float = 0.99       # EMA of weights; evaluation and the hand-off use it
@@ -218,7 +222,7 @@ def train(cfg: Config):
         raise ConfigError(f"--judge must be 'heads', 'rm' or 'oracle', got {cfg.judge!r}")
     check_ranges(cfg, at_least_one=("pair_prompts", "sample_steps", "steps", "batch_size", "log_every", "ckpt_every",
                                     "eval_prompts", "eval_steps"),
-                 positive=("lr", "beta", "grad_clip", "t_std"), non_negative=("margin", "warmup", "sft_weight", "cfg_scale"),
+                 positive=("lr", "beta", "grad_clip", "t_std"), non_negative=("margin", "warmup", "sft_weight", "curated_weight", "cfg_scale"),
                  fraction=("ema_decay",))
     if cfg.samples_per_prompt < 2:
         raise ConfigError(f"--samples_per_prompt must be at least 2 to form a pair, got {cfg.samples_per_prompt}")
@@ -269,7 +273,7 @@ def train(cfg: Config):
                                             parent_stage=stage)
 
     # ================================================================ TRAINING
-    bins, window = torch.linspace(0, 1, 5), []
+    bins, window, anchors = torch.linspace(0, 1, 5), [], []
     logf = open_log(os.path.join(cfg.out_dir, "log.jsonl"), log_offset) if d.main else None
     t0 = time.time()
     bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, disable=not d.main, desc="dpo")
@@ -284,6 +288,10 @@ def train(cfg: Config):
         loss, z, e_w = dpo_step(policy, reference, enc(pairs["winner"][idx]), enc(pairs["loser"][idx]),
                                 dev(pairs["tokens"][idx]), dev(pairs["weight"][idx]), dev(t), dev(x0),
                                 cfg.beta, cfg.sft_weight, cfg.decoupled)
+        if cfg.curated_weight:   # the preference may not buy its gain with fidelity: keep fitting real clips
+            anchor = M.curated_loss(policy, cfg.curated_batch, cfg.seed + 31, step, world, d.device).mean()
+            (cfg.curated_weight * anchor).backward()
+            anchors.append(anchor.item())
         average_gradients(policy.parameters(), d)
         grad_norm = clip_gradients(policy.parameters(), cfg.grad_clip)
         if guard.ok(all_mean(loss.detach().double(), d).item(), grad_norm):   # every rank decides alike
@@ -299,8 +307,9 @@ def train(cfg: Config):
             rec = dict(step=step + 1, loss=sum(w[0] for w in window) / len(window), loss_by_t=per_bin,
                        implicit_acc=round(float((zs > 0).float().mean()), 4), reward_margin=round(float(zs.mean()), 4),
                        grad_norm=round(max(w[1] for w in window), 4), skipped=guard.skipped,
+                       curated_loss=round(sum(anchors) / len(anchors), 5) if anchors else None,
                        elapsed_s=round(time.time() - t0, 1))
-            window = []
+            window, anchors = [], []
             bar.set_postfix(loss=f"{rec['loss']:.4f}", acc=f"{rec['implicit_acc']:.2f}", margin=f"{rec['reward_margin']:.3f}")
             if d.main:
                 logf.write(json.dumps(rec) + "\n")

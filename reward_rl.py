@@ -239,15 +239,12 @@ def ppo_update(cfg, policy, reference, roll, adv, mb, share, draws, stats):
 
 
 def curated_term(cfg, policy, n_update, world, device, stats):
-    """PPO-ptx: keep fitting real clips at every t, so the reward cannot buy words with fidelity. Every rank
-    fits the same curated batch (a few % of an iteration's cost): 1 or N ranks step alike."""
-    g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + n_update)
-    b = data.make_batch("curated", cfg.sft_batch, seed=cfg.seed + 1, step=n_update, world=world)
-    ctx_mask = M.context_mask(cfg.sft_batch, policy.flow_shape[1], 0.5, g).to(device)
+    """PPO-ptx: keep fitting real clips at every t, so the reward cannot buy words with fidelity (a few % of an
+    iteration's cost; every rank fits the same batch, so 1 or N ranks step alike)."""
     with bf16(cfg, device):
-        loss, _ = M.flow_loss(policy, b.videos.to(device), b.tokens.to(device), g, 0.1, ctx_mask)
-    (cfg.sft_weight * loss.mean()).backward()
-    stats["sft_loss"].append(loss.mean().item())
+        loss = M.curated_loss(policy, cfg.sft_batch, cfg.seed, n_update, world, device).mean()
+    (cfg.sft_weight * loss).backward()
+    stats["sft_loss"].append(loss.item())
 
 
 def record(it, names, scores, weights, zero_frac, adv, roll, stats, **extra):

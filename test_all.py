@@ -1,5 +1,6 @@
 """postflow's tests: tiny configs, the whole suite in a few minutes on 2 CPU cores.  Run: make test"""
 import collections
+import dataclasses
 import json
 import math
 import os
@@ -957,14 +958,20 @@ def test_dpo_run_raises_implicit_accuracy_on_fixed_pairs(tiny_checkpoints):
     _, tuned, root = tiny_checkpoints
     preference.save_pairs(str(root / "fixed.safetensors"), tiny_pairs(8))
     cfg = preference.Config(init=str(tuned), out_dir=str(root / "dpo"), pairs=str(root / "fixed.safetensors"), steps=30,
-                            batch_size=8, lr=3e-3, warmup=2, beta=20.0, sft_weight=0.0, log_every=1, eval_prompts=2, eval_steps=2,
-                            device="cpu")
+                            batch_size=8, lr=3e-3, warmup=2, beta=20.0, sft_weight=0.0, curated_weight=0.0, log_every=1,
+                            eval_prompts=2, eval_steps=2, device="cpu")
     preference.train(cfg)
     recs = [r for r in read_log(root / "dpo" / "log.jsonl") if "implicit_acc" in r]
     assert recs[0]["loss"] == pytest.approx(math.log(2), abs=0.02)
     assert recs[-1]["implicit_acc"] > 0.8 and recs[-1]["loss"] < recs[0]["loss"], recs
     final = read_log(root / "dpo" / "log.jsonl")[-1]["final"]
     assert 0 <= final["win_rate"] <= 1 and "acc_all" in final["dpo"]
+    # the curated anchor: the same pairs and steps, but the policy keeps fitting real clips while it fits the pairs
+    preference.train(dataclasses.replace(cfg, out_dir=str(root / "dpo_anchored"), curated_weight=20.0))
+    held = torch.no_grad()(lambda ckpt: float(M.curated_loss(M.load_model(str(ckpt), "cpu")[0], 32, 99, 0, TINY_WORLD, "cpu").mean()))
+    free, anchored = held(root / "dpo" / "ckpt.safetensors"), held(root / "dpo_anchored" / "ckpt.safetensors")
+    assert anchored < free, (anchored, free)
+    assert read_log(root / "dpo_anchored" / "log.jsonl")[-2]["curated_loss"] > 0
 
 
 def test_grpo_interrupted_run_resumes_to_identical_weights(tiny_checkpoints):
