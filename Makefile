@@ -34,7 +34,8 @@ pipeline: setup
 	$(PY) report.py --run=$(RUN) --overwrite=true
 
 # The diagnostic loop closed: the same stages, but each stage's diagnosis picks the axis the next one is turned toward
-# (`rewards.py advise` prints its flags; the decisions land in $(DRIVEN)/advice_{rl,dpo}.json and the report).
+# (`rewards.py advise` prints its flags; the decisions land in $(DRIVEN)/advice_{rl,dpo}.json and the report). Where a
+# diagnosis asks for Stage I, the next stage fits Stage I's curated clips 4x harder, its rewards left as they are.
 # SFT=path starts from a Stage I checkpoint you have (e.g. runs/pipeline/sft/ckpt.safetensors) instead of training one.
 DRIVEN ?= runs/driven
 SFT ?=

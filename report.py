@@ -252,8 +252,10 @@ def decision_blocks(run, results):
     return [("h2", "Decisions: what each diagnosis told the next stage"),
             ("p", "This run is diagnostic-driven (`make pipeline_driven`): after each stage `rewards.py diagnose` named "
                   "the weakest axis and its worst part, and `rewards.py advise` turned the next stage toward it with "
-                  "the flags below. The last column is that axis from the stage's input to its output (the table "
-                  "above); `make pipeline` runs the same stages with fixed settings for comparison."),
+                  "the flags below: its judge or reward weighted toward the axis, or, where the diagnosis asked for "
+                  "Stage I (the curated data teaches the part, a reward cannot), its curated flow-loss anchor weighted "
+                  "4x. The last column is that axis from the stage's input to its output (the table above); "
+                  "`make pipeline` runs the same stages with fixed settings for comparison."),
             ("table", ["stage", "decided from", "flags passed", "the axis it named, input -> output"], rows, "decisions")]
 
 

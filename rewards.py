@@ -789,12 +789,21 @@ def recommendation(axes, parts=None, ckpt="CKPT", stage=""):
     return {"text": f"{text}; {why}", "command": command, "axis": axis, "part": part}
 
 
-def stage_flags(stage, axis):
+# Stage I's own loss inside the next stage, 4x each stage's default weight (reward_rl.Config.sft_weight 0.5,
+# preference.Config.curated_weight 300): what a fixed-order pipeline can do when a diagnosis asks for Stage I
+STAGE_ONE_FLAGS = {"rl": ["--sft_weight=2.0"], "dpo": ["--curated_weight=1200.0"]}
+
+
+def stage_flags(stage, axis, stage_one=False):
     """The flags that turn a stage toward one axis. Stage II ("rl"): the head's advantage weight at least
     instruction's default and twice its own, rewards on continued clips for temporal, one advantage per attribute
-    for instruction. Stage III ("dpo"): the judge weighs the head 3:1 against each other. No axis: no flags."""
+    for instruction. Stage III ("dpo"): the judge weighs the head 3:1 against each other. No axis: no flags.
+    stage_one: the diagnosis asked for Stage I (the curated data teaches the part, a reward cannot): the stage's
+    curated flow-loss anchor is weighted up instead (STAGE_ONE_FLAGS), its rewards left as they are."""
     if axis is None:
         return []
+    if stage_one:
+        return list(STAGE_ONE_FLAGS[stage])
     if stage == "dpo":
         return [f"--weights={axis}=3.0"]
     weight = max(1.0, 2 * HEADS[axis].weight if axis in HEADS else 1.0)
@@ -826,12 +835,13 @@ def advise(argv):
     rec = results[column]["recommendation"]
     if not isinstance(rec, dict):
         raise ConfigError(f"{path} is from a diagnose without parts; rerun diagnose")
-    flags = stage_flags(cfg.stage, rec["axis"])
-    # the pipeline's stage order is fixed; where the diagnosis would run another stage first, that stage is told
-    # the same axis, and the record keeps what was recommended
+    # the pipeline's stage order is fixed: where the diagnosis asks for Stage I, the next stage fits Stage I's
+    # curated clips harder; where it asks for the other later stage, that stage is told the same axis
     recommended = rec["command"].split()[1]
+    flags = stage_flags(cfg.stage, rec["axis"], stage_one=recommended == "sft.py")
     override = "" if recommended == {"rl": "reward_rl.py", "dpo": "preference.py"}[cfg.stage] else \
-        f" (it recommends {recommended} next; the pipeline's next stage is {cfg.stage}, turned toward the same axis)"
+        f" (it recommends {recommended} next; the pipeline's next stage is {cfg.stage}: " + (
+            "its curated flow-loss anchor weighted 4x)" if recommended == "sft.py" else "turned toward the same axis)")
     decision = {"from": column, "diagnose": cfg.diagnose, "stage": cfg.stage, "axis": rec["axis"], "part": rec["part"],
                 "flags": flags, "why": rec["text"] + override, "recommended": rec["command"]}
     if cfg.out:

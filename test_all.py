@@ -483,11 +483,19 @@ def test_diagnose_reads_a_repeat_back_and_advise_hands_the_axis_to_the_next_stag
         rewards.advise([f"--diagnose={tmp_path / 'a'}", f"--stage={stage}", f"--out={tmp_path / stage}.json"])
         flags = capsys.readouterr().out.split()
         decision = json.load(open(f"{tmp_path / stage}.json"))
-        axis = first["sft"]["recommendation"]["axis"]
-        assert decision["from"] == "sft" and decision["axis"] == axis and decision["flags"] == flags
-        assert flags == rewards.stage_flags(stage, axis) and flags[0].startswith(f"--weights={axis}=")
-        cfg = stability.parse_config(module.Config, flags)
-        assert rewards.head_weights(cfg.weights)[axis] > rewards.head_weights(())[axis] or stage == "dpo"
+        rec = first["sft"]["recommendation"]
+        stage_one = shlex.split(rec["command"])[1] == "sft.py"
+        assert decision["from"] == "sft" and decision["axis"] == rec["axis"] and decision["flags"] == flags
+        assert flags == rewards.stage_flags(stage, rec["axis"], stage_one)
+        # either way the stage's own parser reads the flags, and they turn it: toward the axis, or toward Stage I's data
+        for one in (False, True):
+            cfg, default = stability.parse_config(module.Config, rewards.stage_flags(stage, rec["axis"], one)), module.Config()
+            anchor = {"rl": "sft_weight", "dpo": "curated_weight"}[stage]
+            if one:
+                assert getattr(cfg, anchor) == 4 * getattr(default, anchor) and cfg.weights == default.weights
+            else:
+                assert rewards.head_weights(cfg.weights)[rec["axis"]] > rewards.head_weights(())[rec["axis"]] or stage == "dpo"
+                assert cfg.weights and getattr(cfg, anchor) == getattr(default, anchor)
     with pytest.raises(stability.ConfigError, match="no column 'rl'"):
         rewards.advise([f"--diagnose={tmp_path / 'a'}", "--column=rl"])
 
@@ -1195,8 +1203,9 @@ def test_report_is_one_offline_page_with_the_table_curves_and_samples(tiny_run, 
     ablations = ElementTree.tostring(root.find(".//table[@class='ablations']"), encoding="unicode")
     assert "judge_unguarded" in ablations and "vs judge: all attributes" in ablations and "start (the input)" in ablations
     decisions = ElementTree.tostring(root.find(".//table[@class='decisions']"), encoding="unicode")
-    axis = json.load(open(tiny_run / "advice_rl.json"))["axis"]
-    assert "Stage II" in decisions and f"--weights={axis}=" in decisions and f"{axis}: " in decisions
+    advice = json.load(open(tiny_run / "advice_rl.json"))
+    assert "Stage II" in decisions and " ".join(advice["flags"]) in decisions and f"{advice['axis']}: " in decisions
+    assert advice["flags"] and advice["flags"][0].startswith(("--weights=", "--sft_weight="))
     twin = (tiny_run / "report.md").read_text()
     assert "| metric | base (pretrain) | sft (sft) | rl (rl-awm) | dpo (dpo) |" in twin and "kl_ref" in twin
     # why: the parts beside the training data's, and each column's next command (code on the page)
