@@ -217,10 +217,22 @@ def bench_ablations(argv):
         run = os.path.join(cfg.out, name)
         cmd = ["reward_rl.py", f"--init={cfg.init}", f"--reward_model={cfg.reward_model}", f"--iters={cfg.iters}",
                *SMALL, *flags, f"--out_dir={run}"]
-        done = os.path.exists(os.path.join(run, "ckpt.safetensors"))
-        if not done:  # an interrupted `make ablations` picks up where it stopped: finished rows are kept
-            resume = ["--resume=true"] if os.path.exists(os.path.join(run, "state.safetensors")) else ["--overwrite=true"]
-            subprocess.run([sys.executable, os.path.join(HERE, cmd[0]), *cmd[1:], *resume], check=True)
+        # an interrupted `make ablations` picks up where it stopped: a row begun by this command from these very
+        # files (its stamp beside the folder: the command, the input's and the judge's hashes) is kept or resumed;
+        # a row from other inputs or settings is redone
+        stamp, stamp_path = {"command": cmd, "init": M.file_hash(cfg.init), "judge": M.file_hash(cfg.reward_model)}, \
+            os.path.join(cfg.out, f"{name}.made_from.json")
+        same = os.path.exists(stamp_path) and json.load(open(stamp_path)) == stamp
+        if not (same and os.path.exists(os.path.join(run, "ckpt.safetensors"))):
+            resume = same and os.path.exists(os.path.join(run, "state.safetensors"))
+            if not same and os.path.isdir(run):
+                print(f"{name}: {run} was made from other inputs or settings; it is redone")
+            os.makedirs(cfg.out, exist_ok=True)
+            with open(stamp_path + ".tmp", "w") as f:
+                json.dump(stamp, f)
+            os.replace(stamp_path + ".tmp", stamp_path)
+            subprocess.run([sys.executable, os.path.join(HERE, cmd[0]), *cmd[1:],
+                            "--resume=true" if resume else "--overwrite=true"], check=True)
         result[name] = {"why": why, "command": "python " + " ".join(cmd), **summarise(run, cfg.iters),
                         "end": held_out_once(run, cfg.reward_model, cfg.heldout_prompts)}
         ref = "judge" if name.startswith("judge_") else "defaults"

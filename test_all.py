@@ -419,6 +419,18 @@ def test_ablations_table_names_each_command_and_keeps_finished_rows(tiny_ablatio
     stamp = os.path.getmtime(out / "judge" / "ckpt.safetensors")
     bench.bench_ablations(args)                                               # a finished row is kept, not rerun
     assert os.path.getmtime(out / "judge" / "ckpt.safetensors") == stamp
+    # ... but a row made from another input, here the same path with other bytes, is redone
+    init, tensors, mc, meta = out.parent / "ablation_init.safetensors", *M.read_checkpoint(args[0][len("--init="):])
+    M.save_checkpoint(str(init), tensors, mc, meta["lineage"])
+    moved = [f"--init={init}", *args[1:3], "--only=judge", args[4], f"--out={out.parent / 'ablations_moved'}"]
+    made = lambda: os.path.getmtime(out.parent / "ablations_moved" / "judge" / "ckpt.safetensors")
+    bench.bench_ablations(moved)
+    first = made()
+    bench.bench_ablations(moved)
+    assert made() == first
+    M.save_checkpoint(str(init), {k: v + 1e-3 for k, v in tensors.items()}, mc, meta["lineage"])
+    bench.bench_ablations(moved)
+    assert made() != first
     with pytest.raises(stability.ConfigError, match="unknown ablation 'kl'"):
         bench.bench_ablations(["--only=kl"])
     # the verdict calls a difference under two standard errors none, and names one beyond them with its sign
