@@ -380,6 +380,7 @@ def bench_fidelity(argv):
     dcfg = R.DiagnoseConfig()
     prompts = [p for p in R.eval_prompts(dcfg)[0] for _ in range(dcfg.seeds)]
     tokens, result = data.tokenize(prompts), {}
+    parts = lambda obs: {k: round(float(v.mean()), 3) for k, v in R.fidelity_parts(obs).items()}  # mean per part
     settings = {"cfg 3 every step": (3.0, 1.0), f"cfg 3 until t={M.CFG_UNTIL}": (3.0, M.CFG_UNTIL),
                 "cfg 4 until t=0.5": (4.0, 0.5), "cfg 1.5 every step": (1.5, 1.0)}
     for path in cfg.ckpt:
@@ -390,10 +391,10 @@ def bench_fidelity(argv):
             obs = R.oracle(clips, world)
             heads, ok = R.reward_heads(clips, prompts, obs=obs), R.check(clips, prompts, obs=obs)
             rows[name] = {"all_attributes": R.mean_se(ok["all"]), **{h: R.mean_se(v) for h, v in heads.items()},
-                          "fidelity_parts": {k: round(float(v.mean()), 3) for k, v in R.fidelity_parts(obs).items()}}
+                          "fidelity_parts": parts(obs)}
         redraw, truth = R.redraw(net, len(prompts), dcfg.seed, world)
-        rows["redraw at t=0.98"] = {"mse": round(float(((redraw - truth.videos) ** 2).mean()), 5), "fidelity_parts": {
-            k: round(float(v.mean()), 3) for k, v in R.fidelity_parts(R.oracle(redraw, world)).items()}}
+        rows["redraw at t=0.98"] = {"mse": round(float(((redraw - truth.videos) ** 2).mean()), 5),
+                                    "fidelity_parts": parts(R.oracle(redraw, world))}
         result[path] = rows
         print(path)
         for name, r in rows.items():

@@ -213,23 +213,68 @@ def dpo_step(policy, reference, win, lose, tokens, weight, t, x0, beta, sft_weig
     return loss, z, e_w.detach()
 
 
-# ----------------------------------------------------------------------------- the loop
+# ----------------------------------------------------------------------------- the loop's pieces
 INPUT_STAGES = ("sft", "rl-awm", "rl-ppo", "grpo", "dpo")  # what a preference stage refines ('grpo': older runs)
 
 
-def train(cfg: Config):
+def check_config(cfg):
+    """Every setting checked before a checkpoint is read or a folder claimed: one-line errors."""
     if cfg.judge not in ("heads", "rm", "oracle"):
         raise ConfigError(f"--judge must be 'heads', 'rm' or 'oracle', got {cfg.judge!r}")
     check_ranges(cfg, at_least_one=("pair_prompts", "sample_steps", "steps", "batch_size", "log_every", "ckpt_every",
                                     "eval_prompts", "eval_steps"),
-                 positive=("lr", "beta", "grad_clip", "t_std"), non_negative=("margin", "warmup", "sft_weight", "curated_weight", "cfg_scale"),
-                 fraction=("ema_decay",))
+                 positive=("lr", "beta", "grad_clip", "t_std"),
+                 non_negative=("margin", "warmup", "sft_weight", "curated_weight", "cfg_scale"), fraction=("ema_decay",))
     if cfg.samples_per_prompt < 2:
         raise ConfigError(f"--samples_per_prompt must be at least 2 to form a pair, got {cfg.samples_per_prompt}")
     R.head_weights(cfg.weights)
     if not os.path.isfile(cfg.init):
         raise ConfigError(f"--init={cfg.init} not found: run reward_rl.py first (it writes runs/rl/ckpt.safetensors) "
                           f"or pass --init=checkpoints/sft_small.safetensors")
+
+
+def step_batch(cfg, step, d, n_pairs, flow_shape):
+    """This rank's slice of step `step`'s pairs, t and noise: drawn whole from one seed on every rank, so 1 or N
+    ranks (and a resume) train on the same batch. Returns (pair indices, t, x0)."""
+    gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
+    mine = slice(d.rank * cfg.batch_size // d.ranks, (d.rank + 1) * cfg.batch_size // d.ranks)
+    idx = torch.randint(n_pairs, (cfg.batch_size,), generator=gen)[mine]
+    t = M.sample_t(cfg.batch_size, gen, cfg.t_mean, cfg.t_std)[mine]
+    return idx, t, torch.randn(cfg.batch_size, *flow_shape, generator=gen)[mine]
+
+
+def log_record(step, window, anchors, skipped, elapsed):
+    """One log line over the steps since the last: DPO's loss per t-bin, implicit accuracy (d_w < d_l), margin."""
+    ts, zs = torch.cat([w[2] for w in window]), torch.cat([w[3] for w in window])
+    which = torch.bucketize(ts, torch.linspace(0, 1, 5)[1:-1])
+    per_bin = [round(float(-F.logsigmoid(zs[which == i]).mean()), 4) if (which == i).any() else None for i in range(4)]
+    return dict(step=step + 1, loss=sum(w[0] for w in window) / len(window), loss_by_t=per_bin,
+                implicit_acc=round(float((zs > 0).float().mean()), 4), reward_margin=round(float(zs.mean()), 4),
+                grad_norm=round(max(w[1] for w in window), 4), skipped=skipped,
+                curated_loss=round(sum(anchors) / len(anchors), 5) if anchors else None, elapsed_s=round(elapsed, 1))
+
+
+@torch.no_grad()
+def oracle_verdict(cfg, ours_net, input_net, world, device):
+    """The oracle's verdict on the DPO policy against its input, on held-out prompts and seeds: the win rate, each
+    head and attribute accuracy for both, and the first 8 clips of each for samples.gif."""
+    prompts, splits = R.eval_prompts(R.DiagnoseConfig(prompts=cfg.eval_prompts, seed=cfg.seed))
+    noise = R.noise_for(len(prompts), ours_net, cfg.seed + 7).to(device)
+    tok = data.tokenize(prompts).to(device)
+    ours, theirs = (M.sample(net, tok, noise, cfg.eval_steps, cfg.cfg_scale).cpu() for net in (ours_net, input_net))
+    verdict = R.oracle_win_rate(ours, theirs, prompts, world)
+    held = torch.tensor([s == "heldout" for s in splits])
+    result = {"win_rate": round(float(verdict.mean()), 4), "win_rate_heldout_combos": round(float(verdict[held].mean()), 4),
+              "win_rate_val": round(float(verdict[~held].mean()), 4)}
+    for name, clips in (("dpo", ours), ("input", theirs)):
+        result[name] = {k: round(float(v.mean()), 4) for k, v in R.reward_heads(clips, prompts, world).items()}
+        result[name].update({f"acc_{k}": round(float(v.float().mean()), 4) for k, v in R.check(clips, prompts, world).items()})
+    return result, theirs[:8], ours[:8]
+
+
+# ----------------------------------------------------------------------------- the loop
+def train(cfg: Config):
+    check_config(cfg)
     d = setup_distributed(cfg.device)
     log = make_logger(d)
     if cfg.batch_size % d.ranks:
@@ -264,27 +309,25 @@ def train(cfg: Config):
     opt = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, weight_decay=0.0)
     guard = NonFiniteGuard()
     start, log_offset = M.resume_run(paths["state"], policy, ema, opt, cfg, {"guard": guard}, log) if cfg.resume else (0, None)
-    per_rank = cfg.batch_size // d.ranks
-    log(f"dpo: {n_pairs} pairs from {pair_path}; {d.ranks} rank(s) x {per_rank} pairs = {cfg.batch_size} per step, "
-        f"{cfg.steps} steps (~{cfg.steps * cfg.batch_size / n_pairs:.1f} epochs); beta={cfg.beta}, "
-        f"{'decoupled' if cfg.decoupled else 'joint'} backward")
+    log(f"dpo: {n_pairs} pairs from {pair_path}; {d.ranks} rank(s) x {cfg.batch_size // d.ranks} pairs = "
+        f"{cfg.batch_size} per step, {cfg.steps} steps (~{cfg.steps * cfg.batch_size / n_pairs:.1f} epochs); "
+        f"beta={cfg.beta}, {'decoupled' if cfg.decoupled else 'joint'} backward")
     print_config(cfg, log)
     lineage = lambda step: M.lineage_record("dpo", cfg.init, step, f"pairs:{pair_path}", config=asdict(cfg),
                                             parent_stage=stage)
 
     # ================================================================ TRAINING
-    bins, window, anchors = torch.linspace(0, 1, 5), [], []
+    window, anchors = [], []
     logf = open_log(os.path.join(cfg.out_dir, "log.jsonl"), log_offset) if d.main else None
     t0 = time.time()
     bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, disable=not d.main, desc="dpo")
     for step in bar:
-        gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)       # the same on every rank
-        idx = torch.randint(n_pairs, (cfg.batch_size,), generator=gen)[d.rank * per_rank:(d.rank + 1) * per_rank]
-        t = M.sample_t(cfg.batch_size, gen, cfg.t_mean, cfg.t_std)[d.rank * per_rank:(d.rank + 1) * per_rank]
-        x0 = torch.randn(cfg.batch_size, *policy.flow_shape, generator=gen)[d.rank * per_rank:(d.rank + 1) * per_rank]
-        dev, enc = (lambda x: x.to(d.device)), (lambda clips: policy.encode(clips.to(d.device)))  # pairs are pixels
+        # ---- BATCH: this rank's pairs, t and noise (pairs are pixels; the policy's flow may run on latents)
+        idx, t, x0 = step_batch(cfg, step, d, n_pairs, policy.flow_shape)
+        dev, enc = (lambda x: x.to(d.device)), (lambda clips: policy.encode(clips.to(d.device)))
         for group in opt.param_groups:
             group["lr"] = warmup_cosine(step, cfg.lr, cfg.warmup, cfg.steps)
+        # ---- LOSS: DPO against the frozen input, and the curated anchor
         loss, z, e_w = dpo_step(policy, reference, enc(pairs["winner"][idx]), enc(pairs["loser"][idx]),
                                 dev(pairs["tokens"][idx]), dev(pairs["weight"][idx]), dev(t), dev(x0),
                                 cfg.beta, cfg.sft_weight, cfg.decoupled)
@@ -292,6 +335,7 @@ def train(cfg: Config):
             anchor = M.curated_loss(policy, cfg.curated_batch, cfg.seed + 31, step, world, d.device).mean()
             (cfg.curated_weight * anchor).backward()
             anchors.append(anchor.item())
+        # ---- STEP: averaged over ranks, clipped, skipped if non-finite, then the EMA
         average_gradients(policy.parameters(), d)
         grad_norm = clip_gradients(policy.parameters(), cfg.grad_clip)
         if guard.ok(all_mean(loss.detach().double(), d).item(), grad_norm):   # every rank decides alike
@@ -299,41 +343,23 @@ def train(cfg: Config):
             ema.update(policy, step)
         opt.zero_grad(set_to_none=True)
         window.append((loss.item(), grad_norm, t, z.cpu()))
-
+        # ---- LOG and CHECKPOINT
         if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps:
-            ts, zs = torch.cat([w[2] for w in window]), torch.cat([w[3] for w in window])
-            which = torch.bucketize(ts, bins[1:-1])
-            per_bin = [round(float(-F.logsigmoid(zs[which == i]).mean()), 4) if (which == i).any() else None for i in range(4)]
-            rec = dict(step=step + 1, loss=sum(w[0] for w in window) / len(window), loss_by_t=per_bin,
-                       implicit_acc=round(float((zs > 0).float().mean()), 4), reward_margin=round(float(zs.mean()), 4),
-                       grad_norm=round(max(w[1] for w in window), 4), skipped=guard.skipped,
-                       curated_loss=round(sum(anchors) / len(anchors), 5) if anchors else None,
-                       elapsed_s=round(time.time() - t0, 1))
+            rec = log_record(step, window, anchors, guard.skipped, time.time() - t0)
             window, anchors = [], []
             bar.set_postfix(loss=f"{rec['loss']:.4f}", acc=f"{rec['implicit_acc']:.2f}", margin=f"{rec['reward_margin']:.3f}")
             if d.main:
                 logf.write(json.dumps(rec) + "\n")
                 logf.flush()
-        if (step + 1) % cfg.ckpt_every == 0 or step + 1 == cfg.steps:
-            if d.main:
-                M.save_run_state(paths["state"], policy, ema, opt, lineage(step + 1), step + 1, {"guard": guard}, logf)
+        if ((step + 1) % cfg.ckpt_every == 0 or step + 1 == cfg.steps) and d.main:
+            M.save_run_state(paths["state"], policy, ema, opt, lineage(step + 1), step + 1, {"guard": guard}, logf)
 
     check_ranks_agree(policy, d)                                                # before anything is handed off
-    # ---- hand-off: EMA weights, and the oracle's verdict against the input on held-out prompts and seeds
+    # ================================================================ HAND-OFF: EMA weights, and the oracle's verdict
     if d.main:
         M.save_checkpoint(paths["ckpt"], ema.model.state_dict(), mc, lineage(cfg.steps))
-        prompts, splits = R.eval_prompts(R.DiagnoseConfig(prompts=cfg.eval_prompts, seed=cfg.seed))
-        noise = R.noise_for(len(prompts), policy, cfg.seed + 7).to(d.device)
-        tok = data.tokenize(prompts).to(d.device)
-        ours, theirs = (M.sample(net, tok, noise, cfg.eval_steps, cfg.cfg_scale).cpu() for net in (ema.model, reference))
-        verdict = R.oracle_win_rate(ours, theirs, prompts, world)
-        held = torch.tensor([s == "heldout" for s in splits])
-        result = {"win_rate": round(float(verdict.mean()), 4), "win_rate_heldout_combos": round(float(verdict[held].mean()), 4),
-                  "win_rate_val": round(float(verdict[~held].mean()), 4)}
-        for name, clips in (("dpo", ours), ("input", theirs)):
-            result[name] = {k: round(float(v.mean()), 4) for k, v in R.reward_heads(clips, prompts, world).items()}
-            result[name].update({f"acc_{k}": round(float(v.float().mean()), 4) for k, v in R.check(clips, prompts, world).items()})
-        data.write_video(data.video_grid(torch.stack([theirs[:8], ours[:8]], 1).flatten(0, 1), 8, 2),
+        result, theirs, ours = oracle_verdict(cfg, ema.model, reference, world, d.device)
+        data.write_video(data.video_grid(torch.stack([theirs, ours], 1).flatten(0, 1), 8, 2),
                          os.path.join(cfg.out_dir, "samples.gif"))
         logf.write(json.dumps({"final": result}) + "\n")
         logf.close()

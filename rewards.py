@@ -745,10 +745,10 @@ def recommendation(axes, parts=None, ckpt="CKPT", stage=""):
       part     that head's part furthest above the curated data's score
       command  the network's own redraw of a clean clip (t = 0.98, no sampler) already shows at least half of the
                part's excess over the curated data: the network cannot draw it yet -> more Stage I SFT (or a base
-               pretrained longer). The part lies between the web and the curated data's scores, nearer the web's: a
-               defect learned from the pretraining data, which curated clips teach away -> more Stage I SFT. Otherwise the data does
-               not explain it (worse than even the web data: the sampler adds it), so a reward on samples must
-               remove it -> Stage II with the head weighted up, or for a checkpoint Stage II already made, Stage III
+               pretrained longer). The part lies between the web and the curated data's scores, nearer the web's:
+               a defect learned from the pretraining data, which curated clips teach away -> more Stage I SFT.
+               Otherwise the data does not explain it (worse than even the web data: the sampler adds it), so a
+               reward on samples must remove it -> Stage II with the head weighted up, or for a checkpoint Stage II already made, Stage III
                with a judge weighted toward the head; unless the head is under RANKABLE, where a reward has nothing
                to rank -> SFT. Every head matched: preferences are what is left, Stage III.
     Returns {"text", "command", "axis", "part"}."""
