@@ -233,7 +233,7 @@ def drift_curves(results):
 
 
 def decision_blocks(run, results):
-    """`make pipeline_driven`'s decisions (advice_rl.json, advice_dpo.json): what each diagnosis told the next stage,
+    """`make pipeline`'s decisions (advice_rl.json, advice_dpo.json): what each diagnosis told the next stage,
     and how the axis it named moved from that stage's input column to its output column."""
     rows = []
     for stage, title in (("rl", "Stage II"), ("dpo", "Stage III")):
@@ -250,12 +250,12 @@ def decision_blocks(run, results):
     if not rows:
         return []
     return [("h2", "Decisions: what each diagnosis told the next stage"),
-            ("p", "This run is diagnostic-driven (`make pipeline_driven`): after each stage `rewards.py diagnose` named "
+            ("p", "The pipeline is diagnostic-driven: after each stage `rewards.py diagnose` named "
                   "the weakest axis and its worst part, and `rewards.py advise` turned the next stage toward it with "
                   "the flags below: its judge or reward weighted toward the axis, or, where the diagnosis asked for "
                   "Stage I (the curated data teaches the part, a reward cannot), its curated flow-loss anchor weighted "
                   "4x. The last column is that axis from the stage's input to its output (the table above); "
-                  "`make pipeline` runs the same stages with fixed settings for comparison."),
+                  "docs/results.md compares it with the same stages at fixed settings."),
             ("table", ["stage", "decided from", "flags passed", "the axis it named, input -> output"], rows, "decisions")]
 
 
@@ -292,13 +292,22 @@ def wall_times(run, diag_seconds):
     last = lambda recs: next((r["elapsed_s"] for r in reversed(recs) if "elapsed_s" in r), None)
     loop = {"sft": last(sft), "rl": sum(r.get("rollout_s", 0) + r.get("train_s", 0) for r in rl if "iter" in r) or None,
             "dpo": last(dpo), "diagnose": diag_seconds}
-    rows, prev = [], None
-    for folder in ("sft", "rl", "dpo", "diagnose"):
+    for folder in ("diagnose_sft", "diagnose_rl"):             # the diagnoses the next stage was decided from
+        config = os.path.join(run, folder, "config.json")
+        loop[folder] = json.load(open(config)).get("seconds") if os.path.exists(config) else None
+    started = os.path.join(run, "started_at")               # `make pipeline` writes its start time there
+    rows, prev = [], float(open(started).read()) if os.path.exists(started) else None
+    start = prev
+    for folder in ("sft", "diagnose_sft", "rl", "diagnose_rl", "dpo", "diagnose"):
         path = os.path.join(run, folder)
+        if folder.startswith("diagnose_") and not os.path.isdir(path):
+            continue
         end = max((os.path.getmtime(os.path.join(path, f)) for f in os.listdir(path)), default=None) if os.path.isdir(path) else None
         span = end - prev if end and prev and end > prev else None
         rows.append((folder, loop[folder], span))
         prev = end
+    if start and prev:
+        rows.append(("the whole pipeline", None, prev - start))
     return rows
 
 
@@ -321,10 +330,12 @@ def pipeline_commands(run, target="pipeline"):
             cmds[-1] += line.strip().rstrip("\\")
             cmds += [] if line.rstrip().endswith("\\") else [""]
     flags = lambda m: open(m.group(1)).read().strip() if os.path.exists(m.group(1)) else m.group(0)[1:]
-    fill = lambda c: " ".join(re.sub(r"\$\$\(cat (\S+)\)", flags, c.replace("$(PY)", "python").replace(
-        "$(RUN)", run).replace("$(DRIVEN)", run)).split())
-    var = "DRIVEN" if target == "pipeline_driven" else "RUN"
-    return [f"make {target} {var}={run}   # runs:"] + [fill(c) for c in cmds if c and not c.startswith("@")]
+    # $(if $(SFT),copy,train): Stage I trained here, or a checkpoint copied in (no log of its own)
+    trained = os.path.exists(os.path.join(run, "sft", "log.jsonl"))
+    pick = lambda c: re.sub(r"^\$\(if \$\(SFT\),([^,]*),(.*)\)$", lambda m: m.group(2 if trained else 1), c)
+    fill = lambda c: " ".join(re.sub(r"\$\$\(cat (\S+)\)", flags, pick(c).replace("$(PY)", "python").replace(
+        "$(RUN)", run)).split())
+    return [f"make {target} RUN={run}   # runs:"] + [fill(c) for c in cmds if c and not c.startswith("@")]
 
 
 def diagnose_command(dcfg):
@@ -428,7 +439,6 @@ def write_report(cfg):
               + "".join(f"; DPO win rate vs its input {w['win_rate']:.0%}" for w in wins.values() if w) + ".")
     grid_rows, grid = dcfg.get("grid_rows") or [f"eval prompt {i + 1}" for i in range(8)], os.path.join(diag, "grid.gif")
     minutes = lambda s: f"{s / 60:.1f} min" if s else "not recorded"
-    target = "pipeline_driven" if os.path.exists(os.path.join(run, "advice_rl.json")) else "pipeline"
     blocks = [("h1", f"postflow report: {run}"),
               ("p", f"Written {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} by `python report.py --run={run}` "
                     f"from the run's own files. {glance}"),
@@ -459,14 +469,14 @@ def write_report(cfg):
     blocks += [("h2", "Drift: by frame, and by chunk of clips continued to 4x their length"),
                ("charts", drift_curves(results)), *decision_blocks(run, results), *ablation_blocks(cfg.ablations),
                ("h2", "How it was made"),
-               ("p", f"`make {target}` runs these commands (this checkout's Makefile); the settings each stage "
-                     f"actually ran with are its config, below."), ("pre", pipeline_commands(run, target)),
+               ("p", "`make pipeline` runs these commands (this checkout's Makefile); the settings each stage "
+                     "actually ran with are its config, below."), ("pre", pipeline_commands(run)),
                ("h3", "Wall time per stage"),
                ("table", ["stage", "loop time (its log)", "end to end (file times)"],
                 [(f, minutes(loop), minutes(span)) for f, loop, span in wall_times(run, dcfg.get("seconds"))], ""),
                ("p", "Loop time: the last `elapsed_s` of sft's and dpo's logs, the sum of `rollout_s + train_s` over rl's, "
                      "diagnose's own timer. End to end: from the previous stage's newest file to this stage's newest "
-                     "(Stage I's start is not recorded)."),
+                     "(Stage I's from the pipeline's start, where `started_at` records it)."),
                ("h3", "Versions and machine"),
                ("p", "Of the machine that wrote this report (`make pipeline` runs every stage on it)."),
                ("table", ["what", "here"], list(machine().items()), "")]

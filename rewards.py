@@ -336,6 +336,10 @@ class RewardNet(nn.Module):
         n_words = sum(len(w) for w in self.words)
         self.plain = [h for h in self.heads if h != "instruction"]
         self.out = nn.Sequential(nn.Linear(4 * width, 4 * width), nn.GELU(), nn.Linear(4 * width, len(self.plain) + n_words))
+        # per-head affine calibration, fit after training on oracle-labelled samples (fit_calibration): noisy labels
+        # pull a regression's output toward their mean, so the raw scores rank well but sit at the wrong level
+        self.register_buffer("scale", torch.ones(len(self.heads)))
+        self.register_buffer("offset", torch.zeros(len(self.heads)))
 
     def forward(self, videos, tokens):
         v = self.video(videos)                                              # (B, 2w, F', H', W')
@@ -348,7 +352,18 @@ class RewardNet(nn.Module):
             logits = logits[:, len(ids):]
         score = dict(zip(self.plain, torch.sigmoid(out[:, :len(self.plain)]).unbind(1)))
         score["instruction"] = torch.where(asked > 0, total / asked.clamp(min=1), torch.ones_like(total))
-        return torch.stack([score[h] for h in self.heads], 1)
+        return (torch.stack([score[h] for h in self.heads], 1) * self.scale + self.offset).clamp(0, 1)
+
+    @torch.no_grad()
+    def fit_calibration(self, videos, tokens, truth):
+        """Least-squares scale and offset per head against truth (B, heads), the oracle's scores of what the
+        generators make, with their own captions. A head the member does not rank (slope <= 0) gets its offset only."""
+        self.scale.fill_(1.0), self.offset.fill_(0.0)
+        raw = self(videos, tokens)                                          # (B, heads)
+        dx, dy = raw - raw.mean(0), truth - truth.mean(0)
+        slope = (dx * dy).sum(0) / (dx * dx).sum(0).clamp(min=1e-8)
+        self.scale.copy_(torch.where(slope > 0, slope, torch.ones_like(slope)))
+        self.offset.copy_(truth.mean(0) - self.scale * raw.mean(0))
 
 
 @dataclass
@@ -364,6 +379,8 @@ class RewardModelConfig:
     generators: tuple = ("checkpoints/base_small.safetensors", "checkpoints/sft_small.safetensors")  # whose samples
                                 # join the training data, so the judge ranks what the stages make ('' = none)
     generator_clips: int = 256  # samples drawn from each generator (once, up front); eval_clips / 8 more held out
+    calib_clips: int = 128      # more samples of each generator, scored by the oracle without annotator noise (a
+                                # small gold set): each member's per-head scale and offset (0 = uncalibrated)
     out: str = "checkpoints/reward_model.safetensors"
     eval_clips: int = 512       # held-out clips for the accuracy report
     seed: int = 0
@@ -430,7 +447,7 @@ def rm_pool(cfg, n, seed, world, base_videos=None):
 def train_reward_model(argv):
     cfg = parse_config(RewardModelConfig, argv)
     check_ranges(cfg, at_least_one=("members", "width", "steps", "pool_clips", "batch_size", "eval_clips", "generator_clips"),
-                 positive=("lr",), non_negative=("label_noise",), fraction=("label_flip",))
+                 positive=("lr",), non_negative=("label_noise", "calib_clips"), fraction=("label_flip",))
     for path in (p for p in cfg.generators if p):
         M.read_checkpoint(path)                                        # every input is checked before any work
     if os.path.exists(cfg.out) and not cfg.overwrite:
@@ -442,6 +459,8 @@ def train_reward_model(argv):
     # its own noisy annotator, so the members disagree where the data leaves the judge unsure.
     videos, prompts, scores = rm_pool(cfg, cfg.pool_clips, cfg.seed, world_of(shape), base_videos)
     tokens = data.tokenize(prompts)
+    gold = generator_samples(cfg.generators, cfg.calib_clips, cfg.seed + 2, 299)[0] if cfg.calib_clips else None
+    gold_scores = None if gold is None else torch.stack(list(reward_heads(gold[0], gold[2], world_of(shape)).values()), 1)
     tensors = {}
     for k in tqdm(range(cfg.members), desc="reward members"):
         g = torch.Generator().manual_seed(cfg.seed * 100 + k)
@@ -459,6 +478,8 @@ def train_reward_model(argv):
             loss.backward()
             torch.nn.utils.clip_grad_norm_(member.parameters(), 1.0)
             opt.step()
+        if gold is not None:
+            member.fit_calibration(gold[0], data.tokenize(gold[2]), gold_scores)
         tensors.update({f"member{k}.{n}": p for n, p in member.state_dict().items()})
     lineage = M.lineage_record("reward_model", ",".join(cfg.generators), cfg.steps, "curated+web+samples", config=asdict(cfg),
                                seconds=round(time.time() - t0, 1))
@@ -488,6 +509,8 @@ def load_reward_model(path, policy_cfg=None):
     members = []
     for k in range(meta["members"]):
         m = RewardNet(meta["width"], heads)
+        for name, fill in (("scale", torch.ones), ("offset", torch.zeros)):    # a judge from before calibration
+            tensors.setdefault(f"member{k}.{name}", fill(len(heads)))
         M.load_weights(m, tensors, path, prefix=f"member{k}.")
         members.append(m.eval())
     return members
@@ -593,11 +616,14 @@ class DiagnoseConfig:
     cfg_until: float = M.CFG_UNTIL  # guidance stops at this t (1.0 = guide every step)
     long_clips: int = 8         # clips continued to 4x their length for drift_by_chunk
     diversity_seeds: int = 8    # seeds per prompt for the diversity spread
+    probe_clips: int = 32       # clips of the main set (seed 0 of each prompt) for the guidance sweep and image-to-video
     reward_model: str = "checkpoints/reward_model.safetensors"  # learned ensemble for proxy_reward ('' = none)
     seed: int = 0               # eval seed: the same prompts and noise for every checkpoint
     overwrite: bool = False     # replace an existing output folder
     cache: str = ""             # a folder keeping each checkpoint's diagnosis by content (file, settings, judge,
                                 # heads, code): a repeat is read back, not recomputed ('' = off)
+    shipped: str = "checkpoints/diagnoses"  # read-only diagnoses shipped with the checkpoints, by the same key: the
+                                # base's, so a fresh clone does not redo it (`make base_diagnosis`; a code edit misses)
 
 
 def eval_prompts(cfg):
@@ -704,15 +730,18 @@ def diagnose_checkpoint(path, cfg, bar, rm=None, ref=None):
     out["diversity"] = {"pixel_rms": round(float(sum(s[0] for s in spread) / 2), 4),
                         "position_std": round(float(sum(s[1] for s in spread) / 2), 4)}
 
-    # controllability: the same noise at other guidance weights, and image-to-video from a true first frame
-    out["cfg_response"] = {str(cfg.cfg_scale): out["instruction"][0]}
+    # controllability: the same noise at other guidance weights, and image-to-video from a true first frame, on a
+    # spread-out subset of the main clips (each probe costs a full sampling run; half the clips, half a column's time)
+    probe = torch.arange(len(prompts))[:: max(1, len(prompts) // cfg.probe_clips)][:cfg.probe_clips]
+    probe_prompts = [prompts[i] for i in probe]
+    out["cfg_response"] = {str(cfg.cfg_scale): round(float(heads["instruction"][probe].mean()), 4)}
     for w in (1.0, 2 * cfg.cfg_scale):
-        clips = sample(tokens, noise, w)
-        out["cfg_response"][str(w)] = round(float(reward_heads(clips, prompts, world)["instruction"].mean()), 4)
+        clips = sample(tokens[probe], noise[probe], w)
+        out["cfg_response"][str(w)] = round(float(reward_heads(clips, probe_prompts, world)["instruction"].mean()), 4)
     bar.update()
-    truth = data.make_batch("val", len(prompts), seed=cfg.seed + 3, world=world)
-    mask = (torch.arange(mc.frames) < 1)[None].expand(len(prompts), -1)
-    clips = sample(truth.tokens, noise, cfg.cfg_scale, ctx=truth.videos, ctx_mask=mask)
+    truth = data.make_batch("val", len(probe), seed=cfg.seed + 3, world=world)
+    mask = (torch.arange(mc.frames) < 1)[None].expand(len(probe), -1)
+    clips = sample(truth.tokens, noise[probe], cfg.cfg_scale, ctx=truth.videos, ctx_mask=mask)
     o = oracle(clips, world)
     kept = (o["frame_colour"][:, 1:] == truth.attrs["colour"][:, None]).all(1) & \
            (o["frame_shape"][:, 1:] == truth.attrs["shape"][:, None]).all(1)
@@ -869,9 +898,9 @@ def markdown_table(results):
             ("instruction, chunk 1 -> 4", lambda r: f"{r['drift_by_chunk'][0]['instruction']:.3f} -> "
                                                     f"{r['drift_by_chunk'][-1]['instruction']:.3f}"),
             ("diversity (pixel rms across seeds)", lambda r: f"{r['diversity']['pixel_rms']:.3f}"),
-            ("cfg response (instruction at w)", lambda r: " / ".join(f"{w}: {v:.3f}" for w, v in sorted(
+            ("cfg response (instruction at w, probe clips)", lambda r: " / ".join(f"{w}: {v:.3f}" for w, v in sorted(
                 r["cfg_response"].items(), key=lambda x: float(x[0])))),
-            ("context adherence (image-to-video)", lambda r: f"{r['context_adherence'][0]:.3f}"),
+            ("context adherence (image-to-video, probe clips)", lambda r: f"{r['context_adherence'][0]:.3f}"),
             ("proxy - oracle (learned RM gap)", lambda r: "n/a" if not r["proxy_oracle_gap"] else
              ", ".join(f"{k} {v:+.3f}" for k, v in r["proxy_oracle_gap"].items()))]
     lines = ["| metric | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
@@ -924,7 +953,7 @@ def check_diagnose_inputs(cfg):
     world the checkpoints share."""
     if not cfg.ckpt:
         raise ConfigError("no checkpoints to diagnose: pass --ckpt=PATH (repeat it, or --ckpt=A,B)")
-    check_ranges(cfg, at_least_one=("prompts", "seeds", "steps", "long_clips"), non_negative=("cfg_scale", "cfg_until"))
+    check_ranges(cfg, at_least_one=("prompts", "seeds", "steps", "long_clips", "probe_clips"), non_negative=("cfg_scale", "cfg_until"))
     if cfg.diversity_seeds < 2:
         raise ConfigError(f"--diversity_seeds must be at least 2 to measure a spread, got {cfg.diversity_seeds}")
     shapes = {}
@@ -955,7 +984,8 @@ def code_version():
 def cache_key(path, cfg):
     """What a diagnosis depends on: the checkpoint's bytes, the settings that shape the samples, the judge's bytes,
     and the code that samples and scores (an edit to any of these files is a new key)."""
-    settings = {k: v for k, v in asdict(cfg).items() if k not in ("ckpt", "out", "overwrite", "cache", "reward_model")}
+    settings = {k: v for k, v in asdict(cfg).items() if k not in ("ckpt", "out", "overwrite", "cache", "shipped",
+                                                                    "reward_model")}
     judge = M.file_hash(cfg.reward_model) if cfg.reward_model and os.path.exists(cfg.reward_model) else ""
     text = json.dumps([M.file_hash(path), settings, judge, list(HEADS), code_version()], sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()[:20]
@@ -998,7 +1028,7 @@ def diagnose(argv):
     with tqdm(total=5 * len(cfg.ckpt), desc="diagnose") as bar:
         for name, path in zip(names, cfg.ckpt):
             key = cache_key(path, cfg)
-            cached = read_cached(cfg.cache, key)
+            cached = read_cached(cfg.cache, key) or read_cached(cfg.shipped, key)
             if cached:
                 results[name], grid = cached
                 bar.update(5)

@@ -364,7 +364,7 @@ def test_reward_model_ensemble_mean_and_std(tiny_checkpoints, capsys):
     base, tuned, root = tiny_checkpoints
     out = str(root / "rm.safetensors")
     rewards.train_reward_model([f"--generators={base},{tuned}", "--generator_clips=4", "--members=3", "--steps=3", "--pool_clips=24",
-                                "--batch_size=8", "--eval_clips=24", f"--out={out}"])
+                                "--batch_size=8", "--eval_clips=24", "--calib_clips=4", f"--out={out}"])
     printed = capsys.readouterr().out
     assert "pair_accuracy" in printed and "generator_samples_proxy_minus_oracle" in printed   # its gap on samples
     assert '"proxy_minus_oracle_on_base"' in printed and '"proxy_minus_oracle_on_sft"' in printed  # and per generator
@@ -377,8 +377,34 @@ def test_reward_model_ensemble_mean_and_std(tiny_checkpoints, capsys):
         assert torch.allclose(mean[head], each[:, :, i].mean(0)) and torch.allclose(std[head], each[:, :, i].std(0))
         assert mean[head].min() >= 0 and mean[head].max() <= 1
     assert std["fidelity"].max() > 0                                             # bootstrapped members disagree
+    assert all(not torch.equal(m.offset, torch.zeros_like(m.offset)) for m in members)   # each member calibrated
     with pytest.raises(FileExistsError):
         rewards.train_reward_model([f"--out={out}", "--generators="])
+
+
+def test_judge_calibration_fits_scale_and_offset_and_leaves_a_head_it_cannot_rank_its_scale():
+    torch.manual_seed(0)
+    net = rewards.RewardNet(8)
+    b = data.make_batch("web", 32, seed=3, world=TINY_WORLD)
+    raw = net(b.videos, b.tokens)
+    truth = 0.4 * raw + 0.3                                                      # a judge at the wrong level and scale
+    truth[:, 0] = 0.9 - 0.5 * raw[:, 0]                                          # ... and one head it ranks backwards
+    net.fit_calibration(b.videos, b.tokens, truth)
+    fitted = net(b.videos, b.tokens)
+    assert torch.allclose(fitted[:, 1:], truth[:, 1:], atol=1e-5)
+    assert net.scale[0] == 1 and torch.isclose(fitted[:, 0].mean(), truth[:, 0].mean(), atol=1e-5)
+
+
+
+def test_a_judge_saved_before_calibration_loads_uncalibrated(tmp_path):
+    torch.manual_seed(0)
+    net, path = rewards.RewardNet(8), str(tmp_path / "old_judge.safetensors")
+    tensors = {f"member0.{k}": v for k, v in net.state_dict().items() if k not in ("scale", "offset")}
+    M.save_checkpoint(path, tensors, M.preset("tiny"), M.lineage_record("reward_model", "", 1, "curated"), members=1,
+                      width=8, heads=list(rewards.HEADS))
+    (old,) = rewards.load_reward_model(path)
+    b = data.make_batch("curated", 4, world=TINY_WORLD)
+    assert torch.equal(old(b.videos, b.tokens), net(b.videos, b.tokens))
 
 
 @pytest.fixture(scope="module")
@@ -487,6 +513,9 @@ def test_diagnose_reads_a_repeat_back_and_advise_hands_the_axis_to_the_next_stag
     again = json.load(open(tmp_path / "b" / "diagnostics.json"))
     assert again["copy"]["fidelity"] == first["sft"]["fidelity"] and again["base"] == first["base"]
     assert str(copy) in again["copy"]["recommendation"]["command"]                 # the advice names the path given
+    shutil.copytree(tmp_path / "cache", tmp_path / "shipped")                         # the folder shipped with a clone
+    rewards.diagnose([f"--ckpt={base}", f"--out={tmp_path / 'd'}", *tiny[:-1], f"--shipped={tmp_path / 'shipped'}"])
+    assert json.load(open(tmp_path / "d" / "diagnostics.json"))["base"] == first["base"]
     with pytest.raises(pytest.fail.Exception, match="recomputed"):                    # another setting is a miss
         rewards.diagnose([f"--ckpt={base}", f"--out={tmp_path / 'c'}", *tiny[:2], "--steps=2", *tiny[3:]])
     # advise: the flags that point the next stage at the diagnosed axis, parsed by that stage's own config
