@@ -233,7 +233,7 @@ def drift_curves(results):
 
 
 def decision_blocks(run, results):
-    """`make pipeline`'s decisions (advice_rl.json, advice_dpo.json): what each diagnosis told the next stage,
+    """`make pipeline_driven`'s decisions (advice_rl.json, advice_dpo.json): what each diagnosis told the next stage,
     and how the axis it named moved from that stage's input column to its output column."""
     rows = []
     for stage, title in (("rl", "Stage II"), ("dpo", "Stage III")):
@@ -250,12 +250,12 @@ def decision_blocks(run, results):
     if not rows:
         return []
     return [("h2", "Decisions: what each diagnosis told the next stage"),
-            ("p", "The pipeline is diagnostic-driven: after each stage `rewards.py diagnose` named "
+            ("p", "This run is diagnostic-driven (`make pipeline_driven`): after each stage `rewards.py diagnose` named "
                   "the weakest axis and its worst part, and `rewards.py advise` turned the next stage toward it with "
                   "the flags below: its judge or reward weighted toward the axis, or, where the diagnosis asked for "
                   "Stage I (the curated data teaches the part, a reward cannot), its curated flow-loss anchor weighted "
                   "4x. The last column is that axis from the stage's input to its output (the table above); "
-                  "docs/results.md compares it with the same stages at fixed settings."),
+                  "`make pipeline` runs the same stages with fixed settings for comparison."),
             ("table", ["stage", "decided from", "flags passed", "the axis it named, input -> output"], rows, "decisions")]
 
 
@@ -295,7 +295,7 @@ def wall_times(run, diag_seconds):
     for folder in ("diagnose_sft", "diagnose_rl"):             # the diagnoses the next stage was decided from
         config = os.path.join(run, folder, "config.json")
         loop[folder] = json.load(open(config)).get("seconds") if os.path.exists(config) else None
-    started = os.path.join(run, "started_at")               # `make pipeline` writes its start time there
+    started = os.path.join(run, "started_at")               # both pipeline targets write their start time there
     rows, prev = [], float(open(started).read()) if os.path.exists(started) else None
     start = prev
     for folder in ("sft", "diagnose_sft", "rl", "diagnose_rl", "dpo", "diagnose"):
@@ -334,8 +334,9 @@ def pipeline_commands(run, target="pipeline"):
     trained = os.path.exists(os.path.join(run, "sft", "log.jsonl"))
     pick = lambda c: re.sub(r"^\$\(if \$\(SFT\),([^,]*),(.*)\)$", lambda m: m.group(2 if trained else 1), c)
     fill = lambda c: " ".join(re.sub(r"\$\$\(cat (\S+)\)", flags, pick(c).replace("$(PY)", "python").replace(
-        "$(RUN)", run)).split())
-    return [f"make {target} RUN={run}   # runs:"] + [fill(c) for c in cmds if c and not c.startswith("@")]
+        "$(RUN)", run).replace("$(DRIVEN)", run)).split())
+    var = "DRIVEN" if target == "pipeline_driven" else "RUN"
+    return [f"make {target} {var}={run}   # runs:"] + [fill(c) for c in cmds if c and not c.startswith("@")]
 
 
 def diagnose_command(dcfg):
@@ -437,6 +438,7 @@ def write_report(cfg):
     curves, all_acc = stage_curves(run), [r["instruction_by_attribute"]["all"][0] for r in results.values()]
     glance = (f"Oracle accuracy on every prompted attribute: {' -> '.join(f'{n} {a:.3f}' for n, a in zip(names, all_acc))}"
               + "".join(f"; DPO win rate vs its input {w['win_rate']:.0%}" for w in wins.values() if w) + ".")
+    target = "pipeline_driven" if os.path.exists(os.path.join(run, "advice_rl.json")) else "pipeline"
     grid_rows, grid = dcfg.get("grid_rows") or [f"eval prompt {i + 1}" for i in range(8)], os.path.join(diag, "grid.gif")
     minutes = lambda s: f"{s / 60:.1f} min" if s else "not recorded"
     blocks = [("h1", f"postflow report: {run}"),
@@ -469,8 +471,8 @@ def write_report(cfg):
     blocks += [("h2", "Drift: by frame, and by chunk of clips continued to 4x their length"),
                ("charts", drift_curves(results)), *decision_blocks(run, results), *ablation_blocks(cfg.ablations),
                ("h2", "How it was made"),
-               ("p", "`make pipeline` runs these commands (this checkout's Makefile); the settings each stage "
-                     "actually ran with are its config, below."), ("pre", pipeline_commands(run)),
+               ("p", f"`make {target}` runs these commands (this checkout's Makefile); the settings each stage "
+                     "actually ran with are its config, below."), ("pre", pipeline_commands(run, target)),
                ("h3", "Wall time per stage"),
                ("table", ["stage", "loop time (its log)", "end to end (file times)"],
                 [(f, minutes(loop), minutes(span)) for f, loop, span in wall_times(run, dcfg.get("seconds"))], ""),

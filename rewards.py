@@ -379,8 +379,8 @@ class RewardModelConfig:
     generators: tuple = ("checkpoints/base_small.safetensors", "checkpoints/sft_small.safetensors")  # whose samples
                                 # join the training data, so the judge ranks what the stages make ('' = none)
     generator_clips: int = 256  # samples drawn from each generator (once, up front); eval_clips / 8 more held out
-    calib_clips: int = 128      # more samples of each generator, scored by the oracle without annotator noise (a
-                                # small gold set): each member's per-head scale and offset (0 = uncalibrated)
+    calib_clips: int = 256      # samples of the last generator (the policy Stage II starts from), scored by the
+                                # oracle without annotator noise: each member's per-head scale and offset (0 = none)
     out: str = "checkpoints/reward_model.safetensors"
     eval_clips: int = 512       # held-out clips for the accuracy report
     seed: int = 0
@@ -459,9 +459,7 @@ def train_reward_model(argv):
     # its own noisy annotator, so the members disagree where the data leaves the judge unsure.
     videos, prompts, scores = rm_pool(cfg, cfg.pool_clips, cfg.seed, world_of(shape), base_videos)
     tokens = data.tokenize(prompts)
-    gold = generator_samples(cfg.generators, cfg.calib_clips, cfg.seed + 2, 299)[0] if cfg.calib_clips else None
-    gold_scores = None if gold is None else torch.stack(list(reward_heads(gold[0], gold[2], world_of(shape)).values()), 1)
-    tensors = {}
+    members = []
     for k in tqdm(range(cfg.members), desc="reward members"):
         g = torch.Generator().manual_seed(cfg.seed * 100 + k)
         torch.manual_seed(cfg.seed * 100 + k)
@@ -478,17 +476,64 @@ def train_reward_model(argv):
             loss.backward()
             torch.nn.utils.clip_grad_norm_(member.parameters(), 1.0)
             opt.step()
-        if gold is not None:
-            member.fit_calibration(gold[0], data.tokenize(gold[2]), gold_scores)
-        tensors.update({f"member{k}.{n}": p for n, p in member.state_dict().items()})
+        members.append(member)
+    policy = [p for p in cfg.generators if p][-1:]
+    if cfg.calib_clips and policy:
+        calibrate(members, policy[0], cfg.calib_clips, cfg.seed)
+    tensors = {f"member{k}.{n}": p for k, m in enumerate(members) for n, p in m.state_dict().items()}
     lineage = M.lineage_record("reward_model", ",".join(cfg.generators), cfg.steps, "curated+web+samples", config=asdict(cfg),
-                               seconds=round(time.time() - t0, 1))
+                               seconds=round(time.time() - t0, 1), calibrated_on=policy[0] if cfg.calib_clips and policy else "")
     # the model config records the world shape (frames, size) the judge was trained for
     M.save_checkpoint(cfg.out, tensors, shape, lineage, members=cfg.members, width=cfg.width, heads=list(HEADS))
     held_out, _ = generator_samples(cfg.generators, max(1, cfg.eval_clips // 8), cfg.seed + 1, 199)
     report = evaluate_reward_model(load_reward_model(cfg.out), cfg, world_of(shape), held_out)
     print(json.dumps(report, indent=1))
     print(f"wrote {cfg.out} in {time.time() - t0:.0f}s")
+
+
+def calibrate(members, policy, clips, seed=0):
+    """Each member's per-head scale and offset, fit to the oracle's scores of `clips` samples of `policy` with their
+    own captions: the level at which the judge should score the clips of the policy the next stage starts from."""
+    gold, shape = generator_samples([policy], clips, seed + 2, 299)
+    truth = torch.stack(list(reward_heads(gold[0], gold[2], world_of(shape)).values()), 1)
+    for m in members:
+        m.fit_calibration(gold[0], data.tokenize(gold[2]), truth)
+
+
+@dataclass
+class CalibrateConfig:
+    judge: str = "checkpoints/reward_model.safetensors"  # the learned judge (its members' trained weights are kept)
+    on: str = "checkpoints/sft_small.safetensors"        # the policy whose samples set each head's level
+    clips: int = 256            # samples of it, scored by the oracle (64 more, held out, for the printed gap)
+    seed: int = 0
+    out: str = ""               # where to write ('' = replace --judge, which needs --overwrite=true)
+    overwrite: bool = False
+
+
+def calibrate_judge(argv):
+    """A judge recalibrated for a new policy in minutes, instead of refit: when Stage II starts from another
+    checkpoint than the one the judge was calibrated on."""
+    cfg = parse_config(CalibrateConfig, argv)
+    check_ranges(cfg, at_least_one=("clips",))
+    out = cfg.out or cfg.judge
+    members = load_reward_model(cfg.judge)                             # both inputs checked before any work
+    _, policy_shape, _ = M.read_checkpoint(cfg.on)
+    load_reward_model(cfg.judge, policy_shape)
+    if os.path.exists(out) and not cfg.overwrite:
+        raise OutputExists(f"{out} exists; pass --overwrite=true to replace it (or --out=another path)")
+    held_out, shape = generator_samples([cfg.on], 64, cfg.seed + 1, 199)
+    truth = reward_heads(held_out[0], held_out[2], world_of(shape))
+    gap = lambda: {h: round(float((rm_score(members, held_out[0], data.tokenize(held_out[2]))[0][h] - truth[h]).mean()), 4)
+                   for h in HEADS}
+    before = gap()
+    calibrate(members, cfg.on, cfg.clips, cfg.seed)
+    tensors, judge_shape, meta = M.read_checkpoint(cfg.judge)
+    tensors.update({f"member{k}.{n}": p for k, m in enumerate(members) for n, p in m.state_dict().items()})
+    M.save_checkpoint(out, tensors, judge_shape, dict(meta["lineage"], calibrated_on=cfg.on, calibrated_on_hash=M.file_hash(cfg.on)),
+                      members=meta["members"], width=meta["width"], heads=meta.get("heads", list(HEADS)))
+    print(f"proxy - oracle on 64 held-out samples of {cfg.on}: before " + ", ".join(f"{h} {v:+.3f}" for h, v in before.items())
+          + "; after " + ", ".join(f"{h} {v:+.3f}" for h, v in gap().items()))
+    print(f"wrote {out}")
 
 
 def load_reward_model(path, policy_cfg=None):
@@ -1058,7 +1103,7 @@ def diagnose(argv):
           f"{', '.join(names)})")
 
 
-COMMANDS = {"diagnose": diagnose, "advise": advise, "train_rm": train_reward_model}
+COMMANDS = {"diagnose": diagnose, "advise": advise, "train_rm": train_reward_model, "calibrate": calibrate_judge}
 
 if __name__ == "__main__":
     if len(sys.argv) < 2 or sys.argv[1] not in COMMANDS:

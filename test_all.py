@@ -378,6 +378,14 @@ def test_reward_model_ensemble_mean_and_std(tiny_checkpoints, capsys):
         assert mean[head].min() >= 0 and mean[head].max() <= 1
     assert std["fidelity"].max() > 0                                             # bootstrapped members disagree
     assert all(not torch.equal(m.offset, torch.zeros_like(m.offset)) for m in members)   # each member calibrated
+    # recalibrated on another policy's samples: the trained weights kept, the level refit, the judge replaced only if asked
+    with pytest.raises(FileExistsError):
+        rewards.calibrate_judge([f"--judge={out}", f"--on={base}", "--clips=4"])
+    rewards.calibrate_judge([f"--judge={out}", f"--on={base}", "--clips=4", f"--out={root / 'rm_base.safetensors'}"])
+    assert "proxy - oracle on 64 held-out samples" in capsys.readouterr().out
+    again = rewards.load_reward_model(str(root / "rm_base.safetensors"))
+    for old, new in zip(members, again):
+        assert torch.equal(old.out[0].weight, new.out[0].weight) and not torch.equal(old.offset, new.offset)
     with pytest.raises(FileExistsError):
         rewards.train_reward_model([f"--out={out}", "--generators="])
 
