@@ -22,13 +22,13 @@ killtest: setup
 # The main job at the default CPU preset: the three stages from the shipped base, then all four judged side by side
 # (a diagnosis already made of the same file, settings and code is read back: from runs/diagnose_cache, and the base's
 # from checkpoints/diagnoses, shipped), then one page of it all: $(RUN)/report.html (offline, self-contained) and
-# report.md. Its CPU budget, about 23 minutes on 2 cores: Stage I 400 steps at lr 3e-4 (the script's default: 800 at
-# 2e-4), Stage II 15 iterations (30), Stage III 75 steps (150); docs/results.md compares it with the full recipe
-# (41.5 minutes). Stage II runs all its iterations (--max_minutes=0: its 10-minute guard would cut a slower machine
-# short and change the table). Each run replaces $(RUN) (pass RUN=runs/other to keep an earlier one).
+# report.md. Its CPU budget, about 24 minutes on 2 cores: Stage I 800 steps of 16 clips (the script's default: 32),
+# Stage II 15 iterations (30), Stage III 75 steps (150); docs/results.md compares it with the full recipe (41.5
+# minutes). Stage II runs all its iterations (--max_minutes=0: its 10-minute guard would cut a slower machine short
+# and change the table). Each run replaces $(RUN) (pass RUN=runs/other to keep an earlier one).
 pipeline: setup
 	@mkdir -p $(RUN) && date +%s > $(RUN)/started_at
-	$(PY) sft.py --out_dir=$(RUN)/sft --overwrite=true --steps=400 --lr=3e-4 --warmup=25
+	$(PY) sft.py --out_dir=$(RUN)/sft --overwrite=true --batch_size=16
 	$(PY) reward_rl.py --init=$(RUN)/sft/ckpt.safetensors --out_dir=$(RUN)/rl --overwrite=true --max_minutes=0 --iters=15
 	$(PY) preference.py --init=$(RUN)/rl/ckpt.safetensors --out_dir=$(RUN)/dpo --overwrite=true --steps=75 --warmup=8
 	$(PY) rewards.py diagnose --ckpt=checkpoints/base_small.safetensors --ckpt=$(RUN)/sft/ckpt.safetensors \
