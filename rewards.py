@@ -318,8 +318,8 @@ def reliability(rm_std):
 # trained on its own bootstrap of the data, give a mean and a spread; the spread is the uncertainty
 # that Stage II uses to down-weight advantages where the members disagree.
 class RewardNet(nn.Module):
-    """Video (B, C, F, H, W) + caption tokens -> (B, heads) scores in [0, 1], one per head it was built for
-    (the registry's, in its order): a sigmoid output per head, except instruction.
+    """Video (B, C, F, H, W) + caption tokens -> (B, heads) scores, one per head it was built for (the registry's,
+    in its order): a sigmoid output per head, except instruction, in [0, 1] until calibration scales and shifts it.
 
     Text alignment is scored the way VQA-style judges do it: the net reads the clip into a distribution
     over each attribute's words, and the instruction score is the mean probability it gives the words the
@@ -336,7 +336,7 @@ class RewardNet(nn.Module):
         n_words = sum(len(w) for w in self.words)
         self.plain = [h for h in self.heads if h != "instruction"]
         self.out = nn.Sequential(nn.Linear(4 * width, 4 * width), nn.GELU(), nn.Linear(4 * width, len(self.plain) + n_words))
-        # per-head affine calibration, fit after training on oracle-labelled samples (fit_calibration): noisy labels
+        # per-head affine calibration, fit after training on oracle-labelled samples (calibrate): noisy labels
         # pull a regression's output toward their mean, so the raw scores rank well but sit at the wrong level
         self.register_buffer("scale", torch.ones(len(self.heads)))
         self.register_buffer("offset", torch.zeros(len(self.heads)))
@@ -352,18 +352,8 @@ class RewardNet(nn.Module):
             logits = logits[:, len(ids):]
         score = dict(zip(self.plain, torch.sigmoid(out[:, :len(self.plain)]).unbind(1)))
         score["instruction"] = torch.where(asked > 0, total / asked.clamp(min=1), torch.ones_like(total))
-        return (torch.stack([score[h] for h in self.heads], 1) * self.scale + self.offset).clamp(0, 1)
+        return torch.stack([score[h] for h in self.heads], 1) * self.scale + self.offset   # affine: the ranking is kept
 
-    @torch.no_grad()
-    def fit_calibration(self, videos, tokens, truth):
-        """Least-squares scale and offset per head against truth (B, heads), the oracle's scores of what the
-        generators make, with their own captions. A head the member does not rank (slope <= 0) gets its offset only."""
-        self.scale.fill_(1.0), self.offset.fill_(0.0)
-        raw = self(videos, tokens)                                          # (B, heads)
-        dx, dy = raw - raw.mean(0), truth - truth.mean(0)
-        slope = (dx * dy).sum(0) / (dx * dx).sum(0).clamp(min=1e-8)
-        self.scale.copy_(torch.where(slope > 0, slope, torch.ones_like(slope)))
-        self.offset.copy_(truth.mean(0) - self.scale * raw.mean(0))
 
 
 @dataclass
@@ -491,13 +481,27 @@ def train_reward_model(argv):
     print(f"wrote {cfg.out} in {time.time() - t0:.0f}s")
 
 
+@torch.no_grad()
+def fit_calibration(members, videos, tokens, truth):
+    """One least-squares scale and offset per head, shared by the members and fit on their mean against truth
+    (B, heads): the ensemble mean keeps its ranking, and the members' spread scales with it. A head the judge does
+    not rank here (slope <= 0) gets its offset only."""
+    for m in members:
+        m.scale.fill_(1.0), m.offset.fill_(0.0)
+    raw = torch.stack([m(videos, tokens) for m in members]).mean(0)           # (B, heads)
+    dx, dy = raw - raw.mean(0), truth - truth.mean(0)
+    slope = (dx * dy).sum(0) / (dx * dx).sum(0).clamp(min=1e-8)
+    scale = torch.where(slope > 0, slope, torch.ones_like(slope))
+    for m in members:
+        m.scale.copy_(scale), m.offset.copy_(truth.mean(0) - scale * raw.mean(0))
+
+
 def calibrate(members, policy, clips, seed=0):
-    """Each member's per-head scale and offset, fit to the oracle's scores of `clips` samples of `policy` with their
-    own captions: the level at which the judge should score the clips of the policy the next stage starts from."""
+    """The judge's per-head scale and offset, fit to the oracle's scores of `clips` samples of `policy` with their
+    own captions: the level at which it should score the clips of the policy the next stage starts from."""
     gold, shape = generator_samples([policy], clips, seed + 2, 299)
     truth = torch.stack(list(reward_heads(gold[0], gold[2], world_of(shape)).values()), 1)
-    for m in members:
-        m.fit_calibration(gold[0], data.tokenize(gold[2]), truth)
+    fit_calibration(members, gold[0], data.tokenize(gold[2]), truth)
 
 
 @dataclass
