@@ -319,7 +319,7 @@ def reliability(rm_std):
 # that Stage II uses to down-weight advantages where the members disagree.
 class RewardNet(nn.Module):
     """Video (B, C, F, H, W) + caption tokens -> (B, heads) scores, one per head it was built for (the registry's,
-    in its order): a sigmoid output per head, except instruction, in [0, 1] until calibration scales and shifts it.
+    in its order): a sigmoid output per head, except instruction, in [0, 1] until calibration shifts it.
 
     Text alignment is scored the way VQA-style judges do it: the net reads the clip into a distribution
     over each attribute's words, and the instruction score is the mean probability it gives the words the
@@ -336,9 +336,8 @@ class RewardNet(nn.Module):
         n_words = sum(len(w) for w in self.words)
         self.plain = [h for h in self.heads if h != "instruction"]
         self.out = nn.Sequential(nn.Linear(4 * width, 4 * width), nn.GELU(), nn.Linear(4 * width, len(self.plain) + n_words))
-        # per-head affine calibration, fit after training on oracle-labelled samples (calibrate): noisy labels
-        # pull a regression's output toward their mean, so the raw scores rank well but sit at the wrong level
-        self.register_buffer("scale", torch.ones(len(self.heads)))
+        # a per-head offset, fit after training on oracle-labelled samples (calibrate): noisy labels pull a
+        # regression's output toward their mean, so the raw scores rank well but sit at the wrong level
         self.register_buffer("offset", torch.zeros(len(self.heads)))
 
     def forward(self, videos, tokens):
@@ -352,7 +351,7 @@ class RewardNet(nn.Module):
             logits = logits[:, len(ids):]
         score = dict(zip(self.plain, torch.sigmoid(out[:, :len(self.plain)]).unbind(1)))
         score["instruction"] = torch.where(asked > 0, total / asked.clamp(min=1), torch.ones_like(total))
-        return torch.stack([score[h] for h in self.heads], 1) * self.scale + self.offset   # affine: the ranking is kept
+        return torch.stack([score[h] for h in self.heads], 1) + self.offset   # shifted: the ranking and spread are kept
 
 
 
@@ -370,7 +369,7 @@ class RewardModelConfig:
                                 # join the training data, so the judge ranks what the stages make ('' = none)
     generator_clips: int = 256  # samples drawn from each generator (once, up front); eval_clips / 8 more held out
     calib_clips: int = 256      # samples of the last generator (the policy Stage II starts from), scored by the
-                                # oracle without annotator noise: each member's per-head scale and offset (0 = none)
+                                # oracle without annotator noise: the judge's per-head offset (0 = uncalibrated)
     out: str = "checkpoints/reward_model.safetensors"
     eval_clips: int = 512       # held-out clips for the accuracy report
     seed: int = 0
@@ -483,22 +482,19 @@ def train_reward_model(argv):
 
 @torch.no_grad()
 def fit_calibration(members, videos, tokens, truth):
-    """One least-squares scale and offset per head, shared by the members and fit on their mean against truth
-    (B, heads): the ensemble mean keeps its ranking, and the members' spread scales with it. A head the judge does
-    not rank here (slope <= 0) gets its offset only."""
+    """One offset per head, shared by the members, that moves their mean onto truth's (B, heads) mean: the level is
+    set and the ranking and spread are kept. No scale: within one policy's samples fidelity varies too little for a
+    slope to be fit (least squares gave 0.08, which would flatten the head below Stage II's std floor)."""
     for m in members:
-        m.scale.fill_(1.0), m.offset.fill_(0.0)
+        m.offset.zero_()
     raw = torch.stack([m(videos, tokens) for m in members]).mean(0)           # (B, heads)
-    dx, dy = raw - raw.mean(0), truth - truth.mean(0)
-    slope = (dx * dy).sum(0) / (dx * dx).sum(0).clamp(min=1e-8)
-    scale = torch.where(slope > 0, slope, torch.ones_like(slope))
     for m in members:
-        m.scale.copy_(scale), m.offset.copy_(truth.mean(0) - scale * raw.mean(0))
+        m.offset.copy_(truth.mean(0) - raw.mean(0))
 
 
 def calibrate(members, policy, clips, seed=0):
-    """The judge's per-head scale and offset, fit to the oracle's scores of `clips` samples of `policy` with their
-    own captions: the level at which it should score the clips of the policy the next stage starts from."""
+    """The judge's per-head offset, fit to the oracle's scores of `clips` samples of `policy` with their own
+    captions: the level at which it should score the clips of the policy the next stage starts from."""
     gold, shape = generator_samples([policy], clips, seed + 2, 299)
     truth = torch.stack(list(reward_heads(gold[0], gold[2], world_of(shape)).values()), 1)
     fit_calibration(members, gold[0], data.tokenize(gold[2]), truth)
@@ -531,8 +527,8 @@ def calibrate_judge(argv):
                    for h in HEADS}
     before = gap()
     calibrate(members, cfg.on, cfg.clips, cfg.seed)
-    tensors, judge_shape, meta = M.read_checkpoint(cfg.judge)
-    tensors.update({f"member{k}.{n}": p for k, m in enumerate(members) for n, p in m.state_dict().items()})
+    _, judge_shape, meta = M.read_checkpoint(cfg.judge)
+    tensors = {f"member{k}.{n}": p for k, m in enumerate(members) for n, p in m.state_dict().items()}
     M.save_checkpoint(out, tensors, judge_shape, dict(meta["lineage"], calibrated_on=cfg.on, calibrated_on_hash=M.file_hash(cfg.on)),
                       members=meta["members"], width=meta["width"], heads=meta.get("heads", list(HEADS)))
     print(f"proxy - oracle on 64 held-out samples of {cfg.on}: before " + ", ".join(f"{h} {v:+.3f}" for h, v in before.items())
@@ -558,8 +554,7 @@ def load_reward_model(path, policy_cfg=None):
     members = []
     for k in range(meta["members"]):
         m = RewardNet(meta["width"], heads)
-        for name, fill in (("scale", torch.ones), ("offset", torch.zeros)):    # a judge from before calibration
-            tensors.setdefault(f"member{k}.{name}", fill(len(heads)))
+        tensors.setdefault(f"member{k}.offset", torch.zeros(len(heads)))     # a judge from before calibration
         M.load_weights(m, tensors, path, prefix=f"member{k}.")
         members.append(m.eval())
     return members

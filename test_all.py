@@ -376,8 +376,8 @@ def test_reward_model_ensemble_mean_and_std(tiny_checkpoints, capsys):
     for i, head in enumerate(rewards.HEADS):
         assert torch.allclose(mean[head], each[:, :, i].mean(0)) and torch.allclose(std[head], each[:, :, i].std(0))
     assert std["fidelity"].max() > 0                                             # bootstrapped members disagree
-    assert not torch.equal(members[0].offset, torch.zeros_like(members[0].offset))     # calibrated, one map for all:
-    assert all(torch.equal(m.scale, members[0].scale) and torch.equal(m.offset, members[0].offset) for m in members)
+    assert not torch.equal(members[0].offset, torch.zeros_like(members[0].offset))     # calibrated, one shift for all
+    assert all(torch.equal(m.offset, members[0].offset) for m in members)
     # recalibrated on another policy's samples: the trained weights kept, the level refit, the judge replaced only if asked
     with pytest.raises(FileExistsError):
         rewards.calibrate_judge([f"--judge={out}", f"--on={base}", "--clips=4"])
@@ -390,25 +390,23 @@ def test_reward_model_ensemble_mean_and_std(tiny_checkpoints, capsys):
         rewards.train_reward_model([f"--out={out}", "--generators="])
 
 
-def test_judge_calibration_fits_scale_and_offset_and_leaves_a_head_it_cannot_rank_its_scale():
-    """On one member; with several, one map fit on their mean is shared (test_reward_model_ensemble_mean_and_std)."""
+def test_judge_calibration_sets_each_heads_level_on_the_members_mean_and_keeps_their_ranking():
     torch.manual_seed(0)
-    net = rewards.RewardNet(8)
+    members = [rewards.RewardNet(8) for _ in range(3)]
     b = data.make_batch("web", 32, seed=3, world=TINY_WORLD)
-    raw = net(b.videos, b.tokens)
-    truth = 0.4 * raw + 0.3                                                      # a judge at the wrong level and scale
-    truth[:, 0] = 0.9 - 0.5 * raw[:, 0]                                          # ... and one head it ranks backwards
-    rewards.fit_calibration([net], b.videos, b.tokens, truth)
-    fitted = net(b.videos, b.tokens)
-    assert torch.allclose(fitted[:, 1:], truth[:, 1:], atol=1e-5)
-    assert net.scale[0] == 1 and torch.isclose(fitted[:, 0].mean(), truth[:, 0].mean(), atol=1e-5)
-
+    raw = [m(b.videos, b.tokens) for m in members]
+    truth = torch.rand(32, len(rewards.HEADS))
+    rewards.fit_calibration(members, b.videos, b.tokens, truth)
+    fitted = [m(b.videos, b.tokens) for m in members]
+    assert torch.allclose(torch.stack(fitted).mean(0).mean(0), truth.mean(0), atol=1e-5)     # the level: truth's
+    shift = [f - r for f, r in zip(fitted, raw)]
+    assert all(torch.allclose(x, shift[0][:1].expand_as(x), atol=1e-6) for x in shift)  # one shift, every clip and member
 
 
 def test_a_judge_saved_before_calibration_loads_uncalibrated(tmp_path):
     torch.manual_seed(0)
     net, path = rewards.RewardNet(8), str(tmp_path / "old_judge.safetensors")
-    tensors = {f"member0.{k}": v for k, v in net.state_dict().items() if k not in ("scale", "offset")}
+    tensors = {f"member0.{k}": v for k, v in net.state_dict().items() if k != "offset"}
     M.save_checkpoint(path, tensors, M.preset("tiny"), M.lineage_record("reward_model", "", 1, "curated"), members=1,
                       width=8, heads=list(rewards.HEADS))
     (old,) = rewards.load_reward_model(path)
