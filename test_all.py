@@ -420,8 +420,8 @@ def tiny_ablations(tiny_checkpoints):
     import bench
     base, tuned, root = tiny_checkpoints
     judge = root / "ablation_judge.safetensors"
-    rewards.train_reward_model([f"--generators={base}", "--generator_clips=4", "--members=2", "--steps=3", "--pool_clips=24",
-                                "--batch_size=8", "--eval_clips=24", f"--out={judge}"])
+    rewards.train_reward_model([f"--generators={base}", "--generator_clips=4", "--calib_clips=4", "--members=2", "--steps=3",
+                                "--pool_clips=24", "--batch_size=8", "--eval_clips=24", f"--out={judge}"])
     args = [f"--init={tuned}", f"--reward_model={judge}", "--iters=1", "--only=judge,judge_unguarded",
             "--heldout_prompts=2", f"--out={root / 'ablations'}"]
     bench.bench_ablations(args)
