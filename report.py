@@ -438,9 +438,9 @@ def write_report(cfg):
     curves, all_acc = stage_curves(run), [r["instruction_by_attribute"]["all"][0] for r in results.values()]
     glance = (f"Oracle accuracy on every prompted attribute: {' -> '.join(f'{n} {a:.3f}' for n, a in zip(names, all_acc))}"
               + "".join(f"; DPO win rate vs its input {w['win_rate']:.0%}" for w in wins.values() if w) + ".")
-    target = "pipeline_driven" if os.path.exists(os.path.join(run, "advice_rl.json")) else "pipeline"
     grid_rows, grid = dcfg.get("grid_rows") or [f"eval prompt {i + 1}" for i in range(8)], os.path.join(diag, "grid.gif")
     minutes = lambda s: f"{s / 60:.1f} min" if s else "not recorded"
+    target = "pipeline_driven" if os.path.exists(os.path.join(run, "advice_rl.json")) else "pipeline"
     blocks = [("h1", f"postflow report: {run}"),
               ("p", f"Written {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} by `python report.py --run={run}` "
                     f"from the run's own files. {glance}"),

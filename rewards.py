@@ -354,7 +354,6 @@ class RewardNet(nn.Module):
         return torch.stack([score[h] for h in self.heads], 1) + self.offset   # shifted: the ranking and spread are kept
 
 
-
 @dataclass
 class RewardModelConfig:
     members: int = 4            # ensemble size
@@ -466,12 +465,12 @@ def train_reward_model(argv):
             torch.nn.utils.clip_grad_norm_(member.parameters(), 1.0)
             opt.step()
         members.append(member)
-    policy = [p for p in cfg.generators if p][-1:]
-    if cfg.calib_clips and policy:
-        calibrate(members, policy[0], cfg.calib_clips, cfg.seed)
+    calibrated_on = next((p for p in reversed(cfg.generators) if p), "") if cfg.calib_clips else ""
+    if calibrated_on:                                   # the last generator: the policy Stage II starts from
+        calibrate(members, calibrated_on, cfg.calib_clips, cfg.seed)
     tensors = {f"member{k}.{n}": p for k, m in enumerate(members) for n, p in m.state_dict().items()}
     lineage = M.lineage_record("reward_model", ",".join(cfg.generators), cfg.steps, "curated+web+samples", config=asdict(cfg),
-                               seconds=round(time.time() - t0, 1), calibrated_on=policy[0] if cfg.calib_clips and policy else "")
+                               seconds=round(time.time() - t0, 1), calibrated_on=calibrated_on)
     # the model config records the world shape (frames, size) the judge was trained for
     M.save_checkpoint(cfg.out, tensors, shape, lineage, members=cfg.members, width=cfg.width, heads=list(HEADS))
     held_out, _ = generator_samples(cfg.generators, max(1, cfg.eval_clips // 8), cfg.seed + 1, 199)
@@ -516,15 +515,12 @@ def calibrate_judge(argv):
     cfg = parse_config(CalibrateConfig, argv)
     check_ranges(cfg, at_least_one=("clips",))
     out = cfg.out or cfg.judge
-    members = load_reward_model(cfg.judge)                             # both inputs checked before any work
-    _, policy_shape, _ = M.read_checkpoint(cfg.on)
-    load_reward_model(cfg.judge, policy_shape)
+    members = load_reward_model(cfg.judge, M.read_checkpoint(cfg.on)[1])  # both inputs checked before any work
     if os.path.exists(out) and not cfg.overwrite:
         raise OutputExists(f"{out} exists; pass --overwrite=true to replace it (or --out=another path)")
-    held_out, shape = generator_samples([cfg.on], 64, cfg.seed + 1, 199)
-    truth = reward_heads(held_out[0], held_out[2], world_of(shape))
-    gap = lambda: {h: round(float((rm_score(members, held_out[0], data.tokenize(held_out[2]))[0][h] - truth[h]).mean()), 4)
-                   for h in HEADS}
+    (videos, _, prompts), shape = generator_samples([cfg.on], 64, cfg.seed + 1, 199)
+    tokens, truth = data.tokenize(prompts), reward_heads(videos, prompts, world_of(shape))
+    gap = lambda: {h: round(float((rm_score(members, videos, tokens)[0][h] - truth[h]).mean()), 4) for h in HEADS}
     before = gap()
     calibrate(members, cfg.on, cfg.clips, cfg.seed)
     _, judge_shape, meta = M.read_checkpoint(cfg.judge)
