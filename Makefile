@@ -29,8 +29,8 @@ killtest: setup
 pipeline: setup
 	@mkdir -p $(RUN) && date +%s > $(RUN)/started_at
 	$(PY) sft.py --out_dir=$(RUN)/sft --overwrite=true --batch_size=16
-	$(PY) reward_rl.py --init=$(RUN)/sft/ckpt.safetensors --out_dir=$(RUN)/rl --overwrite=true --max_minutes=0 --iters=15
-	$(PY) preference.py --init=$(RUN)/rl/ckpt.safetensors --out_dir=$(RUN)/dpo --overwrite=true --steps=75 --warmup=8
+	$(PY) reward_rl.py --init=$(RUN)/sft/ckpt.safetensors --out_dir=$(RUN)/rl --overwrite=true --max_minutes=0 --iters=10
+	$(PY) preference.py --init=$(RUN)/rl/ckpt.safetensors --out_dir=$(RUN)/dpo --overwrite=true --pair_prompts=48 --steps=60 --warmup=6
 	$(PY) rewards.py diagnose --ckpt=checkpoints/base_small.safetensors --ckpt=$(RUN)/sft/ckpt.safetensors \
 		--ckpt=$(RUN)/rl/ckpt.safetensors --ckpt=$(RUN)/dpo/ckpt.safetensors --out=$(RUN)/diagnose --overwrite=true \
 		--cache=runs/diagnose_cache

@@ -654,9 +654,9 @@ class DiagnoseConfig:
     steps: int = 20             # Euler steps
     cfg_scale: float = 3.0      # guidance weight of the main samples
     cfg_until: float = M.CFG_UNTIL  # guidance stops at this t (1.0 = guide every step)
-    long_clips: int = 8         # clips continued to 4x their length for drift_by_chunk
+    long_clips: int = 4         # clips continued to 4x their length for drift_by_chunk (each costs 7 clips)
     diversity_seeds: int = 8    # seeds per prompt for the diversity spread
-    probe_clips: int = 32       # clips of the main set (seed 0 of each prompt) for the guidance sweep and image-to-video
+    probe_clips: int = 16       # clips of the main set (spread over its prompts) for the guidance sweep and image-to-video
     reward_model: str = "checkpoints/reward_model.safetensors"  # learned ensemble for proxy_reward ('' = none)
     seed: int = 0               # eval seed: the same prompts and noise for every checkpoint
     overwrite: bool = False     # replace an existing output folder
@@ -771,7 +771,7 @@ def diagnose_checkpoint(path, cfg, bar, rm=None, ref=None):
                         "position_std": round(float(sum(s[1] for s in spread) / 2), 4)}
 
     # controllability: the same noise at other guidance weights, and image-to-video from a true first frame, on a
-    # spread-out subset of the main clips (each probe costs a full sampling run; half the clips, half a column's time)
+    # spread-out subset of the main clips (each probe costs a full sampling run of its clips: a quarter of the main set's)
     probe = torch.arange(len(prompts))[:: max(1, len(prompts) // cfg.probe_clips)][:cfg.probe_clips]
     probe_prompts = [prompts[i] for i in probe]
     out["cfg_response"] = {str(cfg.cfg_scale): round(float(heads["instruction"][probe].mean()), 4)}
