@@ -22,10 +22,10 @@ killtest: setup
 # The main job at the default CPU preset: the three stages from the shipped base, then all four judged side by side
 # (a diagnosis already made of the same file, settings and code is read back: from runs/diagnose_cache, and the base's
 # from checkpoints/diagnoses, shipped), then one page of it all: $(RUN)/report.html (offline, self-contained) and
-# report.md. Its CPU budget, about 24 minutes on 2 cores: Stage I 800 steps of 16 clips (the script's default: 32),
-# Stage II 15 iterations (30), Stage III 75 steps (150); docs/results.md compares it with the full recipe (41.5
-# minutes). Stage II runs all its iterations (--max_minutes=0: its 10-minute guard would cut a slower machine short
-# and change the table). Each run replaces $(RUN) (pass RUN=runs/other to keep an earlier one).
+# report.md. Its CPU budget, 18 minutes on 2 cores: Stage I 800 steps of 16 clips (the script's default: 32), Stage
+# II 10 iterations (30), Stage III 60 steps (150) on pairs of 48 prompts (64); docs/results.md compares it with the
+# full recipe (41.5 minutes). Stage II runs all its iterations (--max_minutes=0: its 10-minute guard would cut a
+# slower machine short and change the table). Each run replaces $(RUN) (pass RUN=runs/other to keep an earlier one).
 pipeline: setup
 	@mkdir -p $(RUN) && date +%s > $(RUN)/started_at
 	$(PY) sft.py --out_dir=$(RUN)/sft --overwrite=true --batch_size=16
