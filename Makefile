@@ -74,7 +74,7 @@ reward_model: setup
 
 # The base's diagnosis, shipped beside it (checkpoints/diagnoses, keyed by the base's bytes, the judge's, the settings
 # and the code that samples and scores), so a fresh clone's `make pipeline` reads it instead of redoing it; after an
-# edit to rewards.py, model.py or data.py the key misses and the pipeline recomputes it (about 2 minutes).
+# edit to rewards.py, model.py or data.py the key misses and the pipeline recomputes it (about a minute).
 base_diagnosis: setup
 	rm -rf checkpoints/diagnoses.new
 	$(PY) rewards.py diagnose --ckpt=checkpoints/base_small.safetensors --out=runs/base_diagnosis --overwrite=true \

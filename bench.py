@@ -1,5 +1,6 @@
 """Benchmarks: speed and quality figures quoted in the README (never in the tests).
 
+    python bench.py speed                     # make bench: the matmul peak, each step's share of it, a Stage II split
     python bench.py heads                     # seconds to score 64 default-preset clips with the reward heads
     python bench.py dpo_memory                # peak memory of one DPO step, joint vs decoupled backward
     python bench.py grpo --minutes=8          # cost-cutting GRPO vs vanilla Flow-GRPO for equal wall-clock
@@ -323,7 +324,7 @@ def bench_speed(argv):
     # it about 100x slower than fp32: no stage runs bf16 there, so it is not timed (the JSON says why).
     precisions = (("fp32", torch.float32), ("bf16", torch.bfloat16)) if result["bf16_native"] else (("fp32", torch.float32),)
     # Measured before and after the figures, the larger kept: one reading of 1024 x 1024 alone once came out 95 GFLOP/s
-    # on a machine that gives 140-160 (a busy or slow-clocked moment), which overstated every fraction below by half.
+    # on a machine that reads 130-178 (a busy or slow-clocked moment), which overstated every fraction below by half.
     peaks = {name: [matmul_peak(dtype, cfg.repeats * 4)] for name, dtype in precisions}
     world = data.WorldConfig(frames=mc.frames, size=mc.size)
     batch = data.make_batch("curated", cfg.batch, world=world)
