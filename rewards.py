@@ -468,7 +468,7 @@ def train_reward_model(argv):
     calibrated_on = next((p for p in reversed(cfg.generators) if p), "") if cfg.calib_clips else ""
     if calibrated_on:                                   # the last generator: the policy Stage II starts from
         calibrate(members, calibrated_on, cfg.calib_clips, cfg.seed)
-    tensors = {f"member{k}.{n}": p for k, m in enumerate(members) for n, p in m.state_dict().items()}
+    tensors = member_tensors(members)
     lineage = M.lineage_record("reward_model", ",".join(cfg.generators), cfg.steps, "curated+web+samples", config=asdict(cfg),
                                seconds=round(time.time() - t0, 1), calibrated_on=calibrated_on)
     # the model config records the world shape (frames, size) the judge was trained for
@@ -524,12 +524,17 @@ def calibrate_judge(argv):
     before = gap()
     calibrate(members, cfg.on, cfg.clips, cfg.seed)
     _, judge_shape, meta = M.read_checkpoint(cfg.judge)
-    tensors = {f"member{k}.{n}": p for k, m in enumerate(members) for n, p in m.state_dict().items()}
+    tensors = member_tensors(members)
     M.save_checkpoint(out, tensors, judge_shape, dict(meta["lineage"], calibrated_on=cfg.on, calibrated_on_hash=M.file_hash(cfg.on)),
                       members=meta["members"], width=meta["width"], heads=meta.get("heads", list(HEADS)))
     print(f"proxy - oracle on 64 held-out samples of {cfg.on}: before " + ", ".join(f"{h} {v:+.3f}" for h, v in before.items())
           + "; after " + ", ".join(f"{h} {v:+.3f}" for h, v in gap().items()))
     print(f"wrote {out}")
+
+
+def member_tensors(members):
+    """The ensemble as one flat dict of tensors, each member's under its own prefix (what load_reward_model reads)."""
+    return {f"member{k}.{n}": p for k, m in enumerate(members) for n, p in m.state_dict().items()}
 
 
 def load_reward_model(path, policy_cfg=None):
