@@ -47,10 +47,10 @@ pipeline_driven: setup
 	$(if $(SFT),cp $(SFT) $(DRIVEN)/sft_input.tmp && rm -rf $(DRIVEN)/sft && mkdir -p $(DRIVEN)/sft && \
 		mv $(DRIVEN)/sft_input.tmp $(DRIVEN)/sft/ckpt.safetensors,$(PY) sft.py --out_dir=$(DRIVEN)/sft --overwrite=true)
 	$(PY) rewards.py diagnose --ckpt=$(DRIVEN)/sft/ckpt.safetensors --out=$(DRIVEN)/diagnose_sft --overwrite=true --cache=runs/diagnose_cache
-	$(PY) rewards.py advise --diagnose=$(DRIVEN)/diagnose_sft --stage=rl --out=$(DRIVEN)/advice_rl.json > $(DRIVEN)/rl.flags
+	$(PY) rewards.py advise --diagnose=$(DRIVEN)/diagnose_sft --stage=rl --out=$(DRIVEN)/advice_rl.json --overwrite=true > $(DRIVEN)/rl.flags
 	$(PY) reward_rl.py --init=$(DRIVEN)/sft/ckpt.safetensors --out_dir=$(DRIVEN)/rl --overwrite=true --max_minutes=0 $$(cat $(DRIVEN)/rl.flags)
 	$(PY) rewards.py diagnose --ckpt=$(DRIVEN)/rl/ckpt.safetensors --out=$(DRIVEN)/diagnose_rl --overwrite=true --cache=runs/diagnose_cache
-	$(PY) rewards.py advise --diagnose=$(DRIVEN)/diagnose_rl --stage=dpo --out=$(DRIVEN)/advice_dpo.json > $(DRIVEN)/dpo.flags
+	$(PY) rewards.py advise --diagnose=$(DRIVEN)/diagnose_rl --stage=dpo --out=$(DRIVEN)/advice_dpo.json --overwrite=true > $(DRIVEN)/dpo.flags
 	$(PY) preference.py --init=$(DRIVEN)/rl/ckpt.safetensors --out_dir=$(DRIVEN)/dpo --overwrite=true $$(cat $(DRIVEN)/dpo.flags)
 	$(PY) rewards.py diagnose --ckpt=checkpoints/base_small.safetensors --ckpt=$(DRIVEN)/sft/ckpt.safetensors \
 		--ckpt=$(DRIVEN)/rl/ckpt.safetensors --ckpt=$(DRIVEN)/dpo/ckpt.safetensors --out=$(DRIVEN)/diagnose --overwrite=true \

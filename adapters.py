@@ -40,7 +40,7 @@ import torch.nn.functional as F
 
 import data
 import model as M
-from stability import ConfigError, OutputExists, UserError, check_ranges, parse_config, run_cli
+from stability import ConfigError, UserError, atomic_write, check_ranges, claim_out_file, parse_config, run_cli
 
 SETUP = "pip install -r requirements-wan.txt"
 try:
@@ -383,8 +383,7 @@ def init_checkpoint(argv):
     check(cfg)
     if cfg.folded:
         raise ConfigError("--folded is written by the stages, not given")
-    if os.path.exists(cli.out) and not cli.overwrite:
-        raise OutputExists(f"{cli.out} exists; pass --overwrite=true to replace it")
+    claim_out_file(cli.out, cli.overwrite, inputs=[cfg.source, cfg.text])
     policy = WanPolicy(cfg)
     M.save_checkpoint(cli.out, policy.state_dict(), cfg, M.lineage_record("wan-init", source=cfg.source))
     trained = sum(p.numel() for p in policy.parameters() if p.requires_grad)
@@ -398,10 +397,12 @@ def embed(argv):
     class EmbedConfig:
         source: str = ""                  # a diffusers Wan folder
         out: str = "prompts.safetensors"  # the file --text takes
+        overwrite: bool = False           # replace an existing --out
 
     cfg = parse_config(EmbedConfig, argv)
     if not os.path.isdir(os.path.join(cfg.source, "text_encoder")):
         raise ConfigError(f"--source={cfg.source!r} is not a diffusers Wan folder with tokenizer/ and text_encoder/")
+    claim_out_file(cfg.out, cfg.overwrite, inputs=[cfg.source])
     from safetensors.torch import save_file
     from transformers import AutoTokenizer, UMT5EncoderModel
     tok = AutoTokenizer.from_pretrained(cfg.source, subfolder="tokenizer")
@@ -409,8 +410,7 @@ def embed(argv):
     prompts = ["", *sorted(data.caption(c, s, d, sp) for c, s, d in data.ALL_COMBOS for sp in range(len(data.SPEEDS)))]
     with torch.no_grad():   # one prompt at a time keeps its own tokens; the policy pads with zeros, as Wan's pipeline does
         states = {p: encoder(**tok(p, return_tensors="pt")).last_hidden_state[0].float().contiguous() for p in prompts}
-    save_file(states, f"{cfg.out}.tmp")
-    os.replace(f"{cfg.out}.tmp", cfg.out)
+    atomic_write(cfg.out, lambda tmp: save_file(states, tmp))
     print(f"wrote {cfg.out}: the states of {len(prompts) - 1} captions and ''")
 
 

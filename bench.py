@@ -19,7 +19,8 @@ import torch
 import data
 import model as M
 import rewards as R
-from stability import ConfigError, check_ranges, native_bf16, parse_config, run_cli
+from stability import (ConfigError, check_output_path, check_ranges, claim_out_file, native_bf16, parse_config, run_cli,
+                       subcommand, write_text)
 
 
 def bench_heads(argv):
@@ -91,6 +92,7 @@ def bench_grpo(argv):
     cfg = parse_config(C, argv)
     check_ranges(cfg, positive=("minutes",))
     M.load_model(cfg.init)                                    # a missing or broken init is refused before any run
+    bench_folder(cfg.out, [cfg.init])
     variants = {
         "postflow_default": [],
         # every step an SDE step and trained, one update per rollout batch, no warmup, fp32, no curated term
@@ -111,9 +113,18 @@ def bench_grpo(argv):
                         **{f"{k}_end": last[k] for k in ("acc_all", "instruction", "fidelity", "temporal")},
                         "acc_all_gain_per_minute": round((last["acc_all"] - first["acc_all"]) / minutes, 4),
                         "instruction_gain_per_minute": round((last["instruction"] - first["instruction"]) / minutes, 4)}
-    with open(os.path.join(cfg.out, "grpo.json"), "w") as f:
-        json.dump(result, f, indent=1)
+    write_text(os.path.join(cfg.out, "grpo.json"), json.dumps(result, indent=1))
     print(json.dumps(result, indent=1))
+
+
+def bench_folder(folder, inputs):
+    """A benchmark's --out folder: a folder (not a file, not under one) holding none of its inputs, which its runs
+    (each replaced with --overwrite=true) could otherwise reach."""
+    check_output_path(folder, "--out", folder=True)
+    here = os.path.realpath(folder)
+    for f in (f for f in inputs if f):
+        if os.path.commonpath([here, os.path.realpath(f)]) == here:
+            raise ConfigError(f"--out={folder} holds {f}, an input of this benchmark; choose another --out")
 
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -152,18 +163,17 @@ def held_out(ckpt, judge, prompts=16):
 
 
 def held_out_once(run, judge, prompts):
-    """held_out of a run's checkpoint, kept in its folder beside the hashes it was made from (a rerun of the table
-    reads it back; a new checkpoint or judge computes it again)."""
+    """held_out of a run's checkpoint, kept beside its folder (RUN.held_out.json: the run folder holds only what the run
+    wrote) with the hashes it was made from (a rerun of the table reads it back; a new checkpoint or judge computes it
+    again)."""
     key = [M.file_hash(os.path.join(run, "ckpt.safetensors")), M.file_hash(judge), prompts, R.code_version()]
-    path = os.path.join(run, "held_out.json")
+    path = run.rstrip("/") + ".held_out.json"
     if os.path.exists(path):
         kept = json.load(open(path))
         if kept.get("key") == key:
             return kept["result"]
     result = held_out(os.path.join(run, "ckpt.safetensors"), judge, prompts)
-    with open(path + ".tmp", "w") as f:
-        json.dump({"key": key, "result": result}, f)
-    os.replace(path + ".tmp", path)
+    write_text(path, json.dumps({"key": key, "result": result}))
     return result
 
 
@@ -212,6 +222,7 @@ def bench_ablations(argv):
         raise ConfigError(f"unknown ablation {unknown[0]!r}; choose from {', '.join(ABLATIONS)}")
     M.load_model(cfg.init)
     R.load_reward_model(cfg.reward_model)                     # inputs are checked before minutes of work
+    bench_folder(cfg.out, [cfg.init, cfg.reward_model])
     result = {"start": {"command": f"the input, {cfg.init}", **held_out(cfg.init, cfg.reward_model, cfg.heldout_prompts)}}
     for name in cfg.only or ABLATIONS:
         flags, why = ABLATIONS[name]
@@ -229,9 +240,7 @@ def bench_ablations(argv):
             if not same and os.path.isdir(run):
                 print(f"{name}: {run} was made from other inputs or settings; it is redone")
             os.makedirs(cfg.out, exist_ok=True)
-            with open(stamp_path + ".tmp", "w") as f:
-                json.dump(stamp, f)
-            os.replace(stamp_path + ".tmp", stamp_path)
+            write_text(stamp_path, json.dumps(stamp))
             subprocess.run([sys.executable, os.path.join(HERE, cmd[0]), *cmd[1:],
                             "--resume=true" if resume else "--overwrite=true"], check=True)
         result[name] = {"why": why, "command": "python " + " ".join(cmd), **summarise(run, cfg.iters),
@@ -241,10 +250,8 @@ def bench_ablations(argv):
             result[name]["verdict"] = verdict(result[name], result[ref], ref) if ref in result else \
                 f"no reference: the {ref} row was not run (--only)"
     os.makedirs(cfg.out, exist_ok=True)
-    with open(os.path.join(cfg.out, "ablations.json"), "w") as f:
-        json.dump(result, f, indent=1)
-    with open(os.path.join(cfg.out, "ablations.md"), "w") as f:
-        f.write(ablation_table(result))
+    write_text(os.path.join(cfg.out, "ablations.json"), json.dumps(result, indent=1))
+    write_text(os.path.join(cfg.out, "ablations.md"), ablation_table(result))
     print(ablation_table(result))
 
 
@@ -314,6 +321,7 @@ def bench_speed(argv):
     cfg = parse_config(C, argv)
     check_ranges(cfg, at_least_one=("batch", "repeats"))
     M.load_model(cfg.init, expect=M.preset(cfg.preset))
+    bench_folder(cfg.out, [cfg.init])
     torch.manual_seed(0)
     net = M.VideoDiT(M.preset(cfg.preset))
     mc = net.cfg
@@ -367,8 +375,7 @@ def bench_speed(argv):
                                       "update": round(sum(r["train_s"] for r in its) / len(its), 2)}
     result["dpo_memory"] = bench_dpo_memory([f"--preset={cfg.preset}"])
     os.makedirs(cfg.out, exist_ok=True)
-    with open(os.path.join(cfg.out, "speed.json"), "w") as f:
-        json.dump(result, f, indent=1)
+    write_text(os.path.join(cfg.out, "speed.json"), json.dumps(result, indent=1))
     print(f"{result['machine']}, {result['threads']} threads, {result['date']}; preset {cfg.preset}, {cfg.batch} clips a call")
     for k in (k for k in result if k.startswith("matmul_peak_gflops")):
         readings = " / ".join(str(r) for r in result[k.replace("gflops", "readings")])
@@ -393,6 +400,9 @@ def bench_fidelity(argv):
     network under several guidance settings (the sampler's share), and the clean clip it predicts from a clip
     2 % noised (t = 0.98: the network's own redraw, no sampler at all; the data scores 0 on every part)."""
     cfg = parse_config(FidelityConfig, argv)
+    for path in cfg.ckpt:
+        M.read_checkpoint(path)
+    claim_out_file(cfg.out, True, inputs=cfg.ckpt)     # its figures are remade each time: replaced, never an input
     dcfg = R.DiagnoseConfig()
     prompts = [p for p in R.eval_prompts(dcfg)[0] for _ in range(dcfg.seeds)]
     tokens, result = data.tokenize(prompts), {}
@@ -418,8 +428,7 @@ def bench_fidelity(argv):
                                       f"{r['all_attributes'][0]:.3f}  " if "fidelity" in r else f"mse {r['mse']:.5f}  ")
                   + "parts " + ", ".join(f"{k} {v:.2f}" for k, v in r["fidelity_parts"].items()))
     os.makedirs(os.path.dirname(cfg.out) or ".", exist_ok=True)
-    with open(cfg.out, "w") as f:
-        json.dump({"machine": machine(), "date": time.strftime("%Y-%m-%d"), "checkpoints": result}, f, indent=1)
+    write_text(cfg.out, json.dumps({"machine": machine(), "date": time.strftime("%Y-%m-%d"), "checkpoints": result}, indent=1))
     print(f"wrote {cfg.out}")
 
 
@@ -433,6 +442,4 @@ COMMANDS = {"speed": bench_speed, "heads": bench_heads, "dpo_memory": bench_dpo_
             "fidelity": bench_fidelity}
 
 if __name__ == "__main__":
-    if len(sys.argv) < 2 or sys.argv[1] not in COMMANDS:
-        sys.exit(f"usage: python bench.py {{{'|'.join(COMMANDS)}}} [--key=value ...]")
-    run_cli(COMMANDS[sys.argv[1]], sys.argv[2:])
+    run_cli(lambda argv: subcommand(COMMANDS, "bench.py", argv)(argv[1:]), sys.argv[1:])

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from stability import ConfigError, UserError
+from stability import ConfigError, UserError, atomic_write
 
 # ----------------------------------------------------------------------------- the world's vocabulary
 COLOURS = {  # RGB in [0, 1]; far apart so the oracle can name any object colour
@@ -240,14 +240,14 @@ def video_grid(videos, rows, cols, pad=2, upscale=2):
 
 
 def write_video(frames, path, fps=6):
-    """Write (F, H, W, C) uint8 frames as .gif (always) or .mp4 (needs an ffmpeg plugin for imageio)."""
+    """Write (F, H, W, C) uint8 frames as .gif (always) or .mp4 (needs an ffmpeg plugin for imageio), atomically."""
     import imageio.v3 as iio
     path = str(path)
     if path.endswith(".gif"):
-        iio.imwrite(path, list(frames), duration=int(1000 / fps), loop=0)
+        atomic_write(path, lambda tmp: iio.imwrite(tmp, list(frames), extension=".gif", duration=int(1000 / fps), loop=0))
     elif path.endswith(".mp4"):
         try:
-            iio.imwrite(path, frames, fps=fps, codec="libx264")
+            atomic_write(path, lambda tmp: iio.imwrite(tmp, frames, extension=".mp4", fps=fps, codec="libx264"))
         except Exception as e:  # imageio without imageio-ffmpeg / pyav cannot encode mp4
             raise ConfigError(f"cannot write {path}: MP4 needs imageio-ffmpeg (pip install imageio-ffmpeg); "
                                f"or write a .gif ({type(e).__name__})") from None

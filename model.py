@@ -52,14 +52,15 @@ import math
 import os
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 import data
-from stability import ConfigError, OutputExists, UserError, check_ranges, parse_config, run_cli
+from stability import (ConfigError, UserError, atomic_write, check_fits, check_ranges, claim_out_file, parse_config,
+                       remove_stale_temps, run_cli)
 
 
 # ----------------------------------------------------------------------------- configuration
@@ -501,20 +502,15 @@ def lineage_record(stage, parent="", step=0, data_preset="", **extra):
                 step=step, data=data_preset, time=time.strftime("%Y-%m-%dT%H:%M:%S"), **extra)
 
 
-def save_checkpoint(path, tensors, cfg: ModelConfig, lineage, **meta):
-    """Write tensors + model config + lineage atomically: a temp file, then rename."""
+def save_checkpoint(path, tensors, cfg: ModelConfig, lineage, keep_as=None, **meta):
+    """Write tensors + model config + lineage atomically (a temp file, then rename); keep_as: the file it replaces
+    is moved there first, so a kill between the two renames still leaves one complete file."""
     from safetensors.torch import save_file
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}"
     metadata = {"format": "postflow", "model_config": json.dumps(asdict(cfg)), "lineage": json.dumps(lineage)}
     metadata.update({k: json.dumps(v) for k, v in meta.items()})
-    try:
-        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=metadata)
-    except BaseException:  # a full disk (or a Ctrl-C) must not leave a half-written temp file behind
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-    os.replace(tmp, path)
+    cpu = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    atomic_write(path, lambda tmp: save_file(cpu, tmp, metadata=metadata), keep_as=keep_as)
 
 
 def read_checkpoint(path):
@@ -570,8 +566,27 @@ def policy_module(name):
 
 
 def build_policy(cfg):
-    """An untrained policy of a config: a VideoDiT, or whatever the config's adapter builds."""
-    return VideoDiT(cfg) if isinstance(cfg, ModelConfig) else policy_module(cfg.policy).build(cfg)
+    """An untrained policy of a config: a VideoDiT, or whatever the config's adapter builds. A VideoDiT whose weights
+    cannot fit in memory (a config asking for an absurd depth or width) is refused before it is built."""
+    if not isinstance(cfg, ModelConfig):
+        return policy_module(cfg.policy).build(cfg)
+    with torch.device("meta"):                           # counts parameters without allocating: blocks are alike
+        one, two = (sum(p.numel() for p in VideoDiT(replace(cfg, depth=k)).parameters()) for k in (1, 2))
+    check_fits(4 * (one + (cfg.depth - 1) * (two - one)), f"a model of depth {cfg.depth} and width {cfg.dim}")
+    return VideoDiT(cfg)
+
+
+def check_batch_memory(policy, device, trained=0, sampled=0, stored=0):
+    """Refuse batch sizes that cannot fit, before any clip is drawn: `trained` clips through one training pass (each
+    block keeps about 40 floats per token and width for backward, plus its attention scores), `sampled` clips
+    denoised at once, `stored` pixel clips held. A rough upper bound for a one-line refusal, not an account."""
+    c = policy.cfg
+    if not isinstance(c, ModelConfig):                   # an adapter's policy: its own library reports its memory
+        return
+    tokens = (c.frames // c.tpatch) * (c.size // c.patch) ** 2
+    per_clip = 4 * c.depth * tokens * (40 * c.dim + 2 * c.heads * tokens)
+    check_fits(trained * per_clip + sampled * per_clip // c.depth + 4 * stored * c.channels * c.frames * c.size ** 2,
+               f"a batch of {max(trained, sampled, stored)} clips", device)
 
 
 def load_weights(model, tensors, path="checkpoint", prefix=""):
@@ -622,21 +637,20 @@ def save_run_state(path, net, ema, opt, lineage, step, parts=None, log_file=None
     if log_file is not None:
         log_file.flush()
         extra["log_bytes"] = log_file.tell()
-    prev = path.replace(".safetensors", ".prev.safetensors")
-    new = f"{path}.tmp-done"                    # complete but not yet current: a kill here keeps the old pair
-    save_checkpoint(new, tensors, net.cfg, lineage, step=step, extra=extra)
-    if os.path.exists(path):
-        os.replace(path, prev)
-    os.replace(new, path)
+    save_checkpoint(path, tensors, net.cfg, lineage, keep_as=path.replace(".safetensors", ".prev.safetensors"),
+                    step=step, extra=extra)
 
 
-def resume_run(path, net, ema, opt, cfg, parts, log=print):
+def resume_run(path, net, ema, opt, cfg, parts, log=print, main=True):
     """--resume=true: check the run's settings, restore weights, EMA, optimizer and each of `parts`; returns
-    (step, the log's length at that checkpoint, to cut back to)."""
+    (step, the log's length at that checkpoint, to cut back to). Only then (on the main rank) are the temp files a
+    kill left behind removed."""
     step, extra, lineage = load_run_state(path, net, ema, opt, warn=log)
     check_resume(lineage, cfg)
     for name, part in parts.items():
         part.load_state_dict(extra[name])
+    if main:
+        remove_stale_temps(os.path.dirname(path) or ".")
     log(f"resumed {path} at step {step}")
     return step, extra.get("log_bytes")
 
@@ -703,12 +717,9 @@ def main(argv):
 
     cfg = parse_config(RenderConfig, argv)
     check_ranges(cfg, at_least_one=("seeds", "steps"), non_negative=("cfg_scale",))
+    claim_out_file(cfg.out, cfg.overwrite, inputs=[cfg.ckpt])
     if not cfg.out.endswith((".gif", ".mp4")):
         raise ConfigError(f"--out must end in .gif or .mp4, got {cfg.out!r}")
-    if os.path.exists(cfg.out) and not cfg.overwrite:
-        raise OutputExists(f"{cfg.out} exists; pass --overwrite=true to replace it")
-    if os.path.isdir(cfg.out):
-        raise OutputExists(f"--out={cfg.out} is a folder; name a .gif or .mp4 file")
     prompts = [p.strip() for p in cfg.prompts.split(";") if p.strip()]
     tokens = data.tokenize(prompts).repeat_interleave(cfg.seeds, 0)
     model, _ = load_model(cfg.ckpt)

@@ -28,9 +28,9 @@ from tqdm import tqdm
 import data
 import model as M
 import rewards as R
-from stability import (EMA, ConfigError, NonFiniteGuard, all_mean, average_gradients, check_ranges, check_ranks_agree,
-                       claim_out_dir, clip_gradients, make_logger, open_log, parse_config, print_config, run_cli,
-                       setup_distributed, teardown, warmup_cosine)
+from stability import (EMA, RUN_FILES, ConfigError, NonFiniteGuard, all_mean, atomic_write, average_gradients, check_ranges,
+                       check_ranks_agree, claim_out_dir, clip_gradients, make_logger, open_log, parse_config, print_config,
+                       run_cli, setup_distributed, teardown, warmup_cosine)
 
 
 @dataclass
@@ -129,9 +129,8 @@ def make_pairs(net, cfg, world, log, rm=None):
 
 def save_pairs(path, pairs, prompts_note=""):
     from safetensors.torch import save_file
-    tmp = f"{path}.tmp{os.getpid()}"
-    save_file({k: v.contiguous() for k, v in pairs.items()}, tmp, metadata={"format": "postflow-pairs", "note": prompts_note})
-    os.replace(tmp, path)
+    tensors = {k: v.contiguous() for k, v in pairs.items()}
+    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata={"format": "postflow-pairs", "note": prompts_note}))
 
 
 def load_pairs(path, mc):
@@ -148,17 +147,20 @@ def load_pairs(path, mc):
         if k not in pairs:
             raise ConfigError(f"pair file {path} lacks '{k}' (needs winner, loser, tokens)")
     want = (mc.channels, mc.frames, mc.size, mc.size)
-    if tuple(pairs["winner"].shape[1:]) != want or pairs["loser"].shape != pairs["winner"].shape:
+    if tuple(pairs["winner"].shape[1:]) != want or tuple(pairs["loser"].shape[1:]) != want:
         raise ConfigError(f"pair file {path} holds clips of shape {tuple(pairs['winner'].shape[1:])} and "
                           f"{tuple(pairs['loser'].shape[1:])}; this model makes {want}")
+    if len(pairs["loser"]) != len(pairs["winner"]):
+        raise ConfigError(f"pair file {path} holds {len(pairs['winner'])} winner clips but {len(pairs['loser'])} loser "
+                          f"clips: one loser per winner")
     n = len(pairs["winner"])
     if n == 0:
         raise ConfigError(f"pair file {path} holds no pairs")
     for k in ("winner", "loser"):
         v = pairs[k]
-        if not v.is_floating_point():
-            raise ConfigError(f"pair file {path}: {k} clips are {v.dtype}; postflow clips are floats in [-1, 1] "
-                              f"(convert uint8 frames with x / 127.5 - 1)")
+        if v.dtype != torch.float32:
+            raise ConfigError(f"pair file {path}: {k} clips are {v.dtype}; postflow clips are float32 in [-1, 1] "
+                              f"(convert with .float(); uint8 frames with x / 127.5 - 1)")
         if not torch.isfinite(v).all() or v.min() < -1 - 1e-3 or v.max() > 1 + 1e-3:
             raise ConfigError(f"pair file {path}: {k} clips must be finite and in [-1, 1], got "
                               f"[{float(v.nan_to_num().min()):.3g}, {float(v.nan_to_num().max()):.3g}]"
@@ -173,8 +175,9 @@ def load_pairs(path, mc):
     for k in ("score_w", "score_l", "weight"):
         if k in pairs and (pairs[k].shape != (n,) or not torch.isfinite(pairs[k]).all()):
             raise ConfigError(f"pair file {path}: {k} must be ({n},) finite numbers, got {tuple(pairs[k].shape)}")
-    if "weight" in pairs and (pairs["weight"] < 0).any():
-        raise ConfigError(f"pair file {path}: weights must be >= 0")
+    if "weight" in pairs and ((pairs["weight"] < 0).any() or not (pairs["weight"] > 0).any()):
+        raise ConfigError(f"pair file {path}: weights must be >= 0 and not all 0 (a pair of weight 0 teaches nothing)")
+    pairs.update({k: pairs[k].float() for k in ("score_w", "score_l", "weight") if k in pairs})
     pairs.setdefault("weight", torch.ones(n))
     pairs.setdefault("score_w", torch.ones(n))
     pairs.setdefault("score_l", torch.zeros(n))
@@ -221,8 +224,8 @@ def check_config(cfg):
     """Every setting checked before a checkpoint is read or a folder claimed: one-line errors."""
     if cfg.judge not in ("heads", "rm", "oracle"):
         raise ConfigError(f"--judge must be 'heads', 'rm' or 'oracle', got {cfg.judge!r}")
-    check_ranges(cfg, at_least_one=("pair_prompts", "sample_steps", "steps", "batch_size", "log_every", "ckpt_every",
-                                    "eval_prompts", "eval_steps"),
+    check_ranges(cfg, at_least_one=("pair_prompts", "sample_steps", "steps", "batch_size", "curated_batch", "log_every",
+                                    "ckpt_every", "eval_prompts", "eval_steps"),
                  positive=("lr", "beta", "grad_clip", "t_std"),
                  non_negative=("margin", "warmup", "sft_weight", "curated_weight", "cfg_scale"), fraction=("ema_decay",))
     if cfg.samples_per_prompt < 2:
@@ -292,8 +295,12 @@ def train(cfg: Config):
     # the judge of on-policy pairs too: one for another clip shape, or without a registry head, is refused now
     new_pairs = not cfg.pairs and not (cfg.resume and os.path.exists(paths["pairs"]))
     rm = R.load_reward_model(cfg.reward_model, mc) if cfg.judge == "rm" and new_pairs else None
+    n = cfg.samples_per_prompt    # on-policy pairs: at most every ordered pair of each prompt's clips, held at once
+    M.check_batch_memory(policy, d.device, trained=2 * cfg.batch_size // d.ranks + cfg.curated_batch,
+                         sampled=max(n, 2 * cfg.eval_prompts), stored=cfg.pair_prompts * n * (n - 1) if new_pairs else 0)
     if d.main:
-        claim_out_dir(cfg.out_dir, cfg.resume, cfg.overwrite, inputs=[cfg.init, cfg.pairs, cfg.reward_model])
+        claim_out_dir(cfg.out_dir, cfg.resume, cfg.overwrite, inputs=[cfg.init, cfg.pairs, cfg.reward_model], stage="dpo",
+                      writes=(*RUN_FILES, "pairs.safetensors"))
 
     # ================================================================ PAIRS
     pair_path = cfg.pairs or paths["pairs"]
@@ -308,7 +315,7 @@ def train(cfg: Config):
     ema = EMA(policy, cfg.ema_decay)
     opt = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, weight_decay=0.0)
     guard = NonFiniteGuard()
-    start, log_offset = M.resume_run(paths["state"], policy, ema, opt, cfg, {"guard": guard}, log) if cfg.resume else (0, None)
+    start, log_offset = M.resume_run(paths["state"], policy, ema, opt, cfg, {"guard": guard}, log, d.main) if cfg.resume else (0, None)
     log(f"dpo: {n_pairs} pairs from {pair_path}; {d.ranks} rank(s) x {cfg.batch_size // d.ranks} pairs = "
         f"{cfg.batch_size} per step, {cfg.steps} steps (~{cfg.steps * cfg.batch_size / n_pairs:.1f} epochs); "
         f"beta={cfg.beta}, {'decoupled' if cfg.decoupled else 'joint'} backward")

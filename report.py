@@ -26,8 +26,8 @@ import torch
 import data
 import model as M
 from bench import ablation_rows, trained_reward
-from rewards import HEADS, QUALITY, DiagnoseConfig
-from stability import OutputExists, UserError, parse_config, run_cli
+from rewards import HEADS, QUALITY, DiagnoseConfig, read_diagnostics
+from stability import UserError, claim_out_file, parse_config, run_cli, write_text
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 STAGES = (("sft", "Stage I: SFT"), ("rl", "Stage II: GRPO"), ("dpo", "Stage III: DPO"))
@@ -411,16 +411,14 @@ def write_report(cfg):
     diag = os.path.join(run, "diagnose")
     if not os.path.isdir(run):
         raise UserError(f"run folder {run} not found; make one with `make pipeline RUN={run}`")
-    if not os.path.exists(os.path.join(diag, "diagnostics.json")):
-        raise UserError(f"{diag}/diagnostics.json not found: the report needs the pipeline's last step, "
-                        f"`python rewards.py diagnose --out={diag} --ckpt=...`")
+    results = read_diagnostics(os.path.join(diag, "diagnostics.json"))    # one line if missing, empty or partial
     html_path, md_path = os.path.join(run, "report.html"), os.path.join(run, "report.md")
-    if not cfg.overwrite and any(os.path.exists(p) for p in (html_path, md_path)):
-        raise OutputExists(f"{html_path} exists; pass --overwrite=true to replace it")
+    for path in (html_path, md_path):
+        claim_out_file(path, cfg.overwrite, flag="the report")
     try:  # config.json: written by diagnose since the report exists; without it, columns and rows go unnamed
-        results, dcfg = (json.load(open(p)) if os.path.exists(p) else {} for p in (f"{diag}/diagnostics.json", f"{diag}/config.json"))
-    except json.JSONDecodeError as e:
-        raise UserError(f"{diag} holds a broken JSON file ({e}); rerun diagnose") from None
+        dcfg = json.load(open(f"{diag}/config.json")) if os.path.exists(f"{diag}/config.json") else {}
+    except (ValueError, UnicodeDecodeError) as e:
+        raise UserError(f"{diag}/config.json is broken ({type(e).__name__}); rerun diagnose") from None
     names = list(results)  # an older diagnose recorded no paths: a pipeline's columns are named after its folders
     paths = dcfg.get("columns") or {n: f"{run}/{n}/ckpt.safetensors" for n in names if os.path.isdir(f"{run}/{n}")}
     # each column's metadata from its checkpoint where it still exists, else the lineage diagnose copied
@@ -494,9 +492,7 @@ def write_report(cfg):
     page = (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"/><title>postflow report: {esc(run)}</title>'
             f"<style>{CSS}</style></head><body>\n{page}\n</body></html>\n")
     for path, text in ((html_path, page), (md_path, twin)):  # atomic, like every output of the project
-        with open(path + ".tmp", "w") as f:
-            f.write(text)
-        os.replace(path + ".tmp", path)
+        write_text(path, text)
     print(f"wrote {html_path} ({os.path.getsize(html_path) / 1e3:.0f} kB) and {md_path}")
 
 

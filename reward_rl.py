@@ -286,14 +286,17 @@ def train(cfg: Config, reward_fn=None):
     policy, parent = M.load_model(cfg.init, d.device)
     reference = policy.reference()                                            # frozen: the KL anchor
     judge = R.load_reward_model(cfg.reward_model, policy.cfg) if cfg.reward != "heads" else None
+    per_rank = cfg.prompts_per_iter * cfg.group_size // d.ranks
+    M.check_batch_memory(policy, d.device, trained=per_rank + cfg.sft_batch, sampled=max(per_rank, 2 * cfg.eval_prompts),
+                         stored=per_rank * (cfg.rollout_steps + 2))
     if d.main:  # every input is checked: only now may an old run be replaced
-        claim_out_dir(cfg.out_dir, cfg.resume, cfg.overwrite, inputs=[cfg.init, cfg.reward_model])
+        claim_out_dir(cfg.out_dir, cfg.resume, cfg.overwrite, inputs=[cfg.init, cfg.reward_model], stage="rl")
     state_path, ckpt_path = os.path.join(cfg.out_dir, "state.safetensors"), os.path.join(cfg.out_dir, "ckpt.safetensors")
     mc, world = policy.cfg, R.world_of(policy.cfg)
     ema, opt = EMA(policy, cfg.ema_decay), torch.optim.AdamW(policy.parameters(), lr=cfg.lr, weight_decay=0.0)
     guard, spikes, monitor = NonFiniteGuard(), SpikeGuard(cfg.spike_factor), HackingMonitor(cfg.patience)
     parts = dict(guard=guard, spikes=spikes, monitor=monitor)  # every decision's history: saved, restored
-    start, log_offset = M.resume_run(state_path, policy, ema, opt, cfg, parts, log) if cfg.resume else (0, None)
+    start, log_offset = M.resume_run(state_path, policy, ema, opt, cfg, parts, log, d.main) if cfg.resume else (0, None)
     spikes.snapshot(policy, opt)                    # at a checkpoint the last good weights are the current ones
     groups, n_window, rollouts = cfg.prompts_per_iter, len(window_steps(cfg, 0)), cfg.prompts_per_iter * cfg.group_size
     per_rank, n_trained = rollouts // d.ranks, max(1, round(cfg.train_fraction * n_window))

@@ -36,7 +36,8 @@ from tqdm import tqdm
 
 import data
 import model as M
-from stability import ConfigError, OutputExists, check_ranges, parse_config, run_cli
+from stability import (ConfigError, UserError, atomic_write, check_output_path, check_ranges, claim_out_dir, claim_out_file,
+                       describe, parse_config, run_cli, same_file, subcommand, write_text)
 
 DIRS = torch.tensor([data.DIRECTIONS[d] for d in data.DIRECTION_NAMES])  # (4, 2) unit (x, y), y down
 SPEED_PX = torch.tensor([data.SPEEDS[s] for s in data.SPEED_NAMES])    # (2,) pixels per frame at 32x32
@@ -245,6 +246,8 @@ def head_weights(overrides=(), default=None):
             raise ConfigError(f"--weights expects head=number, got {item!r}") from None
         if not math.isfinite(w[name]) or w[name] < 0:
             raise ConfigError(f"--weights: {name}'s weight must be a finite number >= 0, got {value}")
+    if not any(v > 0 for v in w.values()):
+        raise ConfigError(f"--weights set every head to 0 ({', '.join(overrides)}): nothing would be rewarded")
     return w
 
 
@@ -438,8 +441,7 @@ def train_reward_model(argv):
                  positive=("lr",), non_negative=("label_noise", "calib_clips"), fraction=("label_flip",))
     for path in (p for p in cfg.generators if p):
         M.read_checkpoint(path)                                        # every input is checked before any work
-    if os.path.exists(cfg.out) and not cfg.overwrite:
-        raise OutputExists(f"{cfg.out} exists; pass --overwrite=true to replace it")
+    claim_out_file(cfg.out, cfg.overwrite, inputs=cfg.generators)
     t0 = time.time()
     # what the generators actually make: the judge must rank these, not only renders
     base_videos, shape = generator_samples(cfg.generators, cfg.generator_clips, cfg.seed, 99)
@@ -505,7 +507,7 @@ class CalibrateConfig:
     on: str = "checkpoints/sft_small.safetensors"        # the policy whose samples set each head's level
     clips: int = 256            # samples of it, scored by the oracle (64 more, held out, for the printed gap)
     seed: int = 0
-    out: str = ""               # where to write ('' = replace --judge, which needs --overwrite=true)
+    out: str = ""               # where to write the recalibrated judge (not --judge: an input is never replaced)
     overwrite: bool = False
 
 
@@ -514,10 +516,9 @@ def calibrate_judge(argv):
     checkpoint than the one the judge was calibrated on."""
     cfg = parse_config(CalibrateConfig, argv)
     check_ranges(cfg, at_least_one=("clips",))
-    out = cfg.out or cfg.judge
+    out = cfg.out
     members = load_reward_model(cfg.judge, M.read_checkpoint(cfg.on)[1])  # both inputs checked before any work
-    if os.path.exists(out) and not cfg.overwrite:
-        raise OutputExists(f"{out} exists; pass --overwrite=true to replace it (or --out=another path)")
+    claim_out_file(out, cfg.overwrite, inputs=[cfg.judge, cfg.on])
     (videos, _, prompts), shape = generator_samples([cfg.on], 64, cfg.seed + 1, 199)
     tokens, truth = data.tokenize(prompts), reward_heads(videos, prompts, world_of(shape))
     gap = lambda: {h: round(float((rm_score(members, videos, tokens)[0][h] - truth[h]).mean()), 4) for h in HEADS}
@@ -890,6 +891,7 @@ class AdviseConfig:
     column: str = ""                 # which checkpoint's diagnosis ('' = the last column)
     stage: str = "rl"                # the stage to be told: rl or dpo
     out: str = ""                    # also write the decision here as JSON ('' = print only)
+    overwrite: bool = False          # replace an existing --out
 
 
 def advise(argv):
@@ -900,15 +902,13 @@ def advise(argv):
     if cfg.stage not in ("rl", "dpo"):
         raise ConfigError(f"--stage must be rl or dpo, got {cfg.stage!r}")
     path = os.path.join(cfg.diagnose, "diagnostics.json")
-    if not os.path.exists(path):
-        raise ConfigError(f"{path} not found: run `python rewards.py diagnose --out={cfg.diagnose} --ckpt=...` first")
-    results = json.load(open(path))
+    if cfg.out:
+        claim_out_file(cfg.out, cfg.overwrite, inputs=[path])
+    results = read_diagnostics(path)
     column = cfg.column or list(results)[-1]
     if column not in results:
         raise ConfigError(f"{path} has no column {column!r}; it has {', '.join(results)}")
     rec = results[column]["recommendation"]
-    if not isinstance(rec, dict):
-        raise ConfigError(f"{path} is from a diagnose without parts; rerun diagnose")
     # the pipeline's stage order is fixed: where the diagnosis asks for Stage I, the next stage fits Stage I's
     # curated clips harder; where it asks for the other later stage, that stage is told the same axis
     recommended = rec["command"].split()[1]
@@ -919,11 +919,34 @@ def advise(argv):
     decision = {"from": column, "diagnose": cfg.diagnose, "stage": cfg.stage, "axis": rec["axis"], "part": rec["part"],
                 "flags": flags, "why": rec["text"] + override, "recommended": rec["command"]}
     if cfg.out:
-        with open(cfg.out + ".tmp", "w") as f:
-            json.dump(decision, f, indent=1)
-        os.replace(cfg.out + ".tmp", cfg.out)
+        write_text(cfg.out, json.dumps(decision, indent=1))
     print(f"{cfg.stage} from {column}'s diagnosis: {' '.join(flags) or 'the defaults'} ({decision['why']})", file=sys.stderr)
     print(" ".join(flags))
+
+
+DIAGNOSIS_KEYS = ("instruction_by_attribute", "instruction_by_split", "vbench", "quality_score", "semantic_score", "parts",
+                  "drift_by_frame", "drift_by_chunk", "diversity", "cfg_response", "context_adherence", "proxy_reward",
+                  "proxy_oracle_gap", "recommendation", "lineage")    # what diagnose_checkpoint writes for every column
+
+
+def read_diagnostics(path):
+    """A diagnose folder's diagnostics.json: {column: metrics}, each column whole. One line naming what is wrong."""
+    if not os.path.exists(path):
+        raise UserError(f"{path} not found: run `python rewards.py diagnose --out={os.path.dirname(path)} --ckpt=...` first")
+    try:
+        with open(path) as f:
+            results = json.load(f)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise UserError(f"{path} is empty or truncated ({type(e).__name__}); rerun diagnose") from None
+    if not isinstance(results, dict) or not results:
+        raise UserError(f"{path} holds no diagnosis; rerun diagnose")
+    need = (*HEADS, *DIAGNOSIS_KEYS)
+    for name, metrics in results.items():
+        missing = [k for k in need if not isinstance(metrics, dict) or k not in metrics]
+        if missing or not isinstance(metrics["recommendation"], dict):
+            raise UserError(f"{path}: column {name!r} is partial (no {describe(missing, 3) or 'recommendation'}); "
+                            f"rerun diagnose")
+    return results
 
 
 def markdown_table(results):
@@ -1004,14 +1027,18 @@ def check_diagnose_inputs(cfg):
     shapes = {}
     for path in cfg.ckpt:
         net, _ = M.load_model(path)                                   # missing, truncated, broken, NaN: one line
+        M.check_batch_memory(net, "cpu", sampled=2 * cfg.prompts * cfg.seeds)
         shapes[path] = net.cfg
     (first, a), *rest = shapes.items()
     for path, b in rest:
         if (b.frames, b.size) != (a.frames, a.size):
             raise ConfigError(f"diagnose compares checkpoints on the same clips: {first} makes {a.frames}x{a.size}"
                               f"x{a.size} clips but {path} makes {b.frames}x{b.size}x{b.size}; diagnose them apart")
-    if not (cfg.reward_model and os.path.exists(cfg.reward_model)):
+    if not cfg.reward_model:
         return None, world_of(a)
+    if not os.path.isfile(cfg.reward_model):
+        raise M.CheckpointError(f"learned judge not found: {cfg.reward_model} (pass --reward_model= to diagnose "
+                                f"without it)")
     try:
         return load_reward_model(cfg.reward_model, a), world_of(a)    # one for another clip shape is refused
     except M.CheckpointError as e:
@@ -1054,20 +1081,23 @@ def write_cached(folder, key, result, grid):
     from safetensors.torch import save_file
     os.makedirs(folder, exist_ok=True)
     stem = os.path.join(folder, key)
-    save_file({"grid": grid.contiguous()}, stem + ".safetensors.tmp")
-    with open(stem + ".json.tmp", "w") as f:
-        json.dump(result, f)
-    os.replace(stem + ".safetensors.tmp", stem + ".safetensors")   # clips first: a result is never read without them
-    os.replace(stem + ".json.tmp", stem + ".json")
+    atomic_write(stem + ".safetensors", lambda tmp: save_file({"grid": grid.contiguous()}, tmp))  # clips first: a result
+    write_text(stem + ".json", json.dumps(result))                   # is never read without them
+
+
+DIAGNOSE_FILES = ("diagnostics.json", "diagnostics.md", "config.json", "grid.gif")
 
 
 def diagnose(argv):
     cfg = parse_config(DiagnoseConfig, argv)
-    if os.path.exists(os.path.join(cfg.out, "diagnostics.json")) and not cfg.overwrite:
-        raise OutputExists(f"{cfg.out} already holds diagnostics; pass --overwrite=true or another --out")
+    check_output_path(cfg.out, "--out", folder=True)
+    if cfg.cache:
+        check_output_path(cfg.cache, "--cache", folder=True)
+        if same_file(cfg.cache, cfg.out):
+            raise ConfigError(f"--cache={cfg.cache} is the --out folder; keep the cache in a folder of its own")
     rm, world = check_diagnose_inputs(cfg)
+    claim_out_dir(cfg.out, False, cfg.overwrite, inputs=[*cfg.ckpt, cfg.reward_model], stage="diagnose", writes=DIAGNOSE_FILES)
     ref = None                                                         # the data's parts, once, if any column needs them
-    os.makedirs(cfg.out, exist_ok=True)
     results, grids, t0 = {}, [], time.time()
     names = column_names(cfg.ckpt)
     with tqdm(total=5 * len(cfg.ckpt), desc="diagnose") as bar:
@@ -1087,17 +1117,15 @@ def diagnose(argv):
                                                              results[name]["parts"], path,
                                                              results[name]["lineage"].get("stage", ""))
             grids.append(grid)
-    with open(os.path.join(cfg.out, "diagnostics.json"), "w") as f:
-        json.dump(results, f, indent=1)
+    write_text(os.path.join(cfg.out, "diagnostics.json"), json.dumps(results, indent=1))
     table = markdown_table(results)
-    with open(os.path.join(cfg.out, "diagnostics.md"), "w") as f:
-        f.write(table)
+    write_text(os.path.join(cfg.out, "diagnostics.md"), table)
     # one row per prompt, one column per checkpoint, same seeds
     side = torch.stack(grids, 1).flatten(0, 1)
     data.write_video(data.video_grid(side, len(grids[0]), len(grids)), os.path.join(cfg.out, "grid.gif"))
-    with open(os.path.join(cfg.out, "config.json"), "w") as f:   # what report.py needs to label and time it
-        json.dump({"config": asdict(cfg), "columns": dict(zip(names, cfg.ckpt)), "grid_rows": eval_prompts(cfg)[0][:8],
-                   "seconds": round(time.time() - t0, 1)}, f, indent=1)
+    write_text(os.path.join(cfg.out, "config.json"), json.dumps(   # what report.py needs to label and time it
+        {"config": asdict(cfg), "columns": dict(zip(names, cfg.ckpt)), "grid_rows": eval_prompts(cfg)[0][:8],
+         "seconds": round(time.time() - t0, 1)}, indent=1))
     print(table)
     print(f"wrote {cfg.out}/diagnostics.json, diagnostics.md, config.json, grid.gif (rows: prompts, columns: "
           f"{', '.join(names)})")
@@ -1106,6 +1134,4 @@ def diagnose(argv):
 COMMANDS = {"diagnose": diagnose, "advise": advise, "train_rm": train_reward_model, "calibrate": calibrate_judge}
 
 if __name__ == "__main__":
-    if len(sys.argv) < 2 or sys.argv[1] not in COMMANDS:
-        sys.exit(f"usage: python rewards.py {{{'|'.join(COMMANDS)}}} [--key=value ...]")
-    run_cli(COMMANDS[sys.argv[1]], sys.argv[2:])
+    run_cli(lambda argv: subcommand(COMMANDS, "rewards.py", argv)(argv[1:]), sys.argv[1:])

@@ -102,8 +102,9 @@ def train(cfg: Config, stop_after=None):
         mcfg, parent_meta = M.preset(cfg.preset), {}
         torch.manual_seed(cfg.seed)  # the initial weights, like everything else, follow from the seed
         net = M.VideoDiT(mcfg).to(d.device)
+    M.check_batch_memory(net, d.device, trained=cfg.batch_size // d.ranks, sampled=max(cfg.val_clips, 12))
     if d.main:  # every input is checked: only now may an old run be replaced
-        claim_out_dir(cfg.out_dir, cfg.resume, cfg.overwrite, inputs=[cfg.init])
+        claim_out_dir(cfg.out_dir, cfg.resume, cfg.overwrite, inputs=[cfg.init], stage="sft" if cfg.init else "pretrain")
     if d.ranks > 1:
         torch.distributed.barrier()
     net.train()
@@ -111,7 +112,7 @@ def train(cfg: Config, stop_after=None):
     ema = EMA(net, cfg.ema_decay)
     opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     guard = NonFiniteGuard()
-    start, log_offset = M.resume_run(state_path, net, ema, opt, cfg, {"guard": guard}, log) if cfg.resume else (0, None)
+    start, log_offset = M.resume_run(state_path, net, ema, opt, cfg, {"guard": guard}, log, d.main) if cfg.resume else (0, None)
     train_net = DDP(net) if d.ranks > 1 else net
     per_rank = cfg.batch_size // d.ranks
     stage = "pretrain" if not cfg.init else "sft"

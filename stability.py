@@ -10,8 +10,11 @@ RANK so one file runs under `python` and `torchrun`, output folders that are nev
 import copy
 import dataclasses
 import errno
+import fnmatch
+import json
 import math
 import os
+import re
 import sys
 from dataclasses import dataclass
 
@@ -52,6 +55,15 @@ def run_cli(main, argv):
     except KeyboardInterrupt:
         print("interrupted: the last checkpoint is kept; rerun with --resume=true to continue", file=sys.stderr)
         sys.exit(130)
+
+
+def subcommand(commands, script, argv):
+    """The function a script's first argument names (rewards.py diagnose ...): a missing or unknown one is a
+    ConfigError, exit 2, like every other bad command line."""
+    if not argv or argv[0] not in commands:
+        got = f"unknown command {argv[0]!r}" if argv else "no command"
+        raise ConfigError(f"{got}; usage: python {script} {{{'|'.join(commands)}}} [--key=value ...]")
+    return commands[argv[0]]
 
 
 def parse_config(cls, argv):
@@ -98,6 +110,25 @@ def check_ranges(cfg, at_least_one=(), positive=(), non_negative=(), fraction=()
             v = getattr(cfg, k)
             if not (math.isfinite(v) and ok(v)):
                 raise ConfigError(f"--{k} must be {what}, got {v}")
+
+
+def available_memory(device="cpu"):
+    """Bytes a run may still allocate: the GPU's free memory, or the machine's available RAM."""
+    if str(device).startswith("cuda"):
+        return torch.cuda.mem_get_info(torch.device(device))[0]
+    try:
+        with open("/proc/meminfo") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration, ValueError):
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+
+
+def check_fits(n_bytes, what, device="cpu"):
+    """Refuse, before anything is allocated, a size that cannot fit: one line naming it, not the allocator's traceback."""
+    have = available_memory(device)
+    if n_bytes > have:
+        raise ConfigError(f"{what} needs about {n_bytes / 2 ** 30:,.1f} GiB but {device} has {have / 2 ** 30:,.1f} GiB "
+                          f"available; lower it")
 
 
 def print_config(cfg, log):
@@ -215,32 +246,140 @@ def gather_rows(x, d: Dist):
     return torch.cat(parts)
 
 
-# ----------------------------------------------------------------------------- output folders
-def claim_out_dir(path, resume, overwrite, inputs=(), marker="state.safetensors"):
+# ----------------------------------------------------------------------------- outputs: nothing lost
+RUN_MARKER = "postflow-run.json"   # written first into every folder a run claims: what makes a folder a run
+RUN_FILES = ("ckpt.safetensors", "state.safetensors", "state.prev.safetensors", "log.jsonl", "samples.gif")
+
+
+def seeded(seed, step):
+    """The generator of one step of a seeded stream: the same (seed, step) draws the same numbers on any rank and
+    after any resume."""
+    return torch.Generator().manual_seed((seed * 1_000_003 + step) % (2 ** 63))
+
+
+def atomic_write(path, write, keep_as=None):
+    """write(tmp) then rename onto path: a reader sees the old file or the new one, never half of one. The temp name
+    is path + '.tmp' + pid, the only temp name postflow writes (a resume removes exactly those). A full disk is an
+    OSError, also where safetensors reports it as its own error. keep_as: where the replaced file goes first."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        write(tmp)
+    except BaseException as e:  # a full disk (or a Ctrl-C) must not leave a half-written temp file behind
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        code = re.search(r"os error (\d+)", str(e)) if not isinstance(e, OSError) else None
+        if code:
+            raise OSError(int(code.group(1)), os.strerror(int(code.group(1))), path) from None
+        raise
+    if keep_as and os.path.exists(path):
+        os.replace(path, keep_as)
+    os.replace(tmp, path)
+
+
+def write_text(path, text):
+    def write(tmp):
+        with open(tmp, "w") as f:
+            f.write(text)
+    atomic_write(path, write)
+
+
+def check_output_path(path, flag, folder):
+    """An output path that can be written: not empty, not under a file, a folder where one is meant and a file
+    where a file is. One line naming the flag otherwise."""
+    if not path:
+        raise ConfigError(f"{flag} is empty; name a {'folder' if folder else 'file'}")
+    up = os.path.dirname(os.path.abspath(path))
+    while up and not os.path.exists(up):
+        up = os.path.dirname(up)
+    if up and not os.path.isdir(up):
+        raise ConfigError(f"{flag}={path} lies under {up}, which is a file")
+    if folder and os.path.isfile(path):
+        raise ConfigError(f"{flag}={path} is a file; name a folder")
+    if not folder and os.path.isdir(path):
+        raise ConfigError(f"{flag}={path} is a folder; name a file")
+
+
+def same_file(a, b):
+    return bool(a) and bool(b) and os.path.realpath(a) == os.path.realpath(b)
+
+
+def claim_out_file(path, overwrite, inputs=(), flag="--out"):
+    """A single output file: refused if it exists (unless --overwrite=true) or is one of the command's inputs."""
+    check_output_path(path, flag, folder=False)
+    for f in inputs:
+        if same_file(path, f):
+            raise ConfigError(f"{flag}={path} is also an input of this command ({f}); write it elsewhere")
+    if os.path.exists(path) and not overwrite:
+        raise OutputExists(f"{path} exists; pass --overwrite=true to replace it")
+
+
+def matches(name, patterns):
+    return any(fnmatch.fnmatchcase(name, p) for p in patterns)
+
+
+def run_files(writes):
+    """The names a run may leave in its folder: its own files, their temp files, and the marker."""
+    return (RUN_MARKER, *writes, *(f"{w}.tmp*" for w in writes))
+
+
+def claim_out_dir(path, resume, overwrite, inputs=(), stage="", writes=RUN_FILES):
     """Make path ready for a run. Call it after every input has been checked: nothing is deleted before.
-    Refuses to write over another run unasked, and to --overwrite a folder that holds one of this run's
-    inputs. Resuming removes temp files that a kill during a checkpoint write left behind."""
-    held = os.path.isdir(path) and bool(os.listdir(path))
+
+    --overwrite=true replaces a postflow run and nothing else: a folder is a run when it holds RUN_MARKER, and only
+    the names its marker lists are removed. A folder holding anything else (sources, checkpoints no run wrote there,
+    another tool's files, subfolders) is refused, naming what it holds. No input may be a file the run writes."""
+    check_output_path(path, "--out_dir", folder=True)
+    for f in inputs:
+        if f and os.path.dirname(os.path.realpath(f)) == os.path.realpath(path) and matches(os.path.basename(f), run_files(writes)):
+            raise OutputExists(f"{f}, an input of this run, is a file the run writes in {path}; copy it elsewhere or "
+                               f"choose another --out_dir")
+    held = sorted(os.listdir(path)) if os.path.isdir(path) else []
     if held and not (resume or overwrite):
-        raise OutputExists(f"{path} already holds a run; pass --resume=true to continue it "
-                           f"or --overwrite=true to replace it, or choose another --out_dir")
+        raise OutputExists(f"{path} already holds {'a run' if RUN_MARKER in held else 'files'}; pass --resume=true to "
+                           f"continue it or --overwrite=true to replace it, or choose another --out_dir")
     if resume:
-        prev = marker.replace(".safetensors", ".prev.safetensors")
-        if not any(os.path.exists(os.path.join(path, m)) for m in (marker, prev)):
-            raise OutputExists(f"--resume=true but {os.path.join(path, marker)} does not exist")
-        for name in os.listdir(path):
-            if ".tmp" in name:
-                os.remove(os.path.join(path, name))
-    elif overwrite and held:
-        here = os.path.realpath(path)
-        for f in inputs:
-            if f and os.path.realpath(f).startswith(here + os.sep):
-                raise OutputExists(f"--overwrite=true would delete {f}, an input of this run, inside {path}; "
-                                   f"copy it elsewhere or choose another --out_dir")
-        for name in os.listdir(path):  # an overwritten run leaves nothing of the old one (its log included)
-            if os.path.isfile(os.path.join(path, name)):
+        prev = "state.prev.safetensors"
+        if not any(os.path.exists(os.path.join(path, m)) for m in ("state.safetensors", prev)):
+            raise OutputExists(f"--resume=true but {os.path.join(path, 'state.safetensors')} does not exist")
+    elif held:
+        if RUN_MARKER not in held:
+            raise OutputExists(f"--overwrite=true replaces a postflow run only, and {path} is not one (no {RUN_MARKER}); "
+                               f"it holds {describe(held)}: choose another --out_dir")
+        theirs = read_marker(path).get("writes", [])
+        foreign = [n for n in held if not matches(n, run_files(theirs)) or not os.path.isfile(os.path.join(path, n))]
+        if foreign:
+            raise OutputExists(f"--overwrite=true would replace the run in {path}, but the folder also holds what the run "
+                               f"did not write: {describe(foreign)}; move it away or choose another --out_dir")
+        for name in held:   # the old run's own files, its log included: nothing of it is left to mix with the new
+            if name != RUN_MARKER:
                 os.remove(os.path.join(path, name))
     os.makedirs(path, exist_ok=True)
+    if not resume or RUN_MARKER not in held:
+        write_text(os.path.join(path, RUN_MARKER), json.dumps({"stage": stage, "writes": list(writes),
+                                                               "command": sys.argv}, indent=1))
+
+
+def describe(names, n=5):
+    return ", ".join(names[:n]) + (f" and {len(names) - n} more" if len(names) > n else "")
+
+
+def read_marker(path):
+    try:
+        with open(os.path.join(path, RUN_MARKER)) as f:
+            marker = json.load(f)
+        assert isinstance(marker, dict) and all(isinstance(w, str) for w in marker.get("writes", []))
+        return marker
+    except (OSError, ValueError, AssertionError):
+        raise OutputExists(f"{os.path.join(path, RUN_MARKER)} is broken; check the folder and delete it yourself") from None
+
+
+def remove_stale_temps(path):
+    """After a resume's settings are checked: remove the temp files a kill left behind, exactly the names
+    atomic_write gives the files this run writes (NAME.tmpPID), nothing else."""
+    writes = read_marker(path).get("writes", RUN_FILES) if os.path.exists(os.path.join(path, RUN_MARKER)) else RUN_FILES
+    for name in os.listdir(path):
+        if matches(name, [f"{w}.tmp[0-9]*" for w in (RUN_MARKER, *writes)]):
+            os.remove(os.path.join(path, name))
 
 
 def open_log(path, offset=None):
@@ -327,9 +466,9 @@ class SpikeGuard:
             past = self.seen.setdefault(k, [])
             if len(past) >= self.warmup and (not math.isfinite(v) or v > self.factor * max(sorted(past)[len(past) // 2], 1e-12)):
                 spike.append(k)
-        if spike and self.saved is not None:
-            model.load_state_dict(self.saved[0])
-            opt.load_state_dict(self.saved[1])
+        if spike and self.saved is not None:  # copies again: the optimizer would step the snapshot's own tensors
+            model.load_state_dict(copy.deepcopy(self.saved[0]))
+            opt.load_state_dict(copy.deepcopy(self.saved[1]))
             self.rollbacks += 1
             return True
         for k, v in stats.items():

@@ -5,6 +5,7 @@ import json
 import math
 import os
 import shlex
+import shutil
 import subprocess
 import sys
 import time
@@ -379,8 +380,10 @@ def test_reward_model_ensemble_mean_and_std(tiny_checkpoints, capsys):
     assert not torch.equal(members[0].offset, torch.zeros_like(members[0].offset))     # calibrated, one shift for all
     assert all(torch.equal(m.offset, members[0].offset) for m in members)
     # recalibrated on another policy's samples: the trained weights kept, the level refit, the judge replaced only if asked
-    with pytest.raises(FileExistsError):
+    with pytest.raises(stability.ConfigError, match="--out is empty"):      # never written over its own input
         rewards.calibrate_judge([f"--judge={out}", f"--on={base}", "--clips=4"])
+    with pytest.raises(stability.ConfigError, match="is also an input of this command"):
+        rewards.calibrate_judge([f"--judge={out}", f"--on={base}", "--clips=4", f"--out={out}", "--overwrite=true"])
     rewards.calibrate_judge([f"--judge={out}", f"--on={base}", "--clips=4", f"--out={root / 'rm_base.safetensors'}"])
     assert "proxy - oracle on 64 held-out samples" in capsys.readouterr().out
     again = rewards.load_reward_model(str(root / "rm_base.safetensors"))
@@ -890,12 +893,14 @@ def test_kill_minus_9_then_resume_gives_the_same_weights(stage, trained_tiny, tm
                     "--log_every=2", "--val_clips=4", "--sample_steps=2", "--device=cpu"],
             "rl": ["reward_rl.py", f"--init={trained_tiny}", "--iters=8", "--prompts_per_iter=2", "--group_size=4",
                    "--rollout_steps=4", "--eval_prompts=2", "--eval_steps=2", "--eval_every=2", "--ckpt_every=1",
-                   "--lr=1e-3", "--warmup=1", "--spike_factor=1.5", "--sft_batch=4", "--device=cpu"],
+                   "--lr=1e-3", "--warmup=1", "--spike_factor=1.01", "--sft_batch=4", "--device=cpu"],
             "dpo": ["preference.py", f"--init={trained_tiny}", f"--pairs={tmp_path}/pairs.safetensors", "--steps=40",
                     "--batch_size=4", "--ckpt_every=2", "--log_every=2", "--eval_prompts=2", "--eval_steps=2",
                     "--device=cpu"]}[stage]
     failed, window = run_until_checkpointed(args, tmp_path / "ref")
     assert not failed
+    if stage == "rl":                                          # rollbacks in a row, with no snapshot between them
+        assert [r["rollbacks"] for r in read_log(tmp_path / "ref" / "log.jsonl") if "rollbacks" in r][-3:] == [1, 2, 3]
     want = M.read_checkpoint(tmp_path / "ref" / "ckpt.safetensors")[0]
     rng, hits = random.Random(stage), 0
     for trial in range(KILL_TRIALS):
@@ -917,11 +922,10 @@ def test_non_finite_steps_stop_the_run_and_a_full_disk_is_one_line(tmp_path, mon
     with pytest.raises(stability.Diverged, match="3 steps in a row"):
         for _ in range(3):
             guard.ok(float("nan"), 1.0)
-    import errno
     import safetensors.torch
-    def full_disk(tensors, path, metadata=None):
+    def full_disk(tensors, path, metadata=None):   # as safetensors 0.8 reports it (seen on a full tmpfs): its own error
         open(path, "wb").write(b"partial")
-        raise OSError(errno.ENOSPC, "No space left on device", path)
+        raise safetensors.SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
     monkeypatch.setattr(safetensors.torch, "save_file", full_disk)
     net = tiny_model()
     with pytest.raises(SystemExit) as stop:
@@ -936,18 +940,65 @@ def test_resume_falls_back_cleans_up_and_refuses_other_settings(tmp_path):
     sft.train(tiny_sft(tmp_path / "cut", steps=6, ckpt_every=2), stop_after=4)   # state at 4, previous state at 2
     cut = tmp_path / "cut"
     (cut / "state.safetensors.tmp999").write_bytes(b"half a checkpoint")           # a kill during a write
+    (cut / "my.tmp.pairs.safetensors").write_bytes(b"a user's file")               # temp-like names no writer gives
+    (cut / "log.jsonl.tmp-mine").write_bytes(b"another")
     data_ = (cut / "state.safetensors").read_bytes()
     (cut / "state.safetensors").write_bytes(data_[: len(data_) // 2])              # the latest state damaged
     with pytest.raises(stability.ConfigError, match="lr=0.005"):
         sft.train(tiny_sft(cut, steps=6, ckpt_every=2, lr=5e-3, resume=True))
     with pytest.raises(stability.ConfigError, match="--init="):                      # another KL reference / start
         sft.train(tiny_sft(cut, steps=6, ckpt_every=2, init=full, resume=True))
+    assert (cut / "state.safetensors.tmp999").exists()                             # nothing removed before the checks
     resumed = sft.train(tiny_sft(cut, steps=6, ckpt_every=2, resume=True))         # warns, resumes from step 2
     a, b = M.read_checkpoint(full)[0], M.read_checkpoint(resumed)[0]
     assert all(torch.equal(a[k], b[k]) for k in a)
-    assert not [f for f in os.listdir(cut) if ".tmp" in f]
+    assert sorted(f for f in os.listdir(cut) if ".tmp" in f) == ["log.jsonl.tmp-mine", "my.tmp.pairs.safetensors"]
     steps = [r["step"] for r in read_log(cut / "log.jsonl") if "step" in r]
     assert steps == [2, 4, 6]                                                      # step 4 written once
+
+
+def test_overwrite_replaces_a_run_and_only_the_names_it_wrote(tmp_path):
+    """A stage's folder carries the run marker; --overwrite=true over it removes the old run's files (its log too) and
+    writes the new run; a run folder that gained another file, or a folder with no marker, is refused untouched."""
+    out = tmp_path / "run"
+    sft.train(tiny_sft(out, steps=2, ckpt_every=1))
+    marker = json.loads((out / stability.RUN_MARKER).read_text())
+    assert marker["stage"] == "pretrain" and "ckpt.safetensors" in marker["writes"]
+    first = sorted(os.listdir(out))
+    (out / "state.prev.safetensors").rename(out / "state.prev.safetensors.tmp4242")  # a kill's leftover: also the run's
+    sft.train(tiny_sft(out, steps=1, ckpt_every=1, overwrite=True))
+    assert sorted(os.listdir(out)) == sorted(set(first) - {"state.prev.safetensors"})
+    assert [r["step"] for r in read_log(out / "log.jsonl") if "step" in r] == [1]       # the old log went with its run
+    (out / "mine.py").write_text("print('mine')")
+    before = tree_hashes(out)
+    with pytest.raises(stability.OutputExists, match="did not write: mine.py"):
+        sft.train(tiny_sft(out, steps=1, overwrite=True))
+    assert tree_hashes(out) == before
+    (out / stability.RUN_MARKER).unlink()
+    (out / "mine.py").unlink()
+    with pytest.raises(stability.OutputExists, match="is not one"):
+        sft.train(tiny_sft(out, steps=1, overwrite=True))
+
+
+def test_spike_guard_rollbacks_restore_the_snapshot_however_often():
+    """Two rollbacks with no snapshot between them restore the same weights and optimizer moments: the steps after
+    the first cannot reach the snapshot's tensors."""
+    torch.manual_seed(0)
+    net = torch.nn.Linear(4, 4)
+    opt = torch.optim.AdamW(net.parameters(), lr=0.1)
+    step = lambda: (net(torch.randn(8, 4)).pow(2).mean().backward(), opt.step(), opt.zero_grad())
+    step()
+    guard = stability.SpikeGuard(factor=2.0, warmup=1)
+    guard.snapshot(net, opt)
+    want_w = {k: v.clone() for k, v in net.state_dict().items()}
+    want_m = {k: v.clone() for k, v in opt.state[net.weight].items()}
+    assert not guard.check(net, opt, grad_norm=1.0)
+    for _ in range(2):                                   # a spike, a good step without a snapshot, another spike
+        step()
+        assert guard.check(net, opt, grad_norm=100.0)
+        assert all(torch.equal(net.state_dict()[k], v) for k, v in want_w.items())
+        assert all(torch.equal(opt.state[net.weight][k], v) for k, v in want_m.items())
+    assert guard.rollbacks == 2
 
 
 def test_grpo_refuses_batches_that_do_not_divide(tiny_checkpoints):
@@ -1039,8 +1090,21 @@ def test_grpo_interrupted_run_resumes_to_identical_weights(tiny_checkpoints):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_grpo_resumes_exactly_between_rollbacks(trained_tiny, tmp_path):
+    """With the spike guard rolling back every iteration after its warmup (two and more rollbacks with no snapshot
+    between), a run stopped after 6 iterations and resumed to 8 ends with the weights of an 8-iteration run."""
+    kw = dict(prompts_per_iter=2, group_size=4, rollout_steps=4, eval_prompts=2, eval_steps=2, eval_every=2, lr=1e-3,
+              warmup=1, sft_batch=4, spike_factor=1.01)
+    full = reward_rl.train(tiny_rl(trained_tiny, tmp_path / "full", iters=8, **kw))
+    rollbacks = [r["rollbacks"] for r in read_log(tmp_path / "full" / "log.jsonl") if "rollbacks" in r]
+    assert rollbacks[5:8] == [1, 2, 3], rollbacks                               # iterations 6, 7, 8 each rolled back
+    reward_rl.train(tiny_rl(trained_tiny, tmp_path / "cut", iters=6, **kw))
+    resumed = reward_rl.train(tiny_rl(trained_tiny, tmp_path / "cut", iters=8, resume=True, **kw))
+    a, b = M.read_checkpoint(full)[0], M.read_checkpoint(resumed)[0]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
 # ----- bad input, diagnose, a fourth head
-import shutil
 
 
 @pytest.fixture(scope="module")
@@ -1068,11 +1132,36 @@ def bad_files(tmp_path_factory):
     w[0, 0, 0, 0, 0] = float("nan")
     preference.save_pairs(str(root / "nan_pairs.safetensors"), {**p, "winner": w})
     preference.save_pairs(str(root / "short.safetensors"), {**p, "tokens": p["tokens"][:2]})
-    for run in ("prev_sft", "prev_rl"):
+    for run in ("prev_sft", "prev_rl", "marked"):
         (root / run).mkdir()
         shutil.copy(root / "tiny.safetensors", root / run / "ckpt.safetensors")
         (root / run / "log.jsonl").write_text("{}\n")
+    (root / "marked" / stability.RUN_MARKER).write_text(json.dumps({"stage": "sft", "writes": stability.RUN_FILES}))
+    (root / "marked" / "notes.txt").write_text("a user's own notes, kept beside a run")
+    preference.save_pairs(str(root / "float64.safetensors"), {k: v.double() if k in ("winner", "loser") else v for k, v in p.items()})
+    preference.save_pairs(str(root / "zero_weights.safetensors"), {**p, "weight": torch.zeros(4)})
+    preference.save_pairs(str(root / "short_loser.safetensors"), {**p, "loser": p["loser"][:2]})
+    save_file({k: v.contiguous() for k, v in sd.items()}, str(root / "deep.safetensors"),
+              metadata={"format": "postflow", "model_config": json.dumps({**dataclasses.asdict(net.cfg), "depth": 10 ** 7}),
+                        "lineage": "{}"})
+    for name, text in (("empty", ""), ("truncated", '{"sft": {"fidelity": [0.5, 0.0'), ("nothing", "{}"),
+                       ("partial", '{"sft": {"fidelity": [0.5, 0.01]}}')):
+        (root / name / "diagnose").mkdir(parents=True)
+        (root / name / "diagnose" / "diagnostics.json").write_text(text)
     return root
+
+
+def tree_hashes(*roots):
+    """path -> sha256 of every file under the roots (the repository without its runs, caches and git)."""
+    import hashlib
+    out = {}
+    for root in roots:
+        for folder, dirs, files in os.walk(root):
+            dirs[:] = [d for d in dirs if d not in (".git", "runs", "__pycache__", ".pytest_cache")]
+            for f in files:
+                p = os.path.join(folder, f)
+                out[p] = hashlib.sha256(open(p, "rb").read()).hexdigest() if os.path.isfile(p) else "?"
+    return out
 
 
 # (command line, what its one stderr line says, files that must survive); {r} is bad_files' folder, {o} the case's
@@ -1109,6 +1198,63 @@ BAD_INPUT = {
                                         ("prev_sft/ckpt.safetensors", "prev_sft/log.jsonl")),
     "overwrite_refuses_own_input": ("reward_rl.py --init={r}/prev_rl/ckpt.safetensors --out_dir={r}/prev_rl "
                                     "--overwrite=true", "an input of this run", ("prev_rl/ckpt.safetensors",)),
+    # --overwrite=true replaces a run and nothing else: the repository, the shipped checkpoints, /, a run plus a user's file
+    "overwrite_the_repository": ("sft.py --init={r}/tiny.safetensors --out_dir=. --overwrite=true",
+                                 "--overwrite=true replaces a postflow run only, and . is not one"),
+    "overwrite_checkpoints": ("sft.py --out_dir=checkpoints --overwrite=true", "and checkpoints is not one"),
+    "overwrite_root": ("sft.py --init={r}/tiny.safetensors --out_dir=/ --overwrite=true", "and / is not one"),
+    "overwrite_a_run_beside_a_users_file": ("sft.py --init={r}/tiny.safetensors --out_dir={r}/marked --overwrite=true",
+                                            "also holds what the run did not write: notes.txt", ("marked/ckpt.safetensors",)),
+    "overwrite_a_folder_of_checkpoints": ("sft.py --init={r}/tiny.safetensors --out_dir={r}/prev_sft --overwrite=true",
+                                          "is not one (no postflow-run.json); it holds ckpt.safetensors, log.jsonl"),
+    # no output is one of its command's inputs
+    "calibrate_over_its_policy": ("rewards.py calibrate --on=checkpoints/sft_small.safetensors "
+                                  "--out=checkpoints/sft_small.safetensors --overwrite=true", "is also an input of this command"),
+    "calibrate_without_out": ("rewards.py calibrate", "--out is empty; name a file"),
+    "train_rm_over_a_generator": ("rewards.py train_rm --generators={r}/tiny.safetensors --out={r}/tiny.safetensors "
+                                  "--overwrite=true", "is also an input of this command"),
+    "render_over_its_checkpoint": ("model.py --ckpt={r}/tiny.safetensors --out={r}/tiny.safetensors --overwrite=true",
+                                   "is also an input of this command"),
+    # output paths that cannot be written
+    "out_dir_empty": ("sft.py --init={r}/tiny.safetensors --out_dir=", "--out_dir is empty; name a folder"),
+    "out_dir_is_a_file": ("sft.py --init={r}/tiny.safetensors --out_dir={r}/tiny.safetensors", "is a file; name a folder"),
+    "out_dir_under_a_file": ("reward_rl.py --init={r}/tiny.safetensors --out_dir={r}/tiny.safetensors/run",
+                             "tiny.safetensors, which is a file"),
+    "render_out_empty": ("model.py --ckpt={r}/tiny.safetensors --out=", "--out is empty; name a file"),
+    "diagnose_out_empty": ("rewards.py diagnose --ckpt={r}/tiny.safetensors --out=", "--out is empty; name a folder"),
+    "diagnose_cache_is_a_file": ("rewards.py diagnose --ckpt={r}/tiny.safetensors --reward_model= --out={o} "
+                                 "--cache={r}/tiny.safetensors", "--cache={r}/tiny.safetensors is a file"),
+    "advise_out_is_a_folder": ("rewards.py advise --diagnose={r}/partial/diagnose --out={r}", "is a folder; name a file"),
+    "adapters_out_is_a_folder": ("adapters.py --out={r}", "is a folder; name a file"),
+    "bench_out_under_a_file": ("bench.py grpo --out={r}/tiny.safetensors/bench", "which is a file"),
+    # values nothing checked
+    "dpo_zero_curated_batch": ("preference.py --curated_batch=0", "--curated_batch must be at least 1"),
+    "dpo_negative_curated_batch": ("preference.py --curated_batch=-4", "--curated_batch must be at least 1"),
+    "pairs_float64": ("preference.py --init={r}/tiny.safetensors --pairs={r}/float64.safetensors --out_dir={o}",
+                      "winner clips are torch.float64"),
+    "pairs_zero_weights": ("preference.py --init={r}/tiny.safetensors --pairs={r}/zero_weights.safetensors --out_dir={o}",
+                           "not all 0"),
+    "pairs_short_loser": ("preference.py --init={r}/tiny.safetensors --pairs={r}/short_loser.safetensors --out_dir={o}",
+                          "holds 4 winner clips but 2 loser clips"),
+    "rl_every_weight_zero": ("reward_rl.py --weights=fidelity=0,temporal=0,instruction=0", "set every head to 0"),
+    "dpo_every_weight_zero": ("preference.py --weights=fidelity=0,temporal=0,instruction=0", "set every head to 0"),
+    "advise_empty_diagnosis": ("rewards.py advise --diagnose={r}/empty/diagnose", "is empty or truncated"),
+    "advise_truncated_diagnosis": ("rewards.py advise --diagnose={r}/truncated/diagnose", "is empty or truncated"),
+    "report_empty_diagnosis": ("report.py --run={r}/nothing", "holds no diagnosis"),
+    "report_partial_diagnosis": ("report.py --run={r}/partial", "column 'sft' is partial"),
+    "diagnose_misspelled_judge": ("rewards.py diagnose --ckpt={r}/tiny.safetensors --reward_model={r}/judg.safetensors "
+                                  "--out={o}", "learned judge not found: {r}/judg.safetensors"),
+    # sizes that cannot fit, refused before anything is allocated
+    "sft_batch_cannot_fit": ("sft.py --init={r}/tiny.safetensors --batch_size=100000000 --out_dir={o}", "needs about"),
+    "rl_group_cannot_fit": ("reward_rl.py --init={r}/tiny.safetensors --group_size=100000000 --out_dir={o}", "needs about"),
+    "dpo_pair_prompts_cannot_fit": ("preference.py --init={r}/tiny.safetensors --pair_prompts=100000000 --out_dir={o}",
+                                    "needs about"),
+    "diagnose_prompts_cannot_fit": ("rewards.py diagnose --ckpt={r}/tiny.safetensors --prompts=100000000 --out={o}",
+                                    "needs about"),
+    "absurd_depth": ("reward_rl.py --init={r}/deep.safetensors --out_dir={o}", "a model of depth 10000000"),
+    # commands
+    "rewards_no_command": ("rewards.py", "no command; usage: python rewards.py"),
+    "bench_unknown_command": ("bench.py speeed", "unknown command 'speeed'"),
 }
 
 
@@ -1120,16 +1266,22 @@ def bad_runs(bad_files, request):
               if getattr(i, "originalname", "") == "test_bad_input_is_one_line_exit_2"]
     chosen = [c for c in chosen if not ("--device=cuda" in BAD_INPUT[c][0] and torch.cuda.is_available())]
     run = lambda c: cli(*[a.format(r=bad_files, o=bad_files / c) for a in BAD_INPUT[c][0].split()])
+    before = tree_hashes(bad_files, HERE)
     with ThreadPoolExecutor(2) as pool:
-        return dict(zip(chosen, pool.map(run, chosen)))
+        runs = dict(zip(chosen, pool.map(run, chosen)))
+    after = tree_hashes(bad_files, HERE)
+    changed = sorted(p for p in set(before) | set(after) if before.get(p) != after.get(p))
+    return runs, changed
 
 
 @pytest.mark.parametrize("case", list(BAD_INPUT))
 def test_bad_input_is_one_line_exit_2(bad_files, bad_runs, case):
     cmd, needle, kept = (*BAD_INPUT[case], ())[:3]
-    if case not in bad_runs:
+    runs, changed = bad_runs
+    if case not in runs:
         pytest.skip("this machine has a GPU")
-    r = bad_runs[case]
+    r = runs[case]
+    assert not changed, f"a refused command changed files: {changed}"    # hashes of the folder and the repository
     lines = r.stderr.strip().splitlines()
     assert r.returncode == 2 and "Traceback" not in r.stderr, (case, r.returncode, r.stderr[-2000:])
     assert len(lines) == 1 and lines[0].startswith("error:") and needle.format(r=bad_files) in lines[0], (case, r.stderr)
@@ -1268,19 +1420,18 @@ def test_report_is_one_offline_page_with_the_table_curves_and_samples(tiny_run, 
         assert exit_.value.code == 2 and needle in err and len(err.strip().splitlines()) == 1, err
 
 
-def test_report_reads_diagnostics_from_before_parts(tiny_run, tmp_path):
-    """An older diagnose wrote no parts and a plain sentence as the recommendation: the report shows the sentence."""
-    import shutil
+def test_report_refuses_a_diagnosis_that_is_partial_in_one_line(tiny_run, tmp_path):
+    """A diagnosis from an older diagnose (no parts) or cut short: the report names what is missing and what to rerun,
+    and writes nothing."""
     run = tmp_path / "run"
     shutil.copytree(tiny_run / "diagnose", run / "diagnose")
     results = json.load(open(run / "diagnose" / "diagnostics.json"))
     for r in results.values():
         del r["parts"]
-        r["recommendation"] = "weakest axis: fidelity (0.100); more Stage I SFT on curated clips"
     json.dump(results, open(run / "diagnose" / "diagnostics.json", "w"))
-    report.main([f"--run={run}"])
-    twin = (run / "report.md").read_text()
-    assert "- **dpo**: weakest axis: fidelity (0.100); more Stage I SFT" in twin and "| part |" not in twin
+    r = cli("report.py", f"--run={run}")
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "is partial (no parts); rerun diagnose" in r.stderr, r.stderr
+    assert not (run / "report.html").exists()
 
 
 @pytest.mark.skipif(not os.path.exists(CHROMIUM), reason="needs Debian's chromium (apt-get install chromium)")
