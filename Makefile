@@ -31,13 +31,13 @@ pipeline: setup
 	$(PY) sft.py --out_dir=$(RUN)/sft --overwrite=true --batch_size=16
 	$(PY) reward_rl.py --init=$(RUN)/sft/ckpt.safetensors --out_dir=$(RUN)/rl --overwrite=true --max_minutes=0 --iters=10
 	$(PY) preference.py --init=$(RUN)/rl/ckpt.safetensors --out_dir=$(RUN)/dpo --overwrite=true --pair_prompts=48 --steps=60 --warmup=6
-	$(PY) rewards.py diagnose --ckpt=checkpoints/base_small.safetensors --ckpt=$(RUN)/sft/ckpt.safetensors \
+	$(PY) diagnose.py --ckpt=checkpoints/base_small.safetensors --ckpt=$(RUN)/sft/ckpt.safetensors \
 		--ckpt=$(RUN)/rl/ckpt.safetensors --ckpt=$(RUN)/dpo/ckpt.safetensors --out=$(RUN)/diagnose --overwrite=true \
 		--cache=runs/diagnose_cache
 	$(PY) report.py --run=$(RUN) --overwrite=true
 
 # The diagnostic loop closed: the same stages, but each stage's diagnosis picks the axis the next one is turned toward
-# (`rewards.py advise` prints its flags; the decisions land in $(DRIVEN)/advice_{rl,dpo}.json and the report). Where a
+# (`diagnose.py advise` prints its flags; the decisions land in $(DRIVEN)/advice_{rl,dpo}.json and the report). Where a
 # diagnosis asks for Stage I, the next stage fits Stage I's curated clips 4x harder, its rewards left as they are.
 # SFT=path starts from a Stage I checkpoint you have (e.g. runs/pipeline/sft/ckpt.safetensors) instead of training one.
 DRIVEN ?= runs/driven
@@ -46,13 +46,13 @@ pipeline_driven: setup
 	@mkdir -p $(DRIVEN) && date +%s > $(DRIVEN)/started_at
 	$(if $(SFT),cp $(SFT) $(DRIVEN)/sft_input.tmp && rm -rf $(DRIVEN)/sft && mkdir -p $(DRIVEN)/sft && \
 		mv $(DRIVEN)/sft_input.tmp $(DRIVEN)/sft/ckpt.safetensors,$(PY) sft.py --out_dir=$(DRIVEN)/sft --overwrite=true)
-	$(PY) rewards.py diagnose --ckpt=$(DRIVEN)/sft/ckpt.safetensors --out=$(DRIVEN)/diagnose_sft --overwrite=true --cache=runs/diagnose_cache
-	$(PY) rewards.py advise --diagnose=$(DRIVEN)/diagnose_sft --stage=rl --out=$(DRIVEN)/advice_rl.json --overwrite=true > $(DRIVEN)/rl.flags
+	$(PY) diagnose.py --ckpt=$(DRIVEN)/sft/ckpt.safetensors --out=$(DRIVEN)/diagnose_sft --overwrite=true --cache=runs/diagnose_cache
+	$(PY) diagnose.py advise --diagnose=$(DRIVEN)/diagnose_sft --stage=rl --out=$(DRIVEN)/advice_rl.json --overwrite=true > $(DRIVEN)/rl.flags
 	$(PY) reward_rl.py --init=$(DRIVEN)/sft/ckpt.safetensors --out_dir=$(DRIVEN)/rl --overwrite=true --max_minutes=0 $$(cat $(DRIVEN)/rl.flags)
-	$(PY) rewards.py diagnose --ckpt=$(DRIVEN)/rl/ckpt.safetensors --out=$(DRIVEN)/diagnose_rl --overwrite=true --cache=runs/diagnose_cache
-	$(PY) rewards.py advise --diagnose=$(DRIVEN)/diagnose_rl --stage=dpo --out=$(DRIVEN)/advice_dpo.json --overwrite=true > $(DRIVEN)/dpo.flags
+	$(PY) diagnose.py --ckpt=$(DRIVEN)/rl/ckpt.safetensors --out=$(DRIVEN)/diagnose_rl --overwrite=true --cache=runs/diagnose_cache
+	$(PY) diagnose.py advise --diagnose=$(DRIVEN)/diagnose_rl --stage=dpo --out=$(DRIVEN)/advice_dpo.json --overwrite=true > $(DRIVEN)/dpo.flags
 	$(PY) preference.py --init=$(DRIVEN)/rl/ckpt.safetensors --out_dir=$(DRIVEN)/dpo --overwrite=true $$(cat $(DRIVEN)/dpo.flags)
-	$(PY) rewards.py diagnose --ckpt=checkpoints/base_small.safetensors --ckpt=$(DRIVEN)/sft/ckpt.safetensors \
+	$(PY) diagnose.py --ckpt=checkpoints/base_small.safetensors --ckpt=$(DRIVEN)/sft/ckpt.safetensors \
 		--ckpt=$(DRIVEN)/rl/ckpt.safetensors --ckpt=$(DRIVEN)/dpo/ckpt.safetensors --out=$(DRIVEN)/diagnose --overwrite=true \
 		--cache=runs/diagnose_cache
 	$(PY) report.py --run=$(DRIVEN) --overwrite=true
@@ -70,14 +70,14 @@ sft_checkpoint: setup
 	$(PY) -c "import model; model.export_half('runs/sft/ckpt.safetensors', 'checkpoints/sft_small.safetensors')"
 
 reward_model: setup
-	$(PY) rewards.py train_rm --out=checkpoints/reward_model.safetensors --overwrite=true
+	$(PY) judge.py train --out=checkpoints/reward_model.safetensors --overwrite=true
 
 # The base's diagnosis, shipped beside it (checkpoints/diagnoses, keyed by the base's bytes, the judge's, the settings
 # and the code that samples and scores), so a fresh clone's `make pipeline` reads it instead of redoing it; after an
-# edit to rewards.py, model.py or data.py the key misses and the pipeline recomputes it (about a minute).
+# edit to the code that samples and scores (diagnose.code_version) the key misses and the pipeline recomputes it (about a minute).
 base_diagnosis: setup
 	rm -rf checkpoints/diagnoses.new
-	$(PY) rewards.py diagnose --ckpt=checkpoints/base_small.safetensors --out=runs/base_diagnosis --overwrite=true \
+	$(PY) diagnose.py --ckpt=checkpoints/base_small.safetensors --out=runs/base_diagnosis --overwrite=true \
 		--cache=checkpoints/diagnoses.new --shipped=
 	rm -rf checkpoints/diagnoses && mv checkpoints/diagnoses.new checkpoints/diagnoses
 

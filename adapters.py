@@ -40,6 +40,7 @@ import torch.nn.functional as F
 
 import data
 import model as M
+from checkpoint import CheckpointError, lineage_record, save_checkpoint
 from stability import ConfigError, UserError, atomic_write, check_ranges, claim_out_file, parse_config, run_cli
 
 SETUP = "pip install -r requirements-wan.txt"
@@ -309,7 +310,7 @@ class WanPolicy(nn.Module):
                     a.copy_(new[0])
                     b.copy_(new[1])
                 elif not (torch.equal(a, new[0].to(a)) and torch.equal(b, new[1].to(b))):
-                    raise M.CheckpointError("these weights continue another chain of stages (other folded adapters)")
+                    raise CheckpointError("these weights continue another chain of stages (other folded adapters)")
         if not self.history_in_weights:
             for factors in self.history:
                 self.add_into_weights(factors)
@@ -317,7 +318,7 @@ class WanPolicy(nn.Module):
         rest = {k: v for k, v in state_dict.items() if not k.startswith("folded.")}
         result = super().load_state_dict(rest, strict=False, assign=assign)
         if result.unexpected_keys or self.trained - set(rest):
-            raise M.CheckpointError(f"Wan weights do not match this policy ({len(result.unexpected_keys)} unexpected, "
+            raise CheckpointError(f"Wan weights do not match this policy ({len(result.unexpected_keys)} unexpected, "
                                     f"{len(self.trained - set(rest))} missing)")
         return result
 
@@ -351,22 +352,7 @@ class AdapterOff(nn.Module):
             return self.policy(*args, **kw)
 
 
-def flow_match_sde_step(x, v, t, t_next, t_first, noise_level=0.7, eps=None, x_next=None):
-    """diffusers' FlowMatchEulerDiscreteScheduler step with stochastic_sampling: the clean clip predicted at sigma,
-    noised afresh to sigma_next, x_next = (1 - sigma_next) x1_hat + sigma_next eps. Gaussian too, but not sde_step's:
-    Stage II's PPO refuses to score it. Returns what model.sde_step returns (noise_level and t_first are unused)."""
-    x, v, sigma_next = x.float(), v.float(), 1.0 - t_next
-    mean = (1 - sigma_next) * (x + (1.0 - t) * v)                   # x1_hat = x_t - sigma u = x_t + sigma v
-    if x_next is None:
-        x_next = mean + sigma_next * (eps if eps is not None else torch.randn_like(mean))
-    if sigma_next == 0:                                              # the last step is deterministic
-        return x_next, mean, 0.0, torch.zeros(len(x), device=x.device)
-    logp = -((x_next.float() - mean) ** 2) / (2 * sigma_next ** 2) - math.log(sigma_next) - 0.5 * math.log(2 * math.pi)
-    return x_next, mean, sigma_next, logp.mean(dim=tuple(range(1, x.dim())))
-
-
-M.ROLLOUT_STEPS["flow-match-sde"] = flow_match_sde_step
-build = WanPolicy  # what model.build_policy calls for a config whose policy is 'wan'
+build = WanPolicy  # what checkpoint.build_policy calls for a config whose policy is 'wan'
 
 
 # ----------------------------------------------------------------------------- command line
@@ -385,7 +371,7 @@ def init_checkpoint(argv):
         raise ConfigError("--folded is written by the stages, not given")
     claim_out_file(cli.out, cli.overwrite, inputs=[cfg.source, cfg.text])
     policy = WanPolicy(cfg)
-    M.save_checkpoint(cli.out, policy.state_dict(), cfg, M.lineage_record("wan-init", source=cfg.source))
+    save_checkpoint(cli.out, policy.state_dict(), cfg, lineage_record("wan-init", source=cfg.source))
     trained = sum(p.numel() for p in policy.parameters() if p.requires_grad)
     print(f"wrote {cli.out}: Wan from {cfg.source}, {trained / 1e6:.3f}M trained of "
           f"{sum(p.numel() for p in policy.transformer.parameters()) / 1e6:.2f}M, flow shape {policy.flow_shape}")

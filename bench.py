@@ -19,6 +19,9 @@ import torch
 import data
 import model as M
 import rewards as R
+from checkpoint import file_hash, load_model, read_checkpoint
+from diagnose import DiagnoseConfig, code_version, redraw
+from judge import load_reward_model, rm_score
 from stability import (ConfigError, check_output_path, check_ranges, claim_out_file, native_bf16, parse_config, run_cli,
                        subcommand, write_text)
 
@@ -91,7 +94,7 @@ def bench_grpo(argv):
         out: str = "runs/bench_grpo"                      # one run folder per variant, and grpo.json
     cfg = parse_config(C, argv)
     check_ranges(cfg, positive=("minutes",))
-    M.load_model(cfg.init)                                    # a missing or broken init is refused before any run
+    load_model(cfg.init)                                    # a missing or broken init is refused before any run
     bench_folder(cfg.out, [cfg.init])
     variants = {
         "postflow_default": [],
@@ -149,14 +152,14 @@ def held_out(ckpt, judge, prompts=16):
     """The oracle and the learned judge on diagnose's held-out clips (by default its 64: 16 val + 16 unseen-combination
     prompts x 2 seeds, its noise): per-attribute accuracy and head means with standard errors, and judge minus oracle per
     head. Training's own evaluations use 16 clips, too few to tell most rows apart (a standard error of 0.12)."""
-    net, _ = M.load_model(ckpt)
-    dcfg = R.DiagnoseConfig(prompts=prompts)
-    prompts = [p for p in R.eval_prompts(dcfg)[0] for _ in range(dcfg.seeds)]
+    net, _ = load_model(ckpt)
+    dcfg = DiagnoseConfig(prompts=prompts)
+    prompts, _, noise = R.eval_set(net, dcfg.prompts, dcfg.seeds, dcfg.seed)
     tokens = data.tokenize(prompts)
-    clips = M.sample(net, tokens, R.noise_for(len(prompts), net, dcfg.seed), dcfg.steps, dcfg.cfg_scale)
+    clips = M.sample(net, tokens, noise, dcfg.steps, dcfg.cfg_scale)
     obs = R.oracle(clips, R.world_of(net.cfg))
     heads, ok = R.reward_heads(clips, prompts, obs=obs), R.check(clips, prompts, obs=obs)
-    proxy = R.rm_score(R.load_reward_model(judge, net.cfg), clips, tokens)[0]
+    proxy = rm_score(load_reward_model(judge, net.cfg), clips, tokens)[0]
     return {"clips": len(prompts), **{f"acc_{k}": R.mean_se(v) for k, v in ok.items()},
             **{h: R.mean_se(v) for h, v in heads.items()},
             "judge_minus_oracle": {h: round(float((proxy[h] - heads[h]).mean()), 4) for h in proxy}}
@@ -166,7 +169,7 @@ def held_out_once(run, judge, prompts):
     """held_out of a run's checkpoint, kept beside its folder (RUN.held_out.json: the run folder holds only what the run
     wrote) with the hashes it was made from (a rerun of the table reads it back; a new checkpoint or judge computes it
     again)."""
-    key = [M.file_hash(os.path.join(run, "ckpt.safetensors")), M.file_hash(judge), prompts, R.code_version()]
+    key = [file_hash(os.path.join(run, "ckpt.safetensors")), file_hash(judge), prompts, code_version()]
     path = run.rstrip("/") + ".held_out.json"
     if os.path.exists(path):
         kept = json.load(open(path))
@@ -220,8 +223,8 @@ def bench_ablations(argv):
     unknown = [n for n in cfg.only if n not in ABLATIONS]
     if unknown:
         raise ConfigError(f"unknown ablation {unknown[0]!r}; choose from {', '.join(ABLATIONS)}")
-    M.load_model(cfg.init)
-    R.load_reward_model(cfg.reward_model)                     # inputs are checked before minutes of work
+    load_model(cfg.init)
+    load_reward_model(cfg.reward_model)                     # inputs are checked before minutes of work
     bench_folder(cfg.out, [cfg.init, cfg.reward_model])
     result = {"start": {"command": f"the input, {cfg.init}", **held_out(cfg.init, cfg.reward_model, cfg.heldout_prompts)}}
     for name in cfg.only or ABLATIONS:
@@ -232,7 +235,7 @@ def bench_ablations(argv):
         # an interrupted `make ablations` picks up where it stopped: a row begun by this command from these very
         # files (its stamp beside the folder: the command, the input's and the judge's hashes) is kept or resumed;
         # a row from other inputs or settings is redone
-        stamp, stamp_path = {"command": cmd, "init": M.file_hash(cfg.init), "judge": M.file_hash(cfg.reward_model)}, \
+        stamp, stamp_path = {"command": cmd, "init": file_hash(cfg.init), "judge": file_hash(cfg.reward_model)}, \
             os.path.join(cfg.out, f"{name}.made_from.json")
         same = os.path.exists(stamp_path) and json.load(open(stamp_path)) == stamp
         if not (same and os.path.exists(os.path.join(run, "ckpt.safetensors"))):
@@ -320,7 +323,7 @@ def bench_speed(argv):
         init: str = "checkpoints/sft_small.safetensors"  # the Stage II run's start (its preset must be `preset`)
     cfg = parse_config(C, argv)
     check_ranges(cfg, at_least_one=("batch", "repeats"))
-    M.load_model(cfg.init, expect=M.preset(cfg.preset))
+    load_model(cfg.init, expect=M.preset(cfg.preset))
     bench_folder(cfg.out, [cfg.init])
     torch.manual_seed(0)
     net = M.VideoDiT(M.preset(cfg.preset))
@@ -401,26 +404,26 @@ def bench_fidelity(argv):
     2 % noised (t = 0.98: the network's own redraw, no sampler at all; the data scores 0 on every part)."""
     cfg = parse_config(FidelityConfig, argv)
     for path in cfg.ckpt:
-        M.read_checkpoint(path)
+        read_checkpoint(path)
     claim_out_file(cfg.out, True, inputs=cfg.ckpt)     # its figures are remade each time: replaced, never an input
-    dcfg = R.DiagnoseConfig()
-    prompts = [p for p in R.eval_prompts(dcfg)[0] for _ in range(dcfg.seeds)]
+    dcfg = DiagnoseConfig()
+    prompts, _ = R.eval_prompts(dcfg.prompts, dcfg.seeds, dcfg.seed)
     tokens, result = data.tokenize(prompts), {}
     parts = lambda obs: {k: round(float(v.mean()), 3) for k, v in R.fidelity_parts(obs).items()}  # mean per part
     settings = {"cfg 3 every step": (3.0, 1.0), f"cfg 3 until t={M.CFG_UNTIL}": (3.0, M.CFG_UNTIL),
                 "cfg 4 until t=0.5": (4.0, 0.5), "cfg 1.5 every step": (1.5, 1.0)}
     for path in cfg.ckpt:
-        net, _ = M.load_model(path)
-        world, noise, rows = R.world_of(net.cfg), R.noise_for(len(prompts), net, dcfg.seed), {}
+        net, _ = load_model(path)
+        world, noise, rows = R.world_of(net.cfg), R.eval_set(net, dcfg.prompts, dcfg.seeds, dcfg.seed)[2], {}
         for name, (w, until) in settings.items():
             clips = M.sample(net, tokens, noise, dcfg.steps, w, cfg_until=until)
             obs = R.oracle(clips, world)
             heads, ok = R.reward_heads(clips, prompts, obs=obs), R.check(clips, prompts, obs=obs)
             rows[name] = {"all_attributes": R.mean_se(ok["all"]), **{h: R.mean_se(v) for h, v in heads.items()},
                           "fidelity_parts": parts(obs)}
-        redraw, truth = R.redraw(net, len(prompts), dcfg.seed, world)
-        rows["redraw at t=0.98"] = {"mse": round(float(((redraw - truth.videos) ** 2).mean()), 5),
-                                    "fidelity_parts": parts(R.oracle(redraw, world))}
+        drawn, truth = redraw(net, len(prompts), dcfg.seed, world)
+        rows["redraw at t=0.98"] = {"mse": round(float(((drawn - truth.videos) ** 2).mean()), 5),
+                                    "fidelity_parts": parts(R.oracle(drawn, world))}
         result[path] = rows
         print(path)
         for name, r in rows.items():

@@ -1,4 +1,4 @@
-"""A small video DiT for rectified flow, its samplers, and the safetensors checkpoint format.
+"""A small video DiT for rectified flow, its losses and its samplers (checkpoint.py reads and writes it).
 
 Flow convention, used everywhere in postflow:
     x_t = (1 - t) * x0 + t * x1,   x0 ~ N(0, I) noise,  x1 data,  target velocity v = x1 - x0,
@@ -37,30 +37,25 @@ transformer behind an adapter: adapters.py wraps diffusers' Wan) without touchin
                                       its adapter off instead)
     policy.sampler                    the stochastic step its rollouts take, a name in ROLLOUT_STEPS; Stage II's PPO
                                       ratio scores only sde_step's ('flow-grpo') and refuses another
-    policy.state_dict() / load_model / save_checkpoint: weights as safetensors, with config and lineage; a
-                                      model_config naming a `policy` is built by the module POLICIES names
+    policy.state_dict()               weights, saved as safetensors with config and lineage by checkpoint.py; a
+                                      model_config naming a `policy` is built by the module checkpoint.POLICIES names
 Everything else (guidance, the Euler and SDE samplers, the losses) is written once here on top of velocity().
 
 Run `python model.py --ckpt=X.safetensors --prompts="a fast red circle moving left" --out=clip.gif`
 to render any checkpoint.
 """
 import copy
-import hashlib
-import importlib
-import json
 import math
 import os
 import sys
-import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 import data
-from stability import (ConfigError, UserError, atomic_write, check_fits, check_ranges, claim_out_file, parse_config,
-                       remove_stale_temps, run_cli)
+from stability import ConfigError, check_fits, check_ranges, claim_out_file, parse_config, run_cli
 
 
 # ----------------------------------------------------------------------------- configuration
@@ -461,6 +456,20 @@ def sde_step(x, v, t, t_next, t_first, noise_level=0.7, eps=None, x_next=None):
     return x_next, mean, step_std, logp.mean(dim=tuple(range(1, x.dim())))
 
 
+def flow_match_sde_step(x, v, t, t_next, t_first, noise_level=0.7, eps=None, x_next=None):
+    """diffusers' FlowMatchEulerDiscreteScheduler step with stochastic_sampling: the clean clip predicted at sigma,
+    noised afresh to sigma_next, x_next = (1 - sigma_next) x1_hat + sigma_next eps. Gaussian too, but not sde_step's:
+    Stage II's PPO refuses to score it. Returns what sde_step returns (noise_level and t_first are unused)."""
+    x, v, sigma_next = x.float(), v.float(), 1.0 - t_next
+    mean = (1 - sigma_next) * (x + (1.0 - t) * v)                   # x1_hat = x_t - sigma u = x_t + sigma v
+    if x_next is None:
+        x_next = mean + sigma_next * (eps if eps is not None else torch.randn_like(mean))
+    if sigma_next == 0:                                              # the last step is deterministic
+        return x_next, mean, 0.0, torch.zeros(len(x), device=x.device)
+    logp = -((x_next.float() - mean) ** 2) / (2 * sigma_next ** 2) - math.log(sigma_next) - 0.5 * math.log(2 * math.pi)
+    return x_next, mean, sigma_next, logp.mean(dim=tuple(range(1, x.dim())))
+
+
 def score_sde_step(model, x_t, x_next, i, grid, tokens, cfg_scale=3.0, noise_level=0.7, ctx=None, ctx_mask=None):
     """A stored SDE step x_t -> x_next (step i of `grid`) scored under `model`: its mean, std and fp32 log-prob (B,)."""
     if model.sampler != "flow-grpo":  # a ratio of two different steps' densities looks like training but is not
@@ -471,8 +480,8 @@ def score_sde_step(model, x_t, x_next, i, grid, tokens, cfg_scale=3.0, noise_lev
     return sde_step(x_t, v, t, t_next, float(grid[1]), noise_level, x_next=x_next)[1:]
 
 
-# The stochastic steps a rollout can take, by the name a policy gives as `policy.sampler`; an adapter adds its own.
-ROLLOUT_STEPS = {"flow-grpo": sde_step}
+# The stochastic steps a rollout can take, by the name a policy gives as `policy.sampler`: the whole registry.
+ROLLOUT_STEPS = {"flow-grpo": sde_step, "flow-match-sde": flow_match_sde_step}
 
 
 def gaussian_kl(mean, mean_ref, step_std):
@@ -481,99 +490,21 @@ def gaussian_kl(mean, mean_ref, step_std):
     return ((mean.float() - mean_ref.float()) ** 2).mean(dim=tuple(range(1, mean.dim()))) / (2 * step_std ** 2)
 
 
-# ----------------------------------------------------------------------------- checkpoints
-class CheckpointError(UserError):
-    """A checkpoint that cannot be used: missing, truncated, not postflow's, another model shape, or non-finite."""
 
 
-def file_hash(path):
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()[:16]
 
 
-def lineage_record(stage, parent="", step=0, data_preset="", **extra):
-    """Where a checkpoint came from: stage, parent file and its hash (several parents, "a,b": a hash each), step,
-    data, time."""
-    hashes = ",".join(file_hash(p) for p in str(parent).split(",") if p) if parent else ""
-    return dict(stage=stage, parent=str(parent), parent_hash=hashes,
-                step=step, data=data_preset, time=time.strftime("%Y-%m-%dT%H:%M:%S"), **extra)
 
 
-def save_checkpoint(path, tensors, cfg: ModelConfig, lineage, keep_as=None, **meta):
-    """Write tensors + model config + lineage atomically (a temp file, then rename); keep_as: the file it replaces
-    is moved there first, so a kill between the two renames still leaves one complete file."""
-    from safetensors.torch import save_file
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    metadata = {"format": "postflow", "model_config": json.dumps(asdict(cfg)), "lineage": json.dumps(lineage)}
-    metadata.update({k: json.dumps(v) for k, v in meta.items()})
-    cpu = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
-    atomic_write(path, lambda tmp: save_file(cpu, tmp, metadata=metadata), keep_as=keep_as)
 
 
-def read_checkpoint(path):
-    """Returns (tensors, ModelConfig or an adapter's config, metadata dict with JSON values decoded). One-line errors."""
-    from safetensors import safe_open
-    if not path:
-        raise CheckpointError("no checkpoint given (an empty path)")
-    if not os.path.isfile(path):
-        raise CheckpointError(f"checkpoint not found: {path}")
-    try:
-        with safe_open(path, framework="pt") as f:
-            meta = f.metadata() or {}
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
-    except Exception as e:
-        raise CheckpointError(f"checkpoint {path} is truncated or not a safetensors file ({type(e).__name__})") from None
-    if meta.get("format") != "postflow":
-        raise CheckpointError(f"checkpoint {path} has no postflow metadata (model config and lineage)")
-    try:
-        meta = {k: json.loads(v) for k, v in meta.items() if k != "format"}
-        shape = dict(meta.pop("model_config"))
-        if "policy" in shape:                             # a policy behind an adapter reads and checks its own config
-            cfg = policy_module(shape["policy"]).read_config(shape)
-        else:
-            if shape.pop("attention", "joint") != "joint":   # written before the factorised layout was removed
-                raise CheckpointError(f"checkpoint {path} uses the factorised attention layout, which postflow no "
-                                      f"longer builds; retrain it (make base)")
-            cfg = ModelConfig(**shape)
-            bad = [f"{k}={v!r}" for k, v in asdict(cfg).items()   # numbers of the default's kind (an int for a float too)
-                   if isinstance(v, bool) or not isinstance(v, type(getattr(ModelConfig, k)) if k not in FLOAT_FIELDS
-                                                            else (int, float)) or v <= 0]
-            if bad or cfg.size % cfg.patch or cfg.frames % cfg.tpatch or cfg.dim % (2 * cfg.heads):
-                raise ValueError(f"model_config {', '.join(bad) or 'size/patch, frames/tpatch or dim/heads do not divide'}")
-        if not isinstance(meta.get("lineage", {}), dict):
-            raise ValueError(f"lineage is {type(meta['lineage']).__name__}, not an object")
-    except UserError:                                     # already one line (a missing optional extra among them)
-        raise
-    except Exception as e:
-        raise CheckpointError(f"checkpoint {path} has broken metadata ({type(e).__name__}: {e})") from None
-    return tensors, cfg, meta
 
 
-FLOAT_FIELDS = ("mlp_ratio", "t_eps")
-
-# A checkpoint whose model_config names a policy is built by that module (read_config, build), imported only then:
-# the default path never imports an adapter or its dependencies.
-POLICIES = {"wan": "adapters"}
 
 
-def policy_module(name):
-    if name not in POLICIES:
-        raise CheckpointError(f"unknown policy {name!r} in a checkpoint's model_config; known: {', '.join(POLICIES)}")
-    return importlib.import_module(POLICIES[name])
 
 
-def build_policy(cfg):
-    """An untrained policy of a config: a VideoDiT, or whatever the config's adapter builds. A VideoDiT whose weights
-    cannot fit in memory (a config asking for an absurd depth or width) is refused before it is built."""
-    if not isinstance(cfg, ModelConfig):
-        return policy_module(cfg.policy).build(cfg)
-    with torch.device("meta"):                           # counts parameters without allocating: blocks are alike
-        one, two = (sum(p.numel() for p in VideoDiT(replace(cfg, depth=k)).parameters()) for k in (1, 2))
-    check_fits(4 * (one + (cfg.depth - 1) * (two - one)), f"a model of depth {cfg.depth} and width {cfg.dim}")
-    return VideoDiT(cfg)
+
 
 
 def check_batch_memory(policy, device, trained=0, sampled=0, stored=0):
@@ -587,119 +518,6 @@ def check_batch_memory(policy, device, trained=0, sampled=0, stored=0):
     per_clip = 4 * c.depth * tokens * (40 * c.dim + 2 * c.heads * tokens)
     check_fits(trained * per_clip + sampled * per_clip // c.depth + 4 * stored * c.channels * c.frames * c.size ** 2,
                f"a batch of {max(trained, sampled, stored)} clips", device)
-
-
-def load_weights(model, tensors, path="checkpoint", prefix=""):
-    """Copy tensors[prefix + name] into the model; a shape mismatch or a NaN/Inf is a one-line error naming it."""
-    own = model.state_dict()
-    got = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
-    missing = sorted(set(own) - set(got))
-    if missing:
-        raise CheckpointError(f"{path} lacks {len(missing)} weights of this model (first: {missing[0]})")
-    for k, v in own.items():
-        if got[k].shape != v.shape:
-            raise CheckpointError(f"{path}: weight {k} has shape {tuple(got[k].shape)} but this model needs "
-                                  f"{tuple(v.shape)}")
-        if got[k].is_floating_point() and not torch.isfinite(got[k]).all():
-            raise CheckpointError(f"{path}: weight {k} holds NaN or Inf; a run that saved it diverged")
-    model.load_state_dict({k: got[k].to(v.dtype) for k, v in own.items()})
-
-
-def check_config(cfg: ModelConfig, expected: ModelConfig, path):
-    diff = [f"{k}={getattr(cfg, k)} (model has {getattr(expected, k)})"
-            for k in asdict(cfg) if getattr(cfg, k) != getattr(expected, k)]
-    if diff:
-        raise CheckpointError(f"checkpoint {path} is for another model shape: {', '.join(diff)}")
-
-
-def load_model(path, device="cpu", expect: ModelConfig = None):
-    """The policy of a hand-off checkpoint (a VideoDiT unless its config names another), and the checkpoint's metadata."""
-    tensors, cfg, meta = read_checkpoint(path)
-    if expect is not None:
-        check_config(cfg, expect, path)
-    model = build_policy(cfg)
-    # A run's resumable state file holds "ema.*" weights too: render those, so a run can be watched.
-    load_weights(model, tensors, path, prefix="ema." if any(k.startswith("ema.") for k in tensors) else "")
-    return model.to(device).eval(), meta
-
-
-# ----------------------------------------------------------------------------- a run's resumable state
-def save_run_state(path, net, ema, opt, lineage, step, parts=None, log_file=None):
-    """A run's resumable state in one safetensors file: weights, EMA weights, AdamW moments (as plain tensors:
-    no pickle), the step, the JSON state of `parts` (name -> guard or monitor with state_dict()) and the
-    length of log_file. The previous state is kept as state.prev.safetensors until the new one is complete."""
-    tensors = {**{f"model.{k}": v for k, v in net.state_dict().items()},
-               **{f"ema.{k}": v for k, v in ema.model.state_dict().items()}}
-    for name, p in net.named_parameters():
-        for k, v in opt.state.get(p, {}).items():
-            tensors[f"opt.{name}.{k}"] = v if torch.is_tensor(v) else torch.tensor(float(v))
-    extra = {k: p.state_dict() for k, p in (parts or {}).items()}
-    if log_file is not None:
-        log_file.flush()
-        extra["log_bytes"] = log_file.tell()
-    save_checkpoint(path, tensors, net.cfg, lineage, keep_as=path.replace(".safetensors", ".prev.safetensors"),
-                    step=step, extra=extra)
-
-
-def resume_run(path, net, ema, opt, cfg, parts, log=print, main=True):
-    """--resume=true: check the run's settings, restore weights, EMA, optimizer and each of `parts`; returns
-    (step, the log's length at that checkpoint, to cut back to). Only then (on the main rank) are the temp files a
-    kill left behind removed."""
-    step, extra, lineage = load_run_state(path, net, ema, opt, warn=log)
-    check_resume(lineage, cfg)
-    for name, part in parts.items():
-        part.load_state_dict(extra[name])
-    if main:
-        remove_stale_temps(os.path.dirname(path) or ".")
-    log(f"resumed {path} at step {step}")
-    return step, extra.get("log_bytes")
-
-
-def load_run_state(path, net, ema, opt, warn=print):
-    """Restore what save_run_state wrote into net, ema and opt; returns (step, extra, lineage). Falls back to
-    the previous state, with a warning, when the latest is missing or damaged."""
-    prev = path.replace(".safetensors", ".prev.safetensors")
-    try:
-        tensors, saved_cfg, meta = read_checkpoint(path)
-    except CheckpointError as e:
-        if not os.path.exists(prev):
-            raise
-        warn(f"warning: {e}; resuming from the previous state {prev}")
-        tensors, saved_cfg, meta = read_checkpoint(prev)
-        path = prev
-    check_config(saved_cfg, net.cfg, path)
-    load_weights(net, tensors, path, prefix="model.")
-    load_weights(ema.model, tensors, path, prefix="ema.")
-    for name, p in net.named_parameters():
-        state = {k[len(f"opt.{name}."):]: v.to(p.device) for k, v in tensors.items() if k.startswith(f"opt.{name}.")
-                 and "." not in k[len(f"opt.{name}."):]}
-        if state:
-            if "step" in state:
-                state["step"] = state["step"].cpu()  # AdamW keeps its step count on the CPU
-            opt.state[p] = state
-    return meta["step"], meta.get("extra", {}), meta.get("lineage", {})
-
-
-def check_resume(lineage, cfg, free=("resume", "overwrite", "iters", "steps", "max_minutes", "device")):
-    """Refuse to resume with settings that change what the run computes (another --init, a new lr: the KL
-    reference or the schedule would change mid-run). `free` keys may differ: extending a run is fine."""
-    saved, now = lineage.get("config", {}), json.loads(json.dumps(asdict(cfg)))   # tuples read back as lists
-    diff = [f"--{k}={now[k]} (the run used {saved[k]})" for k in now if k in saved and k not in free and saved[k] != now[k]]
-    init = now.get("init")
-    if init and lineage.get("parent_hash") and file_hash(init) != lineage["parent_hash"]:
-        diff.append(f"--init={init} has changed since the run started (hash {file_hash(init)}, was {lineage['parent_hash']})")
-    if diff:
-        raise ConfigError(f"cannot resume with other settings: {'; '.join(diff)}; pass the run's settings or start "
-                          f"a new --out_dir")
-
-
-def export_half(src, dst):
-    """Copy a hand-off checkpoint with float16 weights (half the bytes, for shipping in the repo); loading
-    casts back to the model's float32. Config, lineage and other metadata are kept."""
-    tensors, cfg, meta = read_checkpoint(src)
-    lineage = meta.pop("lineage")
-    save_checkpoint(dst, {k: v.half() if v.is_floating_point() else v for k, v in tensors.items()}, cfg, lineage,
-                    stored="float16", source_hash=file_hash(src), **meta)
 
 
 # ----------------------------------------------------------------------------- render any checkpoint
@@ -722,6 +540,7 @@ def main(argv):
         raise ConfigError(f"--out must end in .gif or .mp4, got {cfg.out!r}")
     prompts = [p.strip() for p in cfg.prompts.split(";") if p.strip()]
     tokens = data.tokenize(prompts).repeat_interleave(cfg.seeds, 0)
+    from checkpoint import load_model                    # the checkpoint module builds models: imported here, not above
     model, _ = load_model(cfg.ckpt)
     gen = torch.Generator().manual_seed(cfg.seed)
     noise = torch.randn(len(tokens), *model.flow_shape, generator=gen)

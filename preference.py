@@ -28,6 +28,8 @@ from tqdm import tqdm
 import data
 import model as M
 import rewards as R
+from checkpoint import lineage_record, load_model, resume_run, save_checkpoint, save_run_state
+from judge import load_reward_model, rm_score
 from stability import (EMA, RUN_FILES, ConfigError, NonFiniteGuard, all_mean, atomic_write, average_gradients, check_ranges,
                        check_ranks_agree, claim_out_dir, clip_gradients, make_logger, open_log, parse_config, print_config,
                        run_cli, setup_distributed, teardown, warmup_cosine)
@@ -87,7 +89,7 @@ def judge_scores(cfg, clips, prompts, world, rm=None):
         heads = torch.stack(list(R.reward_heads(clips, prompts, world).values()), 1)
         return torch.stack([ok[k].float() for k in data.ATTRIBUTES], 1).mean(1) + 0.01 * heads.mean(1)
     if cfg.judge == "rm":
-        mean, _ = R.rm_score(rm, clips, data.tokenize(prompts))
+        mean, _ = rm_score(rm, clips, data.tokenize(prompts))
         heads = torch.stack([mean[h] for h in R.HEADS], 1)                   # registry order, like reward_heads
     else:
         heads = torch.stack(list(R.reward_heads(clips, prompts, world).values()), 1)
@@ -103,7 +105,7 @@ def make_pairs(net, cfg, world, log, rm=None):
     idx = torch.randint(len(train_prompts), (cfg.pair_prompts,), generator=gen)
     prompts = [train_prompts[i] for i in idx.tolist()]
     if cfg.judge == "rm" and rm is None:
-        rm = R.load_reward_model(cfg.reward_model, net.cfg)
+        rm = load_reward_model(cfg.reward_model, net.cfg)
     n = cfg.samples_per_prompt
     out = {k: [] for k in PAIR_KEYS}
     for p in tqdm(prompts, desc="pairs", leave=False):
@@ -261,8 +263,8 @@ def log_record(step, window, anchors, skipped, elapsed):
 def oracle_verdict(cfg, ours_net, input_net, world, device):
     """The oracle's verdict on the DPO policy against its input, on held-out prompts and seeds: the win rate, each
     head and attribute accuracy for both, and the first 8 clips of each for samples.gif."""
-    prompts, splits = R.eval_prompts(R.DiagnoseConfig(prompts=cfg.eval_prompts, seed=cfg.seed))
-    noise = R.noise_for(len(prompts), ours_net, cfg.seed + 7).to(device)
+    prompts, splits, noise = R.eval_set(ours_net, cfg.eval_prompts, seed=cfg.seed, noise_seed=cfg.seed + 7)
+    noise = noise.to(device)
     tok = data.tokenize(prompts).to(device)
     ours, theirs = (M.sample(net, tok, noise, cfg.eval_steps, cfg.cfg_scale).cpu() for net in (ours_net, input_net))
     verdict = R.oracle_win_rate(ours, theirs, prompts, world)
@@ -283,7 +285,7 @@ def train(cfg: Config):
     if cfg.batch_size % d.ranks:
         raise ConfigError(f"batch_size {cfg.batch_size} does not divide over {d.ranks} ranks")
     paths = {k: os.path.join(cfg.out_dir, f"{k}.safetensors") for k in ("state", "ckpt", "pairs")}
-    policy, parent_meta = M.load_model(cfg.init, d.device)
+    policy, parent_meta = load_model(cfg.init, d.device)
     stage = parent_meta.get("lineage", {}).get("stage", "")
     if stage not in INPUT_STAGES and not cfg.any_input:
         raise ConfigError(f"--init={cfg.init} is a {stage or 'unknown'} checkpoint; Stage III refines an SFT or RL "
@@ -294,7 +296,7 @@ def train(cfg: Config):
         load_pairs(cfg.pairs, mc)                                             # checked before anything is replaced
     # the judge of on-policy pairs too: one for another clip shape, or without a registry head, is refused now
     new_pairs = not cfg.pairs and not (cfg.resume and os.path.exists(paths["pairs"]))
-    rm = R.load_reward_model(cfg.reward_model, mc) if cfg.judge == "rm" and new_pairs else None
+    rm = load_reward_model(cfg.reward_model, mc) if cfg.judge == "rm" and new_pairs else None
     n = cfg.samples_per_prompt    # on-policy pairs: at most every ordered pair of each prompt's clips, held at once
     M.check_batch_memory(policy, d.device, trained=2 * cfg.batch_size // d.ranks + cfg.curated_batch,
                          sampled=max(n, 2 * cfg.eval_prompts), stored=cfg.pair_prompts * n * (n - 1) if new_pairs else 0)
@@ -315,12 +317,12 @@ def train(cfg: Config):
     ema = EMA(policy, cfg.ema_decay)
     opt = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, weight_decay=0.0)
     guard = NonFiniteGuard()
-    start, log_offset = M.resume_run(paths["state"], policy, ema, opt, cfg, {"guard": guard}, log, d.main) if cfg.resume else (0, None)
+    start, log_offset = resume_run(paths["state"], policy, ema, opt, cfg, {"guard": guard}, log, d.main) if cfg.resume else (0, None)
     log(f"dpo: {n_pairs} pairs from {pair_path}; {d.ranks} rank(s) x {cfg.batch_size // d.ranks} pairs = "
         f"{cfg.batch_size} per step, {cfg.steps} steps (~{cfg.steps * cfg.batch_size / n_pairs:.1f} epochs); "
         f"beta={cfg.beta}, {'decoupled' if cfg.decoupled else 'joint'} backward")
     print_config(cfg, log)
-    lineage = lambda step: M.lineage_record("dpo", cfg.init, step, f"pairs:{pair_path}", config=asdict(cfg),
+    lineage = lambda step: lineage_record("dpo", cfg.init, step, f"pairs:{pair_path}", config=asdict(cfg),
                                             parent_stage=stage)
 
     # ================================================================ TRAINING
@@ -359,12 +361,12 @@ def train(cfg: Config):
                 logf.write(json.dumps(rec) + "\n")
                 logf.flush()
         if ((step + 1) % cfg.ckpt_every == 0 or step + 1 == cfg.steps) and d.main:
-            M.save_run_state(paths["state"], policy, ema, opt, lineage(step + 1), step + 1, {"guard": guard}, logf)
+            save_run_state(paths["state"], policy, ema, opt, lineage(step + 1), step + 1, {"guard": guard}, logf)
 
     check_ranks_agree(policy, d)                                                # before anything is handed off
     # ================================================================ HAND-OFF: EMA weights, and the oracle's verdict
     if d.main:
-        M.save_checkpoint(paths["ckpt"], ema.model.state_dict(), mc, lineage(cfg.steps))
+        save_checkpoint(paths["ckpt"], ema.model.state_dict(), mc, lineage(cfg.steps))
         result, theirs, ours = oracle_verdict(cfg, ema.model, reference, world, d.device)
         data.write_video(data.video_grid(torch.stack([theirs, ours], 1).flatten(0, 1), 8, 2),
                          os.path.join(cfg.out_dir, "samples.gif"))

@@ -24,9 +24,10 @@ import numpy
 import torch
 
 import data
-import model as M
 from bench import ablation_rows, trained_reward
-from rewards import HEADS, QUALITY, DiagnoseConfig, read_diagnostics
+from checkpoint import read_checkpoint
+from diagnose import QUALITY, DiagnoseConfig, read_diagnostics
+from rewards import HEADS
 from stability import UserError, claim_out_file, parse_config, run_cli, write_text
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -250,8 +251,8 @@ def decision_blocks(run, results):
     if not rows:
         return []
     return [("h2", "Decisions: what each diagnosis told the next stage"),
-            ("p", "This run is diagnostic-driven (`make pipeline_driven`): after each stage `rewards.py diagnose` named "
-                  "the weakest axis and its worst part, and `rewards.py advise` turned the next stage toward it with "
+            ("p", "This run is diagnostic-driven (`make pipeline_driven`): after each stage `diagnose.py` named "
+                  "the weakest axis and its worst part, and `diagnose.py advise` turned the next stage toward it with "
                   "the flags below: its judge or reward weighted toward the axis, or, where the diagnosis asked for "
                   "Stage I (the curated data teaches the part, a reward cannot), its curated flow-loss anchor weighted "
                   "4x. The last column is that axis from the stage's input to its output (the table above); "
@@ -344,7 +345,7 @@ def diagnose_command(dcfg):
     c = dcfg.get("config", {})
     args = [f"--ckpt={p}" for p in c.get("ckpt", [])] + [f"--{k}={str(v).lower() if isinstance(v, bool) else v}"
                                                           for k, v in c.items() if k != "ckpt" and v != getattr(DiagnoseConfig, k, v)]
-    return "python rewards.py diagnose " + " ".join(args) if c else "not recorded (diagnose/config.json is missing)"
+    return "python diagnose.py " + " ".join(args) if c else "not recorded (diagnose/config.json is missing)"
 
 
 # ----------------------------------------------------------------------------- the page
@@ -422,7 +423,7 @@ def write_report(cfg):
     names = list(results)  # an older diagnose recorded no paths: a pipeline's columns are named after its folders
     paths = dcfg.get("columns") or {n: f"{run}/{n}/ckpt.safetensors" for n in names if os.path.isdir(f"{run}/{n}")}
     # each column's metadata from its checkpoint where it still exists, else the lineage diagnose copied
-    meta = {n: M.read_checkpoint(paths[n])[2] if os.path.exists(paths.get(n, "")) else
+    meta = {n: read_checkpoint(paths[n])[2] if os.path.exists(paths.get(n, "")) else
             {"lineage": results[n].get("lineage", {})} for n in names}
     stages = {n: meta[n]["lineage"].get("stage", "?") for n in names}
     extra = [(f"validation flow loss, {s} (Stage I's checkpoint)", {n: (meta[n]["val_loss"][k], None) for n in names

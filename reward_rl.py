@@ -21,6 +21,8 @@ from tqdm import tqdm
 import data
 import model as M
 import rewards as R
+from checkpoint import lineage_record, load_model, resume_run, save_checkpoint, save_run_state
+from judge import load_reward_model, rm_score
 from stability import (EMA, ConfigError, HackingMonitor, NonFiniteGuard, SpikeGuard, all_mean, average_gradients,
                        bf16_autocast, check_ranges, check_ranks_agree, claim_out_dir, clip_gradients, from_rank0, gather_rows,
                        make_logger, open_log, parse_config, print_config, run_cli, setup_distributed, teardown, warmup_cosine)
@@ -163,20 +165,45 @@ def score(cfg, clips, roll, judge, reward_fn, names, world, d):
     scores = torch.stack([heads[h] for h in names], 1)                        # (per_rank, heads)
     rm_std = torch.zeros_like(scores)
     if judge is not None:
-        rm_mean, rm_sd = R.rm_score(judge, clips.cpu(), roll.tokens.cpu())
+        rm_mean, rm_sd = rm_score(judge, clips.cpu(), roll.tokens.cpu())
         rm_scores, rm_std = torch.stack([rm_mean[h] for h in names], 1), torch.stack([rm_sd[h] for h in names], 1)
         scores = rm_scores if cfg.reward == "rm" else (scores + rm_scores) / 2
     return gather_rows(scores, d), gather_rows(rm_std, d)                    # a group's rewards span the ranks
+
+
+def ppo_clip_loss(log_ratio, advantages, clip_range):
+    """PPO's pessimistic clipped objective per sample (B,), the ratio, and the fraction of ratios clipped. Flow-GRPO's
+    ratio of mean log-probs and AWM's of exp(-err) both move little, so clip ranges are small (1e-4 .. 2e-2)."""
+    ratio = torch.exp(log_ratio)
+    loss = torch.maximum(-advantages * ratio, -advantages * ratio.clamp(1 - clip_range, 1 + clip_range))
+    return loss, ratio.detach(), ((ratio.detach() - 1).abs() > clip_range).float().mean().item()
+
+
+def group_zscores(scores, group_size, std_floor):
+    """scores (N, heads), N = groups * group_size rollouts grouped consecutively -> each head z-scored within
+    its group, (r - mean) / (std + 1e-4) with the Bessel-corrected std (TeleBoost's and DanceGRPO's convention),
+    and 0 where that std is under the floor; and the fraction of such (group, head) pairs."""
+    g = scores.view(-1, group_size, scores.shape[1])                          # (groups, G, heads)
+    mean, std = g.mean(1, keepdim=True), g.std(1, keepdim=True, correction=1)
+    flat = std < std_floor
+    z = torch.where(flat, torch.zeros_like(g), (g - mean) / (std + 1e-4))
+    return z.flatten(0, 1), float(flat.float().mean())
+
+
+def reliability(rm_std):
+    """Per-rollout trust in the ensemble: 1.5 where its members agree most, 0.5 where they disagree most."""
+    u = rm_std.mean(1)                                                        # (N,) over heads
+    return (1 + (u.mean() - u) / (u.mean() + 1e-8)).clamp(0.5, 1.5)
 
 
 def advantages(cfg, scores, rm_std, weights):
     """Per-head group z-scores summed with weights (--zscore=sum: one z-score of the weighted sum), scaled by the
     ensemble's reliability, clipped after every scaling. (N,) and the fraction of zero-variance (group, head) pairs."""
     summed = (scores * weights).sum(1, keepdim=True) if cfg.zscore == "sum" else None
-    z, zero_frac = R.group_zscores(scores if summed is None else summed, cfg.group_size, cfg.std_floor)
+    z, zero_frac = group_zscores(scores if summed is None else summed, cfg.group_size, cfg.std_floor)
     adv = (z * weights).sum(-1) if summed is None else z[:, 0]
     if cfg.reward != "heads" and cfg.uncertainty:
-        adv = adv * R.reliability(rm_std)
+        adv = adv * reliability(rm_std)
     return adv.clamp(-cfg.adv_clip, cfg.adv_clip), zero_frac
 
 
@@ -197,7 +224,7 @@ def awm_update(cfg, policy, reference, roll, adv, mb, share, draws, stats):
             if cfg.awm_clip > 0:
                 with torch.no_grad():
                     err_old = err.detach() if roll.on_policy else error(roll.sampler, t, x0)
-                pg, ratio, clipped = R.ppo_clip_loss(err_old - err, weight, cfg.awm_clip)
+                pg, ratio, clipped = ppo_clip_loss(err_old - err, weight, cfg.awm_clip)
                 stats["ratio"].append(float(ratio.mean()))
                 stats["clip_frac"].append(clipped)
             (pg.sum() * share / len(draws)).backward()
@@ -225,7 +252,7 @@ def ppo_update(cfg, policy, reference, roll, adv, mb, share, draws, stats):
         with torch.no_grad():
             mean_ref = M.score_sde_step(reference, *step)[0]                  # the reference's, on the same step
         log_ratio = logp - logp_old[mb]
-        policy_loss, ratio, clipped = R.ppo_clip_loss(log_ratio, adv[mb], cfg.clip_range)
+        policy_loss, ratio, clipped = ppo_clip_loss(log_ratio, adv[mb], cfg.clip_range)
         kl = M.gaussian_kl(mean, mean_ref, step_std)                            # (mb,)
         loss = (policy_loss + cfg.beta * kl).sum() * share / len(trained)
         loss.backward()
@@ -283,9 +310,9 @@ def train(cfg: Config, reward_fn=None):
     d = setup_distributed(cfg.device)
     log = make_logger(d)
     check_config(cfg, d.ranks)
-    policy, parent = M.load_model(cfg.init, d.device)
+    policy, parent = load_model(cfg.init, d.device)
     reference = policy.reference()                                            # frozen: the KL anchor
-    judge = R.load_reward_model(cfg.reward_model, policy.cfg) if cfg.reward != "heads" else None
+    judge = load_reward_model(cfg.reward_model, policy.cfg) if cfg.reward != "heads" else None
     per_rank = cfg.prompts_per_iter * cfg.group_size // d.ranks
     M.check_batch_memory(policy, d.device, trained=per_rank + cfg.sft_batch, sampled=max(per_rank, 2 * cfg.eval_prompts),
                          stored=per_rank * (cfg.rollout_steps + 2))
@@ -296,7 +323,7 @@ def train(cfg: Config, reward_fn=None):
     ema, opt = EMA(policy, cfg.ema_decay), torch.optim.AdamW(policy.parameters(), lr=cfg.lr, weight_decay=0.0)
     guard, spikes, monitor = NonFiniteGuard(), SpikeGuard(cfg.spike_factor), HackingMonitor(cfg.patience)
     parts = dict(guard=guard, spikes=spikes, monitor=monitor)  # every decision's history: saved, restored
-    start, log_offset = M.resume_run(state_path, policy, ema, opt, cfg, parts, log, d.main) if cfg.resume else (0, None)
+    start, log_offset = resume_run(state_path, policy, ema, opt, cfg, parts, log, d.main) if cfg.resume else (0, None)
     spikes.snapshot(policy, opt)                    # at a checkpoint the last good weights are the current ones
     groups, n_window, rollouts = cfg.prompts_per_iter, len(window_steps(cfg, 0)), cfg.prompts_per_iter * cfg.group_size
     per_rank, n_trained = rollouts // d.ranks, max(1, round(cfg.train_fraction * n_window))
@@ -305,11 +332,11 @@ def train(cfg: Config, reward_fn=None):
         f"{cfg.epochs} epoch(s) x {cfg.minibatches} minibatch(es) = {cfg.epochs * cfg.minibatches} updates per iteration")
     print_config(cfg, log)
     train_prompts, names = data.train_prompts(), R.head_names(cfg.split_instruction)
-    eval_prompts, _ = R.eval_prompts(R.DiagnoseConfig(prompts=cfg.eval_prompts, seed=cfg.seed))
-    eval_noise = R.noise_for(len(eval_prompts), policy, cfg.seed + 7).to(d.device)
+    eval_prompts, _, eval_noise = R.eval_set(policy, cfg.eval_prompts, seed=cfg.seed, noise_seed=cfg.seed + 7)
+    eval_noise = eval_noise.to(d.device)
     evaluate = lambda n: {"iter": n, **{k: round(v, 4) for k, v in R.quick_eval(
         ema.model, eval_prompts, eval_noise, cfg.eval_steps, cfg.cfg_scale, world).items()}}
-    lineage = lambda n: M.lineage_record(f"rl-{cfg.update}", cfg.init, n, "prompts:train_combos", config=asdict(cfg),
+    lineage = lambda n: lineage_record(f"rl-{cfg.update}", cfg.init, n, "prompts:train_combos", config=asdict(cfg),
                                          parent_stage=parent.get("lineage", {}).get("stage", ""))
     update = awm_update if cfg.update == "awm" else ppo_update
     sampler = M.frozen_copy(policy) if cfg.update == "awm" and cfg.awm_clip > 0 else None
@@ -373,13 +400,13 @@ def train(cfg: Config, reward_fn=None):
         stop = d.main and evaluate_and_decide(cfg, it, rec, scores, names, evaluate, monitor, out_of_time, logf, log)
         stop = bool(from_rank0(stop, d))
         if ((it + 1) % cfg.ckpt_every == 0 or it + 1 == cfg.iters or stop) and d.main:
-            M.save_run_state(state_path, policy, ema, opt, lineage(it + 1), it + 1, parts, logf)
+            save_run_state(state_path, policy, ema, opt, lineage(it + 1), it + 1, parts, logf)
         if stop:
             break
 
     check_ranks_agree(policy, d)              # ---- hand-off, once the ranks agree: the EMA policy and a sample grid
     if d.main:
-        M.save_checkpoint(ckpt_path, ema.model.state_dict(), mc, lineage(it + 1 if cfg.iters > start else start))
+        save_checkpoint(ckpt_path, ema.model.state_dict(), mc, lineage(it + 1 if cfg.iters > start else start))
         videos = M.sample(ema.model, data.tokenize(eval_prompts[:8]).to(d.device), eval_noise[:8], cfg.eval_steps,
                           cfg.cfg_scale)
         data.write_video(data.video_grid(videos, 2, 4), os.path.join(cfg.out_dir, "samples.gif"))

@@ -21,6 +21,7 @@ from tqdm import tqdm
 
 import data
 import model as M
+from checkpoint import lineage_record, load_model, resume_run, save_checkpoint, save_run_state
 from stability import (EMA, ConfigError, NonFiniteGuard, all_mean, check_ranges, check_ranks_agree, claim_out_dir,
                        clip_gradients, make_logger, open_log, parse_config, print_config, run_cli, setup_distributed,
                        teardown, warmup_cosine)
@@ -96,7 +97,7 @@ def train(cfg: Config, stop_after=None):
 
     # ---- model: from a parent checkpoint, from scratch, or resumed from this run's own state
     if cfg.init:
-        net, parent_meta = M.load_model(cfg.init, d.device)
+        net, parent_meta = load_model(cfg.init, d.device)
         mcfg = net.cfg
     else:
         mcfg, parent_meta = M.preset(cfg.preset), {}
@@ -112,11 +113,11 @@ def train(cfg: Config, stop_after=None):
     ema = EMA(net, cfg.ema_decay)
     opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     guard = NonFiniteGuard()
-    start, log_offset = M.resume_run(state_path, net, ema, opt, cfg, {"guard": guard}, log, d.main) if cfg.resume else (0, None)
+    start, log_offset = resume_run(state_path, net, ema, opt, cfg, {"guard": guard}, log, d.main) if cfg.resume else (0, None)
     train_net = DDP(net) if d.ranks > 1 else net
     per_rank = cfg.batch_size // d.ranks
     stage = "pretrain" if not cfg.init else "sft"
-    lineage = lambda step: M.lineage_record(stage, cfg.init, step, cfg.data, config=asdict(cfg),
+    lineage = lambda step: lineage_record(stage, cfg.init, step, cfg.data, config=asdict(cfg),
                                             parent_stage=parent_meta.get("lineage", {}).get("stage", ""))
     log(f"{stage}: {sum(p.numel() for p in net.parameters()) / 1e6:.2f}M params, {d.ranks} rank(s) x "
         f"{per_rank} clips = {cfg.batch_size} per step, {cfg.steps} steps, data={cfg.data}, device={d.device}")
@@ -159,7 +160,7 @@ def train(cfg: Config, stop_after=None):
                 logf.flush()
         if (step + 1) % cfg.ckpt_every == 0 or step + 1 == cfg.steps:
             if d.main:
-                M.save_run_state(state_path, net, ema, opt, lineage(step + 1), step + 1, {"guard": guard}, logf)
+                save_run_state(state_path, net, ema, opt, lineage(step + 1), step + 1, {"guard": guard}, logf)
         if stop_after is not None and step + 1 >= stop_after:
             return None
 
@@ -167,7 +168,7 @@ def train(cfg: Config, stop_after=None):
     # ---- hand-off: EMA weights, validation loss, a sample grid
     if d.main:
         val = validation_loss(ema.model, world, cfg.val_clips)
-        M.save_checkpoint(ckpt_path, ema.model.state_dict(), mcfg, lineage(cfg.steps), val_loss=val,
+        save_checkpoint(ckpt_path, ema.model.state_dict(), mcfg, lineage(cfg.steps), val_loss=val,
                           train_seconds=round(time.time() - t0, 1))
         tokens = data.tokenize(SAMPLE_PROMPTS).repeat_interleave(4, 0).to(d.device)
         noise = torch.randn(len(tokens), *net.flow_shape, generator=torch.Generator().manual_seed(0)).to(d.device)

@@ -58,7 +58,7 @@ def run_cli(main, argv):
 
 
 def subcommand(commands, script, argv):
-    """The function a script's first argument names (rewards.py diagnose ...): a missing or unknown one is a
+    """The function a script's first argument names (judge.py train ...): a missing or unknown one is a
     ConfigError, exit 2, like every other bad command line."""
     if not argv or argv[0] not in commands:
         got = f"unknown command {argv[0]!r}" if argv else "no command"

@@ -13,7 +13,10 @@ import time
 import pytest
 import torch
 
+import checkpoint
 import data
+import diagnose
+import judge
 import model as M
 import rewards
 import sft
@@ -197,24 +200,24 @@ def test_sde_step_logprob_is_gaussian_density():
 def test_checkpoint_round_trip_and_errors(tmp_path):
     net = tiny_model(randomize=True).eval()
     path = str(tmp_path / "a.safetensors")
-    M.save_checkpoint(path, net.state_dict(), net.cfg, M.lineage_record("test", step=3))
-    loaded, meta = M.load_model(path)
+    checkpoint.save_checkpoint(path, net.state_dict(), net.cfg, checkpoint.lineage_record("test", step=3))
+    loaded, meta = checkpoint.load_model(path)
     x, tok = torch.randn(1, 3, 4, 16, 16), data.tokenize(["a red circle"])
     assert torch.equal(loaded(x, torch.tensor([0.5]), tok), net(x, torch.tensor([0.5]), tok))
     assert meta["lineage"]["stage"] == "test" and meta["lineage"]["step"] == 3
     assert not [f for f in os.listdir(tmp_path) if ".tmp" in f]     # the temp file was renamed away
 
-    with pytest.raises(M.CheckpointError, match="another model shape: dim=32"):
-        M.load_model(path, expect=M.preset("tiny", dim=48))
+    with pytest.raises(checkpoint.CheckpointError, match="another model shape: dim=32"):
+        checkpoint.load_model(path, expect=M.preset("tiny", dim=48))
     other = M.VideoDiT(M.preset("tiny", dim=48))
-    with pytest.raises(M.CheckpointError, match="has shape"):
-        M.load_weights(other, M.read_checkpoint(path)[0], path)
-    with pytest.raises(M.CheckpointError, match="not found"):
-        M.load_model(str(tmp_path / "missing.safetensors"))
+    with pytest.raises(checkpoint.CheckpointError, match="has shape"):
+        checkpoint.load_weights(other, checkpoint.read_checkpoint(path)[0], path)
+    with pytest.raises(checkpoint.CheckpointError, match="not found"):
+        checkpoint.load_model(str(tmp_path / "missing.safetensors"))
     cut = tmp_path / "cut.safetensors"
     cut.write_bytes(open(path, "rb").read()[:1000])
-    with pytest.raises(M.CheckpointError, match="truncated"):
-        M.load_model(str(cut))
+    with pytest.raises(checkpoint.CheckpointError, match="truncated"):
+        checkpoint.load_model(str(cut))
 
 
 def test_config_parsing():
@@ -248,8 +251,8 @@ def test_sft_smoke_pretrain_then_shape(tmp_path):
     for f in ("ckpt.safetensors", "state.safetensors", "log.jsonl", "samples.gif"):
         assert os.path.exists(tmp_path / "base" / f)
     shaped = sft.train(tiny_sft(tmp_path / "sft", init=base, data="curated", steps=3))
-    _, meta = M.load_model(shaped)
-    assert meta["lineage"]["stage"] == "sft" and meta["lineage"]["parent_hash"] == M.file_hash(base)
+    _, meta = checkpoint.load_model(shaped)
+    assert meta["lineage"]["stage"] == "sft" and meta["lineage"]["parent_hash"] == checkpoint.file_hash(base)
     with pytest.raises(FileExistsError, match="already holds a run"):  # never overwrite unasked
         sft.train(tiny_sft(tmp_path / "sft", init=base, data="curated", steps=3))
 
@@ -258,7 +261,7 @@ def test_interrupted_sft_resumes_to_identical_weights(tmp_path):
     full = sft.train(tiny_sft(tmp_path / "full"))
     assert sft.train(tiny_sft(tmp_path / "cut"), stop_after=3) is None
     resumed = sft.train(tiny_sft(tmp_path / "cut", resume=True))
-    a, b = M.read_checkpoint(full)[0], M.read_checkpoint(resumed)[0]
+    a, b = checkpoint.read_checkpoint(full)[0], checkpoint.read_checkpoint(resumed)[0]
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
@@ -364,15 +367,15 @@ def tiny_checkpoints(tmp_path_factory):
 def test_reward_model_ensemble_mean_and_std(tiny_checkpoints, capsys):
     base, tuned, root = tiny_checkpoints
     out = str(root / "rm.safetensors")
-    rewards.train_reward_model([f"--generators={base},{tuned}", "--generator_clips=4", "--members=3", "--steps=3", "--pool_clips=24",
+    judge.train_reward_model([f"--generators={base},{tuned}", "--generator_clips=4", "--members=3", "--steps=3", "--pool_clips=24",
                                 "--batch_size=8", "--eval_clips=24", "--calib_clips=4", f"--out={out}"])
     printed = capsys.readouterr().out
     assert "pair_accuracy" in printed and "generator_samples_proxy_minus_oracle" in printed   # its gap on samples
     assert '"proxy_minus_oracle_on_base"' in printed and '"proxy_minus_oracle_on_sft"' in printed  # and per generator
-    members = rewards.load_reward_model(out)
-    assert len(M.read_checkpoint(out)[2]["lineage"]["parent_hash"].split(",")) == 2        # both generators
+    members = judge.load_reward_model(out)
+    assert len(checkpoint.read_checkpoint(out)[2]["lineage"]["parent_hash"].split(",")) == 2        # both generators
     b = data.make_batch("curated", 5)
-    mean, std = rewards.rm_score(members, b.videos, b.tokens)
+    mean, std = judge.rm_score(members, b.videos, b.tokens)
     each = torch.stack([m(b.videos, b.tokens) for m in members])               # (K, B, heads)
     for i, head in enumerate(rewards.HEADS):
         assert torch.allclose(mean[head], each[:, :, i].mean(0)) and torch.allclose(std[head], each[:, :, i].std(0))
@@ -381,25 +384,25 @@ def test_reward_model_ensemble_mean_and_std(tiny_checkpoints, capsys):
     assert all(torch.equal(m.offset, members[0].offset) for m in members)
     # recalibrated on another policy's samples: the trained weights kept, the level refit, the judge replaced only if asked
     with pytest.raises(stability.ConfigError, match="--out is empty"):      # never written over its own input
-        rewards.calibrate_judge([f"--judge={out}", f"--on={base}", "--clips=4"])
+        judge.calibrate_judge([f"--judge={out}", f"--on={base}", "--clips=4"])
     with pytest.raises(stability.ConfigError, match="is also an input of this command"):
-        rewards.calibrate_judge([f"--judge={out}", f"--on={base}", "--clips=4", f"--out={out}", "--overwrite=true"])
-    rewards.calibrate_judge([f"--judge={out}", f"--on={base}", "--clips=4", f"--out={root / 'rm_base.safetensors'}"])
+        judge.calibrate_judge([f"--judge={out}", f"--on={base}", "--clips=4", f"--out={out}", "--overwrite=true"])
+    judge.calibrate_judge([f"--judge={out}", f"--on={base}", "--clips=4", f"--out={root / 'rm_base.safetensors'}"])
     assert "proxy - oracle on 64 held-out samples" in capsys.readouterr().out
-    again = rewards.load_reward_model(str(root / "rm_base.safetensors"))
+    again = judge.load_reward_model(str(root / "rm_base.safetensors"))
     for old, new in zip(members, again):
         assert torch.equal(old.out[0].weight, new.out[0].weight) and not torch.equal(old.offset, new.offset)
     with pytest.raises(FileExistsError):
-        rewards.train_reward_model([f"--out={out}", "--generators="])
+        judge.train_reward_model([f"--out={out}", "--generators="])
 
 
 def test_judge_calibration_sets_each_heads_level_on_the_members_mean_and_keeps_their_ranking():
     torch.manual_seed(0)
-    members = [rewards.RewardNet(8) for _ in range(3)]
+    members = [judge.RewardNet(8) for _ in range(3)]
     b = data.make_batch("web", 32, seed=3, world=TINY_WORLD)
     raw = [m(b.videos, b.tokens) for m in members]
     truth = torch.rand(32, len(rewards.HEADS))
-    rewards.fit_calibration(members, b.videos, b.tokens, truth)
+    judge.fit_calibration(members, b.videos, b.tokens, truth)
     fitted = [m(b.videos, b.tokens) for m in members]
     assert torch.allclose(torch.stack(fitted).mean(0).mean(0), truth.mean(0), atol=1e-5)     # the level: truth's
     shift = [f - r for f, r in zip(fitted, raw)]
@@ -408,11 +411,11 @@ def test_judge_calibration_sets_each_heads_level_on_the_members_mean_and_keeps_t
 
 def test_a_judge_saved_before_calibration_loads_uncalibrated(tmp_path):
     torch.manual_seed(0)
-    net, path = rewards.RewardNet(8), str(tmp_path / "old_judge.safetensors")
+    net, path = judge.RewardNet(8), str(tmp_path / "old_judge.safetensors")
     tensors = {f"member0.{k}": v for k, v in net.state_dict().items() if k != "offset"}
-    M.save_checkpoint(path, tensors, M.preset("tiny"), M.lineage_record("reward_model", "", 1, "curated"), members=1,
+    checkpoint.save_checkpoint(path, tensors, M.preset("tiny"), checkpoint.lineage_record("reward_model", "", 1, "curated"), members=1,
                       width=8, heads=list(rewards.HEADS))
-    (old,) = rewards.load_reward_model(path)
+    (old,) = judge.load_reward_model(path)
     b = data.make_batch("curated", 4, world=TINY_WORLD)
     assert torch.equal(old(b.videos, b.tokens), net(b.videos, b.tokens))
 
@@ -422,10 +425,10 @@ def tiny_ablations(tiny_checkpoints):
     """Two rows of make ablations (the judge with and without its stability terms), 1 iteration each."""
     import bench
     base, tuned, root = tiny_checkpoints
-    judge = root / "ablation_judge.safetensors"
-    rewards.train_reward_model([f"--generators={base}", "--generator_clips=4", "--calib_clips=4", "--members=2", "--steps=3",
-                                "--pool_clips=24", "--batch_size=8", "--eval_clips=24", f"--out={judge}"])
-    args = [f"--init={tuned}", f"--reward_model={judge}", "--iters=1", "--only=judge,judge_unguarded",
+    judge_file = root / "ablation_judge.safetensors"
+    judge.train_reward_model([f"--generators={base}", "--generator_clips=4", "--calib_clips=4", "--members=2", "--steps=3",
+                              "--pool_clips=24", "--batch_size=8", "--eval_clips=24", f"--out={judge_file}"])
+    args = [f"--init={tuned}", f"--reward_model={judge_file}", "--iters=1", "--only=judge,judge_unguarded",
             "--heldout_prompts=2", f"--out={root / 'ablations'}"]
     bench.bench_ablations(args)
     return root / "ablations", args
@@ -456,15 +459,15 @@ def test_ablations_table_names_each_command_and_keeps_finished_rows(tiny_ablatio
     bench.bench_ablations(args)                                               # a finished row is kept, not rerun
     assert os.path.getmtime(out / "judge" / "ckpt.safetensors") == stamp
     # ... but a row made from another input, here the same path with other bytes, is redone
-    init, tensors, mc, meta = out.parent / "ablation_init.safetensors", *M.read_checkpoint(args[0][len("--init="):])
-    M.save_checkpoint(str(init), tensors, mc, meta["lineage"])
+    init, tensors, mc, meta = out.parent / "ablation_init.safetensors", *checkpoint.read_checkpoint(args[0][len("--init="):])
+    checkpoint.save_checkpoint(str(init), tensors, mc, meta["lineage"])
     moved = [f"--init={init}", *args[1:3], "--only=judge", args[4], f"--out={out.parent / 'ablations_moved'}"]
     made = lambda: os.path.getmtime(out.parent / "ablations_moved" / "judge" / "ckpt.safetensors")
     bench.bench_ablations(moved)
     first = made()
     bench.bench_ablations(moved)
     assert made() == first
-    M.save_checkpoint(str(init), {k: v + 1e-3 for k, v in tensors.items()}, mc, meta["lineage"])
+    checkpoint.save_checkpoint(str(init), {k: v + 1e-3 for k, v in tensors.items()}, mc, meta["lineage"])
     bench.bench_ablations(moved)
     assert made() != first
     with pytest.raises(stability.ConfigError, match="unknown ablation 'kl'"):
@@ -478,7 +481,7 @@ def test_ablations_table_names_each_command_and_keeps_finished_rows(tiny_ablatio
 def test_diagnose_writes_every_metric(tiny_checkpoints):
     base, tuned, root = tiny_checkpoints
     out = root / "diag"
-    rewards.diagnose([f"--ckpt={base}", f"--ckpt={tuned}", f"--out={out}", "--prompts=2", "--seeds=2", "--steps=2",
+    diagnose.diagnose([f"--ckpt={base}", f"--ckpt={tuned}", f"--out={out}", "--prompts=2", "--seeds=2", "--steps=2",
                       "--long_clips=2", "--diversity_seeds=3", "--reward_model=" + str(root / "rm.safetensors")])
     result = json.load(open(out / "diagnostics.json"))
     assert list(result) == ["base", "sft"]
@@ -487,7 +490,7 @@ def test_diagnose_writes_every_metric(tiny_checkpoints):
                 "diversity", "cfg_response", "context_adherence", "proxy_reward", "proxy_oracle_gap",
                 "recommendation", "quality_score", "semantic_score", "vbench"} <= set(r)
         assert len(r["drift_by_chunk"]) == 4 and len(r["drift_by_frame"]["identity"]) == 4
-        assert set(r["vbench"]) == set(rewards.QUALITY + rewards.SEMANTIC)
+        assert set(r["vbench"]) == set(diagnose.QUALITY + diagnose.SEMANTIC)
         # why: every head in parts, each beside the training data's own score on it, penalties >= 0 (0 = perfect)
         parts = r["parts"]
         assert list(parts) == list(rewards.HEADS) and set(parts["instruction"]) == set(data.ATTRIBUTES)
@@ -513,34 +516,34 @@ def test_diagnose_reads_a_repeat_back_and_advise_hands_the_axis_to_the_next_stag
     base, tuned, _ = tiny_checkpoints
     tiny = ["--prompts=1", "--seeds=2", "--steps=1", "--long_clips=1", "--diversity_seeds=2", "--reward_model=",
             f"--cache={tmp_path / 'cache'}"]
-    rewards.diagnose([f"--ckpt={base}", f"--ckpt={tuned}", f"--out={tmp_path / 'a'}", *tiny])
+    diagnose.diagnose([f"--ckpt={base}", f"--ckpt={tuned}", f"--out={tmp_path / 'a'}", *tiny])
     first = json.load(open(tmp_path / "a" / "diagnostics.json"))
     # the same files and settings again, here under other names: nothing is sampled
     copy = tmp_path / "copy.safetensors"
     shutil.copy(tuned, copy)
-    monkeypatch.setattr(rewards, "diagnose_checkpoint", lambda *a: pytest.fail("recomputed a cached diagnosis"))
-    rewards.diagnose([f"--ckpt={base}", f"--ckpt={copy}", f"--out={tmp_path / 'b'}", *tiny])
+    monkeypatch.setattr(diagnose, "diagnose_checkpoint", lambda *a: pytest.fail("recomputed a cached diagnosis"))
+    diagnose.diagnose([f"--ckpt={base}", f"--ckpt={copy}", f"--out={tmp_path / 'b'}", *tiny])
     again = json.load(open(tmp_path / "b" / "diagnostics.json"))
     assert again["copy"]["fidelity"] == first["sft"]["fidelity"] and again["base"] == first["base"]
     assert str(copy) in again["copy"]["recommendation"]["command"]                 # the advice names the path given
     shutil.copytree(tmp_path / "cache", tmp_path / "shipped")                         # the folder shipped with a clone
-    rewards.diagnose([f"--ckpt={base}", f"--out={tmp_path / 'd'}", *tiny[:-1], f"--shipped={tmp_path / 'shipped'}"])
+    diagnose.diagnose([f"--ckpt={base}", f"--out={tmp_path / 'd'}", *tiny[:-1], f"--shipped={tmp_path / 'shipped'}"])
     assert json.load(open(tmp_path / "d" / "diagnostics.json"))["base"] == first["base"]
     with pytest.raises(pytest.fail.Exception, match="recomputed"):                    # another setting is a miss
-        rewards.diagnose([f"--ckpt={base}", f"--out={tmp_path / 'c'}", *tiny[:2], "--steps=2", *tiny[3:]])
+        diagnose.diagnose([f"--ckpt={base}", f"--out={tmp_path / 'c'}", *tiny[:2], "--steps=2", *tiny[3:]])
     # advise: the flags that point the next stage at the diagnosed axis, parsed by that stage's own config
     capsys.readouterr()
     for stage, module in (("rl", reward_rl), ("dpo", preference)):
-        rewards.advise([f"--diagnose={tmp_path / 'a'}", f"--stage={stage}", f"--out={tmp_path / stage}.json"])
+        diagnose.advise([f"--diagnose={tmp_path / 'a'}", f"--stage={stage}", f"--out={tmp_path / stage}.json"])
         flags = capsys.readouterr().out.split()
         decision = json.load(open(f"{tmp_path / stage}.json"))
         rec = first["sft"]["recommendation"]
         stage_one = shlex.split(rec["command"])[1] == "sft.py"
         assert decision["from"] == "sft" and decision["axis"] == rec["axis"] and decision["flags"] == flags
-        assert flags == rewards.stage_flags(stage, rec["axis"], stage_one)
+        assert flags == diagnose.stage_flags(stage, rec["axis"], stage_one)
         # either way the stage's own parser reads the flags, and they turn it: toward the axis, or toward Stage I's data
         for one in (False, True):
-            cfg, default = stability.parse_config(module.Config, rewards.stage_flags(stage, rec["axis"], one)), module.Config()
+            cfg, default = stability.parse_config(module.Config, diagnose.stage_flags(stage, rec["axis"], one)), module.Config()
             anchor = {"rl": "sft_weight", "dpo": "curated_weight"}[stage]
             if one:
                 assert getattr(cfg, anchor) == 4 * getattr(default, anchor) and cfg.weights == default.weights
@@ -548,7 +551,7 @@ def test_diagnose_reads_a_repeat_back_and_advise_hands_the_axis_to_the_next_stag
                 assert rewards.head_weights(cfg.weights)[rec["axis"]] > rewards.head_weights(())[rec["axis"]] or stage == "dpo"
                 assert cfg.weights and getattr(cfg, anchor) == getattr(default, anchor)
     with pytest.raises(stability.ConfigError, match="no column 'rl'"):
-        rewards.advise([f"--diagnose={tmp_path / 'a'}", "--column=rl"])
+        diagnose.advise([f"--diagnose={tmp_path / 'a'}", "--column=rl"])
 
 
 def stage_command(command):
@@ -581,11 +584,11 @@ def test_recommendation_follows_the_worst_part_and_parses(monkeypatch):
         "fidelity": {"edges": part(edges), "background": part(0.05)}, "temporal": {"flicker": part(flicker),
                                                                                     "size": part(0.0)},
         "instruction": {"direction": part(direction, web=0.05), "colour": part(0.0, web=0.05)}}
-    sft_like, worse_than_web = (rewards.recommendation(axes, measured(edges=e), ckpt, "sft") for e in (0.8, 3.0))
-    fid_matched = rewards.recommendation(axes, measured(edges=0.05, flicker=2.0), ckpt, "sft")
-    after_rl = rewards.recommendation(axes, measured(edges=3.0), ckpt, "rl-awm")
-    all_matched = rewards.recommendation(axes, measured(), ckpt, "pretrain")
-    words = rewards.recommendation({**axes, "instruction": 0.1}, measured(direction=0.5), ckpt, "sft")
+    sft_like, worse_than_web = (diagnose.recommendation(axes, measured(edges=e), ckpt, "sft") for e in (0.8, 3.0))
+    fid_matched = diagnose.recommendation(axes, measured(edges=0.05, flicker=2.0), ckpt, "sft")
+    after_rl = diagnose.recommendation(axes, measured(edges=3.0), ckpt, "rl-awm")
+    all_matched = diagnose.recommendation(axes, measured(), ckpt, "pretrain")
+    words = diagnose.recommendation({**axes, "instruction": 0.1}, measured(direction=0.5), ckpt, "sft")
     # edges nearer the web data's score than the curated's: a pretraining defect -> more SFT on curated clips
     assert (sft_like["axis"], sft_like["part"]) == ("fidelity", "edges")
     assert stage_command(sft_like["command"])[1].data == "curated"
@@ -596,9 +599,9 @@ def test_recommendation_follows_the_worst_part_and_parses(monkeypatch):
     # ... unless the network's own redraw of a clean clip already misses it: no reward or sampler fixes that, data does
     undrawn = measured(edges=3.0)
     undrawn["fidelity"]["edges"]["redraw"] = 1.6
-    undrawn = rewards.recommendation(axes, undrawn, ckpt, "rl-awm")
+    undrawn = diagnose.recommendation(axes, undrawn, ckpt, "rl-awm")
     assert stage_command(undrawn["command"])[0] == "sft.py" and "redraw of a clean clip already misses it (1.60)" in undrawn["text"]
-    hopeless = rewards.recommendation({**axes, "fidelity": 0.01}, measured(edges=3.0), ckpt, "sft")
+    hopeless = diagnose.recommendation({**axes, "fidelity": 0.01}, measured(edges=3.0), ckpt, "sft")
     assert stage_command(hopeless["command"])[0] == "sft.py" and "too low" in hopeless["text"]
     # fidelity matches the curated data: said, and the next weakest head's worst part decides
     assert (fid_matched["axis"], fid_matched["part"]) == ("temporal", "flicker") and "after fidelity" in fid_matched["text"]
@@ -614,7 +617,7 @@ def test_recommendation_follows_the_worst_part_and_parses(monkeypatch):
     assert len({r["command"] for r in (sft_like, worse_than_web, fid_matched, after_rl, all_matched, words)}) == 6
     # a fork's head without parts still gets a command that names it (and parses: it is in the registry)
     monkeypatch.setitem(rewards.HEADS, "centred", rewards.Head(centred, weight=0.5, phase=1))
-    fork = rewards.recommendation({**axes, "centred": 0.1}, measured(), ckpt)
+    fork = diagnose.recommendation({**axes, "centred": 0.1}, measured(), ckpt)
     assert fork["axis"] == "centred" and stage_command(fork["command"])[1].weights == ("centred=1.0",)
 
 
@@ -705,9 +708,9 @@ def test_group_advantages_per_head_zero_variance_groups_and_clip_after_scaling()
     assert reward_rl.advantages(reward_rl.Config(group_size=4, std_floor=0.0095), edge, edge * 0, torch.ones(1))[1] == 0.0
     assert reward_rl.advantages(reward_rl.Config(group_size=4, std_floor=0.0105), edge, edge * 0, torch.ones(1))[1] == 1.0
     # ensemble reliability: agreeing members weigh more, clamped to [0.5, 1.5]
-    w = rewards.reliability(torch.tensor([[0.1], [0.2], [0.3], [0.2]]))
+    w = reward_rl.reliability(torch.tensor([[0.1], [0.2], [0.3], [0.2]]))
     assert torch.allclose(w, torch.tensor([1.5, 1.0, 0.5, 1.0]))
-    assert rewards.reliability(torch.tensor([[0.0], [1.0]])).tolist() == [1.5, 0.5]
+    assert reward_rl.reliability(torch.tensor([[0.0], [1.0]])).tolist() == [1.5, 0.5]
     # the clip comes after every scaling: reliability 1.5 on a clipped advantage stays within +-adv_clip
     rm_std = torch.tensor([[0.0], [0.1], [0.1], [0.1]])
     adv, _ = reward_rl.advantages(reward_rl.Config(group_size=4, reward="rm", adv_clip=2.0), big, rm_std, torch.tensor([4.0]))
@@ -716,9 +719,9 @@ def test_group_advantages_per_head_zero_variance_groups_and_clip_after_scaling()
 
 def test_ppo_and_kl_helpers():
     logp = torch.tensor([0.0, 0.1, -0.1])
-    loss, ratio, clipped = rewards.ppo_clip_loss(logp - logp.clone(), torch.tensor([1.0, -1.0, 2.0]), 0.01)
+    loss, ratio, clipped = reward_rl.ppo_clip_loss(logp - logp.clone(), torch.tensor([1.0, -1.0, 2.0]), 0.01)
     assert torch.equal(ratio, torch.ones(3)) and clipped == 0 and torch.allclose(loss, torch.tensor([-1.0, 1.0, -2.0]))
-    loss, _, clipped = rewards.ppo_clip_loss(torch.tensor([0.5]), torch.tensor([1.0]), 0.1)
+    loss, _, clipped = reward_rl.ppo_clip_loss(torch.tensor([0.5]), torch.tensor([1.0]), 0.1)
     assert clipped == 1 and torch.allclose(loss, torch.tensor([-1.1]))        # no credit beyond the trust region
     m = torch.randn(2, 3, 4)
     assert torch.equal(M.gaussian_kl(m, m, 0.3), torch.zeros(2))
@@ -748,7 +751,7 @@ def test_grpo_raises_a_simple_reward(tiny_checkpoints, update):
 
 def awm_setup(path):
     """A policy, a second copy of it, 4 random clips (each its own group) as a Rollout, and one (t, x0, t_kl) draw."""
-    (policy, _), (other, _) = M.load_model(path), M.load_model(path)
+    (policy, _), (other, _) = checkpoint.load_model(path), checkpoint.load_model(path)
     gen = torch.Generator().manual_seed(0)
     shape = (4, policy.cfg.channels, policy.cfg.frames, policy.cfg.size, policy.cfg.size)
     clips, tokens = torch.rand(shape, generator=gen) * 2 - 1, data.tokenize(["a red circle moving left"] * 4)
@@ -848,7 +851,7 @@ def test_grpo_one_and_two_ranks_agree(trained_tiny, tmp_path):
         assert ra["reward_instruction"] == pytest.approx(rb["reward_instruction"], abs=1e-4)
         assert ra["grad_norm"] == pytest.approx(rb["grad_norm"], rel=1e-3) and ra["rollbacks"] == rb["rollbacks"]
     for name in ("ckpt.safetensors", "state.safetensors"):
-        wa, wb = M.read_checkpoint(tmp_path / "r1" / name)[0], M.read_checkpoint(tmp_path / "r2" / name)[0]
+        wa, wb = checkpoint.read_checkpoint(tmp_path / "r1" / name)[0], checkpoint.read_checkpoint(tmp_path / "r2" / name)[0]
         assert max(float((wa[k] - wb[k]).abs().max()) for k in wa if k.startswith(("model.", "ema.")) or "." in k) < 1e-4
 
 
@@ -901,12 +904,12 @@ def test_kill_minus_9_then_resume_gives_the_same_weights(stage, trained_tiny, tm
     assert not failed
     if stage == "rl":                                          # rollbacks in a row, with no snapshot between them
         assert [r["rollbacks"] for r in read_log(tmp_path / "ref" / "log.jsonl") if "rollbacks" in r][-3:] == [1, 2, 3]
-    want = M.read_checkpoint(tmp_path / "ref" / "ckpt.safetensors")[0]
+    want = checkpoint.read_checkpoint(tmp_path / "ref" / "ckpt.safetensors")[0]
     rng, hits = random.Random(stage), 0
     for trial in range(KILL_TRIALS):
         out = tmp_path / f"kill{trial}"
         hits += kill_and_resume(args, out, rng, window)
-        got = M.read_checkpoint(out / "ckpt.safetensors")[0]
+        got = checkpoint.read_checkpoint(out / "ckpt.safetensors")[0]
         assert all(torch.equal(want[k], got[k]) for k in want), f"trial {trial} differs"
         steps = [r.get("step", r.get("iter")) for r in read_log(out / "log.jsonl") if "eval" not in r and "final" not in r]
         assert len(steps) == len(set(steps)) and steps == sorted(steps), steps      # each record once, in order
@@ -929,7 +932,7 @@ def test_non_finite_steps_stop_the_run_and_a_full_disk_is_one_line(tmp_path, mon
     monkeypatch.setattr(safetensors.torch, "save_file", full_disk)
     net = tiny_model()
     with pytest.raises(SystemExit) as stop:
-        stability.run_cli(lambda argv: M.save_checkpoint(str(tmp_path / "a.safetensors"), net.state_dict(), net.cfg, {}), [])
+        stability.run_cli(lambda argv: checkpoint.save_checkpoint(str(tmp_path / "a.safetensors"), net.state_dict(), net.cfg, {}), [])
     err = capsys.readouterr().err.strip().splitlines()
     assert stop.value.code == 2 and len(err) == 1 and "No space left" in err[0], err
     assert os.listdir(tmp_path) == []                                                 # no half-written temp file
@@ -950,7 +953,7 @@ def test_resume_falls_back_cleans_up_and_refuses_other_settings(tmp_path):
         sft.train(tiny_sft(cut, steps=6, ckpt_every=2, init=full, resume=True))
     assert (cut / "state.safetensors.tmp999").exists()                             # nothing removed before the checks
     resumed = sft.train(tiny_sft(cut, steps=6, ckpt_every=2, resume=True))         # warns, resumes from step 2
-    a, b = M.read_checkpoint(full)[0], M.read_checkpoint(resumed)[0]
+    a, b = checkpoint.read_checkpoint(full)[0], checkpoint.read_checkpoint(resumed)[0]
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert sorted(f for f in os.listdir(cut) if ".tmp" in f) == ["log.jsonl.tmp-mine", "my.tmp.pairs.safetensors"]
     steps = [r["step"] for r in read_log(cut / "log.jsonl") if "step" in r]
@@ -1075,7 +1078,7 @@ def test_dpo_run_raises_implicit_accuracy_on_fixed_pairs(tiny_checkpoints):
     assert 0 <= final["win_rate"] <= 1 and "acc_all" in final["dpo"]
     # the curated anchor: the same pairs and steps, but the policy keeps fitting real clips while it fits the pairs
     preference.train(dataclasses.replace(cfg, out_dir=str(root / "dpo_anchored"), curated_weight=20.0))
-    held = torch.no_grad()(lambda ckpt: float(M.curated_loss(M.load_model(str(ckpt), "cpu")[0], 32, 99, 0, TINY_WORLD, "cpu").mean()))
+    held = torch.no_grad()(lambda ckpt: float(M.curated_loss(checkpoint.load_model(str(ckpt), "cpu")[0], 32, 99, 0, TINY_WORLD, "cpu").mean()))
     free, anchored = held(root / "dpo" / "ckpt.safetensors"), held(root / "dpo_anchored" / "ckpt.safetensors")
     assert anchored < free, (anchored, free)
     assert read_log(root / "dpo_anchored" / "log.jsonl")[-2]["curated_loss"] > 0
@@ -1086,7 +1089,7 @@ def test_grpo_interrupted_run_resumes_to_identical_weights(tiny_checkpoints):
     full = reward_rl.train(tiny_rl(tuned, root / "rl_full", iters=3))
     reward_rl.train(tiny_rl(tuned, root / "rl_cut", iters=2))               # stopped after iteration 2
     resumed = reward_rl.train(tiny_rl(tuned, root / "rl_cut", iters=3, resume=True))
-    a, b = M.read_checkpoint(full)[0], M.read_checkpoint(resumed)[0]
+    a, b = checkpoint.read_checkpoint(full)[0], checkpoint.read_checkpoint(resumed)[0]
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
@@ -1100,7 +1103,7 @@ def test_grpo_resumes_exactly_between_rollbacks(trained_tiny, tmp_path):
     assert rollbacks[5:8] == [1, 2, 3], rollbacks                               # iterations 6, 7, 8 each rolled back
     reward_rl.train(tiny_rl(trained_tiny, tmp_path / "cut", iters=6, **kw))
     resumed = reward_rl.train(tiny_rl(trained_tiny, tmp_path / "cut", iters=8, resume=True, **kw))
-    a, b = M.read_checkpoint(full)[0], M.read_checkpoint(resumed)[0]
+    a, b = checkpoint.read_checkpoint(full)[0], checkpoint.read_checkpoint(resumed)[0]
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
@@ -1115,16 +1118,16 @@ def bad_files(tmp_path_factory):
     root = tmp_path_factory.mktemp("bad")
     net = M.VideoDiT(M.preset("tiny"))
     sd = net.state_dict()
-    M.save_checkpoint(str(root / "tiny.safetensors"), sd, net.cfg, M.lineage_record("sft"))
-    M.save_checkpoint(str(root / "base.safetensors"), sd, net.cfg, M.lineage_record("pretrain"))
+    checkpoint.save_checkpoint(str(root / "tiny.safetensors"), sd, net.cfg, checkpoint.lineage_record("sft"))
+    checkpoint.save_checkpoint(str(root / "base.safetensors"), sd, net.cfg, checkpoint.lineage_record("pretrain"))
     save_file({k: v.contiguous() for k, v in sd.items()}, str(root / "meta.safetensors"),
               metadata={"format": "postflow", "model_config": "{not json", "lineage": "{}"})
     nan = {k: v.clone() for k, v in sd.items()}
     nan["final.weight"].view(-1)[0] = float("nan")
-    M.save_checkpoint(str(root / "nan.safetensors"), nan, net.cfg, M.lineage_record("sft"))
+    checkpoint.save_checkpoint(str(root / "nan.safetensors"), nan, net.cfg, checkpoint.lineage_record("sft"))
     whole = (root / "tiny.safetensors").read_bytes()
     (root / "cut.safetensors").write_bytes(whole[: len(whole) // 2])
-    rewards.train_reward_model(["--generators=", "--members=2", "--steps=1", "--pool_clips=6", "--batch_size=2",  # 8x32x32
+    judge.train_reward_model(["--generators=", "--members=2", "--steps=1", "--pool_clips=6", "--batch_size=2",  # 8x32x32
                                 "--eval_clips=6", f"--out={root / 'judge.safetensors'}"])
     p = tiny_pairs(4)
     preference.save_pairs(str(root / "uint8.safetensors"), {**p, "winner": ((p["winner"] + 1) * 127.5).round().byte()})
@@ -1173,7 +1176,7 @@ BAD_INPUT = {
     "rl_negative_lr": ("reward_rl.py --lr=-1", "--lr must be > 0"),
     "rl_negative_noise_level": ("reward_rl.py --noise_level=-0.5", "--noise_level must be > 0"),
     "dpo_negative_beta": ("preference.py --beta=-1", "--beta must be > 0"),
-    "judge_zero_members": ("rewards.py train_rm --members=0 --out={o}/rm.safetensors", "--members must be at least 1"),
+    "judge_zero_members": ("judge.py train --members=0 --out={o}/rm.safetensors", "--members must be at least 1"),
     "bench_zero_clips": ("bench.py heads --clips=0", "--clips must be at least 1"),
     "sft_unknown_preset": ("sft.py --init= --preset=huge --out_dir={o}", "unknown model preset 'huge'"),
     "sft_cuda_without_gpu": ("sft.py --device=cuda --out_dir={o}", "no usable CUDA GPU"),
@@ -1190,8 +1193,8 @@ BAD_INPUT = {
     "pairs_few_tokens": ("preference.py --init={r}/tiny.safetensors --pairs={r}/short.safetensors --out_dir={o}",
                          "holds 4 winner/loser pairs but 2 rows of tokens"),
     "dpo_from_base": ("preference.py --init={r}/base.safetensors --out_dir={o}", "is a pretrain checkpoint"),
-    "diagnose_no_ckpt": ("rewards.py diagnose --ckpt= --out={o}", "no checkpoints to diagnose"),
-    "diagnose_missing_last": ("rewards.py diagnose --ckpt={r}/tiny.safetensors --ckpt={r}/gone.safetensors --out={o}",
+    "diagnose_no_ckpt": ("diagnose.py --ckpt= --out={o}", "no checkpoints to diagnose"),
+    "diagnose_missing_last": ("diagnose.py --ckpt={r}/tiny.safetensors --ckpt={r}/gone.safetensors --out={o}",
                               "checkpoint not found: {r}/gone.safetensors"),
     "overwrite_keeps_run_on_bad_init": ("sft.py --init=checkpoints/sft_smal.safetensors --out_dir={r}/prev_sft "
                                         "--overwrite=true", "not found",
@@ -1208,10 +1211,10 @@ BAD_INPUT = {
     "overwrite_a_folder_of_checkpoints": ("sft.py --init={r}/tiny.safetensors --out_dir={r}/prev_sft --overwrite=true",
                                           "is not one (no postflow-run.json); it holds ckpt.safetensors, log.jsonl"),
     # no output is one of its command's inputs
-    "calibrate_over_its_policy": ("rewards.py calibrate --on=checkpoints/sft_small.safetensors "
+    "calibrate_over_its_policy": ("judge.py calibrate --on=checkpoints/sft_small.safetensors "
                                   "--out=checkpoints/sft_small.safetensors --overwrite=true", "is also an input of this command"),
-    "calibrate_without_out": ("rewards.py calibrate", "--out is empty; name a file"),
-    "train_rm_over_a_generator": ("rewards.py train_rm --generators={r}/tiny.safetensors --out={r}/tiny.safetensors "
+    "calibrate_without_out": ("judge.py calibrate", "--out is empty; name a file"),
+    "train_rm_over_a_generator": ("judge.py train --generators={r}/tiny.safetensors --out={r}/tiny.safetensors "
                                   "--overwrite=true", "is also an input of this command"),
     "render_over_its_checkpoint": ("model.py --ckpt={r}/tiny.safetensors --out={r}/tiny.safetensors --overwrite=true",
                                    "is also an input of this command"),
@@ -1221,10 +1224,10 @@ BAD_INPUT = {
     "out_dir_under_a_file": ("reward_rl.py --init={r}/tiny.safetensors --out_dir={r}/tiny.safetensors/run",
                              "tiny.safetensors, which is a file"),
     "render_out_empty": ("model.py --ckpt={r}/tiny.safetensors --out=", "--out is empty; name a file"),
-    "diagnose_out_empty": ("rewards.py diagnose --ckpt={r}/tiny.safetensors --out=", "--out is empty; name a folder"),
-    "diagnose_cache_is_a_file": ("rewards.py diagnose --ckpt={r}/tiny.safetensors --reward_model= --out={o} "
+    "diagnose_out_empty": ("diagnose.py --ckpt={r}/tiny.safetensors --out=", "--out is empty; name a folder"),
+    "diagnose_cache_is_a_file": ("diagnose.py --ckpt={r}/tiny.safetensors --reward_model= --out={o} "
                                  "--cache={r}/tiny.safetensors", "--cache={r}/tiny.safetensors is a file"),
-    "advise_out_is_a_folder": ("rewards.py advise --diagnose={r}/partial/diagnose --out={r}", "is a folder; name a file"),
+    "advise_out_is_a_folder": ("diagnose.py advise --diagnose={r}/partial/diagnose --out={r}", "is a folder; name a file"),
     "adapters_out_is_a_folder": ("adapters.py --out={r}", "is a folder; name a file"),
     "bench_out_under_a_file": ("bench.py grpo --out={r}/tiny.safetensors/bench", "which is a file"),
     # values nothing checked
@@ -1238,22 +1241,22 @@ BAD_INPUT = {
                           "holds 4 winner clips but 2 loser clips"),
     "rl_every_weight_zero": ("reward_rl.py --weights=fidelity=0,temporal=0,instruction=0", "set every head to 0"),
     "dpo_every_weight_zero": ("preference.py --weights=fidelity=0,temporal=0,instruction=0", "set every head to 0"),
-    "advise_empty_diagnosis": ("rewards.py advise --diagnose={r}/empty/diagnose", "is empty or truncated"),
-    "advise_truncated_diagnosis": ("rewards.py advise --diagnose={r}/truncated/diagnose", "is empty or truncated"),
+    "advise_empty_diagnosis": ("diagnose.py advise --diagnose={r}/empty/diagnose", "is empty or truncated"),
+    "advise_truncated_diagnosis": ("diagnose.py advise --diagnose={r}/truncated/diagnose", "is empty or truncated"),
     "report_empty_diagnosis": ("report.py --run={r}/nothing", "holds no diagnosis"),
     "report_partial_diagnosis": ("report.py --run={r}/partial", "column 'sft' is partial"),
-    "diagnose_misspelled_judge": ("rewards.py diagnose --ckpt={r}/tiny.safetensors --reward_model={r}/judg.safetensors "
+    "diagnose_misspelled_judge": ("diagnose.py --ckpt={r}/tiny.safetensors --reward_model={r}/judg.safetensors "
                                   "--out={o}", "learned judge not found: {r}/judg.safetensors"),
     # sizes that cannot fit, refused before anything is allocated
     "sft_batch_cannot_fit": ("sft.py --init={r}/tiny.safetensors --batch_size=100000000 --out_dir={o}", "needs about"),
     "rl_group_cannot_fit": ("reward_rl.py --init={r}/tiny.safetensors --group_size=100000000 --out_dir={o}", "needs about"),
     "dpo_pair_prompts_cannot_fit": ("preference.py --init={r}/tiny.safetensors --pair_prompts=100000000 --out_dir={o}",
                                     "needs about"),
-    "diagnose_prompts_cannot_fit": ("rewards.py diagnose --ckpt={r}/tiny.safetensors --prompts=100000000 --out={o}",
+    "diagnose_prompts_cannot_fit": ("diagnose.py --ckpt={r}/tiny.safetensors --prompts=100000000 --out={o}",
                                     "needs about"),
     "absurd_depth": ("reward_rl.py --init={r}/deep.safetensors --out_dir={o}", "a model of depth 10000000"),
     # commands
-    "rewards_no_command": ("rewards.py", "no command; usage: python rewards.py"),
+    "judge_no_command": ("judge.py", "no command; usage: python judge.py"),
     "bench_unknown_command": ("bench.py speeed", "unknown command 'speeed'"),
 }
 
@@ -1295,19 +1298,19 @@ def test_diagnose_checks_inputs_first_and_names_columns_apart(tiny_checkpoints, 
         (tmp_path / run / "rl").mkdir(parents=True)
         shutil.copy(tuned, tmp_path / run / "rl" / "ckpt.safetensors")
     a, b = (str(tmp_path / run / "rl" / "ckpt.safetensors") for run in ("pipeline", "other"))
-    assert rewards.column_names([a, b, base, base]) == ["pipeline/rl", "other/rl", "base", "base#2"]
-    assert rewards.column_names([base, str(tuned)]) == ["base", "sft"]
+    assert checkpoint.column_names([a, b, base, base]) == ["pipeline/rl", "other/rl", "base", "base#2"]
+    assert checkpoint.column_names([base, str(tuned)]) == ["base", "sft"]
     tiny = ["--prompts=1", "--seeds=1", "--steps=1", "--long_clips=1", "--diversity_seeds=2"]
-    rewards.diagnose([f"--ckpt={a}", f"--ckpt={b}", f"--out={tmp_path / 'diag'}", "--reward_model=", *tiny])
+    diagnose.diagnose([f"--ckpt={a}", f"--ckpt={b}", f"--out={tmp_path / 'diag'}", "--reward_model=", *tiny])
     assert list(json.load(open(tmp_path / "diag" / "diagnostics.json"))) == ["pipeline/rl", "other/rl"]
     assert "| metric | pipeline/rl | other/rl |" in (tmp_path / "diag" / "diagnostics.md").read_text()
     # refused before anything is sampled or written: a judge for other clips, a policy passed as the judge
-    for judge, needle in (("judge.safetensors", "scores 8x32x32 clips; this policy makes 4x16x16"),
-                          ("tiny.safetensors", "not a learned judge")):
-        with pytest.raises(M.CheckpointError, match=needle):
-            rewards.diagnose([f"--ckpt={a}", f"--out={tmp_path / 'no'}", f"--reward_model={bad_files / judge}", *tiny])
+    for judge_file, needle in (("judge.safetensors", "scores 8x32x32 clips; this policy makes 4x16x16"),
+                               ("tiny.safetensors", "not a learned judge")):
+        with pytest.raises(checkpoint.CheckpointError, match=needle):
+            diagnose.diagnose([f"--ckpt={a}", f"--out={tmp_path / 'no'}", f"--reward_model={bad_files / judge_file}", *tiny])
     with pytest.raises(stability.ConfigError, match="same clips"):
-        rewards.diagnose([f"--ckpt={a}", "--ckpt=checkpoints/sft_small.safetensors", f"--out={tmp_path / 'no'}", *tiny])
+        diagnose.diagnose([f"--ckpt={a}", "--ckpt=checkpoints/sft_small.safetensors", f"--out={tmp_path / 'no'}", *tiny])
     assert not (tmp_path / "no").exists()
 
 
@@ -1321,8 +1324,8 @@ def centred(obs, want):
 def test_a_fourth_head_reaches_stage_ii_stage_iii_and_diagnose(tiny_checkpoints, monkeypatch, tmp_path):
     _, tuned, _ = tiny_checkpoints
     old_judge = str(tmp_path / "judge.safetensors")                       # a learned judge from before the head
-    M.save_checkpoint(old_judge, {f"member0.{k}": v for k, v in rewards.RewardNet(8).state_dict().items()},
-                      M.preset("tiny"), M.lineage_record("reward_model"), members=1, width=8, heads=list(rewards.HEADS))
+    checkpoint.save_checkpoint(old_judge, {f"member0.{k}": v for k, v in judge.RewardNet(8).state_dict().items()},
+                      M.preset("tiny"), checkpoint.lineage_record("reward_model"), members=1, width=8, heads=list(rewards.HEADS))
     monkeypatch.setitem(rewards.HEADS, "centred", rewards.Head(centred, weight=0.5, phase=1))  # undone after the test
 
     # Stage II: logged, weighted, and given its weight by the curriculum (phase 1: the middle of the run)
@@ -1343,19 +1346,19 @@ def test_a_fourth_head_reaches_stage_ii_stage_iii_and_diagnose(tiny_checkpoints,
     preference.train(preference.Config(out_dir=str(tmp_path / "dpo"), **dpo))
     assert "win_rate" in read_log(tmp_path / "dpo" / "log.jsonl")[-1]["final"]
     # a learned judge that does not score the head is refused by name, before any output folder is made
-    with pytest.raises(M.CheckpointError, match="also has centred"):
-        rewards.load_reward_model(old_judge)
-    with pytest.raises(M.CheckpointError, match="also has centred"):
+    with pytest.raises(checkpoint.CheckpointError, match="also has centred"):
+        judge.load_reward_model(old_judge)
+    with pytest.raises(checkpoint.CheckpointError, match="also has centred"):
         preference.train(preference.Config(out_dir=str(tmp_path / "dpo_rm"), judge="rm", reward_model=old_judge, **dpo))
-    with pytest.raises(M.CheckpointError, match="also has centred"):
+    with pytest.raises(checkpoint.CheckpointError, match="also has centred"):
         reward_rl.train(tiny_rl(tuned, tmp_path / "rl_rm", reward="rm", reward_model=old_judge))
     assert not (tmp_path / "dpo_rm").exists() and not (tmp_path / "rl_rm").exists()
     # diagnose: a row, a metric, and a recommendation for a head RECOMMEND does not know
-    rewards.diagnose([f"--ckpt={tuned}", f"--out={tmp_path / 'diag'}", "--reward_model=", "--prompts=1", "--seeds=1",
+    diagnose.diagnose([f"--ckpt={tuned}", f"--out={tmp_path / 'diag'}", "--reward_model=", "--prompts=1", "--seeds=1",
                       "--steps=1", "--long_clips=1", "--diversity_seeds=2"])
     table = (tmp_path / "diag" / "diagnostics.md").read_text()
     assert "| centred |" in table and "| centred: 1 - score |" in table
-    assert "--weights=centred=" in rewards.recommendation({"fidelity": 0.9, "temporal": 0.9, "instruction": 0.9,
+    assert "--weights=centred=" in diagnose.recommendation({"fidelity": 0.9, "temporal": 0.9, "instruction": 0.9,
                                                             "centred": 0.1})["command"]
 
 
@@ -1381,10 +1384,10 @@ def tiny_run(tiny_checkpoints, tiny_ablations):
                                        samples_per_prompt=3, sample_steps=2, margin=0.0, steps=2, batch_size=2, warmup=1,
                                        log_every=1, eval_prompts=2, eval_steps=2, device="cpu"))
     ckpts = [f"--ckpt={p}" for p in [base] + [run / s / "ckpt.safetensors" for s in ("sft", "rl", "dpo")]]
-    rewards.diagnose([*ckpts, f"--out={run / 'diagnose'}", "--reward_model=", "--prompts=1", "--seeds=2", "--steps=1",
+    diagnose.diagnose([*ckpts, f"--out={run / 'diagnose'}", "--reward_model=", "--prompts=1", "--seeds=2", "--steps=1",
                       "--long_clips=1", "--diversity_seeds=2"])
     # as make pipeline_driven leaves it: the decision sft's diagnosis handed to Stage II
-    rewards.advise([f"--diagnose={run / 'diagnose'}", "--column=sft", "--stage=rl", f"--out={run / 'advice_rl.json'}"])
+    diagnose.advise([f"--diagnose={run / 'diagnose'}", "--column=sft", "--stage=rl", f"--out={run / 'advice_rl.json'}"])
     report.main([f"--run={run}", f"--ablations={tiny_ablations[0] / 'ablations.json'}"])
     return run
 
@@ -1534,7 +1537,7 @@ def test_wan_euler_step_and_sde_logprob_match_diffusers(tmp_path):
         noisy.set_timesteps(sigmas=(1 - grid[:-1]).tolist())
         theirs = noisy.step(u, noisy.timesteps[1], x, generator=torch.Generator().manual_seed(5)).prev_sample
         eps = torch.randn(x.shape, generator=torch.Generator().manual_seed(5))
-        step = adapters.flow_match_sde_step(x, -u, float(grid[1]), float(grid[2]), float(grid[1]), eps=eps)
+        step = M.flow_match_sde_step(x, -u, float(grid[1]), float(grid[2]), float(grid[1]), eps=eps)
         assert torch.allclose(step[0], theirs, atol=1e-5)
         # ...whose density is not sde_step's: on-policy, a PPO ratio of the two would sit 50 clip ranges from 1 (refused)
         log_ratio = M.sde_step(x, -u, float(grid[1]), float(grid[2]), float(grid[1]), x_next=step[0])[3] - step[3]
@@ -1551,14 +1554,14 @@ def test_wan_euler_step_and_sde_logprob_match_diffusers(tmp_path):
 @needs_wan
 def test_wan_stages_run_from_each_others_files_and_change_the_weights(wan_chain):
     c = wan_chain
-    read = lambda path: M.read_checkpoint(path)[0]
+    read = lambda path: checkpoint.read_checkpoint(path)[0]
     init, tuned, awm, ppo, dpo = (read(c[k]) for k in ("init", "sft", "awm", "ppo", "dpo"))
     lora_b = [k for k in init if "lora_B" in k and not k.startswith("folded.")]
     assert len(lora_b) == 16 and all(init[k].abs().sum() == 0 for k in lora_b)            # a fresh adapter: B = 0
     assert all(tuned[k].abs().sum() > 0 for k in lora_b)                                     # Stage I trained it
     for name, out, parent, n in (("awm", awm, tuned, 1), ("ppo", ppo, tuned, 1), ("dpo", dpo, awm, 2)):
         # each later stage folded its input's adapter into the frozen weights (kept as factors) and trained a new one
-        assert M.read_checkpoint(c[name])[1].folded == n
+        assert checkpoint.read_checkpoint(c[name])[1].folded == n
         assert all(torch.equal(out[f"folded.{n - 1}.{k[len('transformer.'):].replace('.default.weight', '')}"], parent[k])
                    for k in parent if "lora_" in k and not k.startswith("folded."))
         assert all(torch.equal(out[k], parent[k]) for k in parent if k.startswith("folded."))
@@ -1574,7 +1577,7 @@ def test_wan_stages_run_from_each_others_files_and_change_the_weights(wan_chain)
 @needs_wan
 def test_wan_lora_reference_is_the_input_policy_and_kl_is_zero_at_the_first_update(wan_chain):
     """The reference is the policy with its adapter off, after the input's adapter was folded in: the stage's input."""
-    policy, _ = M.load_model(wan_chain["sft"])
+    policy, _ = checkpoint.load_model(wan_chain["sft"])
     x, t, tokens = torch.randn(2, *policy.flow_shape), torch.full((2,), 0.4), data.tokenize(["a slow blue square moving up"] * 2)
     with torch.no_grad():
         before = policy.velocity(x, t, tokens)
@@ -1591,18 +1594,18 @@ def test_wan_lora_reference_is_the_input_policy_and_kl_is_zero_at_the_first_upda
 @needs_wan
 def test_wan_save_load_round_trip_and_an_interrupted_stage_ii_resumes_to_the_same_weights(wan_chain):
     c = wan_chain
-    policy, meta = M.load_model(c["dpo"])                          # two folds re-applied from the file's factors
+    policy, meta = checkpoint.load_model(c["dpo"])                          # two folds re-applied from the file's factors
     assert meta["lineage"]["stage"] == "dpo" and policy.cfg.folded == 2
     path = str(c["root"] / "again.safetensors")
-    M.save_checkpoint(path, policy.state_dict(), policy.cfg, meta["lineage"])
-    again, _ = M.load_model(path)
+    checkpoint.save_checkpoint(path, policy.state_dict(), policy.cfg, meta["lineage"])
+    again, _ = checkpoint.load_model(path)
     x, t, tokens = torch.randn(2, *policy.flow_shape), torch.full((2,), 0.7), data.tokenize(["a fast cyan circle moving down"] * 2)
     with torch.no_grad():
         assert torch.equal(again.velocity(x, t, tokens), policy.velocity(x, t, tokens))
     full = reward_rl.train(wan_rl(c["sft"], c["root"] / "rl_full", iters=2), reward_fn=PIXEL)
     reward_rl.train(wan_rl(c["sft"], c["root"] / "rl_cut", iters=1), reward_fn=PIXEL)
     resumed = reward_rl.train(wan_rl(c["sft"], c["root"] / "rl_cut", iters=2, resume=True), reward_fn=PIXEL)
-    a, b = M.read_checkpoint(full)[0], M.read_checkpoint(resumed)[0]
+    a, b = checkpoint.read_checkpoint(full)[0], checkpoint.read_checkpoint(resumed)[0]
     assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
 
 
@@ -1620,7 +1623,7 @@ def test_wan_full_fine_tuning_and_one_line_refusals(wan_chain, monkeypatch, caps
     for run, needle in ((lambda: reward_rl.train(wan_rl(other, wan_chain["root"] / "rl_other", update="ppo"), reward_fn=PIXEL),
                          "flow-match-sde"),
                         (lambda: adapters.init_checkpoint([f"--out={other}", "--overwrite=true", "--frames=6"]), "1 + 4k"),
-                        (lambda: M.sample_long(M.load_model(other)[0], data.tokenize(["a red circle"]), torch.Generator(), 2),
+                        (lambda: M.sample_long(checkpoint.load_model(other)[0], data.tokenize(["a red circle"]), torch.Generator(), 2),
                          "latents")):
         with pytest.raises(SystemExit) as exit_:
             stability.run_cli(lambda argv: run(), [])
@@ -1629,7 +1632,7 @@ def test_wan_full_fine_tuning_and_one_line_refusals(wan_chain, monkeypatch, caps
         assert exit_.value.code == 2 and len(errors) == 1 and needle in errors[0] and "Traceback" not in err, err
     monkeypatch.setattr(adapters, "WanTransformer3DModel", None)                # as without the extra
     with pytest.raises(stability.UserError, match="requirements-wan.txt"):
-        M.load_model(wan_chain["init"])
+        checkpoint.load_model(wan_chain["init"])
 
 
 def fake_states(prompts):
