@@ -41,7 +41,7 @@ import torch.nn.functional as F
 import data
 import model as M
 from checkpoint import CheckpointError, lineage_record, save_checkpoint
-from stability import ConfigError, UserError, atomic_write, check_ranges, claim_out_file, parse_config, run_cli
+from stability import ConfigError, UserError, atomic_write, check_ranges, claim_out_file, parse_config, run_cli, seeded
 
 SETUP = "pip install -r requirements-wan.txt"
 try:
@@ -277,7 +277,7 @@ class WanPolicy(nn.Module):
     def restart_adapter(self):
         """B = 0, so the policy is unchanged; A as peft draws it (kaiming-uniform), but from a generator seeded by the
         number of folds, so a stage starts alike on every rank and on resume."""
-        gen = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + self.cfg.folded)
+        gen = seeded(self.cfg.seed, self.cfg.folded)
         for a, b in self.factors().values():
             a.copy_((torch.rand(a.shape, generator=gen) * 2 - 1) / math.sqrt(a.shape[1]))
             b.zero_()

@@ -72,9 +72,10 @@ def read_checkpoint(path):
         if "policy" in shape:                             # a policy behind an adapter reads and checks its own config
             cfg = policy_module(shape["policy"]).read_config(shape)
         else:
-            if shape.pop("attention", "joint") != "joint":   # written before the factorised layout was removed
-                raise CheckpointError(f"checkpoint {path} uses the factorised attention layout, which postflow no "
-                                      f"longer builds; retrain it (make base)")
+            unknown = sorted(set(shape) - set(asdict(ModelConfig())))
+            if unknown:
+                raise CheckpointError(f"checkpoint {path} asks for {', '.join(unknown)}, which this postflow does not "
+                                      f"build; remake it with this version")
             cfg = ModelConfig(**shape)
             bad = [f"{k}={v!r}" for k, v in asdict(cfg).items()   # numbers of the default's kind (an int for a float too)
                    if isinstance(v, bool) or not isinstance(v, type(getattr(ModelConfig, k)) if k not in FLOAT_FIELDS

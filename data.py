@@ -18,7 +18,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from stability import ConfigError, UserError, atomic_write
+from stability import ConfigError, UserError, atomic_write, seeded
 
 # ----------------------------------------------------------------------------- the world's vocabulary
 COLOURS = {  # RGB in [0, 1]; far apart so the oracle can name any object colour
@@ -196,7 +196,7 @@ def make_batch(split, n, seed=0, step=0, world=None, defects=None):
     world = world or WorldConfig()
     if defects is None:
         defects = Defects() if split == "web" else Defects.none()
-    gen = torch.Generator().manual_seed((seed * 1_000_003 + SPLITS[split] * 7919 + step) % (2 ** 63))
+    gen = seeded(seed, SPLITS[split] * 7919 + step)
     attrs = sample_attributes(n, gen, split)
     has = {k: torch.rand(n, generator=gen) < getattr(defects, k) for k in Defects.__dataclass_fields__}
     jitter = torch.randn(n, world.frames, 2, generator=gen) * 1.5 * (world.size / 32) * has["jitter"][:, None, None]

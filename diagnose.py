@@ -25,12 +25,14 @@ from tqdm import tqdm
 
 import data
 import model as M
+import preference
+import reward_rl
 from checkpoint import CheckpointError, column_names, file_hash, load_model
 from judge import load_reward_model, rm_score
 from rewards import (HEADS, SPEED_PX, check, eval_prompts, eval_set, fidelity, mean_se, noise_for, oracle, presence, reward_heads,
                      targets, temporal_parts, world_of, wrap)
 from stability import (ConfigError, UserError, atomic_write, check_output_path, check_ranges, claim_out_dir, claim_out_file,
-                       describe, parse_config, run_cli, same_file, write_text)
+                       command_line, describe, parse_config, run_cli, same_file, write_text)
 
 
 # VBench's dimension names where one fits, so video people can read the table without a legend.
@@ -227,7 +229,7 @@ def recommendation(axes, parts=None, ckpt="CKPT", stage=""):
     matched = [h for h in axes if gaps[h] and max(gaps[h].values()) <= MATCHED]
     axis = min((h for h in axes if h not in matched), key=axes.get, default=None)
     part = max(gaps[axis], key=gaps[axis].get) if axis and gaps[axis] else None
-    rl_done = stage.startswith("rl") or stage in ("grpo", "dpo")             # made by Stage II (or III after it)
+    rl_done = stage.startswith("rl") or stage == "dpo"                       # made by Stage II (or III after it)
     run = lambda script, *flags: " ".join(["python", script, shlex.quote(f"--init={ckpt}"), *flags])
     if axis is None:
         return {"axis": None, "part": None, "text": "every part of every head matches the curated data: preferences "
@@ -259,9 +261,11 @@ def recommendation(axes, parts=None, ckpt="CKPT", stage=""):
     return {"text": f"{text}; {why}", "command": command, "axis": axis, "part": part}
 
 
-# Stage I's own loss inside the next stage, 4x each stage's default weight (reward_rl.Config.sft_weight 0.5,
-# preference.Config.curated_weight 300): what a fixed-order pipeline can do when a diagnosis asks for Stage I
-STAGE_ONE_FLAGS = {"rl": ["--sft_weight=2.0"], "dpo": ["--curated_weight=1200.0"]}
+def stage_one_flags(stage):
+    """Stage I's own loss inside the next stage, 4x that stage's default weight (read from its Config, so a changed
+    default is followed): what a fixed-order pipeline can do when a diagnosis asks for Stage I."""
+    return {"rl": [f"--sft_weight={4 * reward_rl.Config.sft_weight}"],
+            "dpo": [f"--curated_weight={4 * preference.Config.curated_weight}"]}[stage]
 
 
 def stage_flags(stage, axis, stage_one=False):
@@ -269,11 +273,11 @@ def stage_flags(stage, axis, stage_one=False):
     instruction's default and twice its own, rewards on continued clips for temporal, one advantage per attribute
     for instruction. Stage III ("dpo"): the judge weighs the head 3:1 against each other. No axis: no flags.
     stage_one: the diagnosis asked for Stage I (the curated data teaches the part, a reward cannot): the stage's
-    curated flow-loss anchor is weighted up instead (STAGE_ONE_FLAGS), its rewards left as they are."""
+    curated flow-loss anchor is weighted up instead (stage_one_flags), its rewards left as they are."""
     if axis is None:
         return []
     if stage_one:
-        return list(STAGE_ONE_FLAGS[stage])
+        return stage_one_flags(stage)
     if stage == "dpo":
         return [f"--weights={axis}=3.0"]
     weight = max(1.0, 2 * HEADS[axis].weight if axis in HEADS else 1.0)
@@ -461,7 +465,8 @@ def diagnose(argv):
         if same_file(cfg.cache, cfg.out):
             raise ConfigError(f"--cache={cfg.cache} is the --out folder; keep the cache in a folder of its own")
     rm, world = check_diagnose_inputs(cfg)
-    claim_out_dir(cfg.out, False, cfg.overwrite, inputs=[*cfg.ckpt, cfg.reward_model], stage="diagnose", writes=DIAGNOSE_FILES)
+    claim_out_dir(cfg.out, False, cfg.overwrite, inputs=[*cfg.ckpt, cfg.reward_model], stage="diagnose", writes=DIAGNOSE_FILES,
+                  command=command_line("diagnose.py", cfg))
     ref = None                                                         # the data's parts, once, if any column needs them
     results, grids, t0 = {}, [], time.time()
     names = column_names(cfg.ckpt)

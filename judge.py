@@ -256,14 +256,16 @@ def load_reward_model(path, policy_cfg=None):
     if policy_cfg is not None and (shape.frames, shape.size) != (policy_cfg.frames, policy_cfg.size):
         raise CheckpointError(f"the learned judge {path} scores {shape.frames}x{shape.size}x{shape.size} clips; "
                                 f"this policy makes {policy_cfg.frames}x{policy_cfg.size}x{policy_cfg.size}")
-    heads = meta.get("heads", ["fidelity", "temporal", "instruction"])       # judges written before the registry
+    heads = meta.get("heads")
+    if not isinstance(heads, list) or any(f"member{k}.offset" not in tensors for k in range(meta["members"])):
+        raise CheckpointError(f"the learned judge {path} was written before judges named their heads and were "
+                              f"calibrated: refit it (make reward_model)")
     if set(HEADS) - set(heads):
         raise CheckpointError(f"the learned judge {path} scores {', '.join(heads)} but the registry also has "
                                 f"{', '.join(sorted(set(HEADS) - set(heads)))}: refit it (make reward_model)")
     members = []
     for k in range(meta["members"]):
         m = RewardNet(meta["width"], heads)
-        tensors.setdefault(f"member{k}.offset", torch.zeros(len(heads)))     # a judge from before calibration
         load_weights(m, tensors, path, prefix=f"member{k}.")
         members.append(m.eval())
     return members

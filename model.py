@@ -55,7 +55,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import data
-from stability import ConfigError, check_fits, check_ranges, claim_out_file, parse_config, run_cli
+from stability import ConfigError, check_fits, check_ranges, claim_out_file, parse_config, run_cli, seeded
 
 
 # ----------------------------------------------------------------------------- configuration
@@ -293,46 +293,47 @@ def context_mask(n, frames, prob, gen):
     return torch.arange(frames)[None] < k[:, None]
 
 
+def msq_free_frames(a, b, ctx_mask=None):
+    """Mean squared difference per clip (B,) over the frames not given as clean context (every frame without a mask),
+    so a clip's error does not shrink with the share of its frames that are context."""
+    err = (a - b) ** 2                                                        # (B, C, F, H, W)
+    if ctx_mask is None:
+        return err.mean(dim=(1, 2, 3, 4))
+    keep = (~ctx_mask).to(err.dtype)[:, None, :, None, None]
+    return (err * keep).sum(dim=(1, 2, 3, 4)) / (keep.sum(dim=(1, 2, 3, 4)) * err[0, :, 0].numel()).clamp(min=1)
+
+
+def straight_path_velocity(model, x1, x0, t, tokens, ctx=None, ctx_mask=None, drop=None):
+    """The model's velocity at x_t = (1 - t) x0 + t x1 on the straight path from noise x0 to clip x1."""
+    tt = t[:, None, None, None, None]
+    return model.velocity((1 - tt) * x0 + tt * x1, t, tokens, ctx=ctx, ctx_mask=ctx_mask, drop=drop)
+
+
+def flow_error(model, x1, x0, t, tokens, ctx=None, ctx_mask=None, drop=None):
+    """The flow-matching error per clip (B,): |v(x_t) - (x1 - x0)|^2 over the free frames. SFT's loss, the curated
+    term, AWM's advantage-weighted loss and DPO's implicit reward are all this one error."""
+    return msq_free_frames(straight_path_velocity(model, x1, x0, t, tokens, ctx, ctx_mask, drop), x1 - x0, ctx_mask)
+
+
 def flow_loss(model, x1, tokens, gen, cond_drop=0.1, ctx_mask=None, t_mean=-0.4, t_std=1.0):
-    """Rectified-flow loss on v, per sample (B,), and the sampled t (B,). Context frames are given clean
-    and excluded from the loss. gen: a CPU torch.Generator, so runs are reproducible on any device."""
-    policy = getattr(model, "module", model)  # model may be wrapped in DDP, which only calls forward
-    x1 = policy.encode(x1)                    # clips in [-1, 1] -> the flow's space; ctx_mask is over its frames
+    """Rectified-flow loss per sample (B,) at logit-normal t, and that t (B,). Context frames are given clean and left
+    out of the loss. gen: a CPU torch.Generator, so runs are reproducible on any device."""
+    x1 = model.encode(x1)                     # clips in [-1, 1] -> the flow's space; ctx_mask is over its frames
     B, dev = x1.shape[0], x1.device
     t = sample_t(B, gen, t_mean, t_std, dev)
     x0 = torch.randn(x1.shape, generator=gen).to(dev)
     drop = (torch.rand(B, generator=gen) < cond_drop).to(dev)
-    tt = t[:, None, None, None, None]
-    xt = (1 - tt) * x0 + tt * x1
-    ctx = x1 if ctx_mask is not None else None
-    v_hat = to_velocity(model(xt, t, tokens, ctx=ctx, ctx_mask=ctx_mask, drop=drop), xt, t, policy.cfg.t_eps)
-    err = (v_hat - (x1 - x0)) ** 2                                          # (B, C, F, H, W)
-    if ctx_mask is None:
-        return err.mean(dim=(1, 2, 3, 4)), t
-    keep = (~ctx_mask).to(err.dtype)[:, None, :, None, None]
-    return (err * keep).sum(dim=(1, 2, 3, 4)) / (keep.sum(dim=(1, 2, 3, 4)) * err[0, :, 0].numel()).clamp(min=1), t
+    return flow_error(model, x1, x0, t, tokens, x1 if ctx_mask is not None else None, ctx_mask, drop), t
 
 
 def curated_loss(net, n, seed, step, world, device):
     """The flow loss (B,) on a fresh batch of n curated clips: the anchor Stage II and III add to their own
     objective (PPO-ptx), so a reward or a preference cannot buy its gain with fidelity. The batch, t, noise
     and context follow from (seed, step) alone: every rank fits the same clips, and a resume the same ones."""
-    g = torch.Generator().manual_seed(seed * 1_000_003 + step)
+    g = seeded(seed, step)
     b = data.make_batch("curated", n, seed=seed + 1, step=step, world=world)
     ctx_mask = context_mask(n, net.flow_shape[1], 0.5, g).to(device)
     return flow_loss(net, b.videos.to(device), b.tokens.to(device), g, 0.1, ctx_mask)[0]
-
-
-def masked_msq(a, b, ctx_mask=None):
-    """Mean squared difference per clip (B,), context frames excluded."""
-    keep = 1.0 if ctx_mask is None else (~ctx_mask).float()[:, None, :, None, None]
-    return (((a - b) ** 2) * keep).mean((1, 2, 3, 4))
-
-
-def straight_path_velocity(model, x1, x0, t, tokens, ctx=None, ctx_mask=None):
-    """The model's velocity at x_t = (1 - t) x0 + t x1 on the straight path from noise x0 to clip x1."""
-    tt = t[:, None, None, None, None]
-    return model.velocity((1 - tt) * x0 + tt * x1, t, tokens, ctx=ctx, ctx_mask=ctx_mask)
 
 
 # Guidance in a limited interval (Kynkaanniemi et al. 2024): classifier-free guidance decides what a clip shows
@@ -356,16 +357,15 @@ def guided_velocity(model, x, t, tokens, cfg_scale, ctx=None, ctx_mask=None, cfg
     return v_u + cfg_scale * (v_c - v_u)
 
 
-def time_grid(steps, shift=1.0):
-    """t from 0 to 1. shift > 1 spends more steps near the noise end (t small)."""
-    s = torch.linspace(0, 1, steps + 1)
-    return s / (shift - (shift - 1) * s)
+def time_grid(steps):
+    """t from 0 to 1 in equal steps."""
+    return torch.linspace(0, 1, steps + 1)
 
 
 @torch.no_grad()
-def sample(model, tokens, noise, steps=20, cfg_scale=3.0, ctx=None, ctx_mask=None, shift=1.0, cfg_until=None):
+def sample(model, tokens, noise, steps=20, cfg_scale=3.0, ctx=None, ctx_mask=None, cfg_until=None):
     """Euler ODE from noise (t=0) to data (t=1). noise: (B, C, F, H, W). Context frames are pinned."""
-    x, grid = noise, time_grid(steps, shift)
+    x, grid = noise, time_grid(steps)
     for i in range(steps):
         t, t_next = float(grid[i]), float(grid[i + 1])
         x = x + (t_next - t) * guided_velocity(model, x, t, tokens, cfg_scale, ctx, ctx_mask, cfg_until)

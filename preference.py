@@ -31,8 +31,8 @@ import rewards as R
 from checkpoint import lineage_record, load_model, resume_run, save_checkpoint, save_run_state
 from judge import load_reward_model, rm_score
 from stability import (EMA, RUN_FILES, ConfigError, NonFiniteGuard, all_mean, atomic_write, average_gradients, check_ranges,
-                       check_ranks_agree, claim_out_dir, clip_gradients, make_logger, open_log, parse_config, print_config,
-                       run_cli, setup_distributed, teardown, warmup_cosine)
+                       check_ranks_agree, claim_out_dir, clip_gradients, command_line, make_logger, open_log, parse_config, print_config,
+                       run_cli, seeded, setup_distributed, teardown, warmup_cosine)
 
 
 @dataclass
@@ -85,9 +85,7 @@ def judge_scores(cfg, clips, prompts, world, rm=None):
     """One scalar per clip from the chosen judge. (B,)"""
     w = torch.tensor(list(R.head_weights(cfg.weights, default=1.0).values()))
     if cfg.judge == "oracle":   # exact: the fraction of prompted attributes the clip gets right, heads break ties
-        ok = R.check(clips, prompts, world)
-        heads = torch.stack(list(R.reward_heads(clips, prompts, world).values()), 1)
-        return torch.stack([ok[k].float() for k in data.ATTRIBUTES], 1).mean(1) + 0.01 * heads.mean(1)
+        return R.oracle_preference(clips, prompts, world)
     if cfg.judge == "rm":
         mean, _ = rm_score(rm, clips, data.tokenize(prompts))
         heads = torch.stack([mean[h] for h in R.HEADS], 1)                   # registry order, like reward_heads
@@ -187,39 +185,33 @@ def load_pairs(path, mc):
 
 
 # ----------------------------------------------------------------------------- the loss
-def velocity_error(net, x1, x0, t, tokens):
-    """Per-clip mean squared error of the flow's velocity on a noised clip. (B,)"""
-    tt = t[:, None, None, None, None]
-    xt = (1 - tt) * x0 + tt * x1
-    return ((net.velocity(xt, t, tokens) - (x1 - x0)) ** 2).mean(dim=(1, 2, 3, 4))
-
-
 def dpo_step(policy, reference, win, lose, tokens, weight, t, x0, beta, sft_weight, decoupled):
     """Backpropagate one DPO batch (gradients land in policy's .grad); returns loss, z = -beta/2 (d_w - d_l), e_w.
+    e = model.flow_error, the flow-matching error each branch's implicit reward is built from.
     Joint: one graph over both branches. Decoupled: the coefficient dL/de_w = beta/2 sigmoid(-z) w / B is computed
     first without a graph, then each branch is built, backpropagated and freed in turn."""
     B = len(win)
     with torch.no_grad():
-        ref_w, ref_l = velocity_error(reference, win, x0, t, tokens), velocity_error(reference, lose, x0, t, tokens)
+        ref_w, ref_l = M.flow_error(reference, win, x0, t, tokens), M.flow_error(reference, lose, x0, t, tokens)
     if not decoupled:
-        e_w, e_l = velocity_error(policy, win, x0, t, tokens), velocity_error(policy, lose, x0, t, tokens)
+        e_w, e_l = M.flow_error(policy, win, x0, t, tokens), M.flow_error(policy, lose, x0, t, tokens)
         z = -beta / 2 * ((e_w - ref_w) - (e_l - ref_l))
         loss = -(weight * F.logsigmoid(z)).mean() + sft_weight * e_w.mean()
         loss.backward()
         return loss.detach(), z.detach(), e_w.detach()
     with torch.no_grad():
-        e_l = velocity_error(policy, lose, x0, t, tokens)
-    e_w = velocity_error(policy, win, x0, t, tokens)
+        e_l = M.flow_error(policy, lose, x0, t, tokens)
+    e_w = M.flow_error(policy, win, x0, t, tokens)
     z = -beta / 2 * ((e_w.detach() - ref_w) - (e_l - ref_l))
     coef = (weight * torch.sigmoid(-z) * beta / 2 / B).detach()              # dL/de_w; dL/de_l = -coef
     ((coef * e_w).sum() + sft_weight * e_w.mean()).backward()                # winner branch, then freed
-    (-(coef * velocity_error(policy, lose, x0, t, tokens))).sum().backward()  # loser branch
+    (-(coef * M.flow_error(policy, lose, x0, t, tokens))).sum().backward()  # loser branch
     loss = -(weight * F.logsigmoid(z)).mean() + sft_weight * e_w.detach().mean()
     return loss, z, e_w.detach()
 
 
 # ----------------------------------------------------------------------------- the loop's pieces
-INPUT_STAGES = ("sft", "rl-awm", "rl-ppo", "grpo", "dpo")  # what a preference stage refines ('grpo': older runs)
+INPUT_STAGES = ("sft", "rl-awm", "rl-ppo", "dpo")  # what a preference stage refines
 
 
 def check_config(cfg):
@@ -241,7 +233,7 @@ def check_config(cfg):
 def step_batch(cfg, step, d, n_pairs, flow_shape):
     """This rank's slice of step `step`'s pairs, t and noise: drawn whole from one seed on every rank, so 1 or N
     ranks (and a resume) train on the same batch. Returns (pair indices, t, x0)."""
-    gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
+    gen = seeded(cfg.seed, step)
     mine = slice(d.rank * cfg.batch_size // d.ranks, (d.rank + 1) * cfg.batch_size // d.ranks)
     idx = torch.randint(n_pairs, (cfg.batch_size,), generator=gen)[mine]
     t = M.sample_t(cfg.batch_size, gen, cfg.t_mean, cfg.t_std)[mine]
@@ -302,7 +294,7 @@ def train(cfg: Config):
                          sampled=max(n, 2 * cfg.eval_prompts), stored=cfg.pair_prompts * n * (n - 1) if new_pairs else 0)
     if d.main:
         claim_out_dir(cfg.out_dir, cfg.resume, cfg.overwrite, inputs=[cfg.init, cfg.pairs, cfg.reward_model], stage="dpo",
-                      writes=(*RUN_FILES, "pairs.safetensors"))
+                      writes=(*RUN_FILES, "pairs.safetensors"), command=command_line("preference.py", cfg))
 
     # ================================================================ PAIRS
     pair_path = cfg.pairs or paths["pairs"]

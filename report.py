@@ -28,7 +28,7 @@ from bench import ablation_rows, trained_reward
 from checkpoint import read_checkpoint
 from diagnose import QUALITY, DiagnoseConfig, read_diagnostics
 from rewards import HEADS
-from stability import UserError, claim_out_file, parse_config, run_cli, write_text
+from stability import RUN_MARKER, UserError, claim_out_file, parse_config, run_cli, write_text
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 STAGES = (("sft", "Stage I: SFT"), ("rl", "Stage II: GRPO"), ("dpo", "Stage III: DPO"))
@@ -137,7 +137,7 @@ def stage_rows(results, extra):
     """(label, {column: (mean, se or None) or None}) for every axis diagnose measured, in markdown_table's order,
     then `extra` rows read from the run (validation loss, DPO win rate)."""
     names, first = list(results), next(iter(results.values()))
-    def row(label, *keys):  # a metric some column lacks (an older diagnose, no judge) is an empty cell
+    def row(label, *keys):  # a metric some column lacks (a diagnosis without the learned judge) is an empty cell
         vals = {}
         for n in names:
             v = results[n]
@@ -177,9 +177,7 @@ def cell(vals, names, i):
 
 def parts_rows(results):
     """The why-table: each head's parts (penalties in tolerances, 0 = perfect), the training data's score on each
-    (the same for every column), then each checkpoint's. [] for diagnostics written before diagnose had parts."""
-    if not all("parts" in r for r in results.values()):
-        return []
+    (the same for every column), then each checkpoint's."""
     names, first = list(results), next(iter(results.values()))["parts"]
     def cell(n, h, p):  # the samples' penalty, and the network's redraw of a clean clip beside it where measured
         v = results[n]["parts"].get(h, {}).get(p, {})
@@ -190,8 +188,8 @@ def parts_rows(results):
 
 
 def recommended(name, rec):
-    """A column's recommendation: the sentence and the command (an older diagnose wrote only a sentence)."""
-    return f"**{name}**: {rec}" if isinstance(rec, str) else f"**{name}**: {rec['text']}. Next: `{rec['command']}`"
+    """A column's recommendation: the sentence and the command."""
+    return f"**{name}**: {rec['text']}. Next: `{rec['command']}`"
 
 
 # ----------------------------------------------------------------------------- the run: logs, files, machine
@@ -265,8 +263,8 @@ def ablation_blocks(path):
     if not (path and os.path.exists(path)):   # `make ablations` has not run here: no section
         return []
     result = json.load(open(path))
-    if "start" not in result:                 # written before rows were judged on the held-out clips
-        return [("h2", "Ablations"), ("p", f"`{path}` is from an older `make ablations`; rerun it for this section.")]
+    if "start" not in result:
+        raise UserError(f"{path} is from an older make ablations; rerun it (make ablations), or pass --ablations=")
     header, rows = ablation_rows(result)
     runs = {n: r for n, r in result.items() if n != "start"}
     logs = {n: [r for r in read_jsonl(os.path.join(os.path.dirname(path), n, "log.jsonl")) if "rollout_s" in r] for n in runs}
@@ -321,23 +319,14 @@ def machine():
             f"({len(os.sched_getaffinity(0))} usable by this process)", "GPU": gpu}
 
 
-def pipeline_commands(run, target="pipeline"):
-    """The Makefile recipe of `target` as this checkout writes it, with $(PY), the run folder and the flags a
-    driven run read from its .flags files filled in."""
-    path, cmds, inside = os.path.join(HERE, "Makefile"), [""], False
-    for line in open(path) if os.path.exists(path) else ():
-        inside = line.startswith(f"{target}:") or inside and line.startswith("\t")
-        if inside and line.startswith("\t"):  # a line ending in a backslash goes on in the next
-            cmds[-1] += line.strip().rstrip("\\")
-            cmds += [] if line.rstrip().endswith("\\") else [""]
-    flags = lambda m: open(m.group(1)).read().strip() if os.path.exists(m.group(1)) else m.group(0)[1:]
-    # $(if $(SFT),copy,train): Stage I trained here, or a checkpoint copied in (no log of its own)
-    trained = os.path.exists(os.path.join(run, "sft", "log.jsonl"))
-    pick = lambda c: re.sub(r"^\$\(if \$\(SFT\),([^,]*),(.*)\)$", lambda m: m.group(2 if trained else 1), c)
-    fill = lambda c: " ".join(re.sub(r"\$\$\(cat (\S+)\)", flags, pick(c).replace("$(PY)", "python").replace(
-        "$(RUN)", run).replace("$(DRIVEN)", run)).split())
-    var = "DRIVEN" if target == "pipeline_driven" else "RUN"
-    return [f"make {target} {var}={run}   # runs:"] + [fill(c) for c in cmds if c and not c.startswith("@")]
+def run_commands(run):
+    """The command each step of the run was started with, as its folder's run marker recorded it, in pipeline order."""
+    lines = []
+    for folder in ("sft", "diagnose_sft", "rl", "diagnose_rl", "dpo", "diagnose"):
+        marker = os.path.join(run, folder, RUN_MARKER)
+        if os.path.exists(marker):
+            lines.append(json.load(open(marker)).get("command") or f"{folder}: not recorded")
+    return lines
 
 
 def diagnose_command(dcfg):
@@ -416,12 +405,11 @@ def write_report(cfg):
     html_path, md_path = os.path.join(run, "report.html"), os.path.join(run, "report.md")
     for path in (html_path, md_path):
         claim_out_file(path, cfg.overwrite, flag="the report")
-    try:  # config.json: written by diagnose since the report exists; without it, columns and rows go unnamed
-        dcfg = json.load(open(f"{diag}/config.json")) if os.path.exists(f"{diag}/config.json") else {}
-    except (ValueError, UnicodeDecodeError) as e:
-        raise UserError(f"{diag}/config.json is broken ({type(e).__name__}); rerun diagnose") from None
-    names = list(results)  # an older diagnose recorded no paths: a pipeline's columns are named after its folders
-    paths = dcfg.get("columns") or {n: f"{run}/{n}/ckpt.safetensors" for n in names if os.path.isdir(f"{run}/{n}")}
+    try:  # config.json: the columns' paths, the grid's prompts, diagnose's settings and time
+        dcfg = json.load(open(f"{diag}/config.json"))
+        names, paths, grid_rows = list(results), dcfg["columns"], dcfg["grid_rows"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise UserError(f"{diag}/config.json is missing or broken ({type(e).__name__}); rerun diagnose") from None
     # each column's metadata from its checkpoint where it still exists, else the lineage diagnose copied
     meta = {n: read_checkpoint(paths[n])[2] if os.path.exists(paths.get(n, "")) else
             {"lineage": results[n].get("lineage", {})} for n in names}
@@ -437,7 +425,7 @@ def write_report(cfg):
     curves, all_acc = stage_curves(run), [r["instruction_by_attribute"]["all"][0] for r in results.values()]
     glance = (f"Oracle accuracy on every prompted attribute: {' -> '.join(f'{n} {a:.3f}' for n, a in zip(names, all_acc))}"
               + "".join(f"; DPO win rate vs its input {w['win_rate']:.0%}" for w in wins.values() if w) + ".")
-    grid_rows, grid = dcfg.get("grid_rows") or [f"eval prompt {i + 1}" for i in range(8)], os.path.join(diag, "grid.gif")
+    grid = os.path.join(diag, "grid.gif")
     minutes = lambda s: f"{s / 60:.1f} min" if s else "not recorded"
     target = "pipeline_driven" if os.path.exists(os.path.join(run, "advice_rl.json")) else "pipeline"
     blocks = [("h1", f"postflow report: {run}"),
@@ -470,8 +458,8 @@ def write_report(cfg):
     blocks += [("h2", "Drift: by frame, and by chunk of clips continued to 4x their length"),
                ("charts", drift_curves(results)), *decision_blocks(run, results), *ablation_blocks(cfg.ablations),
                ("h2", "How it was made"),
-               ("p", f"`make {target}` runs these commands (this checkout's Makefile); the settings each stage "
-                     "actually ran with are its config, below."), ("pre", pipeline_commands(run, target)),
+               ("p", f"`make {target}` ran these commands (as each step's folder recorded them); the settings each "
+                     "stage actually ran with are its config, below."), ("pre", run_commands(run)),
                ("h3", "Wall time per stage"),
                ("table", ["stage", "loop time (its log)", "end to end (file times)"],
                 [(f, minutes(loop), minutes(span)) for f, loop, span in wall_times(run, dcfg.get("seconds"))], ""),

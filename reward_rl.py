@@ -24,8 +24,9 @@ import rewards as R
 from checkpoint import lineage_record, load_model, resume_run, save_checkpoint, save_run_state
 from judge import load_reward_model, rm_score
 from stability import (EMA, ConfigError, HackingMonitor, NonFiniteGuard, SpikeGuard, all_mean, average_gradients,
-                       bf16_autocast, check_ranges, check_ranks_agree, claim_out_dir, clip_gradients, from_rank0, gather_rows,
-                       make_logger, open_log, parse_config, print_config, run_cli, setup_distributed, teardown, warmup_cosine)
+                       bf16_autocast, check_ranges, check_ranks_agree, claim_out_dir, clip_gradients, command_line, from_rank0, gather_rows,
+                       make_logger, open_log, parse_config, print_config, run_cli, seeded, setup_distributed, teardown,
+                       warmup_cosine)
 
 
 @dataclass
@@ -216,7 +217,7 @@ def awm_update(cfg, policy, reference, roll, adv, mb, share, draws, stats):
     ctx, cm = (None, None) if roll.ctx is None else (roll.ctx[mb], roll.ctx_mask[mb])
     weight, total, dev = torch.where(a < 0, cfg.neg_scale * a, a), 0.0, clips.device
     flow = lambda net, t, x0: M.straight_path_velocity(net, clips, x0[g].to(dev), t[g].to(dev), tokens, ctx, cm)
-    error = lambda net, t, x0: M.masked_msq(flow(net, t, x0), clips - x0[g].to(dev), cm).float()  # (mb,)
+    error = lambda net, t, x0: M.flow_error(net, clips, x0[g].to(dev), t[g].to(dev), tokens, ctx, cm).float()  # (mb,)
     with bf16(cfg, clips.device):
         for t, x0, _ in draws:
             err = error(policy, t, x0)
@@ -232,7 +233,7 @@ def awm_update(cfg, policy, reference, roll, adv, mb, share, draws, stats):
         t, x0 = draws[0][2], draws[0][1]      # the KL: one pass at pretraining's t, where the edges are drawn
         with torch.no_grad():
             v_ref = flow(reference, t, x0)
-        kl = M.masked_msq(flow(policy, t, x0), v_ref, cm)
+        kl = M.msq_free_frames(flow(policy, t, x0), v_ref, cm)
         (cfg.awm_beta * kl.sum() * share).backward()
     roll.on_policy = False                    # the optimizer steps next: later passes compare with the sampler
     stats["kl_ref"].append(kl.sum().item() * share)  # this rank's part of the minibatch's mean: summed over ranks
@@ -317,7 +318,8 @@ def train(cfg: Config, reward_fn=None):
     M.check_batch_memory(policy, d.device, trained=per_rank + cfg.sft_batch, sampled=max(per_rank, 2 * cfg.eval_prompts),
                          stored=per_rank * (cfg.rollout_steps + 2))
     if d.main:  # every input is checked: only now may an old run be replaced
-        claim_out_dir(cfg.out_dir, cfg.resume, cfg.overwrite, inputs=[cfg.init, cfg.reward_model], stage="rl")
+        claim_out_dir(cfg.out_dir, cfg.resume, cfg.overwrite, inputs=[cfg.init, cfg.reward_model], stage="rl",
+                      command=command_line("reward_rl.py", cfg))
     state_path, ckpt_path = os.path.join(cfg.out_dir, "state.safetensors"), os.path.join(cfg.out_dir, "ckpt.safetensors")
     mc, world = policy.cfg, R.world_of(policy.cfg)
     ema, opt = EMA(policy, cfg.ema_decay), torch.optim.AdamW(policy.parameters(), lr=cfg.lr, weight_decay=0.0)
@@ -348,7 +350,7 @@ def train(cfg: Config, reward_fn=None):
     bar = tqdm(range(start, cfg.iters), initial=start, total=cfg.iters, disable=not d.main, desc=f"rl-{cfg.update}")
     for it in bar:
         t0 = time.time()
-        gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + it)       # this iteration's draws, on every rank
+        gen = seeded(cfg.seed, it)                                           # this iteration's draws, on every rank
         # ================================================================ SAMPLING
         clips, roll = sample_rollouts(cfg, policy, sampler, it, gen, train_prompts, mine, d.device)
         roll.trained = sorted(torch.randperm(len(roll.transitions), generator=gen)[:n_trained].tolist())

@@ -297,15 +297,18 @@ def quick_eval(net, prompts, noise, steps=20, cfg_scale=3.0, world=None):
     return out
 
 
+def oracle_preference(clips, prompts, world=None):
+    """The oracle's preference as one number per clip: the fraction of prompted attributes it gets right, with the
+    heads' mean (x 0.01, in [0, 0.01]) breaking ties between equal counts. (B,)"""
+    obs = oracle(clips, world)
+    ok = check(clips, prompts, obs=obs)
+    heads = torch.stack(list(reward_heads(clips, prompts, obs=obs).values()), 1).mean(1)
+    return torch.stack([ok[k].float() for k in data.ATTRIBUTES], 1).mean(1) + 0.01 * heads
+
+
 def oracle_win_rate(a, b, prompts, world=None):
-    """Oracle pairwise comparison of clips a[i] and b[i] for prompts[i]: 1 where a is better, 0.5 for a tie.
-    Better = more prompted attributes right; the heads' mean (in [0, 1]) breaks ties between equal counts. (B,)"""
-    def score(clips):
-        obs = oracle(clips, world)
-        ok = check(clips, prompts, obs=obs)
-        heads = torch.stack(list(reward_heads(clips, prompts, obs=obs).values()), 1).mean(1)
-        return torch.stack([ok[k].float() for k in data.ATTRIBUTES], 1).sum(1) + heads
-    sa, sb = score(a), score(b)
+    """1 where the oracle prefers clip a[i] to b[i] for prompts[i], 0.5 for a tie. (B,)"""
+    sa, sb = oracle_preference(a, prompts, world), oracle_preference(b, prompts, world)
     return (sa > sb).float() + 0.5 * (sa == sb).float()
 
 

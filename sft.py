@@ -2,7 +2,7 @@
 
     python sft.py                                          # SFT: shipped base -> curated data
     python sft.py --init= --data=web --steps=2400 --out_dir=runs/base   # pretraining from scratch
-    torchrun --standalone --nproc_per_node=2 sft.py        # the same file, DDP over gloo / nccl
+    torchrun --standalone --nproc_per_node=2 sft.py        # the same file, gradients averaged over gloo / nccl
 
 From scratch on noisy web data this is pretraining; from a checkpoint on curated data it shapes a stable,
 controllable reference policy for Stages II and III. Either way the loop is the same: flow loss (logged
@@ -16,15 +16,14 @@ import time
 from dataclasses import asdict, dataclass
 
 import torch
-from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 import data
 import model as M
 from checkpoint import lineage_record, load_model, resume_run, save_checkpoint, save_run_state
-from stability import (EMA, ConfigError, NonFiniteGuard, all_mean, check_ranges, check_ranks_agree, claim_out_dir,
-                       clip_gradients, make_logger, open_log, parse_config, print_config, run_cli, setup_distributed,
-                       teardown, warmup_cosine)
+from stability import (EMA, ConfigError, NonFiniteGuard, all_mean, average_gradients, check_ranges, check_ranks_agree,
+                       claim_out_dir, clip_gradients, command_line, make_logger, open_log, parse_config, print_config, run_cli, seeded,
+                       setup_distributed, teardown, warmup_cosine)
 
 
 @dataclass
@@ -105,7 +104,8 @@ def train(cfg: Config, stop_after=None):
         net = M.VideoDiT(mcfg).to(d.device)
     M.check_batch_memory(net, d.device, trained=cfg.batch_size // d.ranks, sampled=max(cfg.val_clips, 12))
     if d.main:  # every input is checked: only now may an old run be replaced
-        claim_out_dir(cfg.out_dir, cfg.resume, cfg.overwrite, inputs=[cfg.init], stage="sft" if cfg.init else "pretrain")
+        claim_out_dir(cfg.out_dir, cfg.resume, cfg.overwrite, inputs=[cfg.init], stage="sft" if cfg.init else "pretrain",
+                      command=command_line("sft.py", cfg))
     if d.ranks > 1:
         torch.distributed.barrier()
     net.train()
@@ -114,7 +114,6 @@ def train(cfg: Config, stop_after=None):
     opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     guard = NonFiniteGuard()
     start, log_offset = resume_run(state_path, net, ema, opt, cfg, {"guard": guard}, log, d.main) if cfg.resume else (0, None)
-    train_net = DDP(net) if d.ranks > 1 else net
     per_rank = cfg.batch_size // d.ranks
     stage = "pretrain" if not cfg.init else "sft"
     lineage = lambda step: lineage_record(stage, cfg.init, step, cfg.data, config=asdict(cfg),
@@ -129,17 +128,18 @@ def train(cfg: Config, stop_after=None):
     bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, disable=not d.main, desc=stage)
     for step in bar:
         # Everything random in a step comes from (seed, step, rank), so a resumed run repeats it exactly.
-        gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step * d.ranks + d.rank)
+        gen = seeded(cfg.seed, step * d.ranks + d.rank)
         b = data.make_batch(cfg.data, per_rank, seed=cfg.seed, step=step * d.ranks + d.rank, world=world)
         ctx_mask = M.context_mask(per_rank, net.flow_shape[1], cfg.ctx_prob, gen).to(d.device)  # over the flow's frames
         lr = warmup_cosine(step, cfg.lr, cfg.warmup, cfg.steps)
         for group in opt.param_groups:
             group["lr"] = lr
-        per_sample, t = M.flow_loss(train_net, b.videos.to(d.device), b.tokens.to(d.device), gen, cfg.cond_drop,
+        per_sample, t = M.flow_loss(net, b.videos.to(d.device), b.tokens.to(d.device), gen, cfg.cond_drop,
                                     ctx_mask, cfg.t_mean, cfg.t_std)
         loss = per_sample.mean()
         loss.backward()
-        grad_norm = clip_gradients(net.parameters(), cfg.grad_clip)             # DDP: the same on every rank
+        average_gradients(net.parameters(), d)                                # every rank steps alike
+        grad_norm = clip_gradients(net.parameters(), cfg.grad_clip)
         if guard.ok(all_mean(loss.detach(), d).item(), grad_norm):
             opt.step()
             ema.update(net, step)

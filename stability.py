@@ -15,6 +15,7 @@ import json
 import math
 import os
 import re
+import shlex
 import sys
 from dataclasses import dataclass
 
@@ -322,7 +323,14 @@ def run_files(writes):
     return (RUN_MARKER, *writes, *(f"{w}.tmp*" for w in writes))
 
 
-def claim_out_dir(path, resume, overwrite, inputs=(), stage="", writes=RUN_FILES):
+def command_line(script, cfg):
+    """The command that runs `script` with cfg: python, the script, and each setting that differs from its default."""
+    value = lambda v: ",".join(v) if isinstance(v, tuple) else str(v).lower() if isinstance(v, bool) else str(v)
+    flags = [f"--{k}={value(v)}" for k, v in dataclasses.asdict(cfg).items() if v != getattr(type(cfg)(), k)]
+    return " ".join(["python", script, *map(shlex.quote, flags)])
+
+
+def claim_out_dir(path, resume, overwrite, inputs=(), stage="", writes=RUN_FILES, command=""):
     """Make path ready for a run. Call it after every input has been checked: nothing is deleted before.
 
     --overwrite=true replaces a postflow run and nothing else: a folder is a run when it holds RUN_MARKER, and only
@@ -356,7 +364,7 @@ def claim_out_dir(path, resume, overwrite, inputs=(), stage="", writes=RUN_FILES
     os.makedirs(path, exist_ok=True)
     if not resume or RUN_MARKER not in held:
         write_text(os.path.join(path, RUN_MARKER), json.dumps({"stage": stage, "writes": list(writes),
-                                                               "command": sys.argv}, indent=1))
+                                                               "command": command}, indent=1))
 
 
 def describe(names, n=5):

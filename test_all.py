@@ -409,15 +409,20 @@ def test_judge_calibration_sets_each_heads_level_on_the_members_mean_and_keeps_t
     assert all(torch.allclose(x, shift[0][:1].expand_as(x), atol=1e-6) for x in shift)  # one shift, every clip and member
 
 
-def test_a_judge_saved_before_calibration_loads_uncalibrated(tmp_path):
-    torch.manual_seed(0)
+def test_a_judge_or_checkpoint_from_an_older_postflow_is_refused_naming_what_to_remake(tmp_path):
     net, path = judge.RewardNet(8), str(tmp_path / "old_judge.safetensors")
-    tensors = {f"member0.{k}": v for k, v in net.state_dict().items() if k != "offset"}
-    checkpoint.save_checkpoint(path, tensors, M.preset("tiny"), checkpoint.lineage_record("reward_model", "", 1, "curated"), members=1,
-                      width=8, heads=list(rewards.HEADS))
-    (old,) = judge.load_reward_model(path)
-    b = data.make_batch("curated", 4, world=TINY_WORLD)
-    assert torch.equal(old(b.videos, b.tokens), net(b.videos, b.tokens))
+    tensors = {f"member0.{k}": v for k, v in net.state_dict().items() if k != "offset"}    # no calibration
+    checkpoint.save_checkpoint(path, tensors, M.preset("tiny"), checkpoint.lineage_record("reward_model"), members=1,
+                               width=8, heads=list(rewards.HEADS))
+    with pytest.raises(checkpoint.CheckpointError, match="refit it"):
+        judge.load_reward_model(path)
+    from safetensors.torch import save_file
+    policy = M.VideoDiT(M.preset("tiny"))
+    save_file(policy.state_dict(), str(tmp_path / "factorised.safetensors"), metadata={   # a layout no longer built
+        "format": "postflow", "lineage": "{}",
+        "model_config": json.dumps({**dataclasses.asdict(policy.cfg), "attention": "factorised"})})
+    with pytest.raises(checkpoint.CheckpointError, match="asks for attention, which this postflow does not build"):
+        checkpoint.load_model(str(tmp_path / "factorised.safetensors"))
 
 
 @pytest.fixture(scope="module")
@@ -821,6 +826,32 @@ def test_awm_bounded_objective_saturates_off_policy(tiny_checkpoints):
     loss_of(0.0)
     g_plain = [p.grad.clone() for p in policy.parameters() if p.grad is not None]
     assert all(torch.allclose(a, b, rtol=1e-4, atol=1e-7) for a, b in zip(g_bounded, g_plain))
+
+
+def test_awm_log_ratio_is_a_free_frame_mean_whatever_the_context_share(tiny_checkpoints):
+    """With --chunks=2 a trained chunk's first frames are pinned context. AWM's log-ratio err_sampler - err is the flow
+    error over the free frames only (model.flow_error, as SFT's and DPO's), with one frame or half the clip as context;
+    an average over every frame with context zeroed scaled it by the free share and so widened the clip."""
+    _, tuned, _ = tiny_checkpoints
+    policy, sampler, roll, draws, gen = awm_setup(tuned)
+    with torch.no_grad():
+        for p in policy.parameters():
+            p.add_(0.02 * torch.randn(p.shape, generator=gen))
+    t, x0 = draws[0][0], draws[0][1]
+    frames = roll.clips.shape[2]
+    for context in (1, frames // 2):
+        mask = (torch.arange(frames) < context)[None].expand(4, frames)
+        roll.ctx, roll.ctx_mask, roll.on_policy, roll.sampler = roll.clips, mask, False, sampler
+        stats = collections.defaultdict(list)
+        reward_rl.awm_update(reward_rl.Config(awm_beta=0.0, bf16=False), policy, sampler, roll, torch.ones(4),
+                             torch.arange(4), 1 / 4, draws, stats)
+        with torch.no_grad():
+            per_frame = lambda net: ((M.straight_path_velocity(net, roll.clips, x0, t, roll.tokens, roll.clips, mask)
+                                      - (roll.clips - x0)) ** 2).mean(dim=(1, 3, 4))            # (B, F)
+            log_ratio = (per_frame(sampler) - per_frame(policy))[:, context:].mean(1)        # the free frames' mean
+        assert stats["ratio"][0] == pytest.approx(float(log_ratio.exp().mean()), rel=1e-6, abs=1e-7)
+        share = (frames - context) / frames                                                 # the old average's scale
+        assert abs(float((share * log_ratio).exp().mean()) - stats["ratio"][0]) > 1e-6
 
 
 @pytest.fixture(scope="module")
