@@ -332,7 +332,7 @@ def bench_speed(argv):
               "preset": cfg.preset, "parameters": sum(p.numel() for p in net.parameters()), "batch": cfg.batch,
               "bf16_native": native_bf16()}
     # the ceiling: a large square matmul, the best case for every kernel below. A CPU without bf16 units emulates
-    # it about 100x slower than fp32: no stage runs bf16 there, so it is not timed (the JSON says why).
+    # it far slower than fp32 (docs/results.md, Emulated bfloat16): no stage runs bf16 there, so it is not timed.
     precisions = (("fp32", torch.float32), ("bf16", torch.bfloat16)) if result["bf16_native"] else (("fp32", torch.float32),)
     # Measured before and after the figures, the larger kept: one reading of 1024 x 1024 alone once came out 95 GFLOP/s
     # on a machine that reads 130-178 (a busy or slow-clocked moment), which overstated every fraction below by half.

@@ -6,18 +6,24 @@ A model config that names a `policy` is built by the module POLICIES names (adap
 default path never imports an adapter. A run's state (state.safetensors) adds the EMA weights, the AdamW moments as
 plain tensors (no pickle), the step, every guard's history and the log's length, so a resume is exact.
 Every file is written atomically; every way a file can be wrong is a one-line CheckpointError.
+
+    python checkpoint.py --ckpt=X.safetensors --prompts="a fast red circle moving left" --out=clip.gif   # render one
 """
 import hashlib
 import importlib
 import json
 import os
+import sys
 import time
-from dataclasses import asdict, replace
+from dataclasses import asdict, dataclass, replace
 
 import torch
 
+import data
+import model as M
 from model import ModelConfig, VideoDiT
-from stability import ConfigError, UserError, atomic_write, check_fits, remove_stale_temps
+from stability import (ConfigError, UserError, atomic_write, check_fits, check_ranges, claim_out_file, parse_config,
+                       remove_stale_temps, run_cli)
 
 
 class CheckpointError(UserError):
@@ -258,3 +264,36 @@ def column_names(paths):
             k += 1
         out.append(n if k == 1 else f"{n}#{k}")
     return out
+
+
+# ----------------------------------------------------------------------------- render any checkpoint
+def main(argv):
+    @dataclass
+    class RenderConfig:
+        ckpt: str = "checkpoints/base_small.safetensors"  # hand-off checkpoint, or a run's state.safetensors (EMA)
+        prompts: str = "a fast red circle moving right;a slow green square moving up"  # ';'-separated
+        seeds: int = 4            # clips per prompt (seeds 0..seeds-1)
+        steps: int = 20           # Euler steps
+        cfg_scale: float = 3.0    # classifier-free guidance weight
+        out: str = "render.gif"   # .gif, or .mp4 with imageio-ffmpeg installed
+        seed: int = 0             # noise seed
+        overwrite: bool = False   # replace an existing output file
+
+    cfg = parse_config(RenderConfig, argv)
+    check_ranges(cfg, at_least_one=("seeds", "steps"), non_negative=("cfg_scale",))
+    claim_out_file(cfg.out, cfg.overwrite, inputs=[cfg.ckpt])
+    if not cfg.out.endswith((".gif", ".mp4")):
+        raise ConfigError(f"--out must end in .gif or .mp4, got {cfg.out!r}")
+    prompts = [p.strip() for p in cfg.prompts.split(";") if p.strip()]
+    tokens = data.tokenize(prompts).repeat_interleave(cfg.seeds, 0)
+    model, _ = load_model(cfg.ckpt)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    noise = torch.randn(len(tokens), *model.flow_shape, generator=gen)
+    videos = M.sample(model, tokens, noise, cfg.steps, cfg.cfg_scale)
+    os.makedirs(os.path.dirname(os.path.abspath(cfg.out)), exist_ok=True)
+    data.write_video(data.video_grid(videos, len(prompts), cfg.seeds), cfg.out)
+    print(f"wrote {cfg.out}: {len(prompts)} prompts (rows) x {cfg.seeds} seeds (columns)")
+
+
+if __name__ == "__main__":
+    run_cli(main, sys.argv[1:])

@@ -137,7 +137,7 @@ def diagnose_checkpoint(path, cfg, bar, rm=None, ref=None):
     want = targets(prompts, len(prompts))
     ref = ref or data_parts(world, cfg.seed)
     # ... and the network's own redraw of clean clips: a part it already misses there is the network's to learn
-    # (data, steps), not the sampler's or a reward's (docs/results.md)
+    # (data, steps), not the sampler's or a reward's (docs/results.md, Where fidelity was lost)
     drawn, clean = redraw(net, len(prompts), cfg.seed, world)
     drawn = head_parts(oracle(drawn, world), targets(clean.prompts, len(prompts)))
     out["parts"] = {h: {p: {"model": v, "curated": ref["curated"][h][p], "web": ref["web"][h][p], "redraw": drawn[h][p]}

@@ -17,8 +17,8 @@ Attention is joint over space and time: 8 frames x 16 tokens = 128 tokens in the
 attention is a small share of the cost. Positions enter as rotary angles whose spatial frequencies are whole
 turns around the frame, so a query-key score depends only on their offset on the torus the world lives on;
 "the previous frame, one patch to the left" is one question everywhere, which is what motion needs.
-(Measured: a factorised layout, spatial then temporal attention with additive positions, pretrained for 2000
-steps never learned the direction words; docs/results.md.)
+(A factorised layout, spatial then temporal attention with additive positions, never learned the direction words:
+docs/results.md, Where fidelity was lost.)
 
 The policy interface: what a stage needs from a model, so a fork can plug in its own (a real video
 transformer behind an adapter: adapters.py wraps diffusers' Wan) without touching the loops:
@@ -41,13 +41,9 @@ transformer behind an adapter: adapters.py wraps diffusers' Wan) without touchin
                                       model_config naming a `policy` is built by the module checkpoint.POLICIES names
 Everything else (guidance, the Euler and SDE samplers, the losses) is written once here on top of velocity().
 
-Run `python model.py --ckpt=X.safetensors --prompts="a fast red circle moving left" --out=clip.gif`
-to render any checkpoint.
 """
 import copy
 import math
-import os
-import sys
 from dataclasses import dataclass
 
 import torch
@@ -55,7 +51,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import data
-from stability import ConfigError, check_fits, check_ranges, claim_out_file, parse_config, run_cli, seeded
+from stability import ConfigError, check_fits, seeded
 
 
 # ----------------------------------------------------------------------------- configuration
@@ -284,9 +280,8 @@ def context_mask(n, frames, prob, gen):
 
     Context is also what teaches the motion words. Without it, where the object starts is uncertain until
     late in denoising and a direction word barely changes the best prediction; given the first frame, the
-    direction and speed words fix the rest of the clip. Measured: 300 steps with context on every clip
-    made swapping "left" for "right" raise the denoising error at t = 0.1 by 20 % (first frame given;
-    0.5 % before), and by 7 % at t = 0.2 with no context at all."""
+    direction and speed words fix the rest of the clip, so swapping "left" for "right" changes the best prediction
+    (it raised the denoising error far more once models trained with context)."""
     kind = torch.randint(2, (n,), generator=gen)
     used = torch.rand(n, generator=gen) < prob
     k = torch.where(kind == 0, torch.ones_like(kind), torch.full_like(kind, frames // 2)) * used
@@ -338,9 +333,8 @@ def curated_loss(net, n, seed, step, world, device):
 
 # Guidance in a limited interval (Kynkaanniemi et al. 2024): classifier-free guidance decides what a clip shows
 # while t is small; applied near the data it pushes the predicted clean clip past the data, which shows as speckle
-# inside the object, a halo on the background and off-palette colour (the fidelity head's three parts). Measured
-# on the 64 held-out clips (docs/results.md): the same SFT checkpoint, guidance everywhere -> until t = 0.6,
-# fidelity 0.488 -> 0.637, all-attributes 0.875 -> 0.875, temporal 0.774 -> 0.800.
+# inside the object, a halo on the background and off-palette colour (the fidelity head's three parts). Stopping it
+# at t = 0.6 raised fidelity at equal attribute accuracy (docs/results.md, Where fidelity was lost).
 CFG_UNTIL = 0.6
 
 
@@ -518,37 +512,3 @@ def check_batch_memory(policy, device, trained=0, sampled=0, stored=0):
     per_clip = 4 * c.depth * tokens * (40 * c.dim + 2 * c.heads * tokens)
     check_fits(trained * per_clip + sampled * per_clip // c.depth + 4 * stored * c.channels * c.frames * c.size ** 2,
                f"a batch of {max(trained, sampled, stored)} clips", device)
-
-
-# ----------------------------------------------------------------------------- render any checkpoint
-def main(argv):
-    @dataclass
-    class RenderConfig:
-        ckpt: str = "checkpoints/base_small.safetensors"  # hand-off checkpoint, or a run's state.safetensors (EMA)
-        prompts: str = "a fast red circle moving right;a slow green square moving up"  # ';'-separated
-        seeds: int = 4            # clips per prompt (seeds 0..seeds-1)
-        steps: int = 20           # Euler steps
-        cfg_scale: float = 3.0    # classifier-free guidance weight
-        out: str = "render.gif"   # .gif, or .mp4 with imageio-ffmpeg installed
-        seed: int = 0             # noise seed
-        overwrite: bool = False   # replace an existing output file
-
-    cfg = parse_config(RenderConfig, argv)
-    check_ranges(cfg, at_least_one=("seeds", "steps"), non_negative=("cfg_scale",))
-    claim_out_file(cfg.out, cfg.overwrite, inputs=[cfg.ckpt])
-    if not cfg.out.endswith((".gif", ".mp4")):
-        raise ConfigError(f"--out must end in .gif or .mp4, got {cfg.out!r}")
-    prompts = [p.strip() for p in cfg.prompts.split(";") if p.strip()]
-    tokens = data.tokenize(prompts).repeat_interleave(cfg.seeds, 0)
-    from checkpoint import load_model                    # the checkpoint module builds models: imported here, not above
-    model, _ = load_model(cfg.ckpt)
-    gen = torch.Generator().manual_seed(cfg.seed)
-    noise = torch.randn(len(tokens), *model.flow_shape, generator=gen)
-    videos = sample(model, tokens, noise, cfg.steps, cfg.cfg_scale)
-    os.makedirs(os.path.dirname(os.path.abspath(cfg.out)), exist_ok=True)
-    data.write_video(data.video_grid(videos, len(prompts), cfg.seeds), cfg.out)
-    print(f"wrote {cfg.out}: {len(prompts)} prompts (rows) x {cfg.seeds} seeds (columns)")
-
-
-if __name__ == "__main__":
-    run_cli(main, sys.argv[1:])

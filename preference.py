@@ -53,12 +53,14 @@ class Config:
     # ---- TRAINING
     steps: int = 150              # optimizer steps
     batch_size: int = 16          # pairs per step, over all ranks
-    lr: float = 1e-5              # peak learning rate (5e-5 fit the pairs and lost 6 points of fidelity)
+    lr: float = 1e-5              # peak learning rate (higher fit the pairs and lost fidelity: docs/results.md,
+                                  # Stage III GPU sweep)
     warmup: int = 15              # linear warmup steps, then cosine decay
     beta: float = 2000.0          # DPO temperature on mean-squared velocity errors (a small lr and a large beta)
     sft_weight: float = 0.0       # flow-matching loss on winners (the policy's own samples: it cost fidelity here)
     curated_weight: float = 300.0  # flow loss on a fresh curated batch every step, Stage II's PPO-ptx anchor; large
-                                   # because beta makes DPO's gradient ~1000x a flow loss's (0: fidelity 0.586 -> 0.542)
+                                   # because beta makes DPO's gradient ~1000x a flow loss's (docs/results.md, Stage III
+                                   # curated anchor)
     curated_batch: int = 16       # curated clips per step for that term (the same batch on every rank)
     decoupled: bool = True        # winner and loser backpropagated one after the other (less peak memory)
     grad_clip: float = 1.0        # global grad-norm clip

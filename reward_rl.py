@@ -7,6 +7,20 @@
 The last is vanilla Flow-GRPO. train() reads top to bottom: SAMPLING, REWARDS, ADVANTAGES, then TRAINING by one
 of two sibling rules that each own their loss, KL and backward (awm_update, the default, or ppo_update), the
 curated term, the clip, the guards, EMA, rollback, and a held-out check against reward hacking.
+
+The objective, term by term (all of it in this file unless a function elsewhere is named):
+  advantage  A_i = clip(sum_h w_h z_ih * r_i, +-adv_clip): z_ih rollout i's head-h reward z-scored within its group
+             (0 where the group's std is under std_floor: group_zscores), w_h the head weights (rewards.HEADS, moved
+             by the curriculum), r_i the learned ensemble's reliability (reliability, with --reward=rm or both).
+  awm        per rollout and (t, x0) draw: max(-a_i p_i, -a_i clip(p_i, 1 +- awm_clip)), p_i = exp(e_sampler - e_policy),
+             e = model.flow_error on the rolled-out clip, a_i = A_i (times neg_scale below 0): advantage-weighted flow
+             matching whose ratio bounds it off-policy (ppo_clip_loss); + awm_beta |v - v_ref|^2 at pretraining's t
+             (model.msq_free_frames), the flows' KL rate to the frozen input.
+  ppo        per trained SDE step: max(-A_i p_i, -A_i clip(p_i, 1 +- clip_range)), p_i = exp(log pi(x_k+1 | x_k) -
+             log pi_old), fp32 mean log-probs of the Gaussian step (model.score_sde_step, model.sde_step);
+             + beta * the closed-form KL between the policy's and the reference's steps (model.gaussian_kl).
+  curated    + sft_weight * the flow loss on a fresh curated batch (model.curated_loss): PPO-ptx, so a reward cannot
+             buy its gain with fidelity.
 """
 import json
 import os
@@ -84,7 +98,7 @@ class Config:
     ckpt_every: int = 5           # iterations between resumable checkpoints
     resume: bool = False          # continue the run in out_dir
     overwrite: bool = False       # replace whatever out_dir holds
-    bf16: str = "auto"            # awm: bfloat16 autocast; 'auto' = where native (1.7x; emulated it is 10x slower)
+    bf16: str = "auto"            # awm: bfloat16 autocast; 'auto' = where native (docs/results.md, Emulated bfloat16)
     device: str = "auto"          # 'cpu', 'cuda' or 'auto'
 
 

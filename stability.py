@@ -190,7 +190,8 @@ def check_ranks_agree(model, d: Dist):
 
 
 def native_bf16():
-    """A CPU that computes in bfloat16 (AVX512-BF16 or AMX) rather than emulating it (an emulated train step: 19x fp32's)."""
+    """A CPU that computes in bfloat16 (AVX512-BF16 or AMX) rather than emulating it, which is far slower than fp32
+    (docs/results.md, Emulated bfloat16)."""
     flags = open("/proc/cpuinfo").read() if os.path.exists("/proc/cpuinfo") else ""
     return "avx512_bf16" in flags or "amx_bf16" in flags
 

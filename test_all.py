@@ -232,8 +232,8 @@ def test_config_parsing():
 def test_cli_errors_are_one_line(tmp_path):
     for args, needle in [(["sft.py", "--bogus=1"], "unknown config key 'bogus'"),
                          (["sft.py", f"--init={tmp_path}/none.safetensors", f"--out_dir={tmp_path}/o"], "not found"),
-                         (["model.py", "--prompts=a purple circle", f"--out={tmp_path}/x.gif"], "unknown word"),
-                         (["model.py", "--prompts=;", f"--out={tmp_path}/x.gif"], "empty prompt list")]:
+                         (["checkpoint.py", "--prompts=a purple circle", f"--out={tmp_path}/x.gif"], "unknown word"),
+                         (["checkpoint.py", "--prompts=;", f"--out={tmp_path}/x.gif"], "empty prompt list")]:
         r = cli(*args)
         assert r.returncode == 2 and needle in r.stderr and "Traceback" not in r.stderr, (args, r.stderr)
         assert len(r.stderr.strip().splitlines()) == 1
@@ -1201,7 +1201,7 @@ def tree_hashes(*roots):
 # (command line, what its one stderr line says, files that must survive); {r} is bad_files' folder, {o} the case's
 # output folder. Every case fails before any model work, before {o} is made, and without touching an old run.
 BAD_INPUT = {
-    "render_missing_ckpt": ("model.py --ckpt=missing.safetensors --out={o}/x.gif", "checkpoint not found: missing"),
+    "render_missing_ckpt": ("checkpoint.py --ckpt=missing.safetensors --out={o}/x.gif", "checkpoint not found: missing"),
     "sft_zero_steps": ("sft.py --steps=0", "--steps must be at least 1"),
     "rl_zero_minibatches": ("reward_rl.py --minibatches=0", "--minibatches must be at least 1"),
     "rl_negative_lr": ("reward_rl.py --lr=-1", "--lr must be > 0"),
@@ -1247,14 +1247,14 @@ BAD_INPUT = {
     "calibrate_without_out": ("judge.py calibrate", "--out is empty; name a file"),
     "train_rm_over_a_generator": ("judge.py train --generators={r}/tiny.safetensors --out={r}/tiny.safetensors "
                                   "--overwrite=true", "is also an input of this command"),
-    "render_over_its_checkpoint": ("model.py --ckpt={r}/tiny.safetensors --out={r}/tiny.safetensors --overwrite=true",
+    "render_over_its_checkpoint": ("checkpoint.py --ckpt={r}/tiny.safetensors --out={r}/tiny.safetensors --overwrite=true",
                                    "is also an input of this command"),
     # output paths that cannot be written
     "out_dir_empty": ("sft.py --init={r}/tiny.safetensors --out_dir=", "--out_dir is empty; name a folder"),
     "out_dir_is_a_file": ("sft.py --init={r}/tiny.safetensors --out_dir={r}/tiny.safetensors", "is a file; name a folder"),
     "out_dir_under_a_file": ("reward_rl.py --init={r}/tiny.safetensors --out_dir={r}/tiny.safetensors/run",
                              "tiny.safetensors, which is a file"),
-    "render_out_empty": ("model.py --ckpt={r}/tiny.safetensors --out=", "--out is empty; name a file"),
+    "render_out_empty": ("checkpoint.py --ckpt={r}/tiny.safetensors --out=", "--out is empty; name a file"),
     "diagnose_out_empty": ("diagnose.py --ckpt={r}/tiny.safetensors --out=", "--out is empty; name a folder"),
     "diagnose_cache_is_a_file": ("diagnose.py --ckpt={r}/tiny.safetensors --reward_model= --out={o} "
                                  "--cache={r}/tiny.safetensors", "--cache={r}/tiny.safetensors is a file"),
