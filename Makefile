@@ -93,7 +93,12 @@ bench: setup
 benchmarks: setup
 	$(PY) bench.py heads
 	$(PY) bench.py dpo_memory
-	$(PY) bench.py grpo --minutes=8
+
+# Stage II's update rules raced on equal terms from sft_small (vanilla Flow-GRPO, Flow-GRPO-Fast, AWM, DiffusionNFT;
+# 2 seeds each, 4 training minutes per run, diagnose's 64 held-out clips after each quarter): runs/race/race.{json,md},
+# and a section of the next report. About 55 minutes on 2 CPU cores.
+race: setup
+	$(PY) bench.py race
 
 .PHONY: setup setup-wan test killtest pipeline pipeline_driven base sft_checkpoint reward_model base_diagnosis benchmarks ablations \
-	bench
+	bench race

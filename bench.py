@@ -3,7 +3,7 @@
     python bench.py speed                     # make bench: the matmul peak, each step's share of it, a Stage II split
     python bench.py heads                     # seconds to score 64 default-preset clips with the reward heads
     python bench.py dpo_memory                # peak memory of one DPO step, joint vs decoupled backward
-    python bench.py grpo --minutes=8          # cost-cutting GRPO vs vanilla Flow-GRPO for equal wall-clock
+    python bench.py race                      # Stage II's update rules raced on equal terms (make race)
     python bench.py ablations                 # Stage II with one part removed at a time (make ablations)
     python bench.py fidelity --ckpt=A --ckpt=B  # where fidelity is lost: the sampler's guidance, the network's redraw
 """
@@ -86,38 +86,146 @@ def bench_dpo_memory(argv):
     return result
 
 
-def bench_grpo(argv):
+# ----------------------------------------------------------------------------- the update rules raced
+# Stage II's update rules on equal terms (make race): one SFT checkpoint, the same training prompts, the same held-out
+# evaluation (diagnose's 64 clips, its noise and sampler), each rule with its own settings (the short sweep beside them
+# in docs/results.md, Update rules raced) and the same training wall-clock per run. A run is trained in equal segments,
+# each resumed from the last (a resume is exact, so the segments are one run), and evaluated between them; its cost is
+# what reward_rl's loop counted (Cost), so the network-evaluation ratios hold on any machine.
+RULES = {
+    "flow_grpo": ["--update=ppo", "--sde_window=0", "--rollout_steps=10", "--train_fraction=1.0", "--lr=1e-4",
+                  "--epochs=1", "--minibatches=1", "--warmup=1", "--sft_weight=0"],  # vanilla: every step SDE and trained
+    "flow_grpo_fast": ["--update=ppo", "--sde_window=2", "--lr=1e-4", "--epochs=1", "--minibatches=1", "--warmup=1",
+                       "--sft_weight=0"],                                          # PPO on a 2-step SDE window
+    "awm": [],                                                                      # postflow's default
+    "nft": ["--update=nft"],
+}
+# the loop's own evaluation and hacking monitor off for every rule alike: the race evaluates between segments
+RACE_FLAGS = ["--iters=1000000", "--eval_every=1000000", "--eval_prompts=1", "--eval_steps=1", "--patience=1000000",
+              "--ckpt_every=1000000"]
+GAINS = (0.05, 0.10, 0.20)   # all-attributes gains over the start that the table reports costs at, and vanilla's final
+
+
+def bench_race(argv):
     @dataclass
     class C:
-        minutes: float = 8.0                              # wall-clock per variant
-        init: str = "checkpoints/sft_small.safetensors"   # both start here
-        out: str = "runs/bench_grpo"                      # one run folder per variant, and grpo.json
+        init: str = "checkpoints/sft_small.safetensors"   # every run starts here
+        rules: tuple = tuple(RULES)                        # which rules (RULES' names)
+        seeds: int = 2                                     # runs per rule, seeds 0 .. seeds - 1
+        minutes: float = 4.0                               # training wall-clock per run (its rollouts and updates)
+        evals: int = 4                                     # held-out evaluations per run, after each equal segment
+        heldout_prompts: int = 16                          # per split, x 2 seeds: diagnose's 64 clips
+        out: str = "runs/race"                             # one run folder per rule and seed, race.json, race.md
     cfg = parse_config(C, argv)
-    check_ranges(cfg, positive=("minutes",))
-    load_model(cfg.init)                                    # a missing or broken init is refused before any run
+    check_ranges(cfg, at_least_one=("seeds", "evals", "heldout_prompts"), positive=("minutes",))
+    unknown = [r for r in cfg.rules if r not in RULES]
+    if unknown or not cfg.rules:
+        raise ConfigError(f"--rules: unknown rule {unknown[0]!r}; choose from {', '.join(RULES)}" if unknown else
+                          f"--rules is empty; choose from {', '.join(RULES)}")
+    load_model(cfg.init)
     bench_folder(cfg.out, [cfg.init])
-    variants = {
-        "postflow_default": [],
-        # every step an SDE step and trained, one update per rollout batch, no warmup, fp32, no curated term
-        "vanilla_flow_grpo": ["--update=ppo", "--sde_window=0", "--rollout_steps=10", "--train_fraction=1.0", "--lr=1e-4",
-                              "--epochs=1", "--minibatches=1", "--warmup=1", "--sft_weight=0"],
-    }
-    result = {}
-    for name, flags in variants.items():
-        run = os.path.join(cfg.out, name)
-        subprocess.run([sys.executable, "reward_rl.py", f"--init={cfg.init}", f"--out_dir={run}", "--overwrite=true",
-                        "--iters=1000", f"--max_minutes={cfg.minutes}", *flags], check=True)
-        evals = [json.loads(l)["eval"] for l in open(os.path.join(run, "log.jsonl")) if '"eval"' in l]
-        iters = [json.loads(l) for l in open(os.path.join(run, "log.jsonl")) if '"rollout_s"' in l]
-        minutes = sum(r["rollout_s"] + r["train_s"] for r in iters) / 60
-        first, last = evals[0], evals[-1]
-        result[name] = {"flags": flags, "iterations": len(iters), "train_minutes": round(minutes, 2),
-                        **{f"{k}_start": first[k] for k in ("acc_all", "instruction", "fidelity", "temporal")},
-                        **{f"{k}_end": last[k] for k in ("acc_all", "instruction", "fidelity", "temporal")},
-                        "acc_all_gain_per_minute": round((last["acc_all"] - first["acc_all"]) / minutes, 4),
-                        "instruction_gain_per_minute": round((last["instruction"] - first["instruction"]) / minutes, 4)}
-    write_text(os.path.join(cfg.out, "grpo.json"), json.dumps(result, indent=1))
-    print(json.dumps(result, indent=1))
+    point = lambda ckpt, cost: {**cost, **{k: v[0] for k, v in held_out(ckpt, None, cfg.heldout_prompts).items()
+                                           if k in ("acc_all", "fidelity", "temporal", "instruction")}}
+    zero = {"nfe": 0, "rollouts": 0, "steps": 0, "seconds": 0.0}
+    start, runs = point(cfg.init, zero), {}
+    for rule in cfg.rules:
+        for seed in range(cfg.seeds):
+            run, points = os.path.join(cfg.out, f"{rule}_s{seed}"), [dict(start)]
+            for k in range(cfg.evals):
+                cmd = [sys.executable, os.path.join(HERE, "reward_rl.py"), f"--init={cfg.init}", f"--seed={seed}",
+                       *RACE_FLAGS, f"--max_minutes={cfg.minutes / cfg.evals}", *RULES[rule], f"--out_dir={run}",
+                       "--resume=true" if k else "--overwrite=true"]
+                subprocess.run(cmd, check=True, capture_output=True)
+                last = [r for r in read_log(os.path.join(run, "log.jsonl")) if "cost_nfe" in r][-1]
+                points.append(point(os.path.join(run, "ckpt.safetensors"), {k[5:]: v for k, v in last.items()
+                                                                             if k.startswith("cost_")}))
+                print(f"race {rule} seed {seed} segment {k + 1}/{cfg.evals}: nfe {points[-1]['nfe']}, all attributes "
+                      f"{points[-1]['acc_all']:.3f} (start {start['acc_all']:.3f})")
+            runs[f"{rule}_s{seed}"] = {"rule": rule, "seed": seed, "flags": RULES[rule], "points": points,
+                                       "health": health(read_log(os.path.join(run, "log.jsonl")))}
+    result = {"start": start, "init": cfg.init, "minutes": cfg.minutes, "machine": machine(), "runs": runs,
+              "table": race_table(start, runs)}
+    write_text(os.path.join(cfg.out, "race.json"), json.dumps(result, indent=1))
+    write_text(os.path.join(cfg.out, "race.md"), race_markdown(result))
+    print(race_markdown(result))
+
+
+def read_log(path):
+    return [json.loads(line) for line in open(path)]
+
+
+def health(log):
+    """What a rule did to the policy, per iteration: the ratio's mean and spread (per SDE step where it has steps), the
+    velocity norm against the reference's, the KL to it, the share of (group, head) pairs the std floor zeroed."""
+    its = [r for r in log if "cost_nfe" in r]
+    return {k: [r.get(k) for r in its] for k in ("iter", "ratio", "ratio_std", "ratio_by_step", "v_norm_ratio", "kl_ref",
+                                                 "zero_std_frac", "cost_nfe")}
+
+
+def reach(points, gain):
+    """The first evaluated point whose all-attributes gain over the start is at least `gain`, and whether it was
+    reached (else the run's last point: a lower bound on what reaching it costs)."""
+    hit = next((p for p in points[1:] if p["acc_all"] - points[0]["acc_all"] >= gain - 1e-9), None)
+    return (hit, True) if hit else (points[-1], False)
+
+
+def race_table(start, runs):
+    """{threshold: {rule: row}}: per rule the mean and spread over seeds of each cost to reach the threshold, fidelity
+    and temporal there, how many seeds reached it, and the NFE ratio against vanilla Flow-GRPO with its bound."""
+    rules = sorted({r["rule"] for r in runs.values()}, key=list(RULES).index)
+    final = lambda rule: [r["points"][-1]["acc_all"] - start["acc_all"] for r in runs.values() if r["rule"] == rule]
+    vanilla = final("flow_grpo")
+    thresholds = {f"+{g:.2f}": g for g in GAINS}
+    if vanilla and sum(vanilla) / len(vanilla) > 0.005:                      # a gain vanilla made, to be made again
+        thresholds[f"vanilla's final +{sum(vanilla) / len(vanilla):.3f}"] = sum(vanilla) / len(vanilla)
+    table = {}
+    for label, gain in thresholds.items():
+        rows = {}
+        for rule in rules:
+            got = [reach(r["points"], gain) for r in runs.values() if r["rule"] == rule]
+            spread = lambda k: [min(p[k] for p, _ in got), max(p[k] for p, _ in got)]
+            rows[rule] = {"reached": sum(ok for _, ok in got), "seeds": len(got),
+                          **{k: sum(p[k] for p, _ in got) / len(got) for k in ("nfe", "rollouts", "steps", "seconds",
+                                                                              "fidelity", "temporal")},
+                          "nfe_range": spread("nfe"), "seconds_range": spread("seconds")}
+        base = rows.get("flow_grpo")
+        for rule, row in rows.items():
+            if base and row["nfe"]:
+                sure_base, sure_rule = base["reached"] == base["seeds"], row["reached"] == row["seeds"]
+                row["nfe_ratio"] = base["nfe"] / row["nfe"]
+                row["ratio_bound"] = ("=" if sure_base and sure_rule else ">=" if sure_rule else "<=" if sure_base
+                                      else "?")                                 # a lower bound, an upper one, unknown
+        table[label] = rows
+    return table
+
+
+def race_markdown(result):
+    """The race as markdown: one table per threshold (rule rows), then each rule's health in a line."""
+    lines = [f"Start: `{result['init']}`, all attributes {result['start']['acc_all']:.3f}, fidelity "
+             f"{result['start']['fidelity']:.3f}, temporal {result['start']['temporal']:.3f}; "
+             f"{result['minutes']} training minutes per run; {result['machine']}.", ""]
+    fmt = lambda row, k: f"{row[k]:,.0f}" if k != "seconds" else f"{row[k] / 60:.2f}"
+    for label, rows in result["table"].items():
+        lines += [f"Gain {label} in all-attributes accuracy:", "",
+                  "| rule | reached | network evaluations (range) | rollouts | optimizer steps | minutes | fidelity | "
+                  "temporal | NFE ratio vs vanilla |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+        for rule, row in rows.items():
+            bound = "" if row["reached"] == row["seeds"] else ">= "
+            bound_of = {"=": "", ">=": ">= ", "<=": "<= "}.get(row.get("ratio_bound"))
+            ratio = f"{bound_of}{row['nfe_ratio']:.1f}x" if bound_of is not None else "unknown (neither reached it)"
+            lines.append(f"| {rule} | {row['reached']}/{row['seeds']} | {bound}{fmt(row, 'nfe')} ({row['nfe_range'][0]:,}"
+                         f"-{row['nfe_range'][1]:,}) | {bound}{fmt(row, 'rollouts')} | {bound}{fmt(row, 'steps')} | "
+                         f"{bound}{fmt(row, 'seconds')} | {row['fidelity']:.3f} | {row['temporal']:.3f} | {ratio} |")
+        lines.append("")
+    lines += ["A `>=` cost: some seed never reached the gain within its budget (its last point counts, a lower bound). "
+              "A ratio `>=` is a lower bound (vanilla did not always reach it), `<=` an upper bound, `?` unknown.", ""]
+    for name, run in result["runs"].items():
+        h = {k: [v for v in vals if v is not None] for k, vals in run["health"].items() if k != "ratio_by_step"}
+        mean = lambda k: sum(h[k]) / len(h[k]) if h[k] else float("nan")
+        lines.append(f"- {name}: ratio mean {mean('ratio'):.5f} (spread {mean('ratio_std'):.2e}); |v|/|v_ref| "
+                     f"{h['v_norm_ratio'][-1] if h['v_norm_ratio'] else float('nan'):.4f} at the end; KL to the reference "
+                     f"{h['kl_ref'][-1] if h['kl_ref'] else float('nan'):.2e}; std floor zeroed {mean('zero_std_frac'):.2f}")
+    return "\n".join(lines) + "\n"
 
 
 def bench_folder(folder, inputs):
@@ -149,9 +257,9 @@ SMALL = ["--prompts_per_iter=4", "--eval_every=4", "--eval_prompts=8", "--ckpt_e
 
 @torch.no_grad()
 def held_out(ckpt, judge, prompts=16):
-    """The oracle and the learned judge on diagnose's held-out clips (by default its 64: 16 val + 16 unseen-combination
-    prompts x 2 seeds, its noise): per-attribute accuracy and head means with standard errors, and judge minus oracle per
-    head. Training's own evaluations use 16 clips, too few to tell most rows apart (a standard error of 0.12)."""
+    """The oracle and the learned judge (None: the oracle alone) on diagnose's held-out clips (by default its 64: 16 val
+    + 16 unseen-combination prompts x 2 seeds, its noise): per-attribute accuracy and head means with standard errors,
+    and judge minus oracle per head. Training's own evaluations use 16 clips, too few to tell most rows apart."""
     net, _ = load_model(ckpt)
     dcfg = DiagnoseConfig(prompts=prompts)
     prompts, _, noise = R.eval_set(net, dcfg.prompts, dcfg.seeds, dcfg.seed)
@@ -159,7 +267,7 @@ def held_out(ckpt, judge, prompts=16):
     clips = M.sample(net, tokens, noise, dcfg.steps, dcfg.cfg_scale)
     obs = R.oracle(clips, R.world_of(net.cfg))
     heads, ok = R.reward_heads(clips, prompts, obs=obs), R.check(clips, prompts, obs=obs)
-    proxy = rm_score(load_reward_model(judge, net.cfg), clips, tokens)[0]
+    proxy = rm_score(load_reward_model(judge, net.cfg), clips, tokens)[0] if judge else {}
     return {"clips": len(prompts), **{f"acc_{k}": R.mean_se(v) for k, v in ok.items()},
             **{h: R.mean_se(v) for h, v in heads.items()},
             "judge_minus_oracle": {h: round(float((proxy[h] - heads[h]).mean()), 4) for h in proxy}}
@@ -441,7 +549,7 @@ def machine():
     return f"{cpu}, {os.cpu_count()} cores, GPU {gpu}, torch {torch.__version__}"
 
 
-COMMANDS = {"speed": bench_speed, "heads": bench_heads, "dpo_memory": bench_dpo_memory, "grpo": bench_grpo, "ablations": bench_ablations,
+COMMANDS = {"speed": bench_speed, "heads": bench_heads, "dpo_memory": bench_dpo_memory, "race": bench_race, "ablations": bench_ablations,
             "fidelity": bench_fidelity}
 
 if __name__ == "__main__":

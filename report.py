@@ -42,6 +42,7 @@ class Config:
     run: str = "runs/pipeline"  # a run folder holding diagnose/ and the stages' sft/, rl/, dpo/
     overwrite: bool = False     # replace an existing report.html and report.md
     ablations: str = "runs/ablations/ablations.json"  # `make ablations`' results: a section when the file exists
+    race: str = "runs/race/race.json"                  # `make race`'s results: a section (and a first-screen chart)
 
 
 def read_jsonl(path):
@@ -284,6 +285,56 @@ def ablation_blocks(path):
             ("charts", charts)]
 
 
+def race_charts(result):
+    """The race's pictures: all-attributes accuracy against network evaluations and against training minutes, a line
+    per run (rule and seed: the spread over seeds is the lines' spread)."""
+    runs = result["runs"]
+    series = lambda x, scale=1: [(n, [p[x] / scale for p in r["points"]], [p["acc_all"] for p in r["points"]])
+                                 for n, r in runs.items()]
+    return [chart("all attributes (64 held-out clips) vs network evaluations", series("nfe"), "network evaluations"),
+            chart("all attributes vs training minutes", series("seconds", 60), "minutes")]
+
+
+def race_blocks(path):
+    """`make race`'s tables (a rule's cost to each gain), its pictures, and each rule's health signals."""
+    if not (path and os.path.exists(path)):   # `make race` has not run here: no section
+        return []
+    result = json.load(open(path))
+    head = ["rule", "reached", "network evaluations", "rollouts", "optimizer steps", "minutes", "fidelity", "temporal",
+            "NFE ratio vs vanilla"]
+    blocks = [("h2", "Update rules raced"),
+              ("p", f"From `{path}` (`make race`): Stage II's update rules from `{result['init']}` (all attributes "
+                    f"{result['start']['acc_all']:.3f}), the same training prompts, {result['minutes']} training "
+                    f"minutes per run, evaluated on diagnose's held-out clips between equal segments; costs are what the "
+                    f"loop counted. Machine: {result['machine']}."), ("charts", race_charts(result))]
+    for label, rows in result["table"].items():
+        fmt = lambda r, k: ("" if r["reached"] == r["seeds"] else ">= ") + (f"{r[k] / 60:.2f}" if k == "seconds" else f"{r[k]:,.0f}")
+        ratio = lambda r: {"=": "", ">=": ">= ", "<=": "<= "}.get(r.get("ratio_bound"), "unknown: ")
+        blocks += [("h3", f"Gain {label} in all-attributes accuracy"),
+                   ("table", head, [[rule, f"{r['reached']}/{r['seeds']}", fmt(r, "nfe"), fmt(r, "rollouts"),
+                                     fmt(r, "steps"), fmt(r, "seconds"), f"{r['fidelity']:.3f}", f"{r['temporal']:.3f}",
+                                     ratio(r) + (f"{r['nfe_ratio']:.1f}x" if "nfe_ratio" in r and ratio(r) != "unknown: "
+                                                 else "")] for rule, r in rows.items()], "race")]
+    health = {n: r["health"] for n, r in result["runs"].items()}
+    line = lambda k: [(n, h["cost_nfe"], h[k]) for n, h in health.items()]
+    blocks += [("h3", "What each rule does to the policy"),
+               ("charts", [chart("importance ratio, mean", line("ratio"), "network evaluations"),
+                           chart("importance ratio, spread (std)", line("ratio_std"), "network evaluations", log=True),
+                           chart("|v| / |v_ref| (NormGuard)", line("v_norm_ratio"), "network evaluations"),
+                           chart("KL to the reference", line("kl_ref"), "network evaluations", log=True),
+                           chart("share of groups the std floor zeroes", line("zero_std_frac"), "network evaluations")])]
+    return blocks
+
+
+def stage_axes_chart(results, names):
+    """The first picture: each axis by stage, so the run reads before any table does."""
+    axes = [("fidelity", lambda r: r["fidelity"][0]), ("temporal", lambda r: r["temporal"][0]),
+            ("instruction", lambda r: r["instruction"][0]),
+            ("all attributes", lambda r: r["instruction_by_attribute"]["all"][0])]
+    return chart(f"each axis by stage: {', '.join(f'{i} {n}' for i, n in enumerate(names))}",
+                 [(a, list(range(len(names))), [f(results[n]) for n in names]) for a, f in axes], "stage")
+
+
 def wall_times(run, diag_seconds):
     """Per stage: the loop time its log records, and the span by file times from the previous stage's last file
     to its own (the pipeline runs them back to back, so this also counts loading, evaluation and sample grids)."""
@@ -431,6 +482,8 @@ def write_report(cfg):
     blocks = [("h1", f"postflow report: {run}"),
               ("p", f"Written {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} by `python report.py --run={run}` "
                     f"from the run's own files. {glance}"),
+              ("charts", [stage_axes_chart(results, names), *(race_charts(json.load(open(cfg.race)))[:1]
+                                                              if cfg.race and os.path.exists(cfg.race) else [])]),
               ("h2", "Stages side by side"),
               ("p", "Each cell: mean ± standard error over the held-out clips (no ± where the metric is one number), and "
                     f"the change from the column to its left. Diagnostics: `{diagnose_command(dcfg)}`."),
@@ -457,6 +510,7 @@ def write_report(cfg):
         blocks += [("h2", f"{title} training (`{folder}/log.jsonl`{ran})"), ("charts", curves[folder])]
     blocks += [("h2", "Drift: by frame, and by chunk of clips continued to 4x their length"),
                ("charts", drift_curves(results)), *decision_blocks(run, results), *ablation_blocks(cfg.ablations),
+               *race_blocks(cfg.race),
                ("h2", "How it was made"),
                ("p", f"`make {target}` ran these commands (as each step's folder recorded them); the settings each "
                      "stage actually ran with are its config, below."), ("pre", run_commands(run)),

@@ -5,8 +5,10 @@
     python reward_rl.py --update=ppo --sde_window=0 --rollout_steps=10 --epochs=1 --lr=1e-4 --warmup=1 --sft_weight=0
 
 The last is vanilla Flow-GRPO. train() reads top to bottom: SAMPLING, REWARDS, ADVANTAGES, then TRAINING by one
-of two sibling rules that each own their loss, KL and backward (awm_update, the default, or ppo_update), the
-curated term, the clip, the guards, EMA, rollback, and a held-out check against reward hacking.
+of three sibling rules that each own their loss, KL and backward (awm_update, the default, ppo_update or
+nft_update), the curated term, the clip, the guards, EMA, rollback, and a held-out check against reward hacking.
+Every iteration logs what it cost (network evaluations, rollouts, optimizer steps, seconds: Cost) and what the rule
+does to the policy (the ratio's mean and spread, per SDE step for PPO; the velocity norm against the reference's).
 
 The objective, term by term (all of it in this file unless a function elsewhere is named):
   advantage  A_i = clip(sum_h w_h z_ih * r_i, +-adv_clip): z_ih rollout i's head-h reward z-scored within its group
@@ -19,6 +21,11 @@ The objective, term by term (all of it in this file unless a function elsewhere 
   ppo        per trained SDE step: max(-A_i p_i, -A_i clip(p_i, 1 +- clip_range)), p_i = exp(log pi(x_k+1 | x_k) -
              log pi_old), fp32 mean log-probs of the Gaussian step (model.score_sde_step, model.sde_step);
              + beta * the closed-form KL between the policy's and the reference's steps (model.gaussian_kl).
+  nft        DiffusionNFT (arXiv 2509.16117), on clips the old policy (the EMA, frozen at rollout) sampled: per draw
+             r_i |v+ - (x1 - x0)|^2 + (1 - r_i) |v- - (x1 - x0)|^2 over the free frames (model.msq_free_frames),
+             v+ = (1 - nft_beta) v_old + nft_beta v, v- = (1 + nft_beta) v_old - nft_beta v, r_i = 1/2 +
+             clip(A_i / nft_scale, -1, 1) / 2: bounded below by construction, trained without guidance; + the same
+             KL rate as awm.
   curated    + sft_weight * the flow loss on a fresh curated batch (model.curated_loss): PPO-ptx, so a reward cannot
              buy its gain with fidelity.
 """
@@ -71,15 +78,18 @@ class Config:
     adv_clip: float = 5.0         # clip the summed advantage to +- this
     uncertainty: bool = True      # scale advantages by ensemble agreement (reliability in [0.5, 1.5])
     # ---- TRAINING
-    update: str = "awm"           # 'awm': advantage-weighted flow matching on the rollouts; 'ppo': Flow-GRPO's ratio
+    update: str = "awm"           # 'awm': advantage-weighted flow matching on the rollouts; 'ppo': Flow-GRPO's ratio;
+                                  # 'nft': DiffusionNFT's implicit positive and negative policies
     lr: float = 3e-4              # AdamW learning rate (constant after warmup)
     warmup: int = 10              # updates of linear warmup: Adam's first steps move every weight by ~lr
     beta: float = 0.01            # ppo: weight of the closed-form Gaussian KL per SDE step (mean-logp convention)
-    awm_beta: float = 0.3         # awm: weight of |v - v_ref|^2 (the flows' KL rate) at pretraining's t
-    awm_draws: int = 2            # awm: (t, noise) draws per rollout per update, shared within a group
+    awm_beta: float = 0.3         # awm, nft: weight of |v - v_ref|^2 (the flows' KL rate) at pretraining's t
+    awm_draws: int = 2            # awm, nft: (t, noise) draws per rollout per update, shared within a group
     awm_t_mean: float = -1.0      # awm: logit-normal mean of t (median 0.27): where motion (direction, speed) is decided
     neg_scale: float = 1.0        # awm: weight of the push away from below-group clips (0 = pull toward winners only)
     awm_clip: float = 0.02        # awm: clip of the ratio exp(err_sampler - err) (AWM's bound); 0 = unbounded loss
+    nft_beta: float = 1.0         # nft: how far the implicit policies reach, v+- = v_old +- nft_beta (v - v_old)
+    nft_scale: float = 2.0        # nft: r = 1/2 + clip(A / nft_scale, -1, 1) / 2, the advantage as an optimality odds
     sft_weight: float = 0.5       # weight of the flow loss on a fresh curated batch in every update (PPO-ptx)
     sft_batch: int = 32           # curated clips per update for that term (the same batch on every rank)
     clip_range: float = 2e-3      # PPO ratio clip; small because log-probs are means over pixels
@@ -105,9 +115,10 @@ class Config:
 def check_config(cfg, ranks):
     check_ranges(cfg, at_least_one=("iters", "prompts_per_iter", "rollout_steps", "chunks", "awm_draws", "sft_batch", "epochs",
                                     "minibatches", "eval_every", "eval_prompts", "eval_steps", "patience", "ckpt_every"),
-                 positive=("lr", "noise_level", "clip_range", "spike_factor", "adv_clip", "grad_clip"), fraction=("ema_decay",),
+                 positive=("lr", "noise_level", "clip_range", "spike_factor", "adv_clip", "grad_clip", "nft_beta", "nft_scale"),
+                 fraction=("ema_decay",),
                  non_negative=("warmup", "beta", "awm_beta", "neg_scale", "sft_weight", "cfg_scale", "std_floor", "max_minutes"),
-                 choices=dict(update=("awm", "ppo"), reward=("heads", "rm", "both"), bf16=("auto", "true", "false"),
+                 choices=dict(update=("awm", "ppo", "nft"), reward=("heads", "rm", "both"), bf16=("auto", "true", "false"),
                               zscore=("per_head", "sum")))
     rollouts = cfg.prompts_per_iter * cfg.group_size
     for bad, why in ((cfg.split_instruction and cfg.reward != "heads", "--split_instruction needs --reward=heads"),
@@ -129,8 +140,8 @@ def window_steps(cfg, it):
     return list(range(start, start + cfg.sde_window)) if cfg.sde_window else list(range(cfg.rollout_steps))
 
 
-def bf16(cfg, device):  # AWM's passes under bf16 autocast; PPO's ratio compares two passes' log-probs that must match
-    return bf16_autocast(cfg.bf16, device, allowed=cfg.update == "awm")
+def bf16(cfg, device):  # AWM's and NFT's passes under bf16 autocast; PPO's ratio compares two passes' log-probs
+    return bf16_autocast(cfg.bf16, device, allowed=cfg.update != "ppo")
 
 
 # ----------------------------------------------------------------------------- the bands of one iteration
@@ -142,18 +153,20 @@ class Rollout:  # what SAMPLING hands to TRAINING: this rank's share n of the it
     transitions: list              # per SDE step: (step index, x before, x after, fp32 log-prob (n,))
     group: torch.Tensor            # (n,) the global group of each rollout
     trained: list = None           # ppo: which SDE steps it trains this iteration (train_fraction of them)
-    sampler: object = None         # awm: a frozen copy of the weights that sampled, for the ratio off-policy
+    sampler: object = None         # awm, nft: a frozen copy of the weights that sampled (nft: the EMA's)
     on_policy: bool = True         # no update since sampling: the sampler's errors are the policy's
     ctx: torch.Tensor = None       # (n, C, F, H, W) clean context frames of a continuation, or None
     ctx_mask: torch.Tensor = None  # (n, F) bool
 
 
 @torch.no_grad()
-def sample_rollouts(cfg, policy, sampler, it, gen, train_prompts, mine, device):
+def sample_rollouts(cfg, policy, sampler, it, gen, train_prompts, mine, device, old=None):
     """Every rank draws the same prompts and noise, then rolls out its slice `mine`: a group spans ranks, and 1
-    or N ranks roll out the same clips. Returns (clips to score, Rollout)."""
+    or N ranks roll out the same clips. old: the weights that sample (nft: the EMA), into `sampler`, else the policy.
+    Returns (clips to score, Rollout)."""
     if sampler is not None:
-        sampler.load_state_dict(policy.state_dict())
+        sampler.load_state_dict((old or policy).state_dict())
+    net = sampler if old is not None else policy
     shape, rollouts = policy.flow_shape, cfg.prompts_per_iter * cfg.group_size   # noise in the flow's space
     idx = torch.randint(len(train_prompts), (cfg.prompts_per_iter,), generator=gen)
     prompts = [train_prompts[i] for i in idx.tolist() for _ in range(cfg.group_size)][mine]   # groups consecutive
@@ -162,13 +175,13 @@ def sample_rollouts(cfg, policy, sampler, it, gen, train_prompts, mine, device):
     sde = window_steps(cfg, it)
     eps = torch.randn(len(sde), rollouts, *shape, generator=gen)[:, mine].to(device)
     tokens, x = data.tokenize(prompts).to(device), x[mine].to(device)
-    policy.eval()
+    net.eval()
     with bf16(cfg, device):  # chunks > 1: earlier chunks by the ODE, then the trained chunk continues them
-        prefix, ctx, ctx_mask = M.continuation_context(policy, tokens, torch.Generator().manual_seed(cfg.seed + it),
+        prefix, ctx, ctx_mask = M.continuation_context(net, tokens, torch.Generator().manual_seed(cfg.seed + it),
                                                        cfg.chunks, cfg.rollout_steps, cfg.cfg_scale)
-        x, transitions = M.sample_with_sde_window(policy, x, tokens, cfg.rollout_steps, sde, eps, cfg.cfg_scale,
+        x, transitions = M.sample_with_sde_window(net, x, tokens, cfg.rollout_steps, sde, eps, cfg.cfg_scale,
                                                   cfg.noise_level, ctx, ctx_mask)
-    chunk, clips = M.join_continuation(prefix, ctx, ctx_mask, policy.decode(x))   # the rewards see pixels
+    chunk, clips = M.join_continuation(prefix, ctx, ctx_mask, net.decode(x))      # the rewards see pixels
     group, chunk = torch.arange(rollouts)[mine] // cfg.group_size, policy.encode(chunk)  # AWM fits what was rewarded
     return clips, Rollout(prompts, tokens, chunk, transitions, group, ctx=ctx, ctx_mask=ctx_mask, sampler=sampler)
 
@@ -241,16 +254,53 @@ def awm_update(cfg, policy, reference, roll, adv, mb, share, draws, stats):
                     err_old = err.detach() if roll.on_policy else error(roll.sampler, t, x0)
                 pg, ratio, clipped = ppo_clip_loss(err_old - err, weight, cfg.awm_clip)
                 stats["ratio"].append(float(ratio.mean()))
+                stats["ratio_std"].append(float(ratio.std()) if len(ratio) > 1 else 0.0)
                 stats["clip_frac"].append(clipped)
             (pg.sum() * share / len(draws)).backward()
             total += pg.sum().item() * share / len(draws)
-        t, x0 = draws[0][2], draws[0][1]      # the KL: one pass at pretraining's t, where the edges are drawn
-        with torch.no_grad():
-            v_ref = flow(reference, t, x0)
-        kl = M.msq_free_frames(flow(policy, t, x0), v_ref, cm)
-        (cfg.awm_beta * kl.sum() * share).backward()
+        flow_kl(cfg, policy, reference, flow, draws, cm, share, stats)
     roll.on_policy = False                    # the optimizer steps next: later passes compare with the sampler
+    stats["loss"].append(total)
+    return total
+
+
+def flow_kl(cfg, policy, reference, flow, draws, cm, share, stats):
+    """awm_beta * |v - v_ref|^2, the flows' KL rate to the frozen reference, at pretraining's t (where the edges are
+    drawn), backpropagated and logged."""
+    t, x0 = draws[0][2], draws[0][1]
+    with torch.no_grad():
+        v_ref = flow(reference, t, x0)
+    kl = M.msq_free_frames(flow(policy, t, x0), v_ref, cm)
+    (cfg.awm_beta * kl.sum() * share).backward()
     stats["kl_ref"].append(kl.sum().item() * share)  # this rank's part of the minibatch's mean: summed over ranks
+
+
+def nft_update(cfg, policy, reference, roll, adv, mb, share, draws, stats):
+    """DiffusionNFT on this rank's rollouts mb, sampled by the old policy (roll.sampler, the EMA at rollout time):
+    each clip's advantage as an optimality odds r in [0, 1]; the flow-matching error of two implicit policies mixed
+    from the old velocity and the trained one, v+ toward clips with r = 1 and v- toward clips with r = 0. At
+    v = v_old the gradient is nft_beta times that of sum (2r - 1) err; off-policy the loss is a sum of squares,
+    bounded below. Guidance-free: the conditional velocity is what is trained. Plus the KL rate, as awm's."""
+    clips, tokens, g = roll.clips[mb], roll.tokens[mb], roll.group[mb]
+    ctx, cm = (None, None) if roll.ctx is None else (roll.ctx[mb], roll.ctx_mask[mb])
+    r = 0.5 + 0.5 * (adv[mb] / cfg.nft_scale).clamp(-1, 1)                # (mb,) in [0, 1]
+    flow = lambda net, t, x0: M.straight_path_velocity(net, clips, x0[g].to(clips.device), t[g].to(clips.device), tokens, ctx, cm)
+    total, beta = 0.0, cfg.nft_beta
+    with bf16(cfg, clips.device):
+        for t, x0, _ in draws:
+            target = clips - x0[g].to(clips.device)
+            with torch.no_grad():
+                v_old = flow(roll.sampler, t, x0)
+            v = flow(policy, t, x0)
+            positive, negative = (1 - beta) * v_old + beta * v, (1 + beta) * v_old - beta * v
+            loss = (r * M.msq_free_frames(positive, target, cm) + (1 - r) * M.msq_free_frames(negative, target, cm)).float()
+            (loss.sum() * share / len(draws)).backward()
+            total += loss.sum().item() * share / len(draws)
+            with torch.no_grad():                                  # the implied ratio exp(err_old - err), as awm's
+                ratio = (M.msq_free_frames(v_old, target, cm) - M.msq_free_frames(v.detach(), target, cm)).float().exp()
+            stats["ratio"].append(float(ratio.mean()))
+            stats["ratio_std"].append(float(ratio.std()) if len(ratio) > 1 else 0.0)
+        flow_kl(cfg, policy, reference, flow, draws, cm, share, stats)
     stats["loss"].append(total)
     return total
 
@@ -273,8 +323,10 @@ def ppo_update(cfg, policy, reference, roll, adv, mb, share, draws, stats):
         loss.backward()
         total += loss.item()
         approx_kl = (ratio - 1 - log_ratio.detach()).mean()                    # ratio = exp(log_ratio)
-        for key, value in (("ratio", ratio.mean()), ("clip_frac", clipped), ("approx_kl", approx_kl)):
+        for key, value in (("ratio", ratio.mean()), ("clip_frac", clipped), ("approx_kl", approx_kl),
+                           ("ratio_std", ratio.std() if len(ratio) > 1 else 0.0)):
             stats[key].append(float(value))
+        stats[f"ratio_step{i}"].append(float(ratio.mean()))                     # GRPO-Guard: the mean per SDE step
         stats["kl_ref"].append(kl.detach().sum().item() * share / len(trained))  # as awm_update's: summed over ranks
     stats["loss"].append(total)
     return total
@@ -289,11 +341,50 @@ def curated_term(cfg, policy, n_update, world, device, stats):
     stats["sft_loss"].append(loss.item())
 
 
+class Cost:
+    """What the run has spent, counted in the loop so that update rules compare on any machine: network evaluations
+    (one per clip per forward pass of the policy, the reference or the sampler, rollouts and updates alike; held-out
+    evaluation and health checks excluded), rollouts, optimizer steps, and seconds of rollout and update. Saved with
+    the run, so a resumed run counts on."""
+
+    def __init__(self):
+        self.nfe, self.rollouts, self.steps, self.seconds, self.counting = 0, 0, 0, 0.0, False
+
+    def watch(self, *nets):
+        cores = {id(c): c for c in (getattr(getattr(n, "policy", n), "transformer", n) for n in nets)}  # an adapter's
+        for core in cores.values():                                            # network, counted once
+            core.register_forward_pre_hook(self.count, with_kwargs=True)
+
+    def count(self, module, args, kwargs):
+        x = next((a for a in (*args, *kwargs.values()) if torch.is_tensor(a)), None)
+        self.nfe += (len(x) if x is not None and x.dim() else 1) if self.counting else 0
+
+    def state_dict(self):
+        return {"nfe": self.nfe, "rollouts": self.rollouts, "steps": self.steps, "seconds": self.seconds}
+
+    def load_state_dict(self, s):
+        self.nfe, self.rollouts, self.steps, self.seconds = s["nfe"], s["rollouts"], s["steps"], s["seconds"]
+
+
+@torch.no_grad()
+def velocity_norm_ratio(policy, reference, roll, seed, it):
+    """|v| / |v_ref| on up to 8 of the iteration's clips at t = 0.5, with noise of its own stream (the run's draws
+    untouched): NormGuard's signal, measured alike for every rule."""
+    n, gen = min(8, len(roll.clips)), seeded(seed + 17, it)
+    clips, t = roll.clips[:n], torch.full((n,), 0.5, device=roll.clips.device)
+    x0 = torch.randn(clips.shape, generator=gen).to(clips.device)
+    ctx, cm = (None, None) if roll.ctx is None else (roll.ctx[:n], roll.ctx_mask[:n])
+    v, v_ref = (M.straight_path_velocity(net, clips, x0, t, roll.tokens[:n], ctx, cm).float() for net in (policy, reference))
+    return float(v.norm() / v_ref.norm().clamp(min=1e-12))
+
+
 def record(it, names, scores, weights, zero_frac, adv, roll, stats, **extra):
-    """One log line: each head's reward (mean, std), the advantages, and every update statistic's mean."""
+    """One log line: each head's reward (mean, std), the advantages, every update statistic's mean, and the ratio's
+    mean per SDE step where the rule has one (ppo)."""
     sde, r4 = [s[0] for s in roll.transitions], lambda x: round(float(x), 4)
     means = {k: sum(stats[k]) / len(stats[k]) if stats[k] else None
-             for k in ("ratio", "clip_frac", "approx_kl", "kl_ref", "loss", "sft_loss")}
+             for k in ("ratio", "ratio_std", "clip_frac", "approx_kl", "kl_ref", "loss", "sft_loss")}
+    means["ratio_by_step"] = {k[len("ratio_step"):]: r4(sum(v) / len(v)) for k, v in stats.items() if k.startswith("ratio_step")}
     return dict(iter=it + 1, **{f"reward_{h}": [r4(scores[:, j].mean()), r4(scores[:, j].std())] for j, h in enumerate(names)},
                 zero_std_frac=r4(zero_frac), adv_mean=r4(adv.mean()), adv_std=r4(adv.std()), adv_absmax=r4(adv.abs().max()),
                 weights=[round(float(w), 3) for w in weights], sde_steps=sde, trained_steps=[sde[k] for k in roll.trained],
@@ -326,6 +417,10 @@ def train(cfg: Config, reward_fn=None):
     log = make_logger(d)
     check_config(cfg, d.ranks)
     policy, parent = load_model(cfg.init, d.device)
+    if cfg.update == "ppo" and policy.sampler != "flow-grpo":  # the solver contract: PPO rescores rollout steps
+        raise ConfigError(f"--update=ppo scores rollouts with sde_step's Gaussian ('flow-grpo'), but {cfg.init} rolls out "
+                          f"with {policy.sampler!r}; use --update=awm or nft (they score clips), or that policy's "
+                          f"sampler set to flow-grpo")
     reference = policy.reference()                                            # frozen: the KL anchor
     judge = load_reward_model(cfg.reward_model, policy.cfg) if cfg.reward != "heads" else None
     per_rank = cfg.prompts_per_iter * cfg.group_size // d.ranks
@@ -338,7 +433,8 @@ def train(cfg: Config, reward_fn=None):
     mc, world = policy.cfg, R.world_of(policy.cfg)
     ema, opt = EMA(policy, cfg.ema_decay), torch.optim.AdamW(policy.parameters(), lr=cfg.lr, weight_decay=0.0)
     guard, spikes, monitor = NonFiniteGuard(), SpikeGuard(cfg.spike_factor), HackingMonitor(cfg.patience)
-    parts = dict(guard=guard, spikes=spikes, monitor=monitor)  # every decision's history: saved, restored
+    cost = Cost()
+    parts = dict(guard=guard, spikes=spikes, monitor=monitor, cost=cost)  # every decision's history: saved, restored
     start, log_offset = resume_run(state_path, policy, ema, opt, cfg, parts, log, d.main) if cfg.resume else (0, None)
     spikes.snapshot(policy, opt)                    # at a checkpoint the last good weights are the current ones
     groups, n_window, rollouts = cfg.prompts_per_iter, len(window_steps(cfg, 0)), cfg.prompts_per_iter * cfg.group_size
@@ -354,8 +450,9 @@ def train(cfg: Config, reward_fn=None):
         ema.model, eval_prompts, eval_noise, cfg.eval_steps, cfg.cfg_scale, world).items()}}
     lineage = lambda n: lineage_record(f"rl-{cfg.update}", cfg.init, n, "prompts:train_combos", config=asdict(cfg),
                                          parent_stage=parent.get("lineage", {}).get("stage", ""))
-    update = awm_update if cfg.update == "awm" else ppo_update
-    sampler = M.frozen_copy(policy) if cfg.update == "awm" and cfg.awm_clip > 0 else None
+    update = {"awm": awm_update, "ppo": ppo_update, "nft": nft_update}[cfg.update]
+    sampler = M.frozen_copy(policy) if cfg.update == "nft" or cfg.update == "awm" and cfg.awm_clip > 0 else None
+    cost.watch(*(net for net in (policy, reference, sampler) if net is not None))
     mine = slice(d.rank * per_rank, (d.rank + 1) * per_rank)                  # this rank's share of the rollouts
     logf = open_log(os.path.join(cfg.out_dir, "log.jsonl"), log_offset) if d.main else None
     if d.main and start == 0:
@@ -366,7 +463,9 @@ def train(cfg: Config, reward_fn=None):
         t0 = time.time()
         gen = seeded(cfg.seed, it)                                           # this iteration's draws, on every rank
         # ================================================================ SAMPLING
-        clips, roll = sample_rollouts(cfg, policy, sampler, it, gen, train_prompts, mine, d.device)
+        nfe_before, cost.counting = cost.nfe, True
+        clips, roll = sample_rollouts(cfg, policy, sampler, it, gen, train_prompts, mine, d.device,
+                                      ema.model if cfg.update == "nft" else None)       # nft: the old policy samples
         roll.trained = sorted(torch.randperm(len(roll.transitions), generator=gen)[:n_trained].tolist())
         t_roll = time.time() - t0
         # ================================================================ REWARDS
@@ -380,9 +479,9 @@ def train(cfg: Config, reward_fn=None):
         policy.train()
         for epoch in range(cfg.epochs):
             order = torch.randperm(rollouts, generator=gen)                  # over all ranks: draws match any rank count
-            draws = [(M.sample_t(groups, gen, mean=cfg.awm_t_mean),            # AWM: (t, noise, t_kl) per group
+            draws = [(M.sample_t(groups, gen, mean=cfg.awm_t_mean),            # AWM, NFT: (t, noise, t_kl) per group
                       torch.randn(groups, *roll.clips.shape[1:], generator=gen), M.sample_t(groups, gen))
-                     for _ in range(cfg.awm_draws if cfg.update == "awm" else 0)]
+                     for _ in range(cfg.awm_draws if cfg.update != "ppo" else 0)]
             for j, chunk in enumerate(order.chunk(cfg.minibatches)):
                 n_update = (it * cfg.epochs + epoch) * cfg.minibatches + j  # counts every optimizer step
                 mb = chunk[(chunk >= mine.start) & (chunk < mine.stop)] - mine.start  # this rank's share of it
@@ -400,6 +499,10 @@ def train(cfg: Config, reward_fn=None):
                     opt.step()
                     ema.update(policy, n_update)                              # EMA
                 opt.zero_grad(set_to_none=True)
+                cost.steps += 1
+        cost.counting = False                                                 # what the iteration cost, over all ranks
+        cost.nfe = nfe_before + round(all_mean(torch.tensor(float(cost.nfe - nfe_before)), d).item() * d.ranks)
+        cost.rollouts, cost.seconds = cost.rollouts + rollouts, cost.seconds + time.time() - t0
         # ROLLBACK on a spike, decided on statistics every rank shares and any rank count gives alike (grad norm is
         # global; the KL is each minibatch's mean over all its clips, however the shuffle split them over ranks)
         kl_ref = all_mean(torch.tensor(sum(stats["kl_ref"]), dtype=torch.float64), d).item() / (cfg.epochs * cfg.minibatches)
@@ -408,7 +511,8 @@ def train(cfg: Config, reward_fn=None):
             spikes.snapshot(policy, opt)
         rec = record(it, names, scores, weights, zero_frac, adv, roll, stats, lr=opt.param_groups[0]["lr"],
                      skipped=guard.skipped, rollbacks=spikes.rollbacks, rollout_s=round(t_roll, 2),
-                     train_s=round(time.time() - t1, 2))
+                     train_s=round(time.time() - t1, 2), v_norm_ratio=round(velocity_norm_ratio(
+                         policy, reference, roll, cfg.seed, it), 5), **{f"cost_{k}": v for k, v in cost.state_dict().items()})
         bar.set_postfix(instr=f"{rec['reward_instruction'][0]:.3f}", kl=f"{rec['kl_ref']:.2e}",
                         gnorm=f"{rec['grad_norm']:.3f}", zero=f"{zero_frac:.2f}")
         # ---- EVALUATION, the hacking monitor and the time budget: decided on rank 0, obeyed by all

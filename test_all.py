@@ -854,6 +854,79 @@ def test_awm_log_ratio_is_a_free_frame_mean_whatever_the_context_share(tiny_chec
         assert abs(float((share * log_ratio).exp().mean()) - stats["ratio"][0]) > 1e-6
 
 
+def test_nft_points_where_advantage_weighted_matching_does_on_policy_and_is_bounded_off_it(tiny_checkpoints):
+    """DiffusionNFT at v = v_old: its gradient is nft_beta times that of sum (2r - 1) err, r = 1/2 + A / (2 nft_scale),
+    the plain advantage-weighted flow matching the paper derives it from. Off-policy its loss is a sum of squares: for
+    clips below their group it rises as the policy moves away, where the plain weighted loss falls without limit."""
+    _, tuned, _ = tiny_checkpoints
+    policy, sampler, roll, draws, gen = awm_setup(tuned)
+    roll.sampler, adv, every = sampler, torch.tensor([1.5, -0.5, 0.7, -2.5]), torch.arange(4)
+    cfg = reward_rl.Config(update="nft", awm_beta=0.0, bf16=False, nft_beta=0.7, nft_scale=2.0)
+    grads = lambda: [p.grad.clone() for p in policy.parameters() if p.grad is not None]
+    policy.zero_grad()
+    reward_rl.nft_update(cfg, policy, sampler, roll, adv, every, 1 / 4, draws, collections.defaultdict(list))
+    nft = grads()
+    policy.zero_grad()
+    t, x0 = draws[0][0], draws[0][1]
+    r = 0.5 + 0.5 * (adv / cfg.nft_scale).clamp(-1, 1)
+    ((2 * r - 1) * M.flow_error(policy, roll.clips, x0, t, roll.tokens)).sum().mul(1 / 4).backward()
+    plain = grads()
+    assert all(torch.allclose(a, cfg.nft_beta * b, rtol=1e-4, atol=1e-8) for a, b in zip(nft, plain))
+    below = -torch.ones(4)                                      # every clip below its group: r = 1/4, pushed away
+    loss_at = lambda rule, **kw: float(rule(reward_rl.Config(awm_beta=0.0, bf16=False, **kw), policy, sampler, roll, below,
+                                            every, 1 / 4, draws, collections.defaultdict(list)))
+    direction = [torch.randn(p.shape, generator=gen) for p in policy.parameters()]
+    nft_losses, plain_losses = [], []
+    for step in (0.0, 0.05, 0.1, 1.0):                          # the policy moved further and further from the sampler
+        with torch.no_grad():
+            for p, s, d in zip(policy.parameters(), sampler.parameters(), direction):
+                p.copy_(s + step * d)
+        roll.on_policy = False
+        nft_losses.append(loss_at(reward_rl.nft_update, update="nft"))
+        plain_losses.append(loss_at(reward_rl.awm_update, awm_clip=0.0))
+    # r |a + b|^2 + (1 - r) |a - b|^2 >= 4 r (1 - r) |a|^2, a = v_old - target: 3/4 of the loss at v = v_old for r = 1/4
+    assert min(nft_losses) >= 0.75 * nft_losses[0] * (1 - 1e-5) and nft_losses[-1] > nft_losses[0]
+    assert plain_losses[-1] < plain_losses[1] < plain_losses[0]                      # falls without limit
+
+
+def test_stage_ii_counts_every_network_evaluation_and_resumes_the_count(tiny_checkpoints, tmp_path):
+    """AWM, 2 iterations of 2 prompts x 4 rollouts on 4 Euler steps (guided while t < 0.6: 3 of them, 2 passes each):
+    rollouts 8 x (3 x 2 + 1); the first epoch on-policy (the policy's 2 draws, the KL's policy and reference pass), the
+    second also the sampler's 2 draws; each update the curated term's 4 clips. A run stopped and resumed counts on."""
+    _, tuned, _ = tiny_checkpoints
+    kw = dict(prompts_per_iter=2, group_size=4, rollout_steps=4, sft_batch=4, eval_every=100)
+    reward_rl.train(tiny_rl(tuned, tmp_path / "whole", iters=2, **kw))
+    per_iteration = 8 * (3 * 2 + 1) + (2 * 8 + 2 * 8 + 4) + (2 * 8 + 2 * 8 + 2 * 8 + 4)
+    costs = [r for r in read_log(tmp_path / "whole" / "log.jsonl") if "cost_nfe" in r]
+    assert [r["cost_nfe"] for r in costs] == [per_iteration, 2 * per_iteration]
+    assert [(r["cost_rollouts"], r["cost_steps"]) for r in costs] == [(8, 2), (16, 4)]
+    reward_rl.train(tiny_rl(tuned, tmp_path / "cut", iters=1, **kw))
+    reward_rl.train(tiny_rl(tuned, tmp_path / "cut", iters=2, resume=True, **kw))
+    assert [r["cost_nfe"] for r in read_log(tmp_path / "cut" / "log.jsonl") if "cost_nfe" in r] == [per_iteration,
+                                                                                                     2 * per_iteration]
+
+
+@pytest.fixture(scope="module")
+def tiny_race(tiny_checkpoints):
+    """make race at a tiny size: vanilla Flow-GRPO and DiffusionNFT, one seed, two segments of about a second."""
+    import bench
+    _, tuned, root = tiny_checkpoints
+    bench.bench_race([f"--init={tuned}", "--rules=flow_grpo,nft", "--seeds=1", "--minutes=0.02", "--evals=2",
+                      "--heldout_prompts=1", f"--out={root / 'race'}"])
+    return root / "race"
+
+
+def test_race_reports_each_rules_cost_to_each_gain_from_resumed_segments(tiny_race):
+    result = json.load(open(tiny_race / "race.json"))
+    for name in ("flow_grpo_s0", "nft_s0"):
+        points = result["runs"][name]["points"]
+        assert len(points) == 3 and points[0]["nfe"] == 0 and 0 < points[1]["nfe"] < points[2]["nfe"]
+        assert len(result["runs"][name]["health"]["v_norm_ratio"]) >= 2         # one per iteration, both segments
+    assert set(result["table"]["+0.05"]) == {"flow_grpo", "nft"}
+    text = (tiny_race / "race.md").read_text()
+    assert "| nft |" in text and "network evaluations" in text
+
+
 @pytest.fixture(scope="module")
 def trained_tiny(tmp_path_factory):
     """A tiny base pretrained for 40 steps and tuned for 20: far enough from its init that rollouts, rewards and
@@ -1260,7 +1333,7 @@ BAD_INPUT = {
                                  "--cache={r}/tiny.safetensors", "--cache={r}/tiny.safetensors is a file"),
     "advise_out_is_a_folder": ("diagnose.py advise --diagnose={r}/partial/diagnose --out={r}", "is a folder; name a file"),
     "adapters_out_is_a_folder": ("adapters.py --out={r}", "is a folder; name a file"),
-    "bench_out_under_a_file": ("bench.py grpo --out={r}/tiny.safetensors/bench", "which is a file"),
+    "bench_out_under_a_file": ("bench.py race --out={r}/tiny.safetensors/bench", "which is a file"),
     # values nothing checked
     "dpo_zero_curated_batch": ("preference.py --curated_batch=0", "--curated_batch must be at least 1"),
     "dpo_negative_curated_batch": ("preference.py --curated_batch=-4", "--curated_batch must be at least 1"),
@@ -1401,11 +1474,13 @@ import xml.etree.ElementTree as ElementTree
 import report
 
 CHROMIUM = "/usr/bin/chromium"
-CHARTS = 2 + 5 + 4 + 2 + len(rewards.HEADS) + 3      # Stage I, II, III curves; drift by frame, by chunk per head; ablations
+# the first screen (each axis by stage, the race); Stage I, II, III curves; drift by frame, by chunk per head; ablations;
+# the race (accuracy against evaluations and minutes, five health signals)
+CHARTS = 2 + 2 + 5 + 4 + 2 + len(rewards.HEADS) + 3 + 2 + 5
 
 
 @pytest.fixture(scope="module")
-def tiny_run(tiny_checkpoints, tiny_ablations):
+def tiny_run(tiny_checkpoints, tiny_ablations, tiny_race):
     """make pipeline's folder layout from tiny stages (the shipped base is the small preset), judged and reported."""
     base, _, root = tiny_checkpoints
     run = root / "run"
@@ -1419,7 +1494,7 @@ def tiny_run(tiny_checkpoints, tiny_ablations):
                       "--long_clips=1", "--diversity_seeds=2"])
     # as make pipeline_driven leaves it: the decision sft's diagnosis handed to Stage II
     diagnose.advise([f"--diagnose={run / 'diagnose'}", "--column=sft", "--stage=rl", f"--out={run / 'advice_rl.json'}"])
-    report.main([f"--run={run}", f"--ablations={tiny_ablations[0] / 'ablations.json'}"])
+    report.main([f"--run={run}", f"--ablations={tiny_ablations[0] / 'ablations.json'}", f"--race={tiny_race / 'race.json'}"])
     return run
 
 
@@ -1661,6 +1736,7 @@ def test_wan_full_fine_tuning_and_one_line_refusals(wan_chain, monkeypatch, caps
         err = capsys.readouterr().err                              # progress bars may stand before the error
         errors = [line for line in err.splitlines() if line.startswith("error: ")]
         assert exit_.value.code == 2 and len(errors) == 1 and needle in errors[0] and "Traceback" not in err, err
+    assert not (wan_chain["root"] / "rl_other").exists()       # the solver contract refused at startup, before any work
     monkeypatch.setattr(adapters, "WanTransformer3DModel", None)                # as without the extra
     with pytest.raises(stability.UserError, match="requirements-wan.txt"):
         checkpoint.load_model(wan_chain["init"])
