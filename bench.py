@@ -212,13 +212,13 @@ def race_markdown(result):
         for rule, row in rows.items():
             bound = "" if row["reached"] == row["seeds"] else ">= "
             bound_of = {"=": "", ">=": ">= ", "<=": "<= "}.get(row.get("ratio_bound"))
-            ratio = f"{bound_of}{row['nfe_ratio']:.1f}x" if bound_of is not None else "unknown (neither reached it)"
+            ratio = f"{bound_of}{row['nfe_ratio']:.1f}x" if bound_of is not None else "unknown (both are bounds)"
             lines.append(f"| {rule} | {row['reached']}/{row['seeds']} | {bound}{fmt(row, 'nfe')} ({row['nfe_range'][0]:,}"
                          f"-{row['nfe_range'][1]:,}) | {bound}{fmt(row, 'rollouts')} | {bound}{fmt(row, 'steps')} | "
                          f"{bound}{fmt(row, 'seconds')} | {row['fidelity']:.3f} | {row['temporal']:.3f} | {ratio} |")
         lines.append("")
     lines += ["A `>=` cost: some seed never reached the gain within its budget (its last point counts, a lower bound). "
-              "A ratio `>=` is a lower bound (vanilla did not always reach it), `<=` an upper bound, `?` unknown.", ""]
+              "A ratio `>=` is a lower bound (vanilla did not always reach it), `<=` an upper bound (the rule did not).", ""]
     for name, run in result["runs"].items():
         h = {k: [v for v in vals if v is not None] for k, vals in run["health"].items() if k != "ratio_by_step"}
         mean = lambda k: sum(h[k]) / len(h[k]) if h[k] else float("nan")
