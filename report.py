@@ -309,11 +309,11 @@ def race_blocks(path):
                     f"loop counted. Machine: {result['machine']}."), ("charts", race_charts(result))]
     for label, rows in result["table"].items():
         fmt = lambda r, k: ("" if r["reached"] == r["seeds"] else ">= ") + (f"{r[k] / 60:.2f}" if k == "seconds" else f"{r[k]:,.0f}")
-        ratio = lambda r: {"=": "", ">=": ">= ", "<=": "<= "}.get(r.get("ratio_bound"), "unknown: ")
+        ratio = lambda r: {"=": "", ">=": ">= ", "<=": "<= "}.get(r.get("ratio_bound"), "unknown (both are bounds)")
         blocks += [("h3", f"Gain {label} in all-attributes accuracy"),
                    ("table", head, [[rule, f"{r['reached']}/{r['seeds']}", fmt(r, "nfe"), fmt(r, "rollouts"),
                                      fmt(r, "steps"), fmt(r, "seconds"), f"{r['fidelity']:.3f}", f"{r['temporal']:.3f}",
-                                     ratio(r) + (f"{r['nfe_ratio']:.1f}x" if "nfe_ratio" in r and ratio(r) != "unknown: "
+                                     ratio(r) + (f"{r['nfe_ratio']:.1f}x" if r.get("ratio_bound") in ("=", ">=", "<=")
                                                  else "")] for rule, r in rows.items()], "race")]
     health = {n: r["health"] for n, r in result["runs"].items()}
     line = lambda k: [(n, h["cost_nfe"], h[k]) for n, h in health.items()]
