@@ -331,6 +331,16 @@ def curated_loss(net, n, seed, step, world, device):
     return flow_loss(net, b.videos.to(device), b.tokens.to(device), g, 0.1, ctx_mask)[0]
 
 
+@torch.no_grad()
+def velocity_norm_ratio(policy, reference, clips, tokens, gen, ctx=None, ctx_mask=None):
+    """|v| / |v_ref| on clips at t = 0.5 with noise from gen: how far a policy's velocity norm has moved from its
+    reference's (NormGuard's signal: some update rules inflate it)."""
+    t = torch.full((len(clips),), 0.5, device=clips.device)
+    x0 = torch.randn(clips.shape, generator=gen).to(clips.device)
+    v, v_ref = (straight_path_velocity(net, clips, x0, t, tokens, ctx, ctx_mask).float() for net in (policy, reference))
+    return float(v.norm() / v_ref.norm().clamp(min=1e-12))
+
+
 # Guidance in a limited interval (Kynkaanniemi et al. 2024): classifier-free guidance decides what a clip shows
 # while t is small; applied near the data it pushes the predicted clean clip past the data, which shows as speckle
 # inside the object, a halo on the background and off-palette colour (the fidelity head's three parts). Stopping it

@@ -44,10 +44,10 @@ import model as M
 import rewards as R
 from checkpoint import lineage_record, load_model, resume_run, save_checkpoint, save_run_state
 from judge import load_reward_model, rm_score
-from stability import (EMA, ConfigError, HackingMonitor, NonFiniteGuard, SpikeGuard, all_mean, average_gradients,
-                       bf16_autocast, check_ranges, check_ranks_agree, claim_out_dir, clip_gradients, command_line, from_rank0, gather_rows,
-                       make_logger, open_log, parse_config, print_config, run_cli, seeded, setup_distributed, teardown,
-                       warmup_cosine)
+from stability import (EMA, ConfigError, Cost, HackingMonitor, NonFiniteGuard, SpikeGuard, all_mean, average_gradients,
+                       bf16_autocast, check_ranges, check_ranks_agree, claim_out_dir, clip_gradients, command_line,
+                       from_rank0, gather_rows, make_logger, open_log, parse_config, print_config, run_cli, seeded,
+                       setup_distributed, teardown, warmup_cosine)
 
 
 @dataclass
@@ -341,41 +341,44 @@ def curated_term(cfg, policy, n_update, world, device, stats):
     stats["sft_loss"].append(loss.item())
 
 
-class Cost:
-    """What the run has spent, counted in the loop so that update rules compare on any machine: network evaluations
-    (one per clip per forward pass of the policy, the reference or the sampler, rollouts and updates alike; held-out
-    evaluation and health checks excluded), rollouts, optimizer steps, and seconds of rollout and update. Saved with
-    the run, so a resumed run counts on."""
+def update_policy(cfg, policy, reference, opt, ema, guard, update, roll, adv, mine, it, gen, world, d, cost):
+    """TRAINING: epochs x minibatches optimizer steps on the iteration's rollouts, each the rule's loss and KL, the
+    curated term, the all-reduce, the warmup, the clip, the non-finite guard and the EMA. adv: this rank's (n,).
+    Returns the update statistics."""
+    stats, groups, rollouts = defaultdict(list), cfg.prompts_per_iter, cfg.prompts_per_iter * cfg.group_size
+    policy.train()
+    for epoch in range(cfg.epochs):
+        order = torch.randperm(rollouts, generator=gen)                      # over all ranks: draws match any rank count
+        draws = [(M.sample_t(groups, gen, mean=cfg.awm_t_mean),                # AWM, NFT: (t, noise, t_kl) per group
+                  torch.randn(groups, *roll.clips.shape[1:], generator=gen), M.sample_t(groups, gen))
+                 for _ in range(cfg.awm_draws if cfg.update != "ppo" else 0)]
+        for j, chunk in enumerate(order.chunk(cfg.minibatches)):
+            n_update = (it * cfg.epochs + epoch) * cfg.minibatches + j      # counts every optimizer step
+            mb = chunk[(chunk >= mine.start) & (chunk < mine.stop)] - mine.start  # this rank's share of it
+            # the update rule's loss + its KL to the frozen reference, backpropagated (share: sums -> global mean)
+            share = d.ranks / len(chunk)
+            loss = update(cfg, policy, reference, roll, adv, mb, share, draws, stats) if len(mb) else 0.0
+            if cfg.sft_weight > 0:
+                curated_term(cfg, policy, n_update, world, d.device, stats)  # + the curated flow loss
+            average_gradients(policy.parameters(), d)
+            for group in opt.param_groups:                                    # linear warmup, then constant
+                group["lr"] = warmup_cosine(n_update, cfg.lr, cfg.warmup, total=1, final_frac=1.0)
+            grad_norm = clip_gradients(policy.parameters(), cfg.grad_clip)    # CLIP: global, after the all-reduce
+            stats["grad_norm"].append(grad_norm)
+            if guard.ok(all_mean(torch.tensor(loss, dtype=torch.float64), d).item(), grad_norm):
+                opt.step()
+                ema.update(policy, n_update)                                  # EMA
+            opt.zero_grad(set_to_none=True)
+            cost.steps += 1
+    return stats
 
-    def __init__(self):
-        self.nfe, self.rollouts, self.steps, self.seconds, self.counting = 0, 0, 0, 0.0, False
 
-    def watch(self, *nets):
-        cores = {id(c): c for c in (getattr(getattr(n, "policy", n), "transformer", n) for n in nets)}  # an adapter's
-        for core in cores.values():                                            # network, counted once
-            core.register_forward_pre_hook(self.count, with_kwargs=True)
-
-    def count(self, module, args, kwargs):
-        x = next((a for a in (*args, *kwargs.values()) if torch.is_tensor(a)), None)
-        self.nfe += (len(x) if x is not None and x.dim() else 1) if self.counting else 0
-
-    def state_dict(self):
-        return {"nfe": self.nfe, "rollouts": self.rollouts, "steps": self.steps, "seconds": self.seconds}
-
-    def load_state_dict(self, s):
-        self.nfe, self.rollouts, self.steps, self.seconds = s["nfe"], s["rollouts"], s["steps"], s["seconds"]
-
-
-@torch.no_grad()
-def velocity_norm_ratio(policy, reference, roll, seed, it):
-    """|v| / |v_ref| on up to 8 of the iteration's clips at t = 0.5, with noise of its own stream (the run's draws
-    untouched): NormGuard's signal, measured alike for every rule."""
-    n, gen = min(8, len(roll.clips)), seeded(seed + 17, it)
-    clips, t = roll.clips[:n], torch.full((n,), 0.5, device=roll.clips.device)
-    x0 = torch.randn(clips.shape, generator=gen).to(clips.device)
+def health(cfg, policy, reference, roll, it):
+    """|v| / |v_ref| on up to 8 of the iteration's clips, with noise of its own stream (the run's draws untouched),
+    measured alike for every rule."""
+    n = min(8, len(roll.clips))
     ctx, cm = (None, None) if roll.ctx is None else (roll.ctx[:n], roll.ctx_mask[:n])
-    v, v_ref = (M.straight_path_velocity(net, clips, x0, t, roll.tokens[:n], ctx, cm).float() for net in (policy, reference))
-    return float(v.norm() / v_ref.norm().clamp(min=1e-12))
+    return M.velocity_norm_ratio(policy, reference, roll.clips[:n], roll.tokens[:n], seeded(cfg.seed + 17, it), ctx, cm)
 
 
 def record(it, names, scores, weights, zero_frac, adv, roll, stats, **extra):
@@ -437,7 +440,7 @@ def train(cfg: Config, reward_fn=None):
     parts = dict(guard=guard, spikes=spikes, monitor=monitor, cost=cost)  # every decision's history: saved, restored
     start, log_offset = resume_run(state_path, policy, ema, opt, cfg, parts, log, d.main) if cfg.resume else (0, None)
     spikes.snapshot(policy, opt)                    # at a checkpoint the last good weights are the current ones
-    groups, n_window, rollouts = cfg.prompts_per_iter, len(window_steps(cfg, 0)), cfg.prompts_per_iter * cfg.group_size
+    n_window, rollouts = len(window_steps(cfg, 0)), cfg.prompts_per_iter * cfg.group_size
     per_rank, n_trained = rollouts // d.ranks, max(1, round(cfg.train_fraction * n_window))
     log(f"batch: {cfg.prompts_per_iter} prompts x {cfg.group_size} rollouts = {rollouts} per iteration = {d.ranks} "
         f"rank(s) x {per_rank}; {cfg.rollout_steps} denoising steps, SDE on {n_window}, {n_trained} trained per rollout; "
@@ -463,7 +466,7 @@ def train(cfg: Config, reward_fn=None):
         t0 = time.time()
         gen = seeded(cfg.seed, it)                                           # this iteration's draws, on every rank
         # ================================================================ SAMPLING
-        nfe_before, cost.counting = cost.nfe, True
+        cost.begin()
         clips, roll = sample_rollouts(cfg, policy, sampler, it, gen, train_prompts, mine, d.device,
                                       ema.model if cfg.update == "nft" else None)       # nft: the old policy samples
         roll.trained = sorted(torch.randperm(len(roll.transitions), generator=gen)[:n_trained].tolist())
@@ -475,34 +478,9 @@ def train(cfg: Config, reward_fn=None):
         adv, zero_frac = advantages(cfg, scores, rm_std, weights)
         adv_mine = adv[mine].to(d.device)
         # ================================================================ TRAINING
-        t1, stats = time.time(), defaultdict(list)
-        policy.train()
-        for epoch in range(cfg.epochs):
-            order = torch.randperm(rollouts, generator=gen)                  # over all ranks: draws match any rank count
-            draws = [(M.sample_t(groups, gen, mean=cfg.awm_t_mean),            # AWM, NFT: (t, noise, t_kl) per group
-                      torch.randn(groups, *roll.clips.shape[1:], generator=gen), M.sample_t(groups, gen))
-                     for _ in range(cfg.awm_draws if cfg.update != "ppo" else 0)]
-            for j, chunk in enumerate(order.chunk(cfg.minibatches)):
-                n_update = (it * cfg.epochs + epoch) * cfg.minibatches + j  # counts every optimizer step
-                mb = chunk[(chunk >= mine.start) & (chunk < mine.stop)] - mine.start  # this rank's share of it
-                # the update rule's loss + its KL to the frozen reference, backpropagated (share: sums -> global mean)
-                share = d.ranks / len(chunk)
-                loss = update(cfg, policy, reference, roll, adv_mine, mb, share, draws, stats) if len(mb) else 0.0
-                if cfg.sft_weight > 0:
-                    curated_term(cfg, policy, n_update, world, d.device, stats)  # + the curated flow loss
-                average_gradients(policy.parameters(), d)
-                for group in opt.param_groups:                                # linear warmup, then constant
-                    group["lr"] = warmup_cosine(n_update, cfg.lr, cfg.warmup, total=1, final_frac=1.0)
-                grad_norm = clip_gradients(policy.parameters(), cfg.grad_clip)  # CLIP: global, after the all-reduce
-                stats["grad_norm"].append(grad_norm)
-                if guard.ok(all_mean(torch.tensor(loss, dtype=torch.float64), d).item(), grad_norm):
-                    opt.step()
-                    ema.update(policy, n_update)                              # EMA
-                opt.zero_grad(set_to_none=True)
-                cost.steps += 1
-        cost.counting = False                                                 # what the iteration cost, over all ranks
-        cost.nfe = nfe_before + round(all_mean(torch.tensor(float(cost.nfe - nfe_before)), d).item() * d.ranks)
-        cost.rollouts, cost.seconds = cost.rollouts + rollouts, cost.seconds + time.time() - t0
+        t1 = time.time()
+        stats = update_policy(cfg, policy, reference, opt, ema, guard, update, roll, adv_mine, mine, it, gen, world, d, cost)
+        cost.end(d, rollouts, time.time() - t0)                              # what the iteration cost, over all ranks
         # ROLLBACK on a spike, decided on statistics every rank shares and any rank count gives alike (grad norm is
         # global; the KL is each minibatch's mean over all its clips, however the shuffle split them over ranks)
         kl_ref = all_mean(torch.tensor(sum(stats["kl_ref"]), dtype=torch.float64), d).item() / (cfg.epochs * cfg.minibatches)
@@ -511,8 +489,8 @@ def train(cfg: Config, reward_fn=None):
             spikes.snapshot(policy, opt)
         rec = record(it, names, scores, weights, zero_frac, adv, roll, stats, lr=opt.param_groups[0]["lr"],
                      skipped=guard.skipped, rollbacks=spikes.rollbacks, rollout_s=round(t_roll, 2),
-                     train_s=round(time.time() - t1, 2), v_norm_ratio=round(velocity_norm_ratio(
-                         policy, reference, roll, cfg.seed, it), 5), **{f"cost_{k}": v for k, v in cost.state_dict().items()})
+                     train_s=round(time.time() - t1, 2), v_norm_ratio=round(health(cfg, policy, reference, roll, it), 5),
+                     **{f"cost_{k}": v for k, v in cost.state_dict().items()})
         bar.set_postfix(instr=f"{rec['reward_instruction'][0]:.3f}", kl=f"{rec['kl_ref']:.2e}",
                         gnorm=f"{rec['grad_norm']:.3f}", zero=f"{zero_frac:.2f}")
         # ---- EVALUATION, the hacking monitor and the time budget: decided on rank 0, obeyed by all

@@ -248,6 +248,43 @@ def gather_rows(x, d: Dist):
     return torch.cat(parts)
 
 
+# ----------------------------------------------------------------------------- what a run cost
+class Cost:
+    """What the run has spent, counted in the loop so that update rules compare on any machine: network evaluations
+    (one per clip per forward pass of the policy, the reference or the sampler, rollouts and updates alike; held-out
+    evaluation and health checks excluded), rollouts, optimizer steps, and seconds of rollout and update. Saved with
+    the run, so a resumed run counts on."""
+
+    def __init__(self):
+        self.nfe, self.rollouts, self.steps, self.seconds, self.counting, self.before = 0, 0, 0, 0.0, False, 0
+
+    def watch(self, *nets):
+        cores = {id(c): c for c in (getattr(getattr(n, "policy", n), "transformer", n) for n in nets)}  # an adapter's
+        for core in cores.values():                                            # network, counted once
+            core.register_forward_pre_hook(self.count, with_kwargs=True)
+
+    def count(self, module, args, kwargs):
+        x = next((a for a in (*args, *kwargs.values()) if torch.is_tensor(a)), None)
+        self.nfe += (len(x) if x is not None and x.dim() else 1) if self.counting else 0
+
+    def begin(self):
+        """Count from here: an iteration's rollouts and updates."""
+        self.before, self.counting = self.nfe, True
+
+    def end(self, d, rollouts, seconds):
+        """Stop counting; the iteration's evaluations summed over ranks (each counted its own share), its rollouts
+        and rank 0's seconds added."""
+        self.counting = False
+        self.nfe = self.before + round(all_mean(torch.tensor(float(self.nfe - self.before)), d).item() * d.ranks)
+        self.rollouts, self.seconds = self.rollouts + rollouts, self.seconds + seconds
+
+    def state_dict(self):
+        return {"nfe": self.nfe, "rollouts": self.rollouts, "steps": self.steps, "seconds": self.seconds}
+
+    def load_state_dict(self, s):
+        self.nfe, self.rollouts, self.steps, self.seconds = s["nfe"], s["rollouts"], s["steps"], s["seconds"]
+
+
 # ----------------------------------------------------------------------------- outputs: nothing lost
 RUN_MARKER = "postflow-run.json"   # written first into every folder a run claims: what makes a folder a run
 RUN_FILES = ("ckpt.safetensors", "state.safetensors", "state.prev.safetensors", "log.jsonl", "samples.gif")
