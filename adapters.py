@@ -250,6 +250,11 @@ class WanPolicy(nn.Module):
         self.fold()
         return AdapterOff(self)
 
+    def shard_units(self):
+        """FSDP2's pieces (stability.shard): each transformer block, then the transformer, whose forward velocity()
+        calls. The VAE and prompt states are frozen and small beside it: every rank keeps them whole."""
+        return [*self.transformer.blocks, self.transformer]
+
     @contextmanager
     def adapter_off(self):
         self.transformer.disable_adapters()

@@ -23,7 +23,7 @@ import data
 import model as M
 from model import ModelConfig, VideoDiT
 from stability import (ConfigError, UserError, atomic_write, check_fits, check_ranges, claim_out_file, parse_config,
-                       remove_stale_temps, run_cli)
+                       remove_stale_temps, run_cli, shaped_like, whole)
 
 
 class CheckpointError(UserError):
@@ -135,7 +135,7 @@ def load_weights(model, tensors, path="checkpoint", prefix=""):
                                   f"{tuple(v.shape)}")
         if got[k].is_floating_point() and not torch.isfinite(got[k]).all():
             raise CheckpointError(f"{path}: weight {k} holds NaN or Inf; a run that saved it diverged")
-    model.load_state_dict({k: got[k].to(v.dtype) for k, v in own.items()})
+    model.load_state_dict({k: shaped_like(got[k].to(v.dtype), v) for k, v in own.items()})  # a sharded model: its shards
 
 
 def check_config(cfg: ModelConfig, expected: ModelConfig, path):
@@ -157,15 +157,24 @@ def load_model(path, device="cpu", expect: ModelConfig = None):
 
 
 # ----------------------------------------------------------------------------- a run's resumable state
-def save_run_state(path, net, ema, opt, lineage, step, parts=None, log_file=None):
+def full_state(net):
+    """A policy's whole state dict, its shards gathered (a collective: every rank calls it when sharded)."""
+    return {k: whole(v) for k, v in net.state_dict().items()}
+
+
+def save_run_state(path, net, ema, opt, lineage, step, parts=None, log_file=None, main=True):
     """A run's resumable state in one safetensors file: weights, EMA weights, AdamW moments (as plain tensors:
     no pickle), the step, the JSON state of `parts` (name -> guard or monitor with state_dict()) and the
-    length of log_file. The previous state is kept as state.prev.safetensors until the new one is complete."""
-    tensors = {**{f"model.{k}": v for k, v in net.state_dict().items()},
-               **{f"ema.{k}": v for k, v in ema.model.state_dict().items()}}
+    length of log_file. The previous state is kept as state.prev.safetensors until the new one is complete.
+    Every rank calls it (sharded state is gathered whole, so a run resumes on any rank count or --parallel);
+    the main rank writes."""
+    tensors = {**{f"model.{k}": v for k, v in full_state(net).items()},
+               **{f"ema.{k}": v for k, v in full_state(ema.model).items()}}
     for name, p in net.named_parameters():
         for k, v in opt.state.get(p, {}).items():
-            tensors[f"opt.{name}.{k}"] = v if torch.is_tensor(v) else torch.tensor(float(v))
+            tensors[f"opt.{name}.{k}"] = whole(v) if torch.is_tensor(v) else torch.tensor(float(v))
+    if not main:
+        return
     extra = {k: p.state_dict() for k, p in (parts or {}).items()}
     if log_file is not None:
         log_file.flush()
@@ -204,16 +213,17 @@ def load_run_state(path, net, ema, opt, warn=print):
     load_weights(net, tensors, path, prefix="model.")
     load_weights(ema.model, tensors, path, prefix="ema.")
     for name, p in net.named_parameters():
-        state = {k[len(f"opt.{name}."):]: v.to(p.device) for k, v in tensors.items() if k.startswith(f"opt.{name}.")
-                 and "." not in k[len(f"opt.{name}."):]}
+        state = {k[len(f"opt.{name}."):]: shaped_like(v.to(p.device), p) for k, v in tensors.items()
+                 if k.startswith(f"opt.{name}.") and "." not in k[len(f"opt.{name}."):]}
         if state:
             if "step" in state:
-                state["step"] = state["step"].cpu()  # AdamW keeps its step count on the CPU
+                state["step"] = tensors[f"opt.{name}.step"].cpu()  # AdamW keeps its step count on the CPU, whole
             opt.state[p] = state
     return meta["step"], meta.get("extra", {}), meta.get("lineage", {})
 
 
-def check_resume(lineage, cfg, free=("resume", "overwrite", "iters", "steps", "max_minutes", "device")):
+def check_resume(lineage, cfg, free=("resume", "overwrite", "iters", "steps", "max_minutes", "device",
+                                     "parallel")):
     """Refuse to resume with settings that change what the run computes (another --init, a new lr: the KL
     reference or the schedule would change mid-run). `free` keys may differ: extending a run is fine."""
     saved, now = lineage.get("config", {}), json.loads(json.dumps(asdict(cfg)))   # tuples read back as lists

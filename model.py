@@ -257,6 +257,10 @@ class VideoDiT(nn.Module):
     def reference(self):
         return frozen_copy(self)
 
+    def shard_units(self):
+        """What FSDP2 shards as one piece (stability.shard): each block, then the rest; the outermost last."""
+        return [*self.blocks, self]
+
 
 def frozen_copy(policy):
     """A frozen copy of a policy's weights as they are now (the KL reference, the AWM sampler)."""
@@ -310,14 +314,17 @@ def flow_error(model, x1, x0, t, tokens, ctx=None, ctx_mask=None, drop=None):
     return msq_free_frames(straight_path_velocity(model, x1, x0, t, tokens, ctx, ctx_mask, drop), x1 - x0, ctx_mask)
 
 
-def flow_loss(model, x1, tokens, gen, cond_drop=0.1, ctx_mask=None, t_mean=-0.4, t_std=1.0):
-    """Rectified-flow loss per sample (B,) at logit-normal t, and that t (B,). Context frames are given clean and left
-    out of the loss. gen: a CPU torch.Generator, so runs are reproducible on any device."""
-    x1 = model.encode(x1)                     # clips in [-1, 1] -> the flow's space; ctx_mask is over its frames
+def flow_loss(model, x1, tokens, gen, cond_drop=0.1, ctx_mask=None, t_mean=-0.4, t_std=1.0, rows=slice(None)):
+    """Rectified-flow loss per sample at logit-normal t, and that t, for `rows` of the batch x1 (B, ...) (all of it
+    by default). Context frames are given clean and left out of the loss. gen: a CPU torch.Generator, so runs are
+    reproducible on any device; its draws are made for the whole batch, so ranks that each take their rows of it
+    train as one process on all of them does."""
     B, dev = x1.shape[0], x1.device
-    t = sample_t(B, gen, t_mean, t_std, dev)
-    x0 = torch.randn(x1.shape, generator=gen).to(dev)
-    drop = (torch.rand(B, generator=gen) < cond_drop).to(dev)
+    t = sample_t(B, gen, t_mean, t_std)[rows].to(dev)
+    x0 = torch.randn(B, *model.flow_shape, generator=gen)[rows].to(dev)
+    drop = (torch.rand(B, generator=gen) < cond_drop)[rows].to(dev)
+    x1, tokens = model.encode(x1[rows]), tokens[rows]  # clips in [-1, 1] -> the flow's space; ctx_mask is over its frames
+    ctx_mask = None if ctx_mask is None else ctx_mask[rows]
     return flow_error(model, x1, x0, t, tokens, x1 if ctx_mask is not None else None, ctx_mask, drop), t
 
 

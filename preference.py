@@ -28,11 +28,11 @@ from tqdm import tqdm
 import data
 import model as M
 import rewards as R
-from checkpoint import lineage_record, load_model, resume_run, save_checkpoint, save_run_state
+from checkpoint import full_state, lineage_record, load_model, resume_run, save_checkpoint, save_run_state
 from judge import load_reward_model, rm_score
 from stability import (EMA, RUN_FILES, ConfigError, NonFiniteGuard, all_mean, atomic_write, average_gradients, check_ranges,
-                       check_ranks_agree, claim_out_dir, clip_gradients, command_line, make_logger, open_log, parse_config, print_config,
-                       run_cli, seeded, setup_distributed, teardown, warmup_cosine)
+                       check_ranks_agree, claim_out_dir, clip_gradients, command_line, make_logger, memory_use, open_log,
+                       parse_config, print_config, run_cli, seeded, setup_distributed, shard, teardown, warmup_cosine)
 
 
 @dataclass
@@ -77,6 +77,7 @@ class Config:
     overwrite: bool = False       # replace whatever out_dir holds
     any_input: bool = False       # accept an --init from another stage than SFT / RL (e.g. the base model)
     device: str = "auto"          # 'cpu', 'cuda' or 'auto'
+    parallel: str = "ddp"         # under torchrun: 'ddp' (whole copies), 'fsdp' (sharded), 'hsdp' (sharded per node)
 
 
 # ----------------------------------------------------------------------------- pairs
@@ -274,7 +275,7 @@ def oracle_verdict(cfg, ours_net, input_net, world, device):
 # ----------------------------------------------------------------------------- the loop
 def train(cfg: Config):
     check_config(cfg)
-    d = setup_distributed(cfg.device)
+    d = setup_distributed(cfg.device, cfg.parallel)
     log = make_logger(d)
     if cfg.batch_size % d.ranks:
         raise ConfigError(f"batch_size {cfg.batch_size} does not divide over {d.ranks} ranks")
@@ -309,6 +310,7 @@ def train(cfg: Config):
 
     policy.train()
     ema = EMA(policy, cfg.ema_decay)
+    shard(d, policy, ema.model, reference)                                    # --parallel=fsdp: 1/ranks of each per rank
     opt = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, weight_decay=0.0)
     guard = NonFiniteGuard()
     start, log_offset = resume_run(paths["state"], policy, ema, opt, cfg, {"guard": guard}, log, d.main) if cfg.resume else (0, None)
@@ -354,17 +356,18 @@ def train(cfg: Config):
             if d.main:
                 logf.write(json.dumps(rec) + "\n")
                 logf.flush()
-        if ((step + 1) % cfg.ckpt_every == 0 or step + 1 == cfg.steps) and d.main:
-            save_run_state(paths["state"], policy, ema, opt, lineage(step + 1), step + 1, {"guard": guard}, logf)
+        if (step + 1) % cfg.ckpt_every == 0 or step + 1 == cfg.steps:
+            save_run_state(paths["state"], policy, ema, opt, lineage(step + 1), step + 1, {"guard": guard}, logf, d.main)
 
     check_ranks_agree(policy, d)                                                # before anything is handed off
     # ================================================================ HAND-OFF: EMA weights, and the oracle's verdict
+    weights, memory = full_state(ema.model), memory_use(d, [policy, ema.model, reference], opt)
+    result, theirs, ours = oracle_verdict(cfg, ema.model, reference, world, d.device)  # every rank: they may be sharded
     if d.main:
-        save_checkpoint(paths["ckpt"], ema.model.state_dict(), mc, lineage(cfg.steps))
-        result, theirs, ours = oracle_verdict(cfg, ema.model, reference, world, d.device)
+        save_checkpoint(paths["ckpt"], weights, mc, lineage(cfg.steps))
         data.write_video(data.video_grid(torch.stack([theirs, ours], 1).flatten(0, 1), 8, 2),
                          os.path.join(cfg.out_dir, "samples.gif"))
-        logf.write(json.dumps({"final": result}) + "\n")
+        logf.write(json.dumps({"final": result, "memory": memory, "parallel": cfg.parallel, "ranks": d.ranks}) + "\n")
         logf.close()
         log(f"done: {paths['ckpt']}; oracle win rate vs input {result['win_rate']:.3f} (held-out combos "
             f"{result['win_rate_heldout_combos']:.3f}); samples.gif columns: input, dpo")

@@ -42,12 +42,12 @@ from tqdm import tqdm
 import data
 import model as M
 import rewards as R
-from checkpoint import lineage_record, load_model, resume_run, save_checkpoint, save_run_state
+from checkpoint import full_state, lineage_record, load_model, resume_run, save_checkpoint, save_run_state
 from judge import load_reward_model, rm_score
 from stability import (EMA, ConfigError, Cost, HackingMonitor, NonFiniteGuard, SpikeGuard, all_mean, average_gradients,
                        bf16_autocast, check_ranges, check_ranks_agree, claim_out_dir, clip_gradients, command_line,
-                       from_rank0, gather_rows, make_logger, open_log, parse_config, print_config, run_cli, seeded,
-                       setup_distributed, teardown, warmup_cosine)
+                       from_rank0, gather_rows, make_logger, memory_use, open_log, parse_config, print_config, run_cli,
+                       seeded, setup_distributed, shard, teardown, warmup_cosine)
 
 
 @dataclass
@@ -110,6 +110,7 @@ class Config:
     overwrite: bool = False       # replace whatever out_dir holds
     bf16: str = "auto"            # awm: bfloat16 autocast; 'auto' = where native (docs/results.md, Emulated bfloat16)
     device: str = "auto"          # 'cpu', 'cuda' or 'auto'
+    parallel: str = "ddp"         # under torchrun: 'ddp' (whole copies), 'fsdp' (sharded), 'hsdp' (sharded per node)
 
 
 def check_config(cfg, ranks):
@@ -357,7 +358,10 @@ def update_policy(cfg, policy, reference, opt, ema, guard, update, roll, adv, mi
             mb = chunk[(chunk >= mine.start) & (chunk < mine.stop)] - mine.start  # this rank's share of it
             # the update rule's loss + its KL to the frozen reference, backpropagated (share: sums -> global mean)
             share = d.ranks / len(chunk)
-            loss = update(cfg, policy, reference, roll, adv, mb, share, draws, stats) if len(mb) else 0.0
+            # a rank with no clip of this minibatch adds zeros; sharded, it must still run the passes (each gathers
+            # weights with every rank), on an empty batch whose statistics are dropped
+            loss = update(cfg, policy, reference, roll, adv, mb, share, draws, stats if len(mb) else defaultdict(list)) \
+                if len(mb) or d.sharded else 0.0
             if cfg.sft_weight > 0:
                 curated_term(cfg, policy, n_update, world, d.device, stats)  # + the curated flow loss
             average_gradients(policy.parameters(), d)
@@ -395,12 +399,11 @@ def record(it, names, scores, weights, zero_frac, adv, roll, stats, **extra):
 
 
 # ----------------------------------------------------------------------------- the loop
-def evaluate_and_decide(cfg, it, rec, scores, names, evaluate, monitor, out_of_time, logf, log):
-    """Rank 0's end of an iteration: the log line, a held-out evaluation when due, and whether to stop."""
+def evaluate_and_decide(cfg, it, rec, scores, names, ev, monitor, out_of_time, logf, log):
+    """Rank 0's end of an iteration: the log line, the held-out evaluation ev when one was due, and whether to stop."""
     logf.write(json.dumps(rec) + "\n")
     hacked = False
-    if (it + 1) % cfg.eval_every == 0 or it + 1 == cfg.iters or out_of_time:
-        ev = evaluate(it + 1)
+    if ev is not None:
         logf.write(json.dumps({"eval": ev}) + "\n")
         log(f"eval @{it + 1}: " + " ".join(f"{k}={v}" for k, v in ev.items() if k != "iter"))
         # proxy vs truth on the heads the eval scores, at fixed weights (a curriculum's would move both)
@@ -416,7 +419,7 @@ def evaluate_and_decide(cfg, it, rec, scores, names, evaluate, monitor, out_of_t
 
 def train(cfg: Config, reward_fn=None):
     """reward_fn(clips, prompts) -> {head: (B,)} replaces the configured judge (tests use a simple one)."""
-    d = setup_distributed(cfg.device)
+    d = setup_distributed(cfg.device, cfg.parallel)
     log = make_logger(d)
     check_config(cfg, d.ranks)
     policy, parent = load_model(cfg.init, d.device)
@@ -434,7 +437,10 @@ def train(cfg: Config, reward_fn=None):
                       command=command_line("reward_rl.py", cfg))
     state_path, ckpt_path = os.path.join(cfg.out_dir, "state.safetensors"), os.path.join(cfg.out_dir, "ckpt.safetensors")
     mc, world = policy.cfg, R.world_of(policy.cfg)
-    ema, opt = EMA(policy, cfg.ema_decay), torch.optim.AdamW(policy.parameters(), lr=cfg.lr, weight_decay=0.0)
+    ema = EMA(policy, cfg.ema_decay)
+    sampler = M.frozen_copy(policy) if cfg.update == "nft" or cfg.update == "awm" and cfg.awm_clip > 0 else None
+    shard(d, policy, ema.model, reference, sampler)                          # --parallel=fsdp: 1/ranks of each per rank
+    opt = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, weight_decay=0.0)
     guard, spikes, monitor = NonFiniteGuard(), SpikeGuard(cfg.spike_factor), HackingMonitor(cfg.patience)
     cost = Cost()
     parts = dict(guard=guard, spikes=spikes, monitor=monitor, cost=cost)  # every decision's history: saved, restored
@@ -454,12 +460,12 @@ def train(cfg: Config, reward_fn=None):
     lineage = lambda n: lineage_record(f"rl-{cfg.update}", cfg.init, n, "prompts:train_combos", config=asdict(cfg),
                                          parent_stage=parent.get("lineage", {}).get("stage", ""))
     update = {"awm": awm_update, "ppo": ppo_update, "nft": nft_update}[cfg.update]
-    sampler = M.frozen_copy(policy) if cfg.update == "nft" or cfg.update == "awm" and cfg.awm_clip > 0 else None
     cost.watch(*(net for net in (policy, reference, sampler) if net is not None))
     mine = slice(d.rank * per_rank, (d.rank + 1) * per_rank)                  # this rank's share of the rollouts
     logf = open_log(os.path.join(cfg.out_dir, "log.jsonl"), log_offset) if d.main else None
-    if d.main and start == 0:
-        logf.write(json.dumps({"eval": evaluate(0)}) + "\n")
+    first = evaluate(0) if start == 0 else None                              # every rank samples an evaluation
+    if d.main and first:
+        logf.write(json.dumps({"eval": first}) + "\n")
     t_start = time.time()
     bar = tqdm(range(start, cfg.iters), initial=start, total=cfg.iters, disable=not d.main, desc=f"rl-{cfg.update}")
     for it in bar:
@@ -495,19 +501,24 @@ def train(cfg: Config, reward_fn=None):
                         gnorm=f"{rec['grad_norm']:.3f}", zero=f"{zero_frac:.2f}")
         # ---- EVALUATION, the hacking monitor and the time budget: decided on rank 0, obeyed by all
         out_of_time = cfg.max_minutes > 0 and time.time() - t_start + (time.time() - t0) > 60 * cfg.max_minutes
-        stop = d.main and evaluate_and_decide(cfg, it, rec, scores, names, evaluate, monitor, out_of_time, logf, log)
+        out_of_time = bool(from_rank0(out_of_time, d))                       # rank 0's clock: all evaluate alike
+        due = (it + 1) % cfg.eval_every == 0 or it + 1 == cfg.iters or out_of_time
+        ev = evaluate(it + 1) if due else None
+        stop = d.main and evaluate_and_decide(cfg, it, rec, scores, names, ev, monitor, out_of_time, logf, log)
         stop = bool(from_rank0(stop, d))
-        if ((it + 1) % cfg.ckpt_every == 0 or it + 1 == cfg.iters or stop) and d.main:
-            save_run_state(state_path, policy, ema, opt, lineage(it + 1), it + 1, parts, logf)
+        if (it + 1) % cfg.ckpt_every == 0 or it + 1 == cfg.iters or stop:
+            save_run_state(state_path, policy, ema, opt, lineage(it + 1), it + 1, parts, logf, d.main)
         if stop:
             break
 
     check_ranks_agree(policy, d)              # ---- hand-off, once the ranks agree: the EMA policy and a sample grid
+    weights, memory = full_state(ema.model), memory_use(d, [n for n in (policy, ema.model, reference, sampler) if n is not None], opt)
+    videos = M.sample(ema.model, data.tokenize(eval_prompts[:8]).to(d.device), eval_noise[:8], cfg.eval_steps,
+                      cfg.cfg_scale)                                          # every rank: the EMA may be sharded
     if d.main:
-        save_checkpoint(ckpt_path, ema.model.state_dict(), mc, lineage(it + 1 if cfg.iters > start else start))
-        videos = M.sample(ema.model, data.tokenize(eval_prompts[:8]).to(d.device), eval_noise[:8], cfg.eval_steps,
-                          cfg.cfg_scale)
+        save_checkpoint(ckpt_path, weights, mc, lineage(it + 1 if cfg.iters > start else start))
         data.write_video(data.video_grid(videos, 2, 4), os.path.join(cfg.out_dir, "samples.gif"))
+        logf.write(json.dumps(dict(memory=memory, parallel=cfg.parallel, ranks=d.ranks)) + "\n")
         log(f"done: {ckpt_path} ({guard.skipped} skipped updates, {spikes.rollbacks} rollbacks)")
         logf.close()
     teardown(d)

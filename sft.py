@@ -3,6 +3,7 @@
     python sft.py                                          # SFT: shipped base -> curated data
     python sft.py --init= --data=web --steps=2400 --out_dir=runs/base   # pretraining from scratch
     torchrun --standalone --nproc_per_node=2 sft.py        # the same file, gradients averaged over gloo / nccl
+    torchrun --standalone --nproc_per_node=2 sft.py --parallel=fsdp   # weights, EMA and AdamW state sharded (FSDP2)
 
 From scratch on noisy web data this is pretraining; from a checkpoint on curated data it shapes a stable,
 controllable reference policy for Stages II and III. Either way the loop is the same: flow loss (logged
@@ -20,10 +21,10 @@ from tqdm import tqdm
 
 import data
 import model as M
-from checkpoint import lineage_record, load_model, resume_run, save_checkpoint, save_run_state
+from checkpoint import full_state, lineage_record, load_model, resume_run, save_checkpoint, save_run_state
 from stability import (EMA, ConfigError, NonFiniteGuard, all_mean, average_gradients, check_ranges, check_ranks_agree,
-                       claim_out_dir, clip_gradients, command_line, make_logger, open_log, parse_config, print_config, run_cli, seeded,
-                       setup_distributed, teardown, warmup_cosine)
+                       claim_out_dir, clip_gradients, command_line, make_logger, memory_use, open_log, parse_config, print_config, run_cli, seeded,
+                       setup_distributed, shard, teardown, warmup_cosine)
 
 
 @dataclass
@@ -55,6 +56,7 @@ class Config:
     resume: bool = False       # continue the run in out_dir from its state.safetensors
     overwrite: bool = False    # replace whatever out_dir holds
     device: str = "auto"       # 'cpu', 'cuda' or 'auto'
+    parallel: str = "ddp"      # under torchrun: 'ddp' (whole copies), 'fsdp' (sharded), 'hsdp' (sharded per node)
 
 
 # Six training combinations, then two that no training split shows (rows of samples.gif).
@@ -88,7 +90,7 @@ def train(cfg: Config, stop_after=None):
                  fraction=("ema_decay", "cond_drop"))
     if not 0 <= cfg.ctx_prob <= 1:
         raise ConfigError(f"--ctx_prob must be in [0, 1], got {cfg.ctx_prob}")
-    d = setup_distributed(cfg.device)
+    d = setup_distributed(cfg.device, cfg.parallel)
     log = make_logger(d)
     if cfg.batch_size % d.ranks:
         raise ConfigError(f"batch_size {cfg.batch_size} does not divide over {d.ranks} ranks")
@@ -111,10 +113,12 @@ def train(cfg: Config, stop_after=None):
     net.train()
     world = data.WorldConfig(frames=mcfg.frames, size=mcfg.size)
     ema = EMA(net, cfg.ema_decay)
+    shard(d, net, ema.model)                                                 # --parallel=fsdp: 1/ranks of each per rank
     opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     guard = NonFiniteGuard()
     start, log_offset = resume_run(state_path, net, ema, opt, cfg, {"guard": guard}, log, d.main) if cfg.resume else (0, None)
     per_rank = cfg.batch_size // d.ranks
+    mine = slice(d.rank * per_rank, (d.rank + 1) * per_rank)                  # this rank's rows of every batch
     stage = "pretrain" if not cfg.init else "sft"
     lineage = lambda step: lineage_record(stage, cfg.init, step, cfg.data, config=asdict(cfg),
                                             parent_stage=parent_meta.get("lineage", {}).get("stage", ""))
@@ -127,15 +131,16 @@ def train(cfg: Config, stop_after=None):
     t0, window = time.time(), []
     bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, disable=not d.main, desc=stage)
     for step in bar:
-        # Everything random in a step comes from (seed, step, rank), so a resumed run repeats it exactly.
-        gen = seeded(cfg.seed, step * d.ranks + d.rank)
-        b = data.make_batch(cfg.data, per_rank, seed=cfg.seed, step=step * d.ranks + d.rank, world=world)
-        ctx_mask = M.context_mask(per_rank, net.flow_shape[1], cfg.ctx_prob, gen).to(d.device)  # over the flow's frames
+        # Everything random in a step comes from (seed, step), drawn for the whole batch on every rank, and each rank
+        # trains on its rows: a resumed run repeats it exactly, and 1 or N ranks take the same step.
+        gen = seeded(cfg.seed, step)
+        b = data.make_batch(cfg.data, cfg.batch_size, seed=cfg.seed, step=step, world=world)
+        ctx_mask = M.context_mask(cfg.batch_size, net.flow_shape[1], cfg.ctx_prob, gen).to(d.device)  # the flow's frames
         lr = warmup_cosine(step, cfg.lr, cfg.warmup, cfg.steps)
         for group in opt.param_groups:
             group["lr"] = lr
         per_sample, t = M.flow_loss(net, b.videos.to(d.device), b.tokens.to(d.device), gen, cfg.cond_drop,
-                                    ctx_mask, cfg.t_mean, cfg.t_std)
+                                    ctx_mask, cfg.t_mean, cfg.t_std, rows=mine)
         loss = per_sample.mean()
         loss.backward()
         average_gradients(net.parameters(), d)                                # every rank steps alike
@@ -159,24 +164,25 @@ def train(cfg: Config, stop_after=None):
                 logf.write(json.dumps(rec) + "\n")
                 logf.flush()
         if (step + 1) % cfg.ckpt_every == 0 or step + 1 == cfg.steps:
-            if d.main:
-                save_run_state(state_path, net, ema, opt, lineage(step + 1), step + 1, {"guard": guard}, logf)
+            save_run_state(state_path, net, ema, opt, lineage(step + 1), step + 1, {"guard": guard}, logf, d.main)
         if stop_after is not None and step + 1 >= stop_after:
             return None
 
     check_ranks_agree(net, d)                                                # before anything is handed off
-    # ---- hand-off: EMA weights, validation loss, a sample grid
+    # ---- hand-off: EMA weights, validation loss, a sample grid (every rank computes: a sharded EMA needs them all)
+    val, weights = validation_loss(ema.model, world, cfg.val_clips), full_state(ema.model)
+    seconds = round(time.time() - t0, 1)
+    tokens = data.tokenize(SAMPLE_PROMPTS).repeat_interleave(4, 0).to(d.device)
+    noise = torch.randn(len(tokens), *net.flow_shape, generator=torch.Generator().manual_seed(0)).to(d.device)
+    videos = M.sample(ema.model, tokens, noise, cfg.sample_steps, cfg.cfg_scale)
+    memory = memory_use(d, [net, ema.model], opt)
     if d.main:
-        val = validation_loss(ema.model, world, cfg.val_clips)
-        save_checkpoint(ckpt_path, ema.model.state_dict(), mcfg, lineage(cfg.steps), val_loss=val,
-                          train_seconds=round(time.time() - t0, 1))
-        tokens = data.tokenize(SAMPLE_PROMPTS).repeat_interleave(4, 0).to(d.device)
-        noise = torch.randn(len(tokens), *net.flow_shape, generator=torch.Generator().manual_seed(0)).to(d.device)
-        videos = M.sample(ema.model, tokens, noise, cfg.sample_steps, cfg.cfg_scale)
+        save_checkpoint(ckpt_path, weights, mcfg, lineage(cfg.steps), val_loss=val, train_seconds=seconds)
         data.write_video(data.video_grid(videos, len(SAMPLE_PROMPTS), 4), os.path.join(cfg.out_dir, "samples.gif"))
         log(f"done in {time.time() - t0:.0f}s: {ckpt_path}; validation flow loss val={val['val']:.4f} "
             f"heldout={val['heldout']:.4f}; {guard.skipped} skipped steps; samples.gif rows: " + " | ".join(SAMPLE_PROMPTS))
-        logf.write(json.dumps(dict(final=True, val_loss=val, skipped=guard.skipped)) + "\n")
+        logf.write(json.dumps(dict(final=True, val_loss=val, skipped=guard.skipped, memory=memory, parallel=cfg.parallel,
+                                   ranks=d.ranks)) + "\n")
         logf.close()
     teardown(d)
     return ckpt_path
