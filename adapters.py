@@ -15,11 +15,22 @@ Conventions, mapped once, here:
     diffusers  x = sigma noise + (1 - sigma) data,  the transformer predicts u = noise - data at timestep 1000 sigma
 so sigma = 1 - t and v = -u. The flow runs on the VAE's latents, normalised as Wan's pipeline does ((z - mean) / std);
 clips are decoded to pixels only where a reward or a video file needs them, and data is encoded (the posterior mean).
+Every sampler of every stage (rollouts, evaluation, pairs, diagnose, bench) steps on model.time_grid(steps, flow_shift):
+equal steps in sigma, each taken to shift sigma / (1 + (shift - 1) sigma), FlowMatchEulerDiscreteScheduler's `shift`
+(diffusers/schedulers/scheduling_flow_match_euler_discrete.py, set_timesteps). --flow_shift=3.0 by default: Wan's
+pipeline shifts the same way (UniPCMultistepScheduler with use_flow_sigmas and flow_shift 3.0 at 480p, 5.0 at 720p),
+from equal sigmas that end at 1/1000 before its last step to 0. Guidance runs at every step (--cfg_until=1.0), as
+WanPipeline.__call__ guides. The tiny Wan takes both defaults too, so the tests run what a real run does; the small DiT
+keeps equal steps and stops guiding at model.CFG_UNTIL.
 
 Text: the prompt encoder (UMT5-XXL, 5.7B parameters) does not run in the loop. --text names a safetensors file of its
-states, one (L, D) tensor per prompt, keyed by the prompt ('' for guidance's unconditional half, zeros without it;
-`embed` writes one for every caption of the world), or 'module:function' (prompts -> (B, L, D)), or 'tokens': a fixed
-random embedding of postflow's own words (tests). States are zero-padded to text_len, as Wan's pipeline pads to 512.
+states, one (L, D) tensor per prompt, keyed by the prompt, or 'module:function' (prompts -> (B, L, D)), or 'tokens': a
+fixed random embedding of postflow's own words (tests). Guidance's unconditional half is the states of '', as
+WanPipeline.encode_prompt encodes a missing negative prompt: the file's '' entry (a file without one is refused when the
+policy is built), the function called on [''], or for 'tokens' an empty caption, all pads. `embed` writes '' and every
+caption of the world, each cleaned first as WanPipeline's prompt_clean does without ftfy (clean_prompt). States are
+zero-padded to text_len, which a folder source requires to be 512, Wan's max_sequence_length. Under --dtype=bfloat16
+the LoRA factors stay fp32 (the frozen weights are bf16).
 
 LoRA (peft, --lora_rank > 0): the frozen reference of Stages II and III is this policy with its adapter disabled, not a
 second copy. So that the reference is the stage's input, reference() first folds the adapter trained so far into the
@@ -27,9 +38,11 @@ frozen weights (its factors are kept in the checkpoint, which stays small) and r
 fine-tunes the whole transformer, and the reference is a frozen copy of it.
 """
 import copy
+import html
 import importlib
 import math
 import os
+import re
 import sys
 from contextlib import contextmanager
 from dataclasses import dataclass, fields
@@ -61,7 +74,8 @@ class WanConfig:  # the defaults are the tiny test policy: 16x16x2 latents of 4 
     policy: str = "wan"        # selects this adapter when a checkpoint is read (model.POLICIES)
     source: str = "tiny"       # a diffusers Wan folder (transformer/, vae/), or 'tiny': random, from seed (tests)
     text: str = "tokens"       # prompt states: a .safetensors file (prompt -> (L, D)), 'module:function', or 'tokens'
-    text_len: int = 8          # states are zero-padded to this many rows (Wan's pipeline: 512)
+    text_len: int = 8          # states are zero-padded to this many rows; a folder source needs 512, what Wan's
+                               # pipeline pads to (its max_sequence_length) and the transformer was trained on
     frames: int = 5            # pixel frames per clip, 1 + 4k: the VAE keeps frame 0, then packs 4 frames per latent
     size: int = 128            # pixel frame edge: latents are size / 8, tokens size / 16 per side
     channels: int = 3          # RGB
@@ -70,6 +84,9 @@ class WanConfig:  # the defaults are the tiny test policy: 16x16x2 latents of 4 
     lora_targets: str = "to_q,to_k,to_v,to_out.0"  # attention projections, self- and cross-attention
     dtype: str = "float32"     # the transformer's weights ('bfloat16' on a GPU); LoRA weights and log-probs stay fp32
     sampler: str = "flow-grpo" # the rollouts' SDE step: model.sde_step, or 'flow-match-sde' (diffusers' stochastic Euler)
+    flow_shift: float = 3.0    # every sampler's grid: sigma -> shift sigma / (1 + (shift - 1) sigma), Wan's scheduler
+                               # flow_shift at 480p (5.0 at 720p); the tiny Wan takes it too, so tests run that grid
+    cfg_until: float = 1.0     # guidance stops at this t: Wan's pipeline guides every step
     vae_batch: int = 4         # clips per VAE call: a batch of long clips at once does not fit
     checkpointing: bool = False  # recompute each block in the backward pass: activations of 30 blocks do not fit
     seed: int = 0              # the tiny source, the 'tokens' embedding and every adapter (re)start
@@ -83,11 +100,14 @@ def check(cfg):
         v = getattr(cfg, f.name)
         if not isinstance(v, (int, float) if f.type is float else f.type) or (isinstance(v, bool) and f.type is not bool):
             raise ConfigError(f"Wan config {f.name}={v!r} is not a {f.type.__name__}")
-    check_ranges(cfg, at_least_one=("text_len", "frames", "size", "vae_batch"), positive=("lora_alpha", "t_eps"),
-                 non_negative=("lora_rank", "folded"), choices=dict(policy=("wan",), dtype=("float32", "bfloat16"),
+    check_ranges(cfg, at_least_one=("text_len", "frames", "size", "vae_batch"),
+                 positive=("lora_alpha", "t_eps", "flow_shift"), non_negative=("lora_rank", "folded", "cfg_until"), choices=dict(policy=("wan",), dtype=("float32", "bfloat16"),
                                                                    sampler=("flow-grpo", "flow-match-sde")))
     if (cfg.frames - 1) % 4 or cfg.size % 16:
         raise ConfigError(f"a Wan clip has 1 + 4k frames and a size divisible by 16, got {cfg.frames}x{cfg.size}")
+    if cfg.source != "tiny" and cfg.text_len != 512:
+        raise ConfigError(f"a Wan folder source takes --text_len=512 (its prompt states padded as its pipeline pads "
+                          f"them), got {cfg.text_len}")
     if cfg.text == "tokens" and cfg.text_len < data.MAX_TOKENS:
         raise ConfigError(f"--text=tokens needs --text_len >= {data.MAX_TOKENS}, postflow's caption length")
     if cfg.folded and not cfg.lora_rank:
@@ -129,9 +149,9 @@ class PromptStates(nn.Module):
     def __init__(self, cfg, dim):
         super().__init__()
         self.len, self.fn, self.index = cfg.text_len, None, None
-        empty = torch.zeros(cfg.text_len, dim)
         if cfg.text == "tokens":   # a frozen stand-in for a text encoder: one fixed vector per word
             table = torch.randn(len(data.VOCAB), dim, generator=torch.Generator().manual_seed(cfg.seed + 1))
+            empty = torch.zeros(cfg.text_len, dim)   # '' has no words: all pads, the rows forward() zeroes
         elif cfg.text.endswith(".safetensors"):
             from safetensors.torch import load_file
             if not os.path.isfile(cfg.text):
@@ -142,7 +162,10 @@ class PromptStates(nn.Module):
                 raise ConfigError(f"{cfg.text}: the states of {bad[0]!r} are {tuple(states[bad[0]].shape)}; this transformer "
                                   f"takes (L <= text_len={cfg.text_len}, {dim})")
             pad = lambda s: F.pad(s.float(), (0, 0, 0, cfg.text_len - len(s)))
-            empty = pad(states.pop("", empty[:0]))
+            if "" not in states:   # refused at build, not at the first guided step of a run
+                raise ConfigError(f"{cfg.text} has no states for '', guidance's unconditional prompt (Wan's pipeline "
+                                  f"encodes ''); rerun adapters.py embed")
+            empty = pad(states.pop(""))
             self.index = {p: i for i, p in enumerate(states)}
             table = torch.stack([pad(s) for s in states.values()]) if states else empty[None]
         else:
@@ -152,6 +175,12 @@ class PromptStates(nn.Module):
             except (ImportError, AttributeError):
                 raise ConfigError(f"--text={cfg.text} is not 'tokens', a .safetensors file or an importable "
                                   f"'module:function'") from None
+            with torch.no_grad():
+                empty = self.fn([""])[0].float()
+            if empty.dim() != 2 or empty.shape[1] != dim or len(empty) > cfg.text_len:
+                raise ConfigError(f"--text={cfg.text} gives '' states of {tuple(empty.shape)}; this transformer takes "
+                                  f"(L <= text_len={cfg.text_len}, {dim})")
+            empty = F.pad(empty, (0, 0, 0, cfg.text_len - len(empty)))
             table = empty[None]
         self.register_buffer("table", table, persistent=False)
         self.register_buffer("empty", empty, persistent=False)
@@ -177,7 +206,7 @@ class WanPolicy(nn.Module):
 
     def __init__(self, cfg):
         super().__init__()
-        self.cfg, self.sampler = cfg, cfg.sampler
+        self.cfg, self.sampler, self.flow_shift, self.cfg_until = cfg, cfg.sampler, cfg.flow_shift, cfg.cfg_until
         self.transformer, self.vae = load_source(cfg)
         self.vae.requires_grad_(False).eval()
         vc, tc = self.vae.config, self.transformer.config
@@ -196,6 +225,9 @@ class WanPolicy(nn.Module):
                 raise UserError(f"--lora_rank > 0 needs peft, part of the optional extra: {SETUP}") from None
             self.transformer.add_adapter(LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha,
                                                     target_modules=cfg.lora_targets.split(",")))
+            for m in self.lora_layers().values():   # peft gives them the base's dtype; bf16 would round small updates away
+                m.lora_A.float()
+                m.lora_B.float()
             self.restart_adapter()
         else:
             self.transformer.requires_grad_(True)
@@ -346,6 +378,7 @@ class AdapterOff(nn.Module):
         super().__init__()
         self.__dict__["policy"] = policy  # not a submodule: freezing or moving the view leaves the policy alone
         self.cfg, self.flow_shape, self.sampler = policy.cfg, policy.flow_shape, policy.sampler
+        self.flow_shift, self.cfg_until = policy.flow_shift, policy.cfg_until
         self.encode, self.decode = policy.encode, policy.decode
 
     def velocity(self, *args, **kw):
@@ -382,6 +415,16 @@ def init_checkpoint(argv):
           f"{sum(p.numel() for p in policy.transformer.parameters()) / 1e6:.2f}M, flow shape {policy.flow_shape}")
 
 
+def clean_prompt(text):
+    """A prompt as WanPipeline hands it to its tokenizer (its prompt_clean) where ftfy is not installed, the branch
+    diffusers takes then: HTML entities unescaped twice (a caption escaped twice over comes back whole), every run of
+    whitespace one space, none at the ends. With ftfy, diffusers also repairs mojibake first; postflow's captions
+    have none to repair. Whitespace is Unicode's White_Space, what the `regex` module's \\s there matches: str.split
+    would also split at the separators \\x1c-\\x1f, which it keeps inside a prompt (str.strip drops them at the ends
+    in both)."""
+    return re.sub(r"[^\S\x1c-\x1f]+", " ", html.unescape(html.unescape(text))).strip()
+
+
 def embed(argv):
     """The UMT5 states of '' and of every caption of the world, from a Wan folder's tokenizer/ and text_encoder/."""
     @dataclass
@@ -400,7 +443,8 @@ def embed(argv):
     encoder = UMT5EncoderModel.from_pretrained(cfg.source, subfolder="text_encoder").eval()
     prompts = ["", *sorted(data.caption(c, s, d, sp) for c, s, d in data.ALL_COMBOS for sp in range(len(data.SPEEDS)))]
     with torch.no_grad():   # one prompt at a time keeps its own tokens; the policy pads with zeros, as Wan's pipeline does
-        states = {p: encoder(**tok(p, return_tensors="pt")).last_hidden_state[0].float().contiguous() for p in prompts}
+        states = {p: encoder(**tok(clean_prompt(p), return_tensors="pt")).last_hidden_state[0].float().contiguous()
+                  for p in prompts}
     atomic_write(cfg.out, lambda tmp: save_file(states, tmp))
     print(f"wrote {cfg.out}: the states of {len(prompts) - 1} captions and ''")
 

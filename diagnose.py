@@ -70,7 +70,7 @@ class DiagnoseConfig:
     seeds: int = 2              # noise seeds per prompt
     steps: int = 20             # Euler steps
     cfg_scale: float = 3.0      # guidance weight of the main samples
-    cfg_until: float = M.CFG_UNTIL  # guidance stops at this t (1.0 = guide every step)
+    cfg_until: float = -1.0     # guidance stops at this t (1.0 = every step; -1 = the policy's own: DiT 0.6, Wan 1.0)
     long_clips: int = 4         # clips continued to 4x their length for drift_by_chunk (each costs 7 clips)
     diversity_seeds: int = 8    # seeds per prompt for the diversity spread
     probe_clips: int = 16       # clips of the main set (spread over its prompts) for the guidance sweep and image-to-video
@@ -118,7 +118,8 @@ def diagnose_checkpoint(path, cfg, bar, rm=None, ref=None):
     mc, world = net.cfg, world_of(net.cfg)
     prompts, splits, noise = eval_set(net, cfg.prompts, cfg.seeds, cfg.seed)
     tokens = data.tokenize(prompts)
-    sample = lambda tok, nz, w, **kw: M.sample(net, tok, nz, cfg.steps, w, cfg_until=cfg.cfg_until, **kw)
+    until = None if cfg.cfg_until == -1 else cfg.cfg_until
+    sample = lambda tok, nz, w, **kw: M.sample(net, tok, nz, cfg.steps, w, cfg_until=until, **kw)
 
     videos = sample(tokens, noise, cfg.cfg_scale); bar.update()
     obs = oracle(videos, world)
@@ -152,7 +153,7 @@ def diagnose_checkpoint(path, cfg, bar, rm=None, ref=None):
     chunks = 1 + 3 * mc.frames // (mc.frames - overlap)
     n_long = min(cfg.long_clips, len(prompts))
     long = M.sample_long(net, tokens[:n_long], torch.Generator().manual_seed(cfg.seed + 1), chunks, cfg.steps,
-                         cfg.cfg_scale, overlap, cfg.cfg_until); bar.update()
+                         cfg.cfg_scale, overlap, until); bar.update()
     by_chunk = []
     for c in range(long.shape[2] // mc.frames):
         h = reward_heads(long[:, :, c * mc.frames:(c + 1) * mc.frames], prompts[:n_long], world)
@@ -389,7 +390,9 @@ def check_diagnose_inputs(cfg):
     world the checkpoints share."""
     if not cfg.ckpt:
         raise ConfigError("no checkpoints to diagnose: pass --ckpt=PATH (repeat it, or --ckpt=A,B)")
-    check_ranges(cfg, at_least_one=("prompts", "seeds", "steps", "long_clips", "probe_clips"), non_negative=("cfg_scale", "cfg_until"))
+    check_ranges(cfg, at_least_one=("prompts", "seeds", "steps", "long_clips", "probe_clips"), non_negative=("cfg_scale",))
+    if cfg.cfg_until != -1 and not 0 <= cfg.cfg_until:
+        raise ConfigError(f"--cfg_until must be >= 0, or -1 for the policy's own, got {cfg.cfg_until}")
     if cfg.diversity_seeds < 2:
         raise ConfigError(f"--diversity_seeds must be at least 2 to measure a spread, got {cfg.diversity_seeds}")
     shapes = {}

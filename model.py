@@ -37,6 +37,8 @@ transformer behind an adapter: adapters.py wraps diffusers' Wan) without touchin
                                       its adapter off instead)
     policy.sampler                    the stochastic step its rollouts take, a name in ROLLOUT_STEPS; Stage II's PPO
                                       ratio scores only sde_step's ('flow-grpo') and refuses another
+    policy.flow_shift                 every sampler's grid is time_grid(steps, flow_shift): 1.0 (equal steps) here
+    policy.cfg_until                  guided_velocity's default: guidance stops at this t (CFG_UNTIL here; 1.0 = never)
     policy.state_dict()               weights, saved as safetensors with config and lineage by checkpoint.py; a
                                       model_config naming a `policy` is built by the module checkpoint.POLICIES names
 Everything else (guidance, the Euler and SDE samplers, the losses) is written once here on top of velocity().
@@ -243,6 +245,11 @@ class VideoDiT(nn.Module):
 
     # The rest of the policy interface: the flow runs on pixels, so data needs no encoding and a sample only a clamp.
     sampler = "flow-grpo"
+    flow_shift = 1.0      # equal steps: the grid its checkpoints and the results log's figures were made on
+
+    @property
+    def cfg_until(self):
+        return CFG_UNTIL
 
     @property
     def flow_shape(self):
@@ -357,9 +364,9 @@ CFG_UNTIL = 0.6
 
 def guided_velocity(model, x, t, tokens, cfg_scale, ctx=None, ctx_mask=None, cfg_until=None):
     """Classifier-free guidance: v_u + w (v_c - v_u), both halves in one batch, while t < cfg_until (default
-    CFG_UNTIL; 1.0 guides every step); the conditional velocity alone after that."""
+    model.cfg_until; 1.0 guides every step); the conditional velocity alone after that."""
     tvec = torch.full((x.shape[0],), float(t), device=x.device)
-    if cfg_scale == 1.0 or t >= (CFG_UNTIL if cfg_until is None else cfg_until):
+    if cfg_scale == 1.0 or t >= (model.cfg_until if cfg_until is None else cfg_until):
         return model.velocity(x, tvec, tokens, ctx=ctx, ctx_mask=ctx_mask)
     two = lambda a: None if a is None else torch.cat([a, a])
     drop = torch.cat([torch.zeros(x.shape[0], dtype=torch.bool), torch.ones(x.shape[0], dtype=torch.bool)]).to(x.device)
@@ -368,15 +375,21 @@ def guided_velocity(model, x, t, tokens, cfg_scale, ctx=None, ctx_mask=None, cfg
     return v_u + cfg_scale * (v_c - v_u)
 
 
-def time_grid(steps):
-    """t from 0 to 1 in equal steps."""
-    return torch.linspace(0, 1, steps + 1)
+def time_grid(steps, shift=1.0):
+    """t from 0 to 1: equal steps in sigma = 1 - t, each sigma then taken to shift sigma / (1 + (shift - 1) sigma), as
+    diffusers' FlowMatchEulerDiscreteScheduler(shift=...) does. A shift > 1 spends more steps near the noise, where a
+    model trained on shifted times (Wan) expects them."""
+    grid = torch.linspace(0, 1, steps + 1)
+    if shift == 1.0:   # the equal grid itself, bit for bit: the DiT's samples do not move
+        return grid
+    sigma = 1 - grid
+    return 1 - shift * sigma / (1 + (shift - 1) * sigma)
 
 
 @torch.no_grad()
 def sample(model, tokens, noise, steps=20, cfg_scale=3.0, ctx=None, ctx_mask=None, cfg_until=None):
     """Euler ODE from noise (t=0) to data (t=1). noise: (B, C, F, H, W). Context frames are pinned."""
-    x, grid = noise, time_grid(steps)
+    x, grid = noise, time_grid(steps, model.flow_shift)
     for i in range(steps):
         t, t_next = float(grid[i]), float(grid[i + 1])
         x = x + (t_next - t) * guided_velocity(model, x, t, tokens, cfg_scale, ctx, ctx_mask, cfg_until)
@@ -435,7 +448,7 @@ def sample_with_sde_window(model, x, tokens, steps, sde, eps, cfg_scale=3.0, noi
     """Euler ODE from noise, except the steps listed in `sde`, which take the SDE step with the fresh noise
     eps[k] (Flow-GRPO-Fast's window). Returns the final x (unclamped) and, per SDE step, (step index, x before,
     x after, fp32 log-prob (B,)): what a policy-gradient update scores again."""
-    grid, taken, step = time_grid(steps), [], ROLLOUT_STEPS[model.sampler]
+    grid, taken, step = time_grid(steps, model.flow_shift), [], ROLLOUT_STEPS[model.sampler]
     for i in range(steps):
         t, t_next = float(grid[i]), float(grid[i + 1])
         v = guided_velocity(model, x, t, tokens, cfg_scale, ctx, ctx_mask)
@@ -482,7 +495,8 @@ def flow_match_sde_step(x, v, t, t_next, t_first, noise_level=0.7, eps=None, x_n
 
 
 def score_sde_step(model, x_t, x_next, i, grid, tokens, cfg_scale=3.0, noise_level=0.7, ctx=None, ctx_mask=None):
-    """A stored SDE step x_t -> x_next (step i of `grid`) scored under `model`: its mean, std and fp32 log-prob (B,)."""
+    """A stored SDE step x_t -> x_next (step i of `grid`, the rollout's time_grid(steps, policy.flow_shift)) scored
+    under `model`: its mean, std and fp32 log-prob (B,)."""
     if model.sampler != "flow-grpo":  # a ratio of two different steps' densities looks like training but is not
         raise ConfigError(f"this policy rolls out with the {model.sampler!r} step, but the PPO ratio scores sde_step's "
                           f"Gaussian ('flow-grpo'): set the policy's sampler to flow-grpo, or use --update=awm")

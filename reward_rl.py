@@ -313,7 +313,7 @@ def ppo_update(cfg, policy, reference, roll, adv, mb, share, draws, stats):
     ctx, cm = (None, None) if roll.ctx is None else (roll.ctx[mb], roll.ctx_mask[mb])
     for k in trained:
         i, x_t, x_next, logp_old = roll.transitions[k]
-        step = (x_t[mb], x_next[mb], i, M.time_grid(cfg.rollout_steps), roll.tokens[mb], cfg.cfg_scale, cfg.noise_level, ctx, cm)
+        step = (x_t[mb], x_next[mb], i, M.time_grid(cfg.rollout_steps, policy.flow_shift), roll.tokens[mb], cfg.cfg_scale, cfg.noise_level, ctx, cm)
         mean, step_std, logp = M.score_sde_step(policy, *step)                 # the policy's Gaussian step, and
         with torch.no_grad():
             mean_ref = M.score_sde_step(reference, *step)[0]                  # the reference's, on the same step

@@ -9,6 +9,7 @@ import shutil
 import subprocess
 import sys
 import time
+import types
 
 import pytest
 import torch
@@ -161,7 +162,10 @@ def test_guidance_stops_at_cfg_until():
     assert torch.equal(sample(3.0, 0.0), sample(1.0, 1.0))            # never guided = the conditional sampler
     everywhere, half = sample(3.0, 1.0), sample(3.0, 0.5)              # grid 0, .25, .5, .75: two steps guided
     assert (everywhere - half).abs().mean() > 1e-4 and (half - sample(1.0, 1.0)).abs().mean() > 1e-4
-    assert torch.equal(sample(3.0, None), sample(3.0, M.CFG_UNTIL))   # the default is the module's one setting
+    assert torch.equal(sample(3.0, None), sample(3.0, M.CFG_UNTIL))   # the default is the policy's: the DiT's, CFG_UNTIL
+    assert net.cfg_until == M.CFG_UNTIL and diagnose.DiagnoseConfig().cfg_until == -1   # diagnose's -1: the policy's own
+    with pytest.raises(stability.ConfigError, match="-1 for the policy's own"):
+        diagnose.check_diagnose_inputs(diagnose.DiagnoseConfig(cfg_until=-0.5))
 
 
 def test_context_frames_condition_the_model_and_are_pinned():
@@ -1608,27 +1612,29 @@ def wan_chain(tmp_path_factory):
 
 @needs_wan
 def test_wan_euler_step_and_sde_logprob_match_diffusers(tmp_path):
-    """The convention mapping (sigma = 1 - t, timestep = 1000 sigma, v = -u) against diffusers' own scheduler and call."""
+    """The convention mapping (sigma = 1 - t, timestep = 1000 sigma, v = -u) against diffusers' own scheduler and call:
+    a whole guided sample on the policy's own grid (shift 3) and guidance interval (every step)."""
     import adapters
     from diffusers import FlowMatchEulerDiscreteScheduler
     policy = adapters.WanPolicy(adapters.WanConfig())
     gen = torch.Generator().manual_seed(0)
     x, tokens = torch.randn(2, *policy.flow_shape, generator=gen), data.tokenize(["a fast red circle moving left"] * 2)
     states, empty = policy.text(tokens), policy.text(tokens, drop=torch.ones(2, dtype=torch.bool))
-    grid = M.time_grid(3)
-    sched = FlowMatchEulerDiscreteScheduler()
-    sched.set_timesteps(sigmas=(1 - grid[:-1]).tolist())
+    assert policy.flow_shift == 3.0 and policy.cfg_until == 1.0
+    grid = M.time_grid(3, policy.flow_shift)
+    sched = FlowMatchEulerDiscreteScheduler(shift=3.0)
+    sched.set_timesteps(sigmas=torch.linspace(1, 0, 4)[:-1].tolist())          # equal sigmas, shifted by the scheduler
     assert torch.allclose(sched.timesteps, 1000 * (1 - grid[:-1]))
     u_of = lambda x, ts, s: policy.transformer(x, ts.expand(len(x)), s, return_dict=False)[0]   # diffusers' call
     with torch.no_grad():
         xd = x
         for i, ts in enumerate(sched.timesteps):              # an Euler step each, guided (w = 3) at every step as Wan's pipeline does
             u = u_of(xd, ts, empty) + 3.0 * (u_of(xd, ts, states) - u_of(xd, ts, empty))
-            ours = xd + float(grid[i + 1] - grid[i]) * M.guided_velocity(policy, xd, float(grid[i]), tokens, 3.0,
-                                                                                  cfg_until=1.0)
+            ours = xd + float(grid[i + 1] - grid[i]) * M.guided_velocity(policy, xd, float(grid[i]), tokens, 3.0)
             xd = sched.step(u, ts, xd).prev_sample
             assert torch.allclose(ours, xd, atol=1e-5) and (u.abs().mean() > 0.1), i
-        assert torch.allclose(M.sample(policy, tokens, x, 3, 3.0, cfg_until=1.0), policy.decode(xd), atol=1e-4)
+        assert torch.allclose(M.sample(policy, tokens, x, 3, 3.0), policy.decode(xd), atol=1e-4)
+        assert torch.allclose(M.sample_with_sde_window(policy, x, tokens, 3, [], [], 3.0)[0], xd, atol=1e-5)   # rollouts
         # the SDE step's log-prob through the adapter is the Gaussian density of Flow-GRPO's step, written in sigma and u
         i, sigma, sigma_next = 1, 1 - float(grid[1]), 1 - float(grid[2])
         u, dsigma = u_of(x, sched.timesteps[1], states), sigma_next - sigma
@@ -1640,7 +1646,7 @@ def test_wan_euler_step_and_sde_logprob_match_diffusers(tmp_path):
         assert torch.allclose(got_mean, mean, atol=1e-5) and torch.allclose(logp, density, atol=1e-4)
         # the other rollout step is diffusers' stochastic Euler step, the same draw given the same noise
         noisy = FlowMatchEulerDiscreteScheduler(stochastic_sampling=True)
-        noisy.set_timesteps(sigmas=(1 - grid[:-1]).tolist())
+        noisy.set_timesteps(sigmas=(1 - grid[:-1]).tolist())             # shift 1: the grid's sigmas, already shifted
         theirs = noisy.step(u, noisy.timesteps[1], x, generator=torch.Generator().manual_seed(5)).prev_sample
         eps = torch.randn(x.shape, generator=torch.Generator().manual_seed(5))
         step = M.flow_match_sde_step(x, -u, float(grid[1]), float(grid[2]), float(grid[1]), eps=eps)
@@ -1652,9 +1658,50 @@ def test_wan_euler_step_and_sde_logprob_match_diffusers(tmp_path):
     tiny = adapters.load_source(adapters.WanConfig())
     tiny[0].save_pretrained(tmp_path / "transformer")
     tiny[1].save_pretrained(tmp_path / "vae")
-    folder = adapters.WanPolicy(adapters.WanConfig(source=str(tmp_path)))
+    folder = adapters.WanPolicy(adapters.read_config(dict(source=str(tmp_path), text_len=512)))  # what a folder takes
     t = torch.full((2,), 0.3)
-    assert torch.equal(folder.velocity(x, t, tokens), adapters.WanPolicy(adapters.WanConfig()).velocity(x, t, tokens))
+    assert torch.equal(folder.velocity(x, t, tokens),
+                       adapters.WanPolicy(adapters.WanConfig(text_len=512)).velocity(x, t, tokens))
+
+
+@needs_wan
+def test_wan_time_grid_shift_is_diffusers_and_each_policy_brings_its_own():
+    """time_grid(steps, shift) is FlowMatchEulerDiscreteScheduler(shift)'s sigmas as t; shift 1 is the DiT's equal grid,
+    bit for bit; the DiT keeps shift 1 and guidance until CFG_UNTIL, Wan (and its reference) shift 3 and every step."""
+    import adapters
+    from diffusers import FlowMatchEulerDiscreteScheduler
+    for steps in (1, 3, 20):
+        assert torch.equal(M.time_grid(steps), torch.linspace(0, 1, steps + 1))
+        for shift in (1.0, 3.0, 5.0):
+            sched = FlowMatchEulerDiscreteScheduler(shift=shift)
+            sched.set_timesteps(sigmas=torch.linspace(1, 0, steps + 1)[:-1].tolist())
+            assert torch.allclose(M.time_grid(steps, shift), 1 - sched.sigmas, atol=1e-6), (steps, shift)
+    assert (M.time_grid(20, 3.0)[1:-1] < M.time_grid(20)[1:-1]).all()       # more of the steps near the noise
+    dit, wan = tiny_model(), adapters.WanPolicy(adapters.WanConfig())
+    assert (dit.flow_shift, dit.cfg_until) == (1.0, M.CFG_UNTIL) and (wan.flow_shift, wan.cfg_until) == (3.0, 1.0)
+    assert (wan.reference().flow_shift, wan.reference().cfg_until) == (3.0, 1.0)
+    custom = adapters.WanPolicy(adapters.WanConfig(flow_shift=5.0, cfg_until=0.5))
+    assert (custom.flow_shift, custom.cfg_until) == (5.0, 0.5)
+    noise, tokens = torch.randn(1, *wan.flow_shape), data.tokenize(["a red circle"])
+    assert not torch.allclose(M.sample(wan, tokens, noise, 2, 3.0), M.sample(custom, tokens, noise, 2, 3.0))
+
+
+@needs_wan
+def test_wan_bf16_keeps_the_lora_factors_fp32_and_trains():
+    import adapters
+    policy = adapters.WanPolicy(adapters.WanConfig(dtype="bfloat16"))
+    lora = {n: p for n, p in policy.transformer.named_parameters() if "lora_" in n}
+    base = [p for n, p in policy.transformer.named_parameters() if "lora_" not in n]
+    assert len(lora) == 32 and all(p.dtype == torch.float32 and p.requires_grad for p in lora.values())
+    assert all(p.dtype == torch.bfloat16 for p in base)
+    x, tokens = torch.randn(2, *policy.flow_shape), data.tokenize(["a fast red circle moving left"] * 2)
+    v = policy.velocity(x, torch.full((2,), 0.4), tokens)
+    v.float().pow(2).mean().backward()
+    grads = [p.grad for n, p in lora.items() if "lora_B" in n]
+    assert v.dtype == torch.float32 and all(g is not None and g.dtype == torch.float32 and g.isfinite().all() for g in grads)
+    assert sum(float(g.abs().sum()) for g in grads) > 0                  # B = 0 at the start: its gradient is what trains
+    policy.reference()                                                   # a fold restarts the adapter: still fp32
+    assert all(p.dtype == torch.float32 for n, p in policy.transformer.named_parameters() if "lora_" in n)
 
 
 @needs_wan
@@ -1726,9 +1773,14 @@ def test_wan_full_fine_tuning_and_one_line_refusals(wan_chain, monkeypatch, caps
     # PPO cannot score rollouts drawn by another step than sde_step's
     other = str(wan_chain["root"] / "other.safetensors")
     adapters.init_checkpoint([f"--out={other}", "--sampler=flow-match-sde"])
+    folder = wan_chain["root"] / "folder"                                   # a real source: the tiny Wan as files
+    for part, module in zip(("transformer", "vae"), adapters.load_source(adapters.WanConfig())):
+        module.save_pretrained(folder / part)
     for run, needle in ((lambda: reward_rl.train(wan_rl(other, wan_chain["root"] / "rl_other", update="ppo"), reward_fn=PIXEL),
                          "flow-match-sde"),
                         (lambda: adapters.init_checkpoint([f"--out={other}", "--overwrite=true", "--frames=6"]), "1 + 4k"),
+                        (lambda: adapters.init_checkpoint([f"--out={other}", "--overwrite=true", f"--source={folder}"]),
+                         "--text_len=512"),
                         (lambda: M.sample_long(checkpoint.load_model(other)[0], data.tokenize(["a red circle"]), torch.Generator(), 2),
                          "latents")):
         with pytest.raises(SystemExit) as exit_:
@@ -1743,8 +1795,9 @@ def test_wan_full_fine_tuning_and_one_line_refusals(wan_chain, monkeypatch, caps
 
 
 def fake_states(prompts):
-    """A stand-in text encoder for --text=module:function: (B, 3, 16), one row per word of the first three."""
-    return torch.stack([torch.tensor([[float(len(w)), float(i), 1.0] * 5 + [0.0] for i, w in enumerate(p.split()[:3])])
+    """A stand-in text encoder for --text=module:function: (B, 3, 16), one row per word of the first three ('' past
+    the prompt's end, so the empty prompt has states too, as an encoder's end token)."""
+    return torch.stack([torch.tensor([[float(len(w)), float(i), 1.0] * 5 + [0.0] for i, w in enumerate((p.split() + [""] * 3)[:3])])
                         for p in prompts])
 
 
@@ -1763,3 +1816,39 @@ def test_wan_prompt_states_from_a_file_or_a_callable(tmp_path):
         text(data.tokenize(["a red circle"]))
     text = adapters.WanPolicy(adapters.WanConfig(text="test_all:fake_states")).text
     assert torch.equal(text(data.tokenize(prompts))[:, :3], fake_states(prompts))
+    # guidance's unconditional half is the states of '' from every source: the function's, padded like any prompt...
+    got = text(data.tokenize(prompts), drop=torch.tensor([False, True]))
+    assert torch.equal(got[1, :3], fake_states([""])[0]) and got[1, 3:].abs().sum() == 0 and got[1].abs().sum() > 0
+    # ...and for the tokens embedding, an empty caption: all pads
+    text = adapters.WanPolicy(adapters.WanConfig()).text
+    assert torch.equal(text(data.tokenize(prompts), drop=torch.ones(2, dtype=torch.bool)), text(torch.zeros(2, data.MAX_TOKENS, dtype=torch.long)))
+    # a states file without '' is refused when the policy is built, not at the first guided step
+    save_file({p: s for p, s in states.items() if p}, str(tmp_path / "no_empty.safetensors"))
+    with pytest.raises(stability.ConfigError, match="no states for ''"):
+        adapters.WanPolicy(adapters.WanConfig(text=str(tmp_path / "no_empty.safetensors")))
+
+
+@needs_wan
+def test_wan_embed_cleans_prompts_as_wan_pipeline_does(tmp_path, monkeypatch):
+    """adapters.clean_prompt is diffusers' WanPipeline prompt_clean on its branch without ftfy, and embed tokenizes the
+    cleaned prompt but keys its states by the caption as postflow spells it."""
+    import transformers
+    from diffusers.pipelines.wan import pipeline_wan
+    import adapters
+    monkeypatch.setattr(pipeline_wan, "is_ftfy_available", lambda: False)
+    for text in ["a red  circle", "  a &amp;amp; b\n\tc  ", "x&lt;y&gt;\u3000z\xa0w", "\x1cq\x1fr\u2028s \x1d",
+                 "&#39;fast&#39;\r\n&quot;blue&quot; ", "", " \t "]:
+        assert adapters.clean_prompt(text) == pipeline_wan.prompt_clean(text), repr(text)
+    seen = []
+    tokenizer = lambda text, return_tensors: seen.append(text) or {"input_ids": torch.tensor([[len(text), 1]])}
+    encoder = lambda input_ids: types.SimpleNamespace(last_hidden_state=input_ids[..., None].float().expand(-1, -1, 16))
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", lambda *a, **k: tokenizer)
+    monkeypatch.setattr(transformers.UMT5EncoderModel, "from_pretrained",
+                        lambda *a, **k: types.SimpleNamespace(eval=lambda: encoder))
+    monkeypatch.setattr(data, "caption", lambda *a: " a  fast &amp;amp; red circle ")
+    (tmp_path / "text_encoder").mkdir()
+    adapters.embed([f"--source={tmp_path}", f"--out={tmp_path / 'states.safetensors'}"])
+    from safetensors.torch import load_file
+    states = load_file(str(tmp_path / "states.safetensors"))
+    assert set(seen) == {"", "a fast & red circle"} and set(states) == {"", " a  fast &amp;amp; red circle "}
+    assert states[" a  fast &amp;amp; red circle "][0, 0] == len("a fast & red circle")
