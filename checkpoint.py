@@ -213,12 +213,10 @@ def load_run_state(path, net, ema, opt, warn=print):
     load_weights(net, tensors, path, prefix="model.")
     load_weights(ema.model, tensors, path, prefix="ema.")
     for name, p in net.named_parameters():
-        state = {k[len(f"opt.{name}."):]: shaped_like(v.to(p.device), p) for k, v in tensors.items()
+        state = {k[len(f"opt.{name}."):]: v for k, v in tensors.items()
                  if k.startswith(f"opt.{name}.") and "." not in k[len(f"opt.{name}."):]}
-        if state:
-            if "step" in state:
-                state["step"] = tensors[f"opt.{name}.step"].cpu()  # AdamW keeps its step count on the CPU, whole
-            opt.state[p] = state
+        if state:   # the moments, laid out as the weight is (its shard when sharded); AdamW's step count on the CPU
+            opt.state[p] = {k: shaped_like(v.to(p.device), p) if k != "step" else v.cpu() for k, v in state.items()}
     return meta["step"], meta.get("extra", {}), meta.get("lineage", {})
 
 

@@ -269,16 +269,6 @@ def test_interrupted_sft_resumes_to_identical_weights(tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_sft_runs_under_torchrun_two_ranks(tmp_path):
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "sft.py",
-                        "--init=", "--data=web", "--preset=tiny", f"--out_dir={tmp_path}/ddp", "--steps=2",
-                        "--batch_size=4", "--val_clips=4", "--sample_steps=2", "--device=cpu"],
-                       cwd=HERE, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert r.returncode == 0, r.stderr[-2000:]
-    assert "2 rank(s) x 2 clips" in r.stdout + r.stderr
-    assert os.path.exists(tmp_path / "ddp" / "ckpt.safetensors")
-
-
 # ----------------------------------------------------------------------------- rewards (oracle and heads)
 
 
@@ -950,6 +940,7 @@ def test_grpo_one_and_two_ranks_agree(trained_tiny, tmp_path):
     one = subprocess.run([sys.executable, *args, f"--out_dir={tmp_path}/r1"], cwd=HERE, capture_output=True, text=True, env=env)
     two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", *args,
                           f"--out_dir={tmp_path}/r2"], cwd=HERE, capture_output=True, text=True, env=env, timeout=300)
+    torchrun(args, tmp_path / "r2_fsdp", "fsdp")                 # sharded, the rollbacks restore shards
     assert one.returncode == 0, one.stderr[-2000:]
     assert two.returncode == 0, two.stderr[-2000:]            # exit 0 includes: every rank ended with the same weights
     assert "2 rank(s) x 4" in two.stdout + two.stderr and "terminate called" not in two.stderr
@@ -961,6 +952,9 @@ def test_grpo_one_and_two_ranks_agree(trained_tiny, tmp_path):
     for name in ("ckpt.safetensors", "state.safetensors"):
         wa, wb = checkpoint.read_checkpoint(tmp_path / "r1" / name)[0], checkpoint.read_checkpoint(tmp_path / "r2" / name)[0]
         assert max(float((wa[k] - wb[k]).abs().max()) for k in wa if k.startswith(("model.", "ema.")) or "." in k) < 1e-4
+    assert state_gap(tmp_path / "r1", tmp_path / "r2_fsdp") < 1e-4
+    sharded = [r for r in read_log(tmp_path / "r2_fsdp" / "log.jsonl") if "rollbacks" in r]
+    assert [r["rollbacks"] for r in sharded] == [r["rollbacks"] for r in a]
 
 
 KILL_TRIALS = int(os.environ.get("POSTFLOW_KILL_TRIALS", "2"))   # `make killtest` runs 10 per stage
@@ -1573,6 +1567,149 @@ def test_report_renders_in_headless_chromium_without_console_errors(tiny_run, tm
     assert shot.shape[:2] == (2000, 1400) and (shot.min(-1) < 200).mean() > 0.03, r.stderr[-500:]   # ink on it
 
 
+# ----------------------------------------------------------------------------- FSDP2 and several nodes
+def torchrun(args, out, parallel="ddp", ranks=2, launcher=("--standalone",), **popen):
+    """A stage's command line under torchrun on this machine (gloo): `ranks` processes per launcher."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", *launcher, f"--nproc_per_node={ranks}", *args,
+           f"--out_dir={out}", f"--parallel={parallel}"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    if popen:
+        return subprocess.Popen(cmd, cwd=HERE, env=env, text=True, **popen)
+    r = subprocess.run(cmd, cwd=HERE, capture_output=True, text=True, timeout=300, env=env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return r
+
+
+def state_gap(a, b):
+    """The largest difference between two runs' resumable states: weights, EMA weights and AdamW moments."""
+    wa, wb = (checkpoint.read_checkpoint(os.path.join(x, "state.safetensors"))[0] for x in (a, b))
+    assert set(wa) == set(wb) and any(k.startswith("opt.") for k in wa)
+    return max(float((wa[k].double() - wb[k].double()).abs().max()) for k in wa)
+
+
+def memory_of(run):
+    return [r for r in read_log(os.path.join(run, "log.jsonl")) if "memory" in r][-1]
+
+
+def sharding_args(stage, init, tmp_path):
+    small = ["--device=cpu", "--warmup=1", "--ckpt_every=2"]
+    if stage == "sft":
+        return ["sft.py", f"--init={init}", "--data=curated", "--steps=4", "--batch_size=4", "--val_clips=4",
+                "--sample_steps=2", "--lr=1e-2", "--log_every=2", *small]
+    if stage == "dpo":
+        preference.save_pairs(str(tmp_path / "pairs.safetensors"), tiny_pairs(8))
+        return ["preference.py", f"--init={init}", f"--pairs={tmp_path}/pairs.safetensors", "--steps=4",
+                "--batch_size=4", "--lr=1e-3", "--log_every=2", "--eval_prompts=2", "--eval_steps=2", *small]
+    return ["reward_rl.py", f"--init={init}", f"--update={stage}", "--iters=3", "--prompts_per_iter=2", "--group_size=4",
+            "--rollout_steps=4", "--eval_prompts=2", "--eval_steps=2", "--eval_every=2", "--lr=1e-3", "--minibatches=2",
+            "--sft_batch=4", "--bf16=false", *small]
+
+
+@pytest.mark.parametrize("stage", ["sft", "ppo", "nft", "dpo"])
+def test_a_stage_trains_alike_on_one_rank_two_ddp_ranks_and_two_fsdp_ranks(stage, trained_tiny, tmp_path):
+    """--parallel=fsdp shards the policy, its EMA, the frozen reference and AdamW's moments over the ranks (each holds
+    about half); gathered into the state file they equal DDP's whole copies and one process's, to float rounding
+    (the reductions sum in another order). AWM is test_grpo_one_and_two_ranks_agree's, with its rollbacks."""
+    args = sharding_args(stage, trained_tiny, tmp_path)
+    one = subprocess.run([sys.executable, *args, f"--out_dir={tmp_path}/one"], cwd=HERE, capture_output=True,
+                         text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert one.returncode == 0, one.stderr[-2000:]
+    torchrun(args, tmp_path / "ddp")
+    fsdp = torchrun(args, tmp_path / "fsdp", "fsdp")
+    assert "2 rank(s)" in fsdp.stdout + fsdp.stderr and "terminate called" not in fsdp.stderr
+    moved = checkpoint.read_checkpoint(tmp_path / "one" / "ckpt.safetensors")[0]
+    start = checkpoint.read_checkpoint(trained_tiny)[0]
+    assert max(float((moved[k] - start[k]).abs().max()) for k in start) > 1e-3        # the runs did train
+    for a, b in (("one", "ddp"), ("one", "fsdp"), ("ddp", "fsdp")):
+        assert state_gap(tmp_path / a, tmp_path / b) < 1e-4, (a, b)
+    whole, sharded = memory_of(tmp_path / "ddp")["memory"], memory_of(tmp_path / "fsdp")["memory"]
+    for k in ("weights_mb_per_rank", "optimizer_mb_per_rank"):
+        assert sharded[k] < 0.6 * whole[k], (k, sharded, whole)
+
+
+def test_an_fsdp_run_killed_and_resumed_gives_the_weights_of_an_uninterrupted_one(trained_tiny, tmp_path):
+    """kill -9 of the whole job (the launcher and its two ranks) mid-run; the resumed run, sharded again from the gathered
+    state file, ends bitwise where an uninterrupted FSDP run does, rollbacks included."""
+    import signal
+    args = [a for a in sharding_args("awm", trained_tiny, tmp_path) if not a.startswith(("--iters", "--ckpt_every"))]
+    args += ["--ckpt_every=1", "--iters=8", "--spike_factor=1.01"]
+    torchrun(args, tmp_path / "ref", "fsdp")
+    assert max(r["rollbacks"] for r in read_log(tmp_path / "ref" / "log.jsonl") if "rollbacks" in r) > 0
+    for delay in (1.0, 0.3, 0.0):                                  # a later kill can miss the end of a fast run
+        shutil.rmtree(tmp_path / "kill", ignore_errors=True)
+        p = torchrun(args, tmp_path / "kill", "fsdp", stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        while not (tmp_path / "kill" / "state.safetensors").exists() and p.poll() is None:
+            time.sleep(0.01)
+        time.sleep(delay)
+        for pid in [p.pid, *children(p.pid)]:
+            os.kill(pid, signal.SIGKILL)
+        p.wait()
+        if not (tmp_path / "kill" / "ckpt.safetensors").exists():
+            break
+    assert not (tmp_path / "kill" / "ckpt.safetensors").exists()    # it was killed before its hand-off
+    torchrun(args + ["--resume=true"], tmp_path / "kill", "fsdp")
+    want, got = (checkpoint.read_checkpoint(tmp_path / run / "ckpt.safetensors")[0] for run in ("ref", "kill"))
+    assert all(torch.equal(want[k], got[k]) for k in want)
+
+
+def free_port():
+    import socket
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        return s.getsockname()[1]
+
+
+def two_nodes(args, out, parallel):
+    """The README's multi-node launch, as two launchers of one process each on this machine: node 0 hosts the
+    rendezvous, each names its node rank."""
+    port = free_port()
+    return [torchrun(args, out, parallel, ranks=1, launcher=("--nnodes=2", f"--node_rank={n}",
+                                                             f"--rdzv_endpoint=localhost:{port}"),
+                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True) for n in (0, 1)]
+
+
+def test_two_nodes_train_as_one_node_does(trained_tiny, tmp_path):
+    """HSDP on two nodes of one process each (a 2 x 1 mesh: replicas across nodes) ends where one node's two DDP
+    ranks do."""
+    args = sharding_args("awm", trained_tiny, tmp_path)
+    torchrun(args, tmp_path / "one_node")
+    nodes = two_nodes(args, tmp_path / "two_nodes", "hsdp")
+    for p in nodes:
+        _, err = p.communicate(timeout=300)
+        assert p.returncode == 0, err[-3000:]
+    assert state_gap(tmp_path / "one_node", tmp_path / "two_nodes") < 1e-5
+
+
+def children(pid):
+    """The processes whose parent is pid, from /proc."""
+    kids = []
+    for entry in os.listdir("/proc"):
+        try:
+            if entry.isdigit() and int(open(f"/proc/{entry}/stat").read().rsplit(")", 1)[1].split()[1]) == pid:
+                kids.append(int(entry))
+        except OSError:
+            pass
+    return kids
+
+
+def test_a_node_that_dies_ends_the_job_on_the_other_within_a_minute(trained_tiny, tmp_path):
+    """Node 1 is killed whole (kill -9 of its launcher and rank) once the run has checkpointed; node 0's rank finds
+    its peer gone at the next collective and ends with one line naming what happened, not a hang or a traceback."""
+    import signal
+    args = [a for a in sharding_args("awm", trained_tiny, tmp_path) if not a.startswith(("--iters", "--ckpt_every"))]
+    args += ["--ckpt_every=1", "--iters=200"]
+    node0, node1 = two_nodes(args, tmp_path / "run", "ddp")
+    while not (tmp_path / "run" / "state.safetensors").exists() and node0.poll() is None:
+        time.sleep(0.05)
+    for pid in [node1.pid, *children(node1.pid)]:                   # torchrun starts each rank in a session of its own
+        os.kill(pid, signal.SIGKILL)
+    t0 = time.time()
+    _, err = node0.communicate(timeout=120)
+    assert time.time() - t0 < 60 and node0.returncode != 0
+    assert "error: lost contact with another rank" in err, err[-3000:]
+    assert not (tmp_path / "run" / "ckpt.safetensors").exists()    # the last state is kept for --resume=true
+
+
 # ----------------------------------------------------------------------------- Wan through adapters.py (the optional extra)
 # A random tiny Wan (2 layers, 2 heads of 12, 4 latent channels, 16x16x2 latents = 128x128x5 pixels) behind the policy
 # interface, through the real stage entry points. `make test` installs the extra (requirements-wan.txt); elsewhere
@@ -1852,3 +1989,20 @@ def test_wan_embed_cleans_prompts_as_wan_pipeline_does(tmp_path, monkeypatch):
     states = load_file(str(tmp_path / "states.safetensors"))
     assert set(seen) == {"", "a fast & red circle"} and set(states) == {"", " a  fast &amp;amp; red circle "}
     assert states[" a  fast &amp;amp; red circle "][0, 0] == len("a fast & red circle")
+
+
+@needs_wan
+def test_wan_lora_stage_ii_runs_sharded_and_matches_one_process(wan_chain, tmp_path):
+    """The tiny Wan with LoRA, an AWM iteration of Stage II under FSDP2 on 2 ranks: each transformer block a unit, the
+    reference the policy's own blocks with the adapter off. It ends where one process does, and only the adapter moved."""
+    args = ["reward_rl.py", f"--init={wan_chain['sft']}", "--iters=1", "--prompts_per_iter=1", "--group_size=2",
+            "--rollout_steps=2", "--sde_window=1", "--eval_prompts=2", "--eval_steps=1", "--ckpt_every=1", "--epochs=1",
+            "--warmup=1", "--lr=1e-2", "--sft_batch=2", "--std_floor=1e-6", "--bf16=false", "--device=cpu"]
+    one = subprocess.run([sys.executable, *args, f"--out_dir={tmp_path}/one"], cwd=HERE, capture_output=True, text=True,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert one.returncode == 0, one.stderr[-2000:]
+    torchrun(args, tmp_path / "fsdp", "fsdp")
+    assert state_gap(tmp_path / "one", tmp_path / "fsdp") < 1e-4
+    before, after = (checkpoint.read_checkpoint(p)[0] for p in (wan_chain["sft"], tmp_path / "fsdp" / "ckpt.safetensors"))
+    moved = [k for k in after if k in before and not torch.equal(before[k], after[k])]
+    assert moved and all("lora" in k for k in moved)
