@@ -6,6 +6,7 @@
     python bench.py race                      # Stage II's update rules raced on equal terms (make race)
     python bench.py ablations                 # Stage II with one part removed at a time (make ablations)
     python bench.py fidelity --ckpt=A --ckpt=B  # where fidelity is lost: the sampler's guidance, the network's redraw
+    python bench.py shard                     # each stage's memory per rank and time per step, DDP vs FSDP2 (2 ranks)
 """
 import json
 import os
@@ -22,8 +23,8 @@ import rewards as R
 from checkpoint import file_hash, load_model, read_checkpoint
 from diagnose import DiagnoseConfig, code_version, redraw
 from judge import load_reward_model, rm_score
-from stability import (ConfigError, check_output_path, check_ranges, claim_out_file, native_bf16, parse_config, run_cli,
-                       subcommand, write_text)
+from stability import (PARALLEL, ConfigError, check_output_path, check_ranges, claim_out_file, native_bf16, parse_config,
+                       run_cli, subcommand, write_text)
 
 
 def bench_heads(argv):
@@ -543,6 +544,75 @@ def bench_fidelity(argv):
     print(f"wrote {cfg.out}")
 
 
+# ----------------------------------------------------------------------------- memory and time, whole or sharded
+def shard_stage_args(stage, init, out, steps):
+    """A short run of one stage for bench_shard: its loop, checkpoint and hand-off, with evaluation kept small."""
+    if stage == "sft":
+        return ["sft.py", f"--init={init}", f"--steps={steps}", "--batch_size=16", f"--ckpt_every={steps}",
+                f"--log_every={steps}", "--val_clips=16", "--sample_steps=2", "--warmup=1"]
+    if stage == "rl":
+        return ["reward_rl.py", f"--init={init}", f"--iters={steps}", "--eval_every=1000000", "--eval_prompts=2",
+                "--eval_steps=2", f"--ckpt_every={steps}", "--max_minutes=0", "--bf16=false"]
+    return ["preference.py", f"--init={init}", "--any_input=true", "--pair_prompts=4", "--samples_per_prompt=3", "--margin=0",
+            "--sample_steps=2", f"--steps={steps}", "--batch_size=8", f"--ckpt_every={steps}", f"--log_every={steps}",
+            "--eval_prompts=2", "--eval_steps=2", "--warmup=1"]
+
+
+def seconds_per_step(stage, log):
+    """The loop's own seconds per optimizer step (SFT, DPO) or per iteration (Stage II: rollouts and updates)."""
+    if stage == "rl":
+        its = [r for r in log if "rollout_s" in r]
+        return sum(r["rollout_s"] + r["train_s"] for r in its) / len(its)
+    last = [r for r in log if "step" in r][-1]
+    return last["elapsed_s"] / last["step"]
+
+
+def bench_shard(argv):
+    @dataclass
+    class C:
+        policies: tuple = ("small", "wan")  # 'small': the shipped SFT DiT; 'wan': the tiny Wan with LoRA (the extra)
+        parallel: tuple = ("ddp", "fsdp")   # how the ranks hold the model (stages' --parallel)
+        ranks: int = 2                      # torchrun processes on this machine
+        steps: int = 4                      # optimizer steps (SFT, DPO) or iterations (Stage II) per run
+        out: str = "runs/shard"             # one run folder per policy, stage and setting; shard.json, shard.md
+    cfg = parse_config(C, argv)
+    check_ranges(cfg, at_least_one=("ranks", "steps"))
+    bad = [p for p in cfg.policies if p not in ("small", "wan")] + [p for p in cfg.parallel if p not in PARALLEL]
+    if bad or not cfg.policies or not cfg.parallel:
+        raise ConfigError(f"--policies takes small and wan, --parallel {', '.join(PARALLEL)}; got {bad or 'none'}")
+    inits = {"small": os.path.join(HERE, "checkpoints", "sft_small.safetensors"), "wan": os.path.join(cfg.out, "wan_init.safetensors")}
+    bench_folder(cfg.out, [inits["small"]])
+    if "wan" in cfg.policies:
+        subprocess.run([sys.executable, os.path.join(HERE, "adapters.py"), f"--out={inits['wan']}", "--overwrite=true"],
+                       check=True, capture_output=True)
+    env, rows = {**os.environ, "OMP_NUM_THREADS": "1"}, []
+    for policy in cfg.policies:
+        for stage in ("sft", "rl", "dpo"):
+            for parallel in cfg.parallel:
+                run = os.path.join(cfg.out, f"{policy}_{stage}_{parallel}")
+                args = shard_stage_args(stage, inits[policy], run, cfg.steps)
+                cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={cfg.ranks}",
+                       os.path.join(HERE, args[0]), *args[1:], f"--out_dir={run}", f"--parallel={parallel}",
+                       "--overwrite=true", "--device=cpu"]
+                r = subprocess.run(cmd, capture_output=True, text=True, env=env)
+                if r.returncode:
+                    raise ConfigError(f"{policy} {stage} --parallel={parallel} failed: {r.stderr.strip().splitlines()[-1]}")
+                log = read_log(os.path.join(run, "log.jsonl"))
+                memory = next(r["memory"] for r in reversed(log) if "memory" in r)
+                rows.append({"policy": policy, "stage": stage, "parallel": parallel, "ranks": cfg.ranks,
+                             "s_per_step": round(seconds_per_step(stage, log), 3), **memory})
+                print(json.dumps(rows[-1]))
+    result = {"machine": machine(), "date": time.strftime("%Y-%m-%d"), "steps": cfg.steps, "rows": rows}
+    write_text(os.path.join(cfg.out, "shard.json"), json.dumps(result, indent=1))
+    lines = [f"{cfg.ranks} CPU ranks (gloo) on {result['machine']}; {cfg.steps} steps or iterations per run.", "",
+             "| policy | stage | parallel | weights MB / rank | optimizer MB / rank | peak RSS MB (max over ranks) | s / step |",
+             "| --- | --- | --- | ---: | ---: | ---: | ---: |"]
+    lines += [f"| {r['policy']} | {r['stage']} | {r['parallel']} | {r['weights_mb_per_rank']} | {r['optimizer_mb_per_rank']} | "
+              f"{r['peak_mb']} | {r['s_per_step']} |" for r in rows]
+    write_text(os.path.join(cfg.out, "shard.md"), "\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
 def machine():
     cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), "?")
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none"
@@ -550,7 +620,7 @@ def machine():
 
 
 COMMANDS = {"speed": bench_speed, "heads": bench_heads, "dpo_memory": bench_dpo_memory, "race": bench_race, "ablations": bench_ablations,
-            "fidelity": bench_fidelity}
+            "fidelity": bench_fidelity, "shard": bench_shard}
 
 if __name__ == "__main__":
     run_cli(lambda argv: subcommand(COMMANDS, "bench.py", argv)(argv[1:]), sys.argv[1:])
