@@ -14,10 +14,10 @@ setup-wan: setup
 test: setup-wan
 	$(PY) -m pytest -q test_all.py
 
-# Reliability, at full strength: 10 kill -9 trials per stage (the suite runs 2), then the torchrun tests 20 times.
+# Reliability, at full strength: 10 kill -9 trials per stage (the suite runs 1), then the torchrun tests 20 times.
 killtest: setup
 	POSTFLOW_KILL_TRIALS=10 $(PY) -m pytest -q -s test_all.py -k kill_minus_9
-	for i in $$(seq 20); do $(PY) -m pytest -q test_all.py -k "two_ranks or torchrun" || exit 1; done
+	for i in $$(seq 20); do $(PY) -m pytest -q test_all.py -k "two_ranks or torchrun or fsdp or nodes" || exit 1; done
 
 # The main job at the default CPU preset: the three stages from the shipped base, then all four judged side by side
 # (a diagnosis already made of the same file, settings and code is read back: from runs/diagnose_cache, and the base's

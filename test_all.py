@@ -957,7 +957,7 @@ def test_grpo_one_and_two_ranks_agree(trained_tiny, tmp_path):
     assert [r["rollbacks"] for r in sharded] == [r["rollbacks"] for r in a]
 
 
-KILL_TRIALS = int(os.environ.get("POSTFLOW_KILL_TRIALS", "2"))   # `make killtest` runs 10 per stage
+KILL_TRIALS = int(os.environ.get("POSTFLOW_KILL_TRIALS", "1"))   # `make killtest` runs 10 per stage
 
 
 def run_until_checkpointed(args, out, delay=None):
@@ -1640,7 +1640,7 @@ def test_an_fsdp_run_killed_and_resumed_gives_the_weights_of_an_uninterrupted_on
     state file, ends bitwise where an uninterrupted FSDP run does, rollbacks included."""
     import signal
     args = [a for a in sharding_args("awm", trained_tiny, tmp_path) if not a.startswith(("--iters", "--ckpt_every"))]
-    args += ["--ckpt_every=1", "--iters=8", "--spike_factor=1.01"]
+    args += ["--ckpt_every=1", "--iters=7", "--spike_factor=1.01"]
     torchrun(args, tmp_path / "ref", "fsdp")
     assert max(r["rollbacks"] for r in read_log(tmp_path / "ref" / "log.jsonl") if "rollbacks" in r) > 0
     for delay in (1.0, 0.3, 0.0):                                  # a later kill can miss the end of a fast run
@@ -2005,9 +2005,7 @@ def test_wan_lora_stage_ii_runs_sharded_and_matches_one_process(wan_chain, tmp_p
     args = ["reward_rl.py", f"--init={wan_chain['sft']}", "--iters=1", "--prompts_per_iter=1", "--group_size=2",
             "--rollout_steps=2", "--sde_window=1", "--eval_prompts=2", "--eval_steps=1", "--ckpt_every=1", "--epochs=1",
             "--warmup=1", "--lr=1e-2", "--sft_batch=2", "--std_floor=1e-6", "--bf16=false", "--device=cpu"]
-    one = subprocess.run([sys.executable, *args, f"--out_dir={tmp_path}/one"], cwd=HERE, capture_output=True, text=True,
-                         env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert one.returncode == 0, one.stderr[-2000:]
+    in_process(args, tmp_path / "one")
     torchrun(args, tmp_path / "fsdp", "fsdp")
     assert state_gap(tmp_path / "one", tmp_path / "fsdp") < 1e-4
     before, after = (checkpoint.read_checkpoint(p)[0] for p in (wan_chain["sft"], tmp_path / "fsdp" / "ckpt.safetensors"))
