@@ -313,7 +313,8 @@ def ppo_update(cfg, policy, reference, roll, adv, mb, share, draws, stats):
     ctx, cm = (None, None) if roll.ctx is None else (roll.ctx[mb], roll.ctx_mask[mb])
     for k in trained:
         i, x_t, x_next, logp_old = roll.transitions[k]
-        step = (x_t[mb], x_next[mb], i, M.time_grid(cfg.rollout_steps, policy.flow_shift), roll.tokens[mb], cfg.cfg_scale, cfg.noise_level, ctx, cm)
+        step = (x_t[mb], x_next[mb], i, M.time_grid(cfg.rollout_steps, policy.flow_shift), roll.tokens[mb], cfg.cfg_scale,
+                cfg.noise_level, ctx, cm)
         mean, step_std, logp = M.score_sde_step(policy, *step)                 # the policy's Gaussian step, and
         with torch.no_grad():
             mean_ref = M.score_sde_step(reference, *step)[0]                  # the reference's, on the same step
@@ -358,10 +359,11 @@ def update_policy(cfg, policy, reference, opt, ema, guard, update, roll, adv, mi
             mb = chunk[(chunk >= mine.start) & (chunk < mine.stop)] - mine.start  # this rank's share of it
             # the update rule's loss + its KL to the frozen reference, backpropagated (share: sums -> global mean)
             share = d.ranks / len(chunk)
-            # a rank with no clip of this minibatch adds zeros; sharded, it must still run the passes (each gathers
-            # weights with every rank), on an empty batch whose statistics are dropped
-            loss = update(cfg, policy, reference, roll, adv, mb, share, draws, stats if len(mb) else defaultdict(list)) \
-                if len(mb) or d.sharded else 0.0
+            # a rank with no clip in this minibatch adds zeros; sharded, it still runs the passes (each gathers weights
+            # with every rank) on an empty batch, and drops their statistics
+            loss = 0.0
+            if len(mb) or d.sharded:
+                loss = update(cfg, policy, reference, roll, adv, mb, share, draws, stats if len(mb) else defaultdict(list))
             if cfg.sft_weight > 0:
                 curated_term(cfg, policy, n_update, world, d.device, stats)  # + the curated flow loss
             average_gradients(policy.parameters(), d)
@@ -512,7 +514,8 @@ def train(cfg: Config, reward_fn=None):
             break
 
     check_ranks_agree(policy, d)              # ---- hand-off, once the ranks agree: the EMA policy and a sample grid
-    weights, memory = full_state(ema.model), memory_use(d, [n for n in (policy, ema.model, reference, sampler) if n is not None], opt)
+    weights = full_state(ema.model)
+    memory = memory_use(d, [net for net in (policy, ema.model, reference, sampler) if net is not None], opt)
     videos = M.sample(ema.model, data.tokenize(eval_prompts[:8]).to(d.device), eval_noise[:8], cfg.eval_steps,
                       cfg.cfg_scale)                                          # every rank: the EMA may be sharded
     if d.main:

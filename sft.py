@@ -23,8 +23,8 @@ import data
 import model as M
 from checkpoint import full_state, lineage_record, load_model, resume_run, save_checkpoint, save_run_state
 from stability import (EMA, ConfigError, NonFiniteGuard, all_mean, average_gradients, check_ranges, check_ranks_agree,
-                       claim_out_dir, clip_gradients, command_line, make_logger, memory_use, open_log, parse_config, print_config, run_cli, seeded,
-                       setup_distributed, shard, teardown, warmup_cosine)
+                       claim_out_dir, clip_gradients, command_line, make_logger, memory_use, open_log, parse_config,
+                       print_config, run_cli, seeded, setup_distributed, shard, teardown, warmup_cosine)
 
 
 @dataclass
