@@ -157,9 +157,16 @@ def load_model(path, device="cpu", expect: ModelConfig = None):
 
 
 # ----------------------------------------------------------------------------- a run's resumable state
-def full_state(net):
-    """A policy's whole state dict, its shards gathered (a collective: every rank calls it when sharded)."""
-    return {k: whole(v) for k, v in net.state_dict().items()}
+def full_state(net, main=True):
+    """A policy's whole state dict on the main rank's CPU ({} elsewhere). Sharded, every rank calls it (each weight
+    is gathered in turn) and each whole weight leaves the device before the next is gathered: a GPU never holds
+    more than one whole weight beyond its shards."""
+    out = {}
+    for k, v in net.state_dict().items():
+        v = whole(v)
+        if main:
+            out[k] = v.cpu()
+    return out
 
 
 def save_run_state(path, net, ema, opt, lineage, step, parts=None, log_file=None, main=True):
@@ -168,11 +175,13 @@ def save_run_state(path, net, ema, opt, lineage, step, parts=None, log_file=None
     length of log_file. The previous state is kept as state.prev.safetensors until the new one is complete.
     Every rank calls it (sharded state is gathered whole, so a run resumes on any rank count or --parallel);
     the main rank writes."""
-    tensors = {**{f"model.{k}": v for k, v in full_state(net).items()},
-               **{f"ema.{k}": v for k, v in full_state(ema.model).items()}}
+    tensors = {**{f"model.{k}": v for k, v in full_state(net, main).items()},
+               **{f"ema.{k}": v for k, v in full_state(ema.model, main).items()}}
     for name, p in net.named_parameters():
         for k, v in opt.state.get(p, {}).items():
-            tensors[f"opt.{name}.{k}"] = whole(v) if torch.is_tensor(v) else torch.tensor(float(v))
+            v = whole(v).cpu() if torch.is_tensor(v) else torch.tensor(float(v))   # as full_state's, one at a time
+            if main:
+                tensors[f"opt.{name}.{k}"] = v
     if not main:
         return
     extra = {k: p.state_dict() for k, p in (parts or {}).items()}

@@ -361,7 +361,7 @@ def train(cfg: Config):
 
     check_ranks_agree(policy, d)                                                # before anything is handed off
     # ================================================================ HAND-OFF: EMA weights, and the oracle's verdict
-    weights, memory = full_state(ema.model), memory_use(d, [policy, ema.model, reference], opt)
+    weights, memory = full_state(ema.model, d.main), memory_use(d, [policy, ema.model, reference], opt)
     result, theirs, ours = oracle_verdict(cfg, ema.model, reference, world, d.device)  # every rank: they may be sharded
     if d.main:
         save_checkpoint(paths["ckpt"], weights, mc, lineage(cfg.steps))

@@ -514,7 +514,7 @@ def train(cfg: Config, reward_fn=None):
             break
 
     check_ranks_agree(policy, d)              # ---- hand-off, once the ranks agree: the EMA policy and a sample grid
-    weights = full_state(ema.model)
+    weights = full_state(ema.model, d.main)
     memory = memory_use(d, [net for net in (policy, ema.model, reference, sampler) if net is not None], opt)
     videos = M.sample(ema.model, data.tokenize(eval_prompts[:8]).to(d.device), eval_noise[:8], cfg.eval_steps,
                       cfg.cfg_scale)                                          # every rank: the EMA may be sharded

@@ -170,7 +170,7 @@ def train(cfg: Config, stop_after=None):
 
     check_ranks_agree(net, d)                                                # before anything is handed off
     # ---- hand-off: EMA weights, validation loss, a sample grid (every rank computes: a sharded EMA needs them all)
-    val, weights = validation_loss(ema.model, world, cfg.val_clips), full_state(ema.model)
+    val, weights = validation_loss(ema.model, world, cfg.val_clips), full_state(ema.model, d.main)
     seconds = round(time.time() - t0, 1)
     tokens = data.tokenize(SAMPLE_PROMPTS).repeat_interleave(4, 0).to(d.device)
     noise = torch.randn(len(tokens), *net.flow_shape, generator=torch.Generator().manual_seed(0)).to(d.device)
