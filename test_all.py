@@ -2011,3 +2011,8 @@ def test_wan_lora_stage_ii_runs_sharded_and_matches_one_process(wan_chain, tmp_p
     before, after = (checkpoint.read_checkpoint(p)[0] for p in (wan_chain["sft"], tmp_path / "fsdp" / "ckpt.safetensors"))
     moved = [k for k in after if k in before and not torch.equal(before[k], after[k])]
     assert moved and all("lora" in k for k in moved)
+    import adapters                                   # a bf16 transformer with fp32 factors shards and trains alike
+    adapters.init_checkpoint([f"--out={tmp_path}/bf16.safetensors", "--dtype=bfloat16"])
+    torchrun([f"--init={tmp_path}/bf16.safetensors" if a.startswith("--init=") else a for a in args], tmp_path / "bf16", "fsdp")
+    factors = checkpoint.read_checkpoint(tmp_path / "bf16" / "ckpt.safetensors")[0]
+    assert factors and all(v.dtype == torch.float32 for k, v in factors.items() if "lora" in k)
