@@ -179,9 +179,9 @@ def save_run_state(path, net, ema, opt, lineage, step, parts=None, log_file=None
                **{f"ema.{k}": v for k, v in full_state(ema.model, main).items()}}
     for name, p in net.named_parameters():
         for k, v in opt.state.get(p, {}).items():
-            v = whole(v).cpu() if torch.is_tensor(v) else torch.tensor(float(v))   # as full_state's, one at a time
+            v = whole(v) if torch.is_tensor(v) else torch.tensor(float(v))   # as full_state's, one at a time
             if main:
-                tensors[f"opt.{name}.{k}"] = v
+                tensors[f"opt.{name}.{k}"] = v.cpu()
     if not main:
         return
     extra = {k: p.state_dict() for k, p in (parts or {}).items()}

@@ -310,7 +310,7 @@ def train(cfg: Config):
 
     policy.train()
     ema = EMA(policy, cfg.ema_decay)
-    shard(d, policy, ema.model, reference)                                    # --parallel=fsdp: 1/ranks of each per rank
+    shard(d, policy, ema.model, reference)                                    # --parallel=fsdp/hsdp: a shard of each
     opt = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, weight_decay=0.0)
     guard = NonFiniteGuard()
     start, log_offset = resume_run(paths["state"], policy, ema, opt, cfg, {"guard": guard}, log, d.main) if cfg.resume else (0, None)

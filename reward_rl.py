@@ -260,7 +260,6 @@ def awm_update(cfg, policy, reference, roll, adv, mb, share, draws, stats):
             (pg.sum() * share / len(draws)).backward()
             total += pg.sum().item() * share / len(draws)
         flow_kl(cfg, policy, reference, flow, draws, cm, share, stats)
-    roll.on_policy = False                    # the optimizer steps next: later passes compare with the sampler
     stats["loss"].append(total)
     return total
 
@@ -364,6 +363,9 @@ def update_policy(cfg, policy, reference, opt, ema, guard, update, roll, adv, mi
             loss = 0.0
             if len(mb) or d.sharded:
                 loss = update(cfg, policy, reference, roll, adv, mb, share, draws, stats if len(mb) else defaultdict(list))
+            # the optimizer steps next, so later passes compare with the sampler (awm's ratio): on every rank, its
+            # share of this minibatch empty or not
+            roll.on_policy = False
             if cfg.sft_weight > 0:
                 curated_term(cfg, policy, n_update, world, d.device, stats)  # + the curated flow loss
             average_gradients(policy.parameters(), d)
@@ -441,7 +443,7 @@ def train(cfg: Config, reward_fn=None):
     mc, world = policy.cfg, R.world_of(policy.cfg)
     ema = EMA(policy, cfg.ema_decay)
     sampler = M.frozen_copy(policy) if cfg.update == "nft" or cfg.update == "awm" and cfg.awm_clip > 0 else None
-    shard(d, policy, ema.model, reference, sampler)                          # --parallel=fsdp: 1/ranks of each per rank
+    shard(d, policy, ema.model, reference, sampler)                          # --parallel=fsdp/hsdp: a shard of each
     opt = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, weight_decay=0.0)
     guard, spikes, monitor = NonFiniteGuard(), SpikeGuard(cfg.spike_factor), HackingMonitor(cfg.patience)
     cost = Cost()

@@ -113,7 +113,7 @@ def train(cfg: Config, stop_after=None):
     net.train()
     world = data.WorldConfig(frames=mcfg.frames, size=mcfg.size)
     ema = EMA(net, cfg.ema_decay)
-    shard(d, net, ema.model)                                                 # --parallel=fsdp: 1/ranks of each per rank
+    shard(d, net, ema.model)                                                 # --parallel=fsdp/hsdp: a shard of each
     opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     guard = NonFiniteGuard()
     start, log_offset = resume_run(state_path, net, ema, opt, cfg, {"guard": guard}, log, d.main) if cfg.resume else (0, None)

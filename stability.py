@@ -56,17 +56,19 @@ def run_cli(main, argv):
     except KeyboardInterrupt:
         print("interrupted: the last checkpoint is kept; rerun with --resume=true to continue", file=sys.stderr)
         sys.exit(130)
-    except (RuntimeError, dist.DistError) as e:   # a torchrun job whose peer died mid-collective: say so, in one line
+    except RuntimeError as e:   # a torchrun job whose peer left mid-collective (dist.DistError is one): one line
         if "RANK" not in os.environ or not any(m in str(e) for m in PEER_LOST):
             raise
-        print(f"error: lost contact with another rank ({str(e).splitlines()[0][:160]}): a node or process of the job "
-              f"died; the last checkpoint is kept: relaunch every node with --resume=true", file=sys.stderr)
+        print(f"error: lost contact with another rank ({str(e).splitlines()[0][:160]}): it stopped (its own error, if "
+              f"any, is above) or its node died; the last checkpoint is kept: relaunch every node with --resume=true",
+              file=sys.stderr)
         sys.exit(2)
 
 
-# What gloo and NCCL say when a rank's peer is gone (its process or node died, or its links went down).
-PEER_LOST = ("Connection closed by peer", "Connection reset by peer", "Broken pipe", "Connection refused",
-             "NCCL communicator was aborted", "remote process exited or there was a network error")
+# What gloo and NCCL say when a rank's peer is gone (its process or node died, or its links went down). gloo says so
+# at once; NCCL may first wait for its watchdog's timeout.
+PEER_LOST = ("Connection closed by peer", "Connection reset by peer", "Broken pipe", "NCCL communicator was aborted",
+             "remote process exited or there was a network error")
 
 
 def subcommand(commands, script, argv):
@@ -190,6 +192,10 @@ def setup_distributed(device="auto", parallel="ddp"):
     dist.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo")
     mesh = None
     if parallel != "ddp" and ranks > 1:
+        import torch.distributed.fsdp as fsdp
+        if not hasattr(fsdp, "fully_shard"):   # public from torch 2.6; tested on 2.13
+            raise ConfigError(f"--parallel={parallel} needs FSDP2 (torch >= 2.6); this is torch {torch.__version__}: "
+                              f"use --parallel=ddp, or torch 2.13 (`make setup TORCH=torch==2.13.0`)")
         from torch.distributed.device_mesh import init_device_mesh
         per_node = int(os.environ.get("LOCAL_WORLD_SIZE", ranks))
         shape, names = ((ranks // per_node, per_node), ("replicate", "shard")) if parallel == "hsdp" else ((ranks,), ("shard",))
@@ -263,8 +269,8 @@ def memory_use(d: Dist, nets, opt):
 
 def check_ranks_agree(model, d: Dist):
     """Every rank must end with the same weights (each applied the same averaged gradients and decisions):
-    compare a float64 checksum of the parameters and refuse to hand off if any rank differs. Sharded weights exist
-    once (each rank holds its own part), so there is nothing to compare."""
+    compare a float64 checksum of the parameters and refuse to hand off if any rank differs. Sharded, each rank holds
+    its own part (under hsdp once per node), and the shards are not compared."""
     if d.ranks == 1 or d.sharded:
         return
     with torch.no_grad():
