@@ -268,19 +268,24 @@ def memory_use(d: Dist, nets, opt):
 
 
 def check_ranks_agree(model, d: Dist):
-    """Every rank must end with the same weights (each applied the same averaged gradients and decisions):
-    compare a float64 checksum of the parameters and refuse to hand off if any rank differs. Sharded, each rank holds
-    its own part (under hsdp once per node), and the shards are not compared."""
-    if d.ranks == 1 or d.sharded:
+    """Ranks that hold the same weights must end with them equal (each applied the same averaged gradients and
+    decisions): compare float64 checksums and refuse to hand off if two differ. Under DDP that is every rank; under
+    hsdp the ranks holding the same shard, one per node; under fsdp each shard lives on one rank only."""
+    if d.ranks == 1:
         return
+    from torch.distributed.tensor import DTensor
     with torch.no_grad():
-        mine = torch.stack([sum(p.double().sum() for p in model.parameters()),
-                            sum(p.double().abs().sum() for p in model.parameters())])
+        local = [p.to_local() if isinstance(p, DTensor) else p for p in model.parameters()]
+        part = d.mesh.get_local_rank("shard") if d.sharded else 0                     # which shard this rank holds
+        mine = torch.stack([sum(p.double().sum() for p in local), sum(p.double().abs().sum() for p in local),
+                            torch.tensor(float(part), dtype=torch.float64)])
     every = [torch.zeros_like(mine) for _ in range(d.ranks)]
     dist.all_gather(every, mine)
-    if any(not torch.equal(every[0], e) for e in every[1:]):
-        raise Diverged(f"the ranks ended with different weights (checksums {[e.tolist() for e in every]}); "
-                       f"a decision was taken on one rank's own statistics")
+    first = {}
+    for e in every:                                          # the first holder of each shard against the others
+        if not torch.equal(first.setdefault(float(e[2]), e), e):
+            raise Diverged(f"the ranks ended with different weights (checksums {[e.tolist() for e in every]}); "
+                           f"a decision was taken on one rank's own statistics")
 
 
 def native_bf16():

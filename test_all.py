@@ -1660,6 +1660,34 @@ def test_an_fsdp_run_killed_and_resumed_gives_the_weights_of_an_uninterrupted_on
     assert all(torch.equal(want[k], got[k]) for k in want)
 
 
+def test_replicas_that_end_apart_refuse_to_hand_off(tmp_path):
+    """HSDP on two 'nodes' of one rank (a 2 x 1 mesh): both hold the same shard, so the hand-off compares them; one
+    moved on its own is caught, as under DDP."""
+    script = tmp_path / "apart.py"
+    script.write_text(f"""
+import os, sys
+sys.path.insert(0, {HERE!r})
+os.environ["LOCAL_WORLD_SIZE"] = "1"                     # one rank per node: replicas across the two
+import torch, model as M, stability
+d = stability.setup_distributed("cpu", "hsdp")
+torch.manual_seed(0)                                     # every rank builds the same weights, as a checkpoint gives
+net = M.VideoDiT(M.preset("tiny"))
+stability.shard(d, net)
+stability.check_ranks_agree(net, d)                      # equal: passes
+if d.rank == 1:
+    with torch.no_grad():
+        net.final.bias.to_local().add_(1.0)
+try:
+    stability.check_ranks_agree(net, d)
+except stability.Diverged as e:
+    print("caught:", e)
+stability.teardown(d)
+""")
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script)],
+                       cwd=HERE, capture_output=True, text=True, timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.count("caught: the ranks ended with different weights") == 2, r.stdout
+
 def free_port():
     import socket
     with socket.socket() as s:
