@@ -283,7 +283,7 @@ class WanPolicy(nn.Module):
         return AdapterOff(self)
 
     def shard_units(self):
-        """FSDP2's pieces (stability.shard): each transformer block, then the transformer, whose forward velocity()
+        """FSDP2's pieces (distributed.shard): each transformer block, then the transformer, whose forward velocity()
         calls. The VAE and prompt states are frozen and small beside it: every rank keeps them whole."""
         return [*self.transformer.blocks, self.transformer]
 

@@ -23,7 +23,8 @@ import rewards as R
 from checkpoint import file_hash, load_model, read_checkpoint
 from diagnose import DiagnoseConfig, code_version, redraw
 from judge import load_reward_model, rm_score
-from stability import (PARALLEL, ConfigError, check_output_path, check_ranges, claim_out_file, native_bf16, parse_config,
+from distributed import PARALLEL
+from stability import (ConfigError, check_output_path, check_ranges, claim_out_file, native_bf16, parse_config,
                        run_cli, subcommand, write_text)
 
 

@@ -22,8 +22,9 @@ import torch
 import data
 import model as M
 from model import ModelConfig, VideoDiT
+from distributed import shaped_like, whole
 from stability import (ConfigError, UserError, atomic_write, check_fits, check_ranges, claim_out_file, parse_config,
-                       remove_stale_temps, run_cli, shaped_like, whole)
+                       remove_stale_temps, run_cli)
 
 
 class CheckpointError(UserError):

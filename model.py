@@ -265,7 +265,7 @@ class VideoDiT(nn.Module):
         return frozen_copy(self)
 
     def shard_units(self):
-        """What FSDP2 shards as one piece (stability.shard): each block, then the rest; the outermost last."""
+        """What FSDP2 shards as one piece (distributed.shard): each block, then the rest; the outermost last."""
         return [*self.blocks, self]
 
 

@@ -30,9 +30,11 @@ import model as M
 import rewards as R
 from checkpoint import full_state, lineage_record, load_model, resume_run, save_checkpoint, save_run_state
 from judge import load_reward_model, rm_score
-from stability import (EMA, RUN_FILES, ConfigError, NonFiniteGuard, all_mean, atomic_write, average_gradients, check_ranges,
-                       check_ranks_agree, claim_out_dir, clip_gradients, command_line, make_logger, memory_use, open_log,
-                       parse_config, print_config, run_cli, seeded, setup_distributed, shard, teardown, warmup_cosine)
+from distributed import (all_mean, average_gradients, check_ranks_agree, make_logger, memory_use, setup_distributed,
+                         shard, teardown)
+from stability import (EMA, RUN_FILES, ConfigError, NonFiniteGuard, atomic_write, check_ranges, claim_out_dir,
+                       clip_gradients, command_line, open_log, parse_config, print_config, run_cli, seeded,
+                       warmup_cosine)
 
 
 @dataclass

@@ -44,10 +44,11 @@ import model as M
 import rewards as R
 from checkpoint import full_state, lineage_record, load_model, resume_run, save_checkpoint, save_run_state
 from judge import load_reward_model, rm_score
-from stability import (EMA, ConfigError, Cost, HackingMonitor, NonFiniteGuard, SpikeGuard, all_mean, average_gradients,
-                       bf16_autocast, check_ranges, check_ranks_agree, claim_out_dir, clip_gradients, command_line,
-                       from_rank0, gather_rows, make_logger, memory_use, open_log, parse_config, print_config, run_cli,
-                       seeded, setup_distributed, shard, teardown, warmup_cosine)
+from distributed import (all_mean, average_gradients, check_ranks_agree, from_rank0, gather_rows, make_logger,
+                         memory_use, setup_distributed, shard, teardown)
+from stability import (EMA, ConfigError, Cost, HackingMonitor, NonFiniteGuard, SpikeGuard, bf16_autocast, check_ranges,
+                       claim_out_dir, clip_gradients, command_line, open_log, parse_config, print_config, run_cli,
+                       seeded, warmup_cosine)
 
 
 @dataclass

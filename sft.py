@@ -22,9 +22,10 @@ from tqdm import tqdm
 import data
 import model as M
 from checkpoint import full_state, lineage_record, load_model, resume_run, save_checkpoint, save_run_state
-from stability import (EMA, ConfigError, NonFiniteGuard, all_mean, average_gradients, check_ranges, check_ranks_agree,
-                       claim_out_dir, clip_gradients, command_line, make_logger, memory_use, open_log, parse_config,
-                       print_config, run_cli, seeded, setup_distributed, shard, teardown, warmup_cosine)
+from distributed import (all_mean, average_gradients, check_ranks_agree, make_logger, memory_use, setup_distributed,
+                         shard, teardown)
+from stability import (EMA, ConfigError, NonFiniteGuard, check_ranges, claim_out_dir, clip_gradients, command_line,
+                       open_log, parse_config, print_config, run_cli, seeded, warmup_cosine)
 
 
 @dataclass

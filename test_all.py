@@ -1667,20 +1667,20 @@ def test_replicas_that_end_apart_refuse_to_hand_off(tmp_path):
 import os, sys
 sys.path.insert(0, {HERE!r})
 os.environ["LOCAL_WORLD_SIZE"] = "1"                     # one rank per node: replicas across the two
-import torch, model as M, stability
-d = stability.setup_distributed("cpu", "hsdp")
+import torch, model as M, distributed, stability
+d = distributed.setup_distributed("cpu", "hsdp")
 torch.manual_seed(0)                                     # every rank builds the same weights, as a checkpoint gives
 net = M.VideoDiT(M.preset("tiny"))
-stability.shard(d, net)
-stability.check_ranks_agree(net, d)                      # equal: passes
+distributed.shard(d, net)
+distributed.check_ranks_agree(net, d)                      # equal: passes
 if d.rank == 1:
     with torch.no_grad():
         net.final.bias.to_local().add_(1.0)
 try:
-    stability.check_ranks_agree(net, d)
+    distributed.check_ranks_agree(net, d)
 except stability.Diverged as e:                           # each rank's own file: printed lines interleave
     open(f"{{sys.argv[1]}}/caught{{d.rank}}", "w").write(str(e))
-stability.teardown(d)
+distributed.teardown(d)
 """)
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script),
                         str(tmp_path)], cwd=HERE, capture_output=True, text=True, timeout=120,
