@@ -12,6 +12,7 @@ Every file is written atomically; every way a file can be wrong is a one-line Ch
 import hashlib
 import importlib
 import json
+import math
 import os
 import sys
 import time
@@ -63,6 +64,8 @@ def read_checkpoint(path):
     from safetensors import safe_open
     if not path:
         raise CheckpointError("no checkpoint given (an empty path)")
+    if os.path.isdir(path):
+        raise CheckpointError(f"checkpoint {path} is a folder, not a safetensors file")
     if not os.path.isfile(path):
         raise CheckpointError(f"checkpoint not found: {path}")
     try:
@@ -86,7 +89,7 @@ def read_checkpoint(path):
             cfg = ModelConfig(**shape)
             bad = [f"{k}={v!r}" for k, v in asdict(cfg).items()   # numbers of the default's kind (an int for a float too)
                    if isinstance(v, bool) or not isinstance(v, type(getattr(ModelConfig, k)) if k not in FLOAT_FIELDS
-                                                            else (int, float)) or v <= 0]
+                                                            else (int, float)) or not 0 < v < math.inf]
             if bad or cfg.size % cfg.patch or cfg.frames % cfg.tpatch or cfg.dim % (2 * cfg.heads):
                 raise ValueError(f"model_config {', '.join(bad) or 'size/patch, frames/tpatch or dim/heads do not divide'}")
         if not isinstance(meta.get("lineage", {}), dict):
@@ -117,9 +120,11 @@ def build_policy(cfg):
     cannot fit in memory (a config asking for an absurd depth or width) is refused before it is built."""
     if not isinstance(cfg, ModelConfig):
         return policy_module(cfg.policy).build(cfg)
-    with torch.device("meta"):                           # counts parameters without allocating: blocks are alike
-        one, two = (sum(p.numel() for p in VideoDiT(replace(cfg, depth=k)).parameters()) for k in (1, 2))
-    check_fits(4 * (one + (cfg.depth - 1) * (two - one)), f"a model of depth {cfg.depth} and width {cfg.dim}")
+    size = lambda m: sum(t.numel() for t in (*m.parameters(), *m.buffers()))
+    with torch.device("meta"):                           # counts weights and buffers without allocating: blocks are alike
+        one, two = (size(VideoDiT(replace(cfg, depth=k))) for k in (1, 2))
+    check_fits(4 * (one + (cfg.depth - 1) * (two - one)), f"a model of depth {cfg.depth}, width {cfg.dim}, "
+                                                          f"{cfg.frames} frames of {cfg.size}x{cfg.size}")
     return VideoDiT(cfg)
 
 
@@ -230,7 +235,7 @@ def load_run_state(path, net, ema, opt, warn=print):
     return meta["step"], meta.get("extra", {}), meta.get("lineage", {})
 
 
-def check_resume(lineage, cfg, free=("resume", "overwrite", "iters", "steps", "max_minutes", "device",
+def check_resume(lineage, cfg, free=("resume", "overwrite", "out_dir", "iters", "steps", "max_minutes", "device",
                                      "parallel")):
     """Refuse to resume with settings that change what the run computes (another --init, a new lr: the KL
     reference or the schedule would change mid-run). `free` keys may differ: extending a run is fine."""
@@ -308,6 +313,8 @@ def main(argv):
     gen = torch.Generator().manual_seed(cfg.seed)
     noise = torch.randn(len(tokens), *model.flow_shape, generator=gen)
     videos = M.sample(model, tokens, noise, cfg.steps, cfg.cfg_scale)
+    if not torch.isfinite(videos).all():   # finite weights can still overflow: a GIF of NaN is no render
+        raise CheckpointError(f"{cfg.ckpt} draws non-finite pixels (its weights overflow); nothing was written")
     os.makedirs(os.path.dirname(os.path.abspath(cfg.out)), exist_ok=True)
     data.write_video(data.video_grid(videos, len(prompts), cfg.seeds), cfg.out)
     print(f"wrote {cfg.out}: {len(prompts)} prompts (rows) x {cfg.seeds} seeds (columns)")

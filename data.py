@@ -239,12 +239,18 @@ def video_grid(videos, rows, cols, pad=2, upscale=2):
     return grid
 
 
+def write_bytes(path, blob):
+    with open(path, "wb") as f:
+        f.write(blob)
+
+
 def write_video(frames, path, fps=6):
     """Write (F, H, W, C) uint8 frames as .gif (always) or .mp4 (needs an ffmpeg plugin for imageio), atomically."""
     import imageio.v3 as iio
     path = str(path)
     if path.endswith(".gif"):
-        atomic_write(path, lambda tmp: iio.imwrite(tmp, list(frames), extension=".gif", duration=int(1000 / fps), loop=0))
+        gif = iio.imwrite("<bytes>", list(frames), extension=".gif", duration=int(1000 / fps), loop=0)
+        atomic_write(path, lambda tmp: write_bytes(tmp, gif))       # encoded in memory: a failed write is one error
     elif path.endswith(".mp4"):
         try:
             atomic_write(path, lambda tmp: iio.imwrite(tmp, frames, extension=".mp4", fps=fps, codec="libx264"))
@@ -253,3 +259,10 @@ def write_video(frames, path, fps=6):
                                f"or write a .gif ({type(e).__name__})") from None
     else:
         raise ConfigError(f"unknown video extension for {path}: use .gif or .mp4")
+
+
+if __name__ == "__main__":   # a library module; a command that once lived here says where it went
+    import sys
+    print("error: data.py takes no command: it is the world the stages import (run sft.py, "
+          "reward_rl.py or preference.py)", file=sys.stderr)
+    sys.exit(2)

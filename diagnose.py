@@ -32,7 +32,7 @@ from judge import load_reward_model, rm_score
 from rewards import (HEADS, SPEED_PX, check, eval_prompts, eval_set, fidelity, mean_se, noise_for, oracle, presence, reward_heads,
                      targets, temporal_parts, world_of, wrap)
 from stability import (ConfigError, UserError, atomic_write, check_output_path, check_ranges, claim_out_dir, claim_out_file,
-                       command_line, describe, parse_config, run_cli, same_file, write_text)
+                       command_line, describe, parse_config, release_run_folders, run_cli, same_file, write_text)
 
 
 # VBench's dimension names where one fits, so video people can read the table without a legend.
@@ -500,6 +500,7 @@ def diagnose(argv):
         {"config": asdict(cfg), "columns": dict(zip(names, cfg.ckpt)), "grid_rows": eval_prompts(cfg.prompts, 1, cfg.seed)[0][:8],
          "seconds": round(time.time() - t0, 1)}, indent=1))
     print(table)
+    release_run_folders(cfg.out)
     print(f"wrote {cfg.out}/diagnostics.json, diagnostics.md, config.json, grid.gif (rows: prompts, columns: "
           f"{', '.join(names)})")
 

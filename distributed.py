@@ -193,3 +193,10 @@ def gather_rows(x, d: Dist):
     parts = [torch.zeros_like(x) for _ in range(d.ranks)]
     dist.all_gather(parts, x)
     return torch.cat(parts)
+
+
+if __name__ == "__main__":   # a library module; a command that once lived here says where it went
+    import sys
+    print("error: distributed.py takes no command: launch a stage under torchrun (see the "
+          "README's Scale out)", file=sys.stderr)
+    sys.exit(2)

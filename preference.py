@@ -32,8 +32,9 @@ from checkpoint import full_state, lineage_record, load_model, resume_run, save_
 from judge import load_reward_model, rm_score
 from distributed import (all_mean, average_gradients, check_ranks_agree, make_logger, memory_use, setup_distributed,
                          shard, teardown)
-from stability import (EMA, RUN_FILES, ConfigError, NonFiniteGuard, atomic_write, check_ranges, claim_out_dir,
-                       clip_gradients, command_line, open_log, parse_config, print_config, run_cli, seeded,
+from stability import (EMA, RUN_FILES, ConfigError, NonFiniteGuard, atomic_write, check_ranges,
+                       check_trained, claim_out_dir, clip_gradients, command_line, open_log,
+                       parse_config, print_config, release_run_folders, run_cli, seeded,
                        warmup_cosine)
 
 
@@ -174,7 +175,8 @@ def load_pairs(path, mc):
     if tok.dim() >= 1 and len(tok) != n:
         raise ConfigError(f"pair file {path} holds {n} winner/loser pairs but {len(tok)} rows of tokens: one caption "
                           f"per pair")
-    if tok.dtype != torch.long or tok.dim() != 2 or len(tok) != n or tok.min() < 0 or tok.max() >= len(data.VOCAB):
+    if (tok.dtype != torch.long or tok.dim() != 2 or len(tok) != n or tok.numel() == 0 or tok.min() < 0
+            or tok.max() >= len(data.VOCAB)):
         raise ConfigError(f"pair file {path}: tokens must be ({n}, L) int64 ids from data.tokenize, got "
                           f"{tuple(tok.shape)} {tok.dtype}")
     for k in ("score_w", "score_l", "weight"):
@@ -374,6 +376,8 @@ def train(cfg: Config):
         log(f"done: {paths['ckpt']}; oracle win rate vs input {result['win_rate']:.3f} (held-out combos "
             f"{result['win_rate_heldout_combos']:.3f}); samples.gif columns: input, dpo")
     teardown(d)
+    release_run_folders(cfg.out_dir)
+    check_trained(guard.skipped, cfg.steps, paths["ckpt"])
     return paths["ckpt"]
 
 

@@ -34,7 +34,7 @@ import os
 import sys
 import time
 from collections import defaultdict
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import torch
 from tqdm import tqdm
@@ -46,9 +46,9 @@ from checkpoint import full_state, lineage_record, load_model, resume_run, save_
 from judge import load_reward_model, rm_score
 from distributed import (all_mean, average_gradients, check_ranks_agree, from_rank0, gather_rows, make_logger,
                          memory_use, setup_distributed, shard, teardown)
-from stability import (EMA, ConfigError, Cost, HackingMonitor, NonFiniteGuard, SpikeGuard, bf16_autocast, check_ranges,
-                       claim_out_dir, clip_gradients, command_line, open_log, parse_config, print_config, run_cli,
-                       seeded, warmup_cosine)
+from stability import (EMA, ConfigError, Cost, Floor, HackingMonitor, NonFiniteGuard, SpikeGuard, bf16_autocast,
+                       check_ranges, check_trained, claim_out_dir, clip_gradients, command_line, open_log, parse_config, print_config,
+                       release_run_folders, run_cli, seeded, warmup_cosine)
 
 
 @dataclass
@@ -73,6 +73,12 @@ class Config:
     weights: tuple = ()           # advantage weights as head=value (--weights=temporal=0.5); others: rewards.HEADS
     split_instruction: bool = False  # each prompted attribute's soft match its own head (weighted as instruction)
     curriculum: bool = False      # self-paced: move weight from fidelity to temporal to instruction (HEADS' phase)
+    # ---- FLOOR: what the targeted reward may not be bought with
+    hold: tuple = ()              # head=margin: that head may fall at most margin below its start (--hold=fidelity=0.01)
+    hold_via: str = "advantage"   # what the floor's multipliers turn: 'advantage' (added to the head's weight, RCPO),
+                                  # 'curated' (the curated term's weight x (1 + their sum)), 'kl' (the KL's, likewise)
+    hold_rate: float = 1.0        # dual ascent: a multiplier's rise per iteration per margin below the guard line
+    hold_probe: int = 16          # training prompts the floor measures on: fixed noise, the EMA's ODE at eval_steps
     # ---- ADVANTAGES
     zscore: str = "per_head"      # 'per_head': z-score each head in its group, then weigh; 'sum': z-score the weighted sum
     std_floor: float = 0.01       # groups whose reward std is below this teach nothing: advantage 0
@@ -117,11 +123,12 @@ class Config:
 def check_config(cfg, ranks):
     check_ranges(cfg, at_least_one=("iters", "prompts_per_iter", "rollout_steps", "chunks", "awm_draws", "sft_batch", "epochs",
                                     "minibatches", "eval_every", "eval_prompts", "eval_steps", "patience", "ckpt_every"),
-                 positive=("lr", "noise_level", "clip_range", "spike_factor", "adv_clip", "grad_clip", "nft_beta", "nft_scale"),
+                 positive=("lr", "noise_level", "clip_range", "spike_factor", "adv_clip", "grad_clip", "nft_beta", "nft_scale",
+                           "hold_rate", "hold_probe"),
                  fraction=("ema_decay",),
                  non_negative=("warmup", "beta", "awm_beta", "neg_scale", "sft_weight", "cfg_scale", "std_floor", "max_minutes"),
                  choices=dict(update=("awm", "ppo", "nft"), reward=("heads", "rm", "both"), bf16=("auto", "true", "false"),
-                              zscore=("per_head", "sum")))
+                              zscore=("per_head", "sum"), hold_via=("advantage", "curated", "kl")))
     rollouts = cfg.prompts_per_iter * cfg.group_size
     for bad, why in ((cfg.split_instruction and cfg.reward != "heads", "--split_instruction needs --reward=heads"),
                      (not 0 <= cfg.sde_window <= cfg.rollout_steps or cfg.window_start + cfg.sde_window > cfg.rollout_steps,
@@ -129,10 +136,28 @@ def check_config(cfg, ranks):
                      (not 0 < cfg.train_fraction <= 1, f"--train_fraction must be in (0, 1], got {cfg.train_fraction}"),
                      (cfg.group_size < 2, "--group_size must be at least 2: advantages are relative to the group"),
                      (rollouts % ranks, f"{rollouts} rollouts per iteration do not divide over {ranks} ranks"),
-                     (rollouts % cfg.minibatches, f"{rollouts} rollouts do not split into {cfg.minibatches} minibatches")):
+                     (rollouts % cfg.minibatches, f"{rollouts} rollouts do not split into {cfg.minibatches} minibatches"),
+                     (cfg.hold and cfg.hold_probe % ranks, f"--hold_probe={cfg.hold_probe} does not divide over {ranks} ranks")):
         if bad:
             raise ConfigError(why)
     R.head_weights(cfg.weights)                                              # unknown heads are refused here
+    hold_margins(cfg)
+
+
+def hold_margins(cfg):
+    """--hold's head=margin pairs as {head: margin}; an unknown head or a margin that is not > 0 is one line."""
+    margins = {}
+    for item in cfg.hold:
+        name, _, value = item.partition("=")
+        if name not in R.head_names(cfg.split_instruction):
+            raise ConfigError(f"--hold names an unknown head {name!r}; heads: {', '.join(R.head_names())}")
+        try:
+            margins[name] = float(value)
+        except ValueError:
+            raise ConfigError(f"--hold expects head=margin, got {item!r}") from None
+        if not 0 < margins[name] < float("inf"):
+            raise ConfigError(f"--hold: {name}'s margin must be a finite number > 0, got {value}")
+    return margins
 
 
 # ----------------------------------------------------------------------------- Stage II's own settings
@@ -188,17 +213,52 @@ def sample_rollouts(cfg, policy, sampler, it, gen, train_prompts, mine, device, 
     return clips, Rollout(prompts, tokens, chunk, transitions, group, ctx=ctx, ctx_mask=ctx_mask, sampler=sampler)
 
 
-def score(cfg, clips, roll, judge, reward_fn, names, world, d):
-    """Rewards (N, heads) of every rank's rollouts, and the learned ensemble's spread (zeros without it)."""
-    heads = reward_fn(clips.cpu(), roll.prompts) if reward_fn else \
-        R.reward_heads(clips.cpu(), roll.prompts, world, split_instruction=cfg.split_instruction)
-    scores = torch.stack([heads[h] for h in names], 1)                        # (per_rank, heads)
+def reward_scores(cfg, clips, prompts, tokens, judge, reward_fn, names, world):
+    """The training reward of these clips, (n, heads), and the learned ensemble's spread (zeros without it)."""
+    heads = reward_fn(clips.cpu(), prompts) if reward_fn else \
+        R.reward_heads(clips.cpu(), prompts, world, split_instruction=cfg.split_instruction)
+    scores = torch.stack([heads[h] for h in names], 1)                        # (n, heads)
     rm_std = torch.zeros_like(scores)
     if judge is not None:
-        rm_mean, rm_sd = rm_score(judge, clips.cpu(), roll.tokens.cpu())
+        rm_mean, rm_sd = rm_score(judge, clips.cpu(), tokens.cpu())
         rm_scores, rm_std = torch.stack([rm_mean[h] for h in names], 1), torch.stack([rm_sd[h] for h in names], 1)
         scores = rm_scores if cfg.reward == "rm" else (scores + rm_scores) / 2
+    return scores, rm_std
+
+
+def score(cfg, clips, roll, judge, reward_fn, names, world, d):
+    """Rewards (N, heads) of every rank's rollouts, and the learned ensemble's spread (zeros without it)."""
+    scores, rm_std = reward_scores(cfg, clips, roll.prompts, roll.tokens, judge, reward_fn, names, world)
     return gather_rows(scores, d), gather_rows(rm_std, d)                    # a group's rewards span the ranks
+
+
+@torch.no_grad()
+def probe_levels(cfg, net, probe, judge, reward_fn, names, world, d):
+    """The floor's measure: each held head's mean training reward on the EMA policy's ODE samples of fixed training
+    prompts from fixed noise, so that iterations compare clip for clip, at eval_steps (a 6-step probe missed the fall
+    that 20 steps show: docs/results.md, Stage II holds its floor). Each rank samples its share, as with rollouts;
+    rank 0's levels are the ones every rank steers by."""
+    prompts, noise = probe
+    share = len(prompts) // d.ranks
+    mine = slice(d.rank * share, (d.rank + 1) * share)
+    tokens = data.tokenize(prompts[mine]).to(d.device)
+    with bf16(cfg, d.device):
+        clips = M.sample(net, tokens, noise[mine].to(d.device), cfg.eval_steps, cfg.cfg_scale)
+    scores = reward_scores(cfg, clips, prompts[mine], tokens, judge, reward_fn, names, world)[0]
+    levels = gather_rows(scores, d).mean(0)                                   # (heads,) over the whole probe
+    return {h: from_rank0(float(levels[names.index(h)]), d) for h in hold_margins(cfg)}
+
+
+def held_settings(cfg, floor, names, weights):
+    """This iteration's head weights and settings with the floor's multipliers applied to what --hold_via turns:
+    the held heads' advantage weights (w_h + lambda_h), or the curated term's or the KL's weight x (1 + sum lambda)."""
+    lam = floor.multiplier if floor else {}
+    if cfg.hold_via == "advantage":
+        return cfg, weights + torch.tensor([lam.get(n, 0.0) for n in names], dtype=weights.dtype)
+    scale = 1 + sum(lam.values())
+    if cfg.hold_via == "curated":
+        return replace(cfg, sft_weight=cfg.sft_weight * scale), weights
+    return replace(cfg, awm_beta=cfg.awm_beta * scale, beta=cfg.beta * scale), weights
 
 
 def ppo_clip_loss(log_ratio, advantages, clip_range):
@@ -448,7 +508,10 @@ def train(cfg: Config, reward_fn=None):
     opt = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, weight_decay=0.0)
     guard, spikes, monitor = NonFiniteGuard(), SpikeGuard(cfg.spike_factor), HackingMonitor(cfg.patience)
     cost = Cost()
+    floor = Floor(hold_margins(cfg), cfg.hold_rate) if cfg.hold else None    # --hold: a multiplier per held head
     parts = dict(guard=guard, spikes=spikes, monitor=monitor, cost=cost)  # every decision's history: saved, restored
+    if floor:
+        parts["floor"] = floor
     start, log_offset = resume_run(state_path, policy, ema, opt, cfg, parts, log, d.main) if cfg.resume else (0, None)
     spikes.snapshot(policy, opt)                    # at a checkpoint the last good weights are the current ones
     n_window, rollouts = len(window_steps(cfg, 0)), cfg.prompts_per_iter * cfg.group_size
@@ -468,6 +531,15 @@ def train(cfg: Config, reward_fn=None):
     cost.watch(*(net for net in (policy, reference, sampler) if net is not None))
     mine = slice(d.rank * per_rank, (d.rank + 1) * per_rank)                  # this rank's share of the rollouts
     logf = open_log(os.path.join(cfg.out_dir, "log.jsonl"), log_offset) if d.main else None
+    probe_prompts = [train_prompts[i] for i in torch.randperm(len(train_prompts), generator=seeded(cfg.seed + 23, 0))
+                     .tolist()[:cfg.hold_probe]]
+    probe = (probe_prompts, R.noise_for(cfg.hold_probe, policy, cfg.seed + 29))
+    held = lambda: probe_levels(cfg, ema.model, probe, judge, reward_fn, names, world, d)
+    if floor and start == 0:                                                  # the start's levels: what is held
+        cost.begin()
+        floor.update(held())
+        cost.end(d, 0, 0.0)
+        log("floor: " + ", ".join(f"{h} {floor.start[h]:.4f} - {m}" for h, m in floor.margins.items()))
     first = evaluate(0) if start == 0 else None                              # every rank samples an evaluation
     if d.main and first:
         logf.write(json.dumps({"eval": first}) + "\n")
@@ -486,11 +558,15 @@ def train(cfg: Config, reward_fn=None):
         scores, rm_std = score(cfg, clips, roll, judge, reward_fn, names, world, d)  # (rollouts, heads), every rank
         # ================================================================ ADVANTAGES
         weights = R.advantage_weights(names, cfg.weights, it / max(1, cfg.iters - 1), cfg.curriculum)
-        adv, zero_frac = advantages(cfg, scores, rm_std, weights)
+        now, weights = held_settings(cfg, floor, names, weights)             # the floor's multipliers applied
+        adv, zero_frac = advantages(now, scores, rm_std, weights)
         adv_mine = adv[mine].to(d.device)
         # ================================================================ TRAINING
         t1 = time.time()
-        stats = update_policy(cfg, policy, reference, opt, ema, guard, update, roll, adv_mine, mine, it, gen, world, d, cost)
+        stats = update_policy(now, policy, reference, opt, ema, guard, update, roll, adv_mine, mine, it, gen, world, d, cost)
+        # ================================================================ FLOOR: the held heads measured, multipliers moved
+        if floor:
+            floor.update(held())
         cost.end(d, rollouts, time.time() - t0)                              # what the iteration cost, over all ranks
         # ROLLBACK on a spike, decided on statistics every rank shares and any rank count gives alike (grad norm is
         # global; the KL is each minibatch's mean over all its clips, however the shuffle split them over ranks)
@@ -498,7 +574,10 @@ def train(cfg: Config, reward_fn=None):
         stats["kl_ref"] = [kl_ref]                                            # logged as decided
         if not spikes.check(policy, opt, grad_norm=max(stats["grad_norm"]), kl_ref=kl_ref):
             spikes.snapshot(policy, opt)
-        rec = record(it, names, scores, weights, zero_frac, adv, roll, stats, lr=opt.param_groups[0]["lr"],
+        held_log = {} if not floor else dict(hold_level={h: round(v, 4) for h, v in floor.level.items()},
+                                             hold_multiplier={h: round(v, 4) for h, v in floor.multiplier.items()},
+                                             hold_broken=floor.broken())
+        rec = record(it, names, scores, weights, zero_frac, adv, roll, stats, lr=opt.param_groups[0]["lr"], **held_log,
                      skipped=guard.skipped, rollbacks=spikes.rollbacks, rollout_s=round(t_roll, 2),
                      train_s=round(time.time() - t1, 2), v_norm_ratio=round(health(cfg, policy, reference, roll, it), 5),
                      **{f"cost_{k}": v for k, v in cost.state_dict().items()})
@@ -528,6 +607,8 @@ def train(cfg: Config, reward_fn=None):
         log(f"done: {ckpt_path} ({guard.skipped} skipped updates, {spikes.rollbacks} rollbacks)")
         logf.close()
     teardown(d)
+    release_run_folders(cfg.out_dir)
+    check_trained(guard.skipped, cost.steps, ckpt_path)
     return ckpt_path
 
 

@@ -340,3 +340,11 @@ def noise_for(n, net, seed, frames=None):
     `frames` overrides the frame count."""
     c, f, h, w = getattr(net, "flow_shape", None) or (net.channels, net.frames, net.size, net.size)
     return torch.randn(n, c, frames or f, h, w, generator=torch.Generator().manual_seed(seed))
+
+
+if __name__ == "__main__":   # a library module; a command that once lived here says where it went
+    import sys
+    print("error: rewards.py takes no command since ebe19f9: `diagnose` and `advise` are `python "
+          "diagnose.py [advise]`, `train_rm` and `calibrate` are `python judge.py "
+          "train|calibrate`", file=sys.stderr)
+    sys.exit(2)

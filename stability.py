@@ -6,16 +6,20 @@ spike, and a monitor that stops a stage that starts hacking its reward.
 Runs: typed `--key=value` configs that refuse unknown keys and out-of-range values, output folders that are never overwritten unasked
 (and never before the inputs are checked), and one-line errors for every mistake a user can make.
 """
+import atexit
 import copy
 import dataclasses
 import errno
-import fnmatch
+import fcntl
 import json
 import math
 import os
 import re
 import shlex
+import signal
+import socket
 import sys
+import time
 
 import torch
 import torch.distributed as dist
@@ -38,19 +42,31 @@ class Diverged(UserError):
     """Training that keeps producing non-finite losses or gradients: the weights or the data hold NaN/Inf."""
 
 
+class Terminated(Exception):
+    """SIGTERM (a scheduler, a `kill`, torchrun ending the ranks of a failed job), raised where the run is."""
+
+
+def on_sigterm(signum, frame):
+    raise Terminated()
+
+
 def run_cli(main, argv):
-    """Run main(argv); turn the errors a user can cause into one line on stderr and exit code 2."""
+    """Run main(argv); turn the errors a user can cause into one line on stderr and exit code 2 (SIGTERM: 143,
+    Ctrl-C: 130, the signals' conventional codes)."""
+    signal.signal(signal.SIGTERM, on_sigterm)
     try:
         main(argv)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
-    except OSError as e:
-        if e.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EROFS):
-            raise
-        print(f"error: cannot write {e.filename or 'the output'}: {e.strerror}; the last complete checkpoint "
-              f"is kept", file=sys.stderr)
+    except OSError as e:   # a file system that refuses a path or a write, wherever it happens
+        what = f"{e.filename}: " if e.filename else ""
+        print(f"error: {what}{e.strerror or e}; every file already written is whole (temp file, then rename)",
+              file=sys.stderr)
         sys.exit(2)
+    except Terminated:
+        print("terminated (SIGTERM): the last checkpoint is kept; rerun with --resume=true to continue", file=sys.stderr)
+        sys.exit(143)
     except KeyboardInterrupt:
         print("interrupted: the last checkpoint is kept; rerun with --resume=true to continue", file=sys.stderr)
         sys.exit(130)
@@ -106,8 +122,19 @@ def parse_config(cls, argv):
             raise ConfigError(f"--{key} expects {kind.__name__}, got {value!r}") from None
         if kind is float and not math.isfinite(parsed):
             raise ConfigError(f"--{key} must be a finite number, got {value!r}")
+        if key == "seed" or key.endswith("_seed"):
+            check_seed(parsed, f"--{key}")
         setattr(cfg, key, parsed)
     return cfg
+
+
+SEED_LIMIT = 2 ** 62   # torch's generators take [-2**63, 2**64); a stage offsets its seed by small numbers
+
+
+def check_seed(seed, flag):
+    if not 0 <= seed < SEED_LIMIT:
+        raise ConfigError(f"{flag} must be in [0, 2**62), the range a stage can offset and still seed a generator; "
+                          f"got {seed}")
 
 
 def check_ranges(cfg, at_least_one=(), positive=(), non_negative=(), fraction=(), choices=None):
@@ -204,6 +231,7 @@ class Cost:
 
 # ----------------------------------------------------------------------------- outputs: nothing lost
 RUN_MARKER = "postflow-run.json"   # written first into every folder a run claims: what makes a folder a run
+RUN_LOCK = "postflow-run.lock"     # flock'ed by the one process that owns the folder, from its claim to its exit
 RUN_FILES = ("ckpt.safetensors", "state.safetensors", "state.prev.safetensors", "log.jsonl", "samples.gif")
 
 
@@ -217,7 +245,7 @@ def atomic_write(path, write, keep_as=None):
     """write(tmp) then rename onto path: a reader sees the old file or the new one, never half of one. The temp name
     is path + '.tmp' + pid, the only temp name postflow writes (a resume removes exactly those). A full disk is an
     OSError, also where safetensors reports it as its own error. keep_as: where the replaced file goes first."""
-    tmp = f"{path}.tmp{os.getpid()}"
+    tmp = temp_name(path)
     try:
         write(tmp)
     except BaseException as e:  # a full disk (or a Ctrl-C) must not leave a half-written temp file behind
@@ -226,6 +254,8 @@ def atomic_write(path, write, keep_as=None):
         code = re.search(r"os error (\d+)", str(e)) if not isinstance(e, OSError) else None
         if code:
             raise OSError(int(code.group(1)), os.strerror(int(code.group(1))), path) from None
+        if isinstance(e, OSError) and not e.filename:                        # name the file the write was for
+            raise OSError(e.errno, e.strerror, path) from None
         raise
     if keep_as and os.path.exists(path):
         os.replace(path, keep_as)
@@ -244,6 +274,8 @@ def check_output_path(path, flag, folder):
     where a file is. One line naming the flag otherwise."""
     if not path:
         raise ConfigError(f"{flag} is empty; name a {'folder' if folder else 'file'}")
+    if os.path.islink(path) and not os.path.exists(path):
+        raise ConfigError(f"{flag}={path} is a symlink to {os.readlink(path)}, which does not exist")
     up = os.path.dirname(os.path.abspath(path))
     while up and not os.path.exists(up):
         up = os.path.dirname(up)
@@ -253,6 +285,21 @@ def check_output_path(path, flag, folder):
         raise ConfigError(f"{flag}={path} is a file; name a folder")
     if not folder and os.path.isdir(path):
         raise ConfigError(f"{flag}={path} is a folder; name a file")
+    check_path_length(path, flag)
+
+
+def check_path_length(path, flag):
+    """A path the file system takes, with the longest name written there (a folder's files, a file's temp suffix)."""
+    up = os.path.dirname(os.path.abspath(path))
+    while not os.path.isdir(up):
+        up = os.path.dirname(up)
+    name_max, path_max = os.pathconf(up, "PC_NAME_MAX"), os.pathconf(up, "PC_PATH_MAX")
+    suffix = len(".tmp") + len(str(2 ** 22))                                  # atomic_write's, with Linux's largest pid
+    longest = max(len(n) for n in os.path.abspath(path).split(os.sep))
+    if longest + suffix > name_max or len(os.path.abspath(path)) + 64 > path_max:
+        raise ConfigError(f"{flag}={path[:60]}...: a name of {longest} characters (or a path of "
+                          f"{len(os.path.abspath(path))}) is longer than the file system takes with the files written "
+                          f"there ({name_max - suffix} per name, {path_max - 64} per path)")
 
 
 def same_file(a, b):
@@ -269,13 +316,83 @@ def claim_out_file(path, overwrite, inputs=(), flag="--out"):
         raise OutputExists(f"{path} exists; pass --overwrite=true to replace it")
 
 
-def matches(name, patterns):
-    return any(fnmatch.fnmatchcase(name, p) for p in patterns)
+def temp_name(path):
+    """atomic_write's temp file for path: path + '.tmp' + the writer's pid, the only temp name postflow writes."""
+    return f"{path}.tmp{os.getpid()}"
 
 
-def run_files(writes):
-    """The names a run may leave in its folder: its own files, their temp files, and the marker."""
-    return (RUN_MARKER, *writes, *(f"{w}.tmp*" for w in writes))
+def is_temp_of(name, names):
+    """Whether `name` is exactly a temp file atomic_write gives one of `names` (NAME.tmp + digits, nothing else)."""
+    return any(re.fullmatch(re.escape(n) + r"\.tmp[0-9]+", name) for n in names)
+
+
+def is_run_file(name, writes):
+    """The names a run may leave in its folder: the marker, the lock, its own files and exactly their temp files."""
+    return name in (RUN_MARKER, RUN_LOCK, *writes) or is_temp_of(name, (RUN_MARKER, *writes))
+
+
+# ----------------------------------------------------------------------------- one run per folder
+_LOCKS = {}   # real path of a folder -> (fd, lock file, whether this process made the folder)
+
+
+def lock_run_folder(path):
+    """Take the folder's lock before anything in it is read, written or removed: an exclusive flock on RUN_LOCK. The
+    kernel drops a flock when its holder dies, so a killed run's lock is free to the next run, which says so; a lock
+    whose holder lives is one line naming it. Held until the stage ends or this process exits (a process may claim
+    its folder again); then the lock file goes, and a folder this process made and left empty goes too."""
+    key = os.path.realpath(path)
+    if key in _LOCKS:
+        return
+    made = not os.path.isdir(path)
+    os.makedirs(path, exist_ok=True)
+    lock = os.path.join(path, RUN_LOCK)
+    while True:
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = lock_holder(fd)
+            os.close(fd)
+            raise OutputExists(f"{path} is in use by another run ({holder or 'a process starting up'}); wait for it "
+                               f"to end or choose another --out_dir") from None
+        try:   # its last holder may have removed the file between our open and our flock: lock the one at the path
+            if os.stat(lock).st_ino == os.fstat(fd).st_ino:
+                break
+        except FileNotFoundError:
+            pass
+        os.close(fd)
+    left = lock_holder(fd)
+    if left:
+        print(f"note: {path} was last locked by {left}, which is gone (killed?); this run takes the folder over")
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "command": " ".join(sys.argv),
+                              "since": time.strftime("%Y-%m-%d %H:%M:%S")}).encode(), 0)
+    if not _LOCKS:
+        atexit.register(release_run_folders)
+    _LOCKS[key] = (fd, lock, made and path)
+
+
+def lock_holder(fd):
+    """Who a lock file says holds it: 'pid N on HOST since T: COMMAND', or '' for an empty or unreadable file."""
+    try:
+        h = json.loads(os.pread(fd, 4096, 0).decode() or "{}")
+        return f"pid {h['pid']} on {h['host']} since {h['since']}: {h['command'][:120]}" if h else ""
+    except (OSError, ValueError, KeyError, TypeError):
+        return ""
+
+
+def release_run_folders(*paths):
+    """Drop the locks this process holds on `paths` (a stage's end), or on every folder (at exit): the lock file goes
+    first, so that no one locks a removed file."""
+    keys = [os.path.realpath(p) for p in paths] if paths else list(_LOCKS)
+    for fd, lock, made in (_LOCKS.pop(k) for k in keys if k in _LOCKS):
+        try:
+            os.remove(lock)
+            if made and not os.listdir(made):
+                os.rmdir(made)
+        except OSError:
+            pass
+        os.close(fd)
 
 
 def command_line(script, cfg):
@@ -293,10 +410,20 @@ def claim_out_dir(path, resume, overwrite, inputs=(), stage="", writes=RUN_FILES
     another tool's files, subfolders) is refused, naming what it holds. No input may be a file the run writes."""
     check_output_path(path, "--out_dir", folder=True)
     for f in inputs:
-        if f and os.path.dirname(os.path.realpath(f)) == os.path.realpath(path) and matches(os.path.basename(f), run_files(writes)):
+        if f and os.path.dirname(os.path.realpath(f)) == os.path.realpath(path) and is_run_file(os.path.basename(f), writes):
             raise OutputExists(f"{f}, an input of this run, is a file the run writes in {path}; copy it elsewhere or "
                                f"choose another --out_dir")
-    held = sorted(os.listdir(path)) if os.path.isdir(path) else []
+    lock_run_folder(path)
+    try:
+        prepare_run_folder(path, resume, overwrite, stage, writes, command)
+    except BaseException:   # a refused claim leaves the folder as it found it, unlocked
+        release_run_folders(path)
+        raise
+
+
+def prepare_run_folder(path, resume, overwrite, stage, writes, command):
+    """claim_out_dir's work once the folder is locked: refuse, or clear the old run's own files, and mark it."""
+    held = sorted(n for n in os.listdir(path) if n != RUN_LOCK)
     if held and not (resume or overwrite):
         raise OutputExists(f"{path} already holds {'a run' if RUN_MARKER in held else 'files'}; pass --resume=true to "
                            f"continue it or --overwrite=true to replace it, or choose another --out_dir")
@@ -309,7 +436,7 @@ def claim_out_dir(path, resume, overwrite, inputs=(), stage="", writes=RUN_FILES
             raise OutputExists(f"--overwrite=true replaces a postflow run only, and {path} is not one (no {RUN_MARKER}); "
                                f"it holds {describe(held)}: choose another --out_dir")
         theirs = read_marker(path).get("writes", [])
-        foreign = [n for n in held if not matches(n, run_files(theirs)) or not os.path.isfile(os.path.join(path, n))]
+        foreign = [n for n in held if not is_run_file(n, theirs) or not os.path.isfile(os.path.join(path, n))]
         if foreign:
             raise OutputExists(f"--overwrite=true would replace the run in {path}, but the folder also holds what the run "
                                f"did not write: {describe(foreign)}; move it away or choose another --out_dir")
@@ -341,7 +468,7 @@ def remove_stale_temps(path):
     atomic_write gives the files this run writes (NAME.tmpPID), nothing else."""
     writes = read_marker(path).get("writes", RUN_FILES) if os.path.exists(os.path.join(path, RUN_MARKER)) else RUN_FILES
     for name in os.listdir(path):
-        if matches(name, [f"{w}.tmp[0-9]*" for w in (RUN_MARKER, *writes)]):
+        if is_temp_of(name, (RUN_MARKER, *writes)):
             os.remove(os.path.join(path, name))
 
 
@@ -412,6 +539,17 @@ class NonFiniteGuard:
         self.skipped, self.in_a_row = s["skipped"], s["in_a_row"]
 
 
+def check_trained(skipped, steps, kept, val_loss=None):
+    """The end of a stage: a run that skipped every step it took, or whose weights give a non-finite validation loss,
+    trained nothing usable, and says so in one line naming the checkpoint it kept instead of exiting 0."""
+    if steps and skipped >= steps:
+        raise Diverged(f"all {steps} steps were skipped (a non-finite loss or gradient each time): nothing was trained; "
+                       f"{kept} holds the input's weights. Check the input weights and data, or lower --lr")
+    if val_loss is not None and not math.isfinite(val_loss):
+        raise Diverged(f"the validation flow loss is {val_loss}: the weights give non-finite output; {kept} is not "
+                       f"usable. Check the input weights, or lower --lr")
+
+
 class SpikeGuard:
     """Rollback to the last good weights when a statistic (grad norm, KL) jumps far above its recent median.
 
@@ -470,3 +608,47 @@ class HackingMonitor:
 
     def load_state_dict(self, s):
         self.held_out, self.trained = list(s["held_out"]), list(s["trained"])
+
+
+class Floor:
+    """Constrained RL's dual ascent (RCPO): maximise the targeted reward subject to each held head h staying within
+    margin_h of its level at the start, J_h >= start_h - margin_h. One Lagrange multiplier per held head, updated once
+    an iteration from the head's measured level m_h:
+
+        lambda_h <- max(0, lambda_h + rate * (start_h - margin_h / 2 - m_h) / margin_h)
+
+    so it rises while the head sits below a guard line half a margin under its start (the measure is noisy and the
+    multiplier acts an iteration late, so it steers for the middle of the allowed band, not its edge) and relaxes
+    back to 0 while the head holds. The stage decides what a multiplier turns; the first update only records the
+    start. Plain floats: the state is JSON, exact across a resume."""
+
+    def __init__(self, margins, rate=1.0):
+        self.margins, self.rate = dict(margins), rate
+        self.start, self.level = {}, {}
+        self.multiplier = {h: 0.0 for h in self.margins}
+
+    def update(self, levels):
+        self.level = {h: float(levels[h]) for h in self.margins}
+        if not self.start:
+            self.start = dict(self.level)
+            return
+        for h, margin in self.margins.items():
+            below_guard = (self.start[h] - margin / 2 - self.level[h]) / margin
+            self.multiplier[h] = max(0.0, self.multiplier[h] + self.rate * below_guard)
+
+    def broken(self):
+        """The held heads whose last measured level is below their floor."""
+        return [h for h, m in self.margins.items() if self.level and self.level[h] < self.start[h] - m]
+
+    def state_dict(self):
+        return {"start": self.start, "level": self.level, "multiplier": self.multiplier}
+
+    def load_state_dict(self, s):
+        self.start, self.level, self.multiplier = dict(s["start"]), dict(s["level"]), dict(s["multiplier"])
+
+
+if __name__ == "__main__":   # a library module; a command that once lived here says where it went
+    import sys
+    print("error: stability.py takes no command: the stages import it (run sft.py, reward_rl.py "
+          "or preference.py)", file=sys.stderr)
+    sys.exit(2)

@@ -6,6 +6,7 @@ import math
 import os
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -716,6 +717,47 @@ def test_group_advantages_per_head_zero_variance_groups_and_clip_after_scaling()
     assert adv.abs().max() == 2.0
 
 
+def test_the_floor_tightens_while_a_held_head_is_below_it_and_relaxes_while_it_holds():
+    """Dual ascent on a synthetic stream of a held head's levels: the first level is the start; within half a margin
+    of it nothing moves; below the guard line the multiplier rises every iteration (and the floor reads broken below
+    start - margin); back above, it relaxes to 0. Its state is plain JSON, exact across a resume."""
+    floor = stability.Floor({"fidelity": 0.01}, rate=1.0)
+    floor.update({"fidelity": 0.60, "instruction": 0.8})
+    for level in (0.60, 0.597):
+        floor.update({"fidelity": level})
+    assert floor.multiplier == {"fidelity": 0.0} and floor.broken() == []
+    rising = []
+    for level in (0.588, 0.588, 0.594):
+        floor.update({"fidelity": level})
+        rising.append(floor.multiplier["fidelity"])
+    assert rising == pytest.approx([0.7, 1.4, 1.5]) and floor.broken() == []
+    floor.update({"fidelity": 0.585})
+    assert floor.broken() == ["fidelity"]
+    copy = stability.Floor({"fidelity": 0.01})
+    copy.load_state_dict(json.loads(json.dumps(floor.state_dict())))
+    assert copy.state_dict() == floor.state_dict()
+    falling = []
+    for _ in range(6):
+        floor.update({"fidelity": 0.605})
+        falling.append(floor.multiplier["fidelity"])
+    assert falling == sorted(falling, reverse=True) and falling[-1] == 0.0
+
+
+def test_the_floor_turns_the_lever_it_is_given():
+    names = rewards.head_names()
+    floor = stability.Floor({"fidelity": 0.01, "temporal": 0.01})
+    floor.multiplier = {"fidelity": 2.0, "temporal": 0.5}
+    weights = rewards.advantage_weights(names)
+    for via in ("advantage", "curated", "kl"):
+        cfg = reward_rl.Config(hold=("fidelity=0.01", "temporal=0.01"), hold_via=via)
+        now, w = reward_rl.held_settings(cfg, floor, names, weights)
+        assert w.tolist() == ([2.25, 0.75, 1.0] if via == "advantage" else weights.tolist())
+        assert now.sft_weight == pytest.approx(cfg.sft_weight * (3.5 if via == "curated" else 1))
+        assert (now.awm_beta, now.beta) == pytest.approx((cfg.awm_beta, cfg.beta) if via != "kl" else
+                                                         (cfg.awm_beta * 3.5, cfg.beta * 3.5))
+    assert reward_rl.held_settings(reward_rl.Config(), None, names, weights)[1].tolist() == weights.tolist()
+
+
 def test_ppo_and_kl_helpers():
     logp = torch.tensor([0.0, 0.1, -0.1])
     loss, ratio, clipped = reward_rl.ppo_clip_loss(logp - logp.clone(), torch.tensor([1.0, -1.0, 2.0]), 0.01)
@@ -935,7 +977,8 @@ def test_grpo_one_and_two_ranks_agree(trained_tiny, tmp_path):
     set tight here so that it rolls back, decides on reduced statistics), and the same weights on every rank."""
     args = ["reward_rl.py", f"--init={trained_tiny}", "--iters=8", "--prompts_per_iter=2", "--group_size=4",
             "--rollout_steps=4", "--eval_prompts=2", "--eval_steps=2", "--eval_every=4", "--device=cpu", "--lr=1e-3",
-            "--warmup=1", "--minibatches=2", "--spike_factor=1.5", "--sft_batch=4", "--bf16=false"]  # bf16 rounds by batch
+            "--warmup=1", "--minibatches=2", "--spike_factor=1.5", "--sft_batch=4", "--bf16=false",  # bf16 rounds by batch
+            "--hold=fidelity=0.0001,temporal=0.0001", "--hold_probe=2"]
     in_process(args, tmp_path / "r1")
     two = torchrun(args, tmp_path / "r2")                        # exit 0 includes: every rank ended with the same weights
     torchrun(args, tmp_path / "r2_fsdp", "fsdp")                 # sharded, the rollbacks restore shards
@@ -945,6 +988,7 @@ def test_grpo_one_and_two_ranks_agree(trained_tiny, tmp_path):
     for ra, rb in zip(a, b):
         assert ra["reward_instruction"] == pytest.approx(rb["reward_instruction"], abs=1e-4)
         assert ra["grad_norm"] == pytest.approx(rb["grad_norm"], rel=1e-3) and ra["rollbacks"] == rb["rollbacks"]
+        assert ra["hold_multiplier"] == pytest.approx(rb["hold_multiplier"], abs=1e-3)
     for name in ("ckpt.safetensors", "state.safetensors"):
         wa, wb = checkpoint.read_checkpoint(tmp_path / "r1" / name)[0], checkpoint.read_checkpoint(tmp_path / "r2" / name)[0]
         assert max(float((wa[k] - wb[k]).abs().max()) for k in wa if k.startswith(("model.", "ema.")) or "." in k) < 1e-4
@@ -1081,6 +1125,98 @@ def test_overwrite_replaces_a_run_and_only_the_names_it_wrote(tmp_path):
         sft.train(tiny_sft(out, steps=1, overwrite=True))
 
 
+def start_holding(args, out):
+    """Start a stage in a fresh interpreter, wait until it holds its folder's lock, and pause it there (SIGSTOP: a
+    tiny run would end before a second interpreter starts). SIGCONT lets it go on."""
+    p = subprocess.Popen([sys.executable, *args, f"--out_dir={out}"], cwd=HERE, stdout=subprocess.DEVNULL,
+                         stderr=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    lock = out / stability.RUN_LOCK
+    while not (lock.exists() and lock.read_text()) and p.poll() is None:
+        time.sleep(0.001)
+    p.send_signal(signal.SIGSTOP)
+    assert p.poll() is None, p.stderr.read()[-2000:]
+    return p
+
+
+def test_a_run_folder_belongs_to_one_run(tmp_path):
+    """A second run on a held folder, --overwrite or --resume, is one line naming the holder and exit 2, and the first
+    ends bitwise as it would alone; a killed run's lock is taken over with a line; the lock goes at the end."""
+    args = ["sft.py", "--init=", "--data=web", "--preset=tiny", "--steps=40", "--batch_size=4", "--ckpt_every=4",
+            "--log_every=4", "--val_clips=4", "--sample_steps=2", "--device=cpu"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    alone = subprocess.run([sys.executable, *args, f"--out_dir={tmp_path / 'alone'}"], cwd=HERE, env=env,
+                           capture_output=True, text=True, timeout=300)
+    assert alone.returncode == 0, alone.stderr[-2000:]
+    out = tmp_path / "shared"
+    first = start_holding(args, out)
+    for flag in ("--overwrite=true", "--resume=true"):
+        second = cli(*args, f"--out_dir={out}", flag)
+        line = second.stderr.strip().splitlines()
+        assert second.returncode == 2 and len(line) == 1, second.stderr[-2000:]
+        assert f"is in use by another run (pid {first.pid} on" in line[0] and "sft.py" in line[0], line
+    first.send_signal(signal.SIGCONT)
+    assert first.wait(timeout=300) == 0
+    want, got = (checkpoint.read_checkpoint(d / "ckpt.safetensors")[0] for d in (tmp_path / "alone", out))
+    assert all(torch.equal(want[k], got[k]) for k in want)
+    assert not (out / stability.RUN_LOCK).exists()                          # released at the end
+    # the other order: a resumed run holds the folder and an overwrite is refused
+    holder = start_holding([*args[:4], "--steps=80", *args[5:], "--resume=true"], out)
+    refused = cli(*args, f"--out_dir={out}", "--overwrite=true")
+    assert refused.returncode == 2 and f"pid {holder.pid}" in refused.stderr
+    holder.kill()                                                            # kill -9: its lock file stays behind
+    holder.wait()
+    assert (out / stability.RUN_LOCK).exists()
+    taken = cli(*args[:4], "--steps=80", *args[5:], f"--out_dir={out}", "--resume=true")
+    assert taken.returncode == 0 and f"was last locked by pid {holder.pid}" in taken.stdout, taken.stderr[-2000:]
+    assert not (out / stability.RUN_LOCK).exists()
+
+
+def test_clean_up_removes_only_the_run_s_own_temp_files_and_a_resume_finds_its_folder_however_named(tmp_path):
+    """User files whose names a pattern would match survive a resume and an overwrite (refused, naming them); a kill's
+    temp file (NAME.tmp + pid) goes; a resume spelled with a trailing slash, or of a moved folder, continues."""
+    full = sft.train(tiny_sft(tmp_path / "full", steps=6, ckpt_every=2))
+    cut = tmp_path / "cut"
+    sft.train(tiny_sft(cut, steps=6, ckpt_every=2), stop_after=2)
+    stability.release_run_folders(cut)                                       # as a process that ended would
+    mine = ["ckpt.safetensors.tmp2-backup", "log.jsonl.tmp-mine", "samples.gif.tmpl"]
+    for name in mine:
+        (cut / name).write_text("a user's file")
+    (cut / "state.safetensors.tmp31337").write_text("half a checkpoint")
+    with pytest.raises(stability.OutputExists, match="did not write: ckpt.safetensors.tmp2-backup, log.jsonl.tmp-mine"):
+        sft.train(tiny_sft(cut, steps=6, ckpt_every=2, overwrite=True))
+    sft.train(tiny_sft(str(cut) + "/", steps=6, ckpt_every=2, resume=True), stop_after=4)   # a trailing slash
+    assert all((cut / n).read_text() == "a user's file" for n in mine)
+    assert not (cut / "state.safetensors.tmp31337").exists()
+    stability.release_run_folders(cut)
+    moved = tmp_path / "elsewhere" / "moved"
+    moved.parent.mkdir()
+    cut.rename(moved)
+    resumed = sft.train(tiny_sft(moved, steps=6, ckpt_every=2, resume=True))
+    a, b = checkpoint.read_checkpoint(full)[0], checkpoint.read_checkpoint(resumed)[0]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    with pytest.raises(stability.ConfigError, match="lr=0.005"):              # other settings still refuse
+        sft.train(tiny_sft(moved, steps=6, ckpt_every=2, lr=5e-3, resume=True))
+
+
+def test_a_stage_that_skipped_every_step_fails_naming_what_it_kept(tmp_path):
+    """Finite but huge weights: every step's loss is non-finite, so Stage I and Stage III skip all of them (fewer
+    than the guard's 5 in a row) and end in one line, exit 2, instead of a silent success."""
+    net = tiny_model()
+    huge = {k: v * 1e30 + 1e30 if v.is_floating_point() else v for k, v in net.state_dict().items()}
+    checkpoint.save_checkpoint(str(tmp_path / "huge.safetensors"), huge, net.cfg, checkpoint.lineage_record("sft"))
+    preference.save_pairs(str(tmp_path / "pairs.safetensors"), tiny_pairs(4))
+    for args in (["sft.py", "--data=curated", "--steps=3", "--batch_size=4", "--val_clips=4", "--sample_steps=2"],
+                 ["preference.py", f"--pairs={tmp_path}/pairs.safetensors", "--steps=3", "--batch_size=4",
+                  "--eval_prompts=2", "--eval_steps=2"]):
+        out = tmp_path / args[0]
+        r = cli(*args, f"--init={tmp_path}/huge.safetensors", f"--out_dir={out}", "--device=cpu")
+        last = r.stderr.strip().splitlines()[-1]                              # after the progress bar
+        assert r.returncode == 2 and "Traceback" not in r.stderr and r.stderr.count("error:") == 1, r.stderr[-2000:]
+        assert last.startswith("error: all 3 steps were skipped") and str(out / "ckpt.safetensors") in last
+    render = cli("checkpoint.py", f"--ckpt={tmp_path}/huge.safetensors", f"--out={tmp_path}/huge.gif", "--steps=2")
+    assert render.returncode == 2 and "draws non-finite pixels" in render.stderr and not (tmp_path / "huge.gif").exists()
+
+
 def test_spike_guard_rollbacks_restore_the_snapshot_however_often():
     """Two rollbacks with no snapshot between them restore the same weights and optimizer moments: the steps after
     the first cannot reach the snapshot's tensors."""
@@ -1193,12 +1329,14 @@ def test_grpo_interrupted_run_resumes_to_identical_weights(tiny_checkpoints):
 
 def test_grpo_resumes_exactly_between_rollbacks(trained_tiny, tmp_path):
     """With the spike guard rolling back every iteration after its warmup (two and more rollbacks with no snapshot
-    between), a run stopped after 6 iterations and resumed to 8 ends with the weights of an 8-iteration run."""
+    between) and a floor's multipliers moving, a run stopped after 6 iterations and resumed to 8 ends with the
+    weights of an 8-iteration run."""
     kw = dict(prompts_per_iter=2, group_size=4, rollout_steps=4, eval_prompts=2, eval_steps=2, eval_every=2, lr=1e-3,
-              warmup=1, sft_batch=4, spike_factor=1.01)
+              warmup=1, sft_batch=4, spike_factor=1.01, hold=("fidelity=0.0001", "temporal=0.0001"), hold_probe=2)
     full = reward_rl.train(tiny_rl(trained_tiny, tmp_path / "full", iters=8, **kw))
-    rollbacks = [r["rollbacks"] for r in read_log(tmp_path / "full" / "log.jsonl") if "rollbacks" in r]
-    assert rollbacks[5:8] == [1, 2, 3], rollbacks                               # iterations 6, 7, 8 each rolled back
+    log = [r for r in read_log(tmp_path / "full" / "log.jsonl") if "rollbacks" in r]
+    assert [r["rollbacks"] for r in log][5:8] == [1, 2, 3], log                 # iterations 6, 7, 8 each rolled back
+    assert max(r["hold_multiplier"]["fidelity"] + r["hold_multiplier"]["temporal"] for r in log[6:]) > 0  # a floor acts
     reward_rl.train(tiny_rl(trained_tiny, tmp_path / "cut", iters=6, **kw))
     resumed = reward_rl.train(tiny_rl(trained_tiny, tmp_path / "cut", iters=8, resume=True, **kw))
     a, b = checkpoint.read_checkpoint(full)[0], checkpoint.read_checkpoint(resumed)[0]
@@ -1245,6 +1383,14 @@ def bad_files(tmp_path_factory):
     save_file({k: v.contiguous() for k, v in sd.items()}, str(root / "deep.safetensors"),
               metadata={"format": "postflow", "model_config": json.dumps({**dataclasses.asdict(net.cfg), "depth": 10 ** 7}),
                         "lineage": "{}"})
+    for name, over in (("frames", {"frames": 10 ** 9}), ("nan_ratio", {"mlp_ratio": float("nan")})):
+        save_file({k: v.contiguous() for k, v in sd.items()}, str(root / f"{name}.safetensors"),
+                  metadata={"format": "postflow", "model_config": json.dumps({**dataclasses.asdict(net.cfg), **over}),
+                            "lineage": "{}"})
+    preference.save_pairs(str(root / "no_tokens.safetensors"), {**p, "tokens": p["tokens"][:, :0]})
+    (root / "dangling").symlink_to(root / "nowhere")
+    (root / "state_folder" / "state.safetensors").mkdir(parents=True)
+    (root / "state_folder" / stability.RUN_MARKER).write_text(json.dumps({"stage": "sft", "writes": stability.RUN_FILES}))
     for name, text in (("empty", ""), ("truncated", '{"sft": {"fidelity": [0.5, 0.0'), ("nothing", "{}"),
                        ("partial", '{"sft": {"fidelity": [0.5, 0.01]}}')):
         (root / name / "diagnose").mkdir(parents=True)
@@ -1353,7 +1499,28 @@ BAD_INPUT = {
     "diagnose_prompts_cannot_fit": ("diagnose.py --ckpt={r}/tiny.safetensors --prompts=100000000 --out={o}",
                                     "needs about"),
     "absurd_depth": ("reward_rl.py --init={r}/deep.safetensors --out_dir={o}", "a model of depth 10000000"),
-    # commands
+    # the classes issue 32 found: seeds, configs that cannot be built or fit, writes and paths the system refuses
+    "sft_seed_past_the_generators": ("sft.py --seed=18446744073709551616", "--seed must be in [0, 2**62)"),
+    "rl_seed_negative": ("reward_rl.py --seed=-9223372036854775809", "--seed must be in [0, 2**62)"),
+    "dpo_seed_offset_past_the_generators": ("preference.py --seed=4611686018427387904", "--seed must be in [0, 2**62)"),
+    "diagnose_seed_too_big": ("diagnose.py --seed=18446744073709551615 --out={o}", "--seed must be in [0, 2**62)"),
+    "buffers_cannot_fit": ("reward_rl.py --init={r}/frames.safetensors --out_dir={o}", "1000000000 frames of 16x16 needs"),
+    "nan_in_model_config": ("sft.py --init={r}/nan_ratio.safetensors --out_dir={o}", "model_config mlp_ratio=nan"),
+    "gif_write_refused": ("checkpoint.py --ckpt={r}/tiny.safetensors --out=/sys/postflow.gif --seeds=1 "
+                          "--steps=1", "/sys/postflow.gif.tmp"),
+    "name_too_long": ("sft.py --init={r}/tiny.safetensors --out_dir={r}/" + "n" * 250,
+                      "longer than the file system takes"),
+    "out_dir_dangling_symlink": ("sft.py --init={r}/tiny.safetensors --out_dir={r}/dangling",
+                                 "is a symlink to {r}/nowhere, which does not exist"),
+    "state_is_a_folder": ("sft.py --init={r}/tiny.safetensors --out_dir={r}/state_folder --resume=true",
+                          "state.safetensors is a folder, not a safetensors file"),
+    "pair_tokens_of_length_0": ("preference.py --init={r}/tiny.safetensors --pairs={r}/no_tokens.safetensors "
+                                "--out_dir={o}", "tokens must be (4, L) int64 ids"),
+    "hold_unknown_head": ("reward_rl.py --hold=fidelty=0.01", "--hold names an unknown head 'fidelty'"),
+    "hold_zero_margin": ("reward_rl.py --hold=fidelity=0", "fidelity's margin must be a finite number > 0"),
+    # commands, and where the ones that moved went
+    "rewards_diagnose_moved": ("rewards.py diagnose --ckpt={r}/tiny.safetensors", "`python diagnose.py [advise]`"),
+    "model_render_moved": ("model.py --ckpt={r}/tiny.safetensors", "`python checkpoint.py --ckpt=PATH`"),
     "judge_no_command": ("judge.py", "no command; usage: python judge.py"),
     "bench_unknown_command": ("bench.py speeed", "unknown command 'speeed'"),
 }
