@@ -29,7 +29,7 @@ killtest: setup
 pipeline: setup
 	@mkdir -p $(RUN) && date +%s > $(RUN)/started_at
 	$(PY) sft.py --out_dir=$(RUN)/sft --overwrite=true --batch_size=16
-	$(PY) reward_rl.py --init=$(RUN)/sft/ckpt.safetensors --out_dir=$(RUN)/rl --overwrite=true --max_minutes=0 --iters=10
+	$(PY) reward_rl.py --init=$(RUN)/sft/ckpt.safetensors --out_dir=$(RUN)/rl --overwrite=true --max_minutes=0 --iters=15
 	$(PY) preference.py --init=$(RUN)/rl/ckpt.safetensors --out_dir=$(RUN)/dpo --overwrite=true --pair_prompts=48 --steps=60 --warmup=6
 	$(PY) diagnose.py --ckpt=checkpoints/base_small.safetensors --ckpt=$(RUN)/sft/ckpt.safetensors \
 		--ckpt=$(RUN)/rl/ckpt.safetensors --ckpt=$(RUN)/dpo/ckpt.safetensors --out=$(RUN)/diagnose --overwrite=true \
@@ -81,8 +81,8 @@ base_diagnosis: setup
 		--cache=checkpoints/diagnoses.new --shipped=
 	rm -rf checkpoints/diagnoses && mv checkpoints/diagnoses.new checkpoints/diagnoses
 
-# Why each part of Stage II exists: one part taken out at a time (6 runs of a few minutes on 2 CPU cores, each a
-# folder under runs/ablations; an interrupted run of this target picks up where it stopped).
+# Why each part of Stage II exists: one part taken out at a time, the floor included (7 runs of a few minutes on 2 CPU
+# cores, each a folder under runs/ablations; an interrupted run of this target picks up where it stopped).
 ablations: setup
 	$(PY) bench.py ablations
 
@@ -94,9 +94,10 @@ benchmarks: setup
 	$(PY) bench.py heads
 	$(PY) bench.py dpo_memory
 
-# Stage II's update rules raced on equal terms from sft_small (vanilla Flow-GRPO, Flow-GRPO-Fast, AWM, DiffusionNFT;
-# 2 seeds each, 4 training minutes per run, diagnose's 64 held-out clips after each quarter): runs/race/race.{json,md},
-# and a section of the next report. About 55 minutes on 2 CPU cores.
+# Stage II's update rules raced on equal terms from sft_small (bench.RACED: AWM without and with the floor, a fixed
+# curated term, the floor turning the KL, DiffusionNFT with the floor; 3 seeds each, 12,000 network evaluations per
+# run, diagnose's 64 held-out clips after each quarter; two runs at once): runs/race/race.{json,md}, a section of the
+# next report. Its time on 2 CPU cores: docs/results.md, Update rules raced.
 race: setup
 	$(PY) bench.py race
 

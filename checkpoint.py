@@ -235,8 +235,8 @@ def load_run_state(path, net, ema, opt, warn=print):
     return meta["step"], meta.get("extra", {}), meta.get("lineage", {})
 
 
-def check_resume(lineage, cfg, free=("resume", "overwrite", "out_dir", "iters", "steps", "max_minutes", "device",
-                                     "parallel")):
+def check_resume(lineage, cfg, free=("resume", "overwrite", "out_dir", "iters", "steps", "max_minutes", "max_nfe",
+                                     "device", "parallel")):
     """Refuse to resume with settings that change what the run computes (another --init, a new lr: the KL
     reference or the schedule would change mid-run). `free` keys may differ: extending a run is fine."""
     saved, now = lineage.get("config", {}), json.loads(json.dumps(asdict(cfg)))   # tuples read back as lists

@@ -166,14 +166,27 @@ def stage_rows(results, extra):
     return rows + [(label, {n: vals.get(n) for n in names}) for label, vals in extra]
 
 
-def cell(vals, names, i):
-    """(html, markdown) of one stage-table cell: mean ± standard error, and the change from the column to its left."""
+HELD = {"fidelity head": 0.01, "temporal head": 0.01}   # the floors Stage II and III hold (reward_rl.py --hold)
+
+
+def cell(vals, names, i, label=""):
+    """(html, markdown) of one stage-table cell: mean ± standard error, and the change from the column to its left,
+    marked where it is beyond two standard errors of the difference (▲ / ▼, coloured) and where a held axis fell
+    through its floor after the first post-training stage (floor broken, red)."""
     v, prev = vals[names[i]], vals[names[i - 1]] if i else None
     if v is None:
         return "", ""
-    se, delta = f" ± {v[1]:.3f}" if v[1] is not None else "", f"{v[0] - prev[0]:+.3f}" if prev else ""
-    return (f'{v[0]:.3f}<span class="se">{se}</span>' + (f'<br/><span class="d">{delta}</span>' if delta else ""),
-            f"{v[0]:.3f}{se}" + (f" ({delta})" if delta else ""))
+    se = f" ± {v[1]:.3f}" if v[1] is not None else ""
+    if not prev:
+        return f'{v[0]:.3f}<span class="se">{se}</span>', f"{v[0]:.3f}{se}"
+    d = v[0] - prev[0]
+    sure = v[1] is not None and prev[1] is not None and abs(d) > 2 * math.hypot(v[1], prev[1])
+    broken = label in HELD and i >= 2 and d < -HELD[label]
+    mark, kind = ("▲", "up") if sure and d > 0 else ("▼", "down") if sure else ("", "")
+    note = " floor broken" if broken else ""
+    kind = "broken" if broken else kind
+    return (f'{v[0]:.3f}<span class="se">{se}</span><br/><span class="d {kind}">{d:+.3f}{mark}{note}</span>',
+            f"{v[0]:.3f}{se} ({d:+.3f}{mark}{note})")
 
 
 def parts_rows(results):
@@ -206,10 +219,15 @@ def stage_curves(run):
         (b, step, [r["loss_by_t"][i] for r in sft]) for i, b in enumerate(bins)], "step", log=True),
                    chart("grad norm before clipping (log scale)", [("grad_norm", step, col(sft, "grad_norm"))], "step", log=True)]}
     heads = [k for k in (rl[0] if rl else {}) if k.startswith("reward_")]
+    held = list((rl[0].get("hold_level") or {}) if rl else {})                 # a floor's heads (reward_rl --hold)
     accs = [k for k in (evals[0] if evals else {}) if k.startswith("acc_")]
     ev_it = [e["iter"] for e in evals]
     out["rl"] = [chart("reward per head (rollout mean)", [(k[7:], it, col(rl, k, lambda v: v[0])) for k in heads], "iteration"),
                  chart("held-out oracle accuracy (evaluations)", [(k[4:], ev_it, [e[k] for e in evals]) for k in accs], "iteration"),
+                 chart("floor: held heads on its training-split probe", [(h, it, [(r.get("hold_level") or {}).get(h)
+                                                                               for r in rl]) for h in held], "iteration"),
+                 chart("floor: Lagrange multipliers", [(h, it, [(r.get("hold_multiplier") or {}).get(h) for r in rl])
+                                                       for h in held], "iteration"),
                  chart("KL to the reference (kl_ref, log scale)", [("kl_ref", it, col(rl, "kl_ref"))], "iteration", log=True),
                  chart("grad norm before clipping (log scale)", [("grad_norm", it, col(rl, "grad_norm"))], "iteration", log=True),
                  chart("skipped updates and rollbacks (cumulative)", [("skipped", it, col(rl, "skipped")),
@@ -286,35 +304,49 @@ def ablation_blocks(path):
 
 
 def race_charts(result):
-    """The race's pictures: all-attributes accuracy against network evaluations and against training minutes, a line
-    per run (rule and seed: the spread over seeds is the lines' spread)."""
-    runs = result["runs"]
-    series = lambda x, scale=1: [(n, [p[x] / scale for p in r["points"]], [p["acc_all"] for p in r["points"]])
-                                 for n, r in runs.items()]
-    return [chart("all attributes (64 held-out clips) vs network evaluations", series("nfe"), "network evaluations"),
-            chart("all attributes vs training minutes", series("seconds", 60), "minutes")]
+    """The race's pictures: all-attributes accuracy against network evaluations, and its gain against the change in
+    fidelity (the thesis: a gain not bought with fidelity lies right of the floor's line), a line per run (rule and
+    seed: the spread over seeds is the lines' spread), a mark per evaluation."""
+    runs, start = result["runs"], result["start"]
+    series = [(n, [p["nfe"] for p in r["points"]], [p["acc_all"] for p in r["points"]]) for n, r in runs.items()]
+    trade = [(n, [p["fidelity"] - start["fidelity"] for p in r["points"]],
+              [p["acc_all"] - start["acc_all"] for p in r["points"]]) for n, r in runs.items()]
+    floor = -result.get("floor", {}).get("fidelity", 0.01)
+    trade.append((f"fidelity floor ({floor:+.2f})", [floor, floor], [min(min(ys) for _, _, ys in trade),
+                                                                     max(max(ys) for _, _, ys in trade)]))
+    return [chart("all attributes (64 held-out clips) vs network evaluations", series, "network evaluations"),
+            chart("all-attributes gain vs fidelity change (held-out)", trade, "fidelity change from the start")]
 
 
 def race_blocks(path):
-    """`make race`'s tables (a rule's cost to each gain), its pictures, and each rule's health signals."""
+    """`make race`'s tables (a rule's cost to each gain within the floors, its end of budget), its pictures, and each
+    rule's health signals."""
     if not (path and os.path.exists(path)):   # `make race` has not run here: no section
         return []
     result = json.load(open(path))
-    head = ["rule", "reached", "network evaluations", "rollouts", "optimizer steps", "minutes", "fidelity", "temporal",
-            "NFE ratio vs vanilla"]
+    if "nfe" not in result:                  # a race from before equal budgets: its tables differ
+        return [("h2", "Update rules raced"), ("p", f"`{path}` is from an older `make race`; run it again.")]
+    floor = ", ".join(f"{h} within {m}" for h, m in result["floor"].items())
     blocks = [("h2", "Update rules raced"),
               ("p", f"From `{path}` (`make race`): Stage II's update rules from `{result['init']}` (all attributes "
-                    f"{result['start']['acc_all']:.3f}), the same training prompts, {result['minutes']} training "
-                    f"minutes per run, evaluated on diagnose's held-out clips between equal segments; costs are what the "
-                    f"loop counted. Machine: {result['machine']}."), ("charts", race_charts(result))]
-    for label, rows in result["table"].items():
-        fmt = lambda r, k: ("" if r["reached"] == r["seeds"] else ">= ") + (f"{r[k] / 60:.2f}" if k == "seconds" else f"{r[k]:,.0f}")
-        ratio = lambda r: {"=": "", ">=": ">= ", "<=": "<= "}.get(r.get("ratio_bound"), "unknown (both are bounds)")
-        blocks += [("h3", f"Gain {label} in all-attributes accuracy"),
-                   ("table", head, [[rule, f"{r['reached']}/{r['seeds']}", fmt(r, "nfe"), fmt(r, "rollouts"),
-                                     fmt(r, "steps"), fmt(r, "seconds"), f"{r['fidelity']:.3f}", f"{r['temporal']:.3f}",
-                                     ratio(r) + (f"{r['nfe_ratio']:.1f}x" if r.get("ratio_bound") in ("=", ">=", "<=")
-                                                 else "")] for rule, r in rows.items()], "race")]
+                    f"{result['start']['acc_all']:.3f}, fidelity {result['start']['fidelity']:.3f}), the same training "
+                    f"prompts, {result['nfe']:,} network evaluations per run, evaluated on diagnose's held-out clips "
+                    f"between equal segments; a gain counts with {floor} of the start. Machine: {result['machine']}."),
+              ("charts", race_charts(result))]
+    head = ["rule", "reached", "network evaluations", "minutes", "fidelity there", "temporal there",
+            "at any fidelity: reached, evaluations"]
+    for label, rows in ((k, v) for k, v in result["table"].items() if k != "end"):
+        bound = lambda r: "" if r["reached"] == r["seeds"] else ">= "
+        blocks += [("h3", f"Gain {label} in all-attributes accuracy within the floors"),
+                   ("table", head, [[rule, f"{r['reached']}/{r['seeds']}", f"{bound(r)}{r['nfe']:,.0f}",
+                                     f"{bound(r)}{r['seconds'] / 60:.2f}", f"{r['fidelity']:.3f}", f"{r['temporal']:.3f}",
+                                     f"{r['reached_any_fidelity']}/{r['seeds']}, {r['nfe_any_fidelity']:,.0f}"]
+                                    for rule, r in rows.items()], "race")]
+    pm = lambda e, k: f"{e[f'd_{k}']:+.3f} [{e[f'd_{k}_range'][0]:+.3f}, {e[f'd_{k}_range'][1]:+.3f}]"
+    blocks += [("h3", "End of budget (change from the start, mean [min, max] over seeds)"),
+               ("table", ["rule", "all attributes", "fidelity", "temporal", "ends within floors"],
+                [[rule, pm(e, "acc_all"), pm(e, "fidelity"), pm(e, "temporal"), str(e["within_floor"])]
+                 for rule, e in result["table"]["end"].items()], "race")]
     health = {n: r["health"] for n, r in result["runs"].items()}
     line = lambda k: [(n, h["cost_nfe"], h[k]) for n, h in health.items()]
     blocks += [("h3", "What each rule does to the policy"),
@@ -393,7 +425,8 @@ CSS = """body{font-family:system-ui,sans-serif;margin:24px auto;max-width:1320px
 h2{border-bottom:1px solid #ddd;padding-bottom:4px;margin-top:32px}h2 code,h3 code{font-size:.8em;background:none}
 table{border-collapse:collapse;font-size:13px}td,th{border:1px solid #ddd;padding:3px 8px;vertical-align:top}
 table.stages td:not(:first-child){text-align:right;font-variant-numeric:tabular-nums;white-space:nowrap}
-th{background:#f4f4f4}.se{color:#888}.d{color:#3a6ea5;font-size:11px}.charts{display:flex;flex-wrap:wrap;gap:14px}
+th{background:#f4f4f4}.se{color:#888}.d{color:#3a6ea5;font-size:11px}.d.up{color:#1a7f37;font-weight:bold}.d.down{color:#c2410c;font-weight:bold}
+.d.broken{color:#fff;background:#b91c1c;padding:0 3px;font-weight:bold}.charts{display:flex;flex-wrap:wrap;gap:14px}
 .charts svg{border:1px solid #eee;background:#fff}code,pre{font-size:12px;background:#f6f6f6}pre{padding:8px;white-space:pre-wrap}
 .kv{column-width:300px;font-size:12px}.kv div{break-inside:avoid}.grid{position:relative;margin:8px 0}
 .grid img{position:absolute;image-rendering:pixelated}.grid div{position:absolute;font-size:12px}"""
@@ -472,7 +505,7 @@ def write_report(cfg):
     extra += [(f"DPO win rate vs its input{s} (oracle; the DPO run's own eval)",
                {n: (w[f"win_rate{k}"], None) for n, w in wins.items() if w}) for s, k in
               (("", ""), (", held-out combos", "_heldout_combos"))]
-    table = [[label, *(cell(v, names, i) for i in range(len(names)))] for label, v in stage_rows(results, extra)]
+    table = [[label, *(cell(v, names, i, label) for i in range(len(names)))] for label, v in stage_rows(results, extra)]
     curves, all_acc = stage_curves(run), [r["instruction_by_attribute"]["all"][0] for r in results.values()]
     glance = (f"Oracle accuracy on every prompted attribute: {' -> '.join(f'{n} {a:.3f}' for n, a in zip(names, all_acc))}"
               + "".join(f"; DPO win rate vs its input {w['win_rate']:.0%}" for w in wins.values() if w) + ".")
@@ -486,7 +519,9 @@ def write_report(cfg):
                                                               if cfg.race and os.path.exists(cfg.race) else [])]),
               ("h2", "Stages side by side"),
               ("p", "Each cell: mean ± standard error over the held-out clips (no ± where the metric is one number), and "
-                    f"the change from the column to its left. Diagnostics: `{diagnose_command(dcfg)}`."),
+                    "the change from the column to its left: ▲ / ▼ where it is beyond two standard errors of the "
+                    "difference, **floor broken** where fidelity or temporal fell more than 0.01 in Stage II or III. "
+                    f"Diagnostics: `{diagnose_command(dcfg)}`."),
               ("table", ["metric", *((f"{n}<br/><small>{esc(stages[n])}</small>", f"{n} ({stages[n]})") for n in names)],
                table, "stages")]
     why = parts_rows(results)

@@ -28,6 +28,14 @@ The objective, term by term (all of it in this file unless a function elsewhere 
              KL rate as awm.
   curated    + sft_weight * the flow loss on a fresh curated batch (model.curated_loss): PPO-ptx, so a reward cannot
              buy its gain with fidelity.
+  floor      --hold=h=m: held head h may fall at most m below its start level s_h (constrained RL, RCPO): maximise
+             the objective above subject to J_h >= s_h - m_h, J_h the head's mean on a training-split probe (hold_probe
+             prompts, fixed noise, the EMA's ODE at eval_steps; never the held-out clips). One Lagrange multiplier
+             per held head by dual ascent, lambda_h <- max(0, lambda_h + hold_rate (s_h - m_h / 2 - J_h) / m_h) each
+             iteration (stability.Floor), turns what --hold_via names: the step, lr / (1 + sum_h lambda_h) (the
+             default: a trust region that shrinks while a held head is low), the curated term's weight sft_weight
+             (1 + sum_h lambda_h) (a forward KL to data, as DDRL), the KL's weight likewise, or head h's advantage
+             weight w_h + lambda_h. docs/results.md, Stage II holds its floor, measures them.
 """
 import json
 import os
@@ -47,8 +55,8 @@ from judge import load_reward_model, rm_score
 from distributed import (all_mean, average_gradients, check_ranks_agree, from_rank0, gather_rows, make_logger,
                          memory_use, setup_distributed, shard, teardown)
 from stability import (EMA, ConfigError, Cost, Floor, HackingMonitor, NonFiniteGuard, SpikeGuard, bf16_autocast,
-                       check_ranges, check_trained, claim_out_dir, clip_gradients, command_line, open_log, parse_config, print_config,
-                       release_run_folders, run_cli, seeded, warmup_cosine)
+                       check_ranges, check_trained, claim_out_dir, clip_gradients, command_line, linear_warmup,
+                       open_log, parse_config, print_config, release_run_folders, run_cli, seeded)
 
 
 @dataclass
@@ -74,9 +82,11 @@ class Config:
     split_instruction: bool = False  # each prompted attribute's soft match its own head (weighted as instruction)
     curriculum: bool = False      # self-paced: move weight from fidelity to temporal to instruction (HEADS' phase)
     # ---- FLOOR: what the targeted reward may not be bought with
-    hold: tuple = ()              # head=margin: that head may fall at most margin below its start (--hold=fidelity=0.01)
-    hold_via: str = "advantage"   # what the floor's multipliers turn: 'advantage' (added to the head's weight, RCPO),
-                                  # 'curated' (the curated term's weight x (1 + their sum)), 'kl' (the KL's, likewise)
+    hold: tuple = ("fidelity=0.01", "temporal=0.01")  # head=margin: that head may fall at most margin below its
+                                  # start; --hold= turns the floor off
+    hold_via: str = "lr"          # what the floor's multipliers turn: 'advantage' (added to the head's weight, RCPO),
+                                  # 'curated' (the curated term's weight x (1 + their sum)), 'kl' (the KL's, likewise),
+                                  # 'lr' (the step size / (1 + their sum): a trust region that shrinks)
     hold_rate: float = 1.0        # dual ascent: a multiplier's rise per iteration per margin below the guard line
     hold_probe: int = 16          # training prompts the floor measures on: fixed noise, the EMA's ODE at eval_steps
     # ---- ADVANTAGES
@@ -87,7 +97,7 @@ class Config:
     # ---- TRAINING
     update: str = "awm"           # 'awm': advantage-weighted flow matching on the rollouts; 'ppo': Flow-GRPO's ratio;
                                   # 'nft': DiffusionNFT's implicit positive and negative policies
-    lr: float = 3e-4              # AdamW learning rate (constant after warmup)
+    lr: float = 1e-4              # AdamW learning rate (constant after warmup, divided by the floor's 1 + sum lambda)
     warmup: int = 10              # updates of linear warmup: Adam's first steps move every weight by ~lr
     beta: float = 0.01            # ppo: weight of the closed-form Gaussian KL per SDE step (mean-logp convention)
     awm_beta: float = 0.3         # awm, nft: weight of |v - v_ref|^2 (the flows' KL rate) at pretraining's t
@@ -111,6 +121,7 @@ class Config:
     eval_steps: int = 20          # Euler steps for evaluation
     patience: int = 3             # evaluations of falling oracle score with rising reward before stopping
     max_minutes: float = 10.0     # stop (and hand off) before the loop would pass this wall-clock; 0 = run all iters
+    max_nfe: int = 0              # stop (and hand off) once the run has spent this many network evaluations; 0 = none
     seed: int = 0                 # prompts and noise follow (seed, iteration): resumes and rank counts agree
     ckpt_every: int = 5           # iterations between resumable checkpoints
     resume: bool = False          # continue the run in out_dir
@@ -126,9 +137,10 @@ def check_config(cfg, ranks):
                  positive=("lr", "noise_level", "clip_range", "spike_factor", "adv_clip", "grad_clip", "nft_beta", "nft_scale",
                            "hold_rate", "hold_probe"),
                  fraction=("ema_decay",),
-                 non_negative=("warmup", "beta", "awm_beta", "neg_scale", "sft_weight", "cfg_scale", "std_floor", "max_minutes"),
+                 non_negative=("warmup", "beta", "awm_beta", "neg_scale", "sft_weight", "cfg_scale", "std_floor", "max_minutes",
+                               "max_nfe"),
                  choices=dict(update=("awm", "ppo", "nft"), reward=("heads", "rm", "both"), bf16=("auto", "true", "false"),
-                              zscore=("per_head", "sum"), hold_via=("advantage", "curated", "kl")))
+                              zscore=("per_head", "sum"), hold_via=("advantage", "curated", "kl", "lr")))
     rollouts = cfg.prompts_per_iter * cfg.group_size
     for bad, why in ((cfg.split_instruction and cfg.reward != "heads", "--split_instruction needs --reward=heads"),
                      (not 0 <= cfg.sde_window <= cfg.rollout_steps or cfg.window_start + cfg.sde_window > cfg.rollout_steps,
@@ -251,13 +263,16 @@ def probe_levels(cfg, net, probe, judge, reward_fn, names, world, d):
 
 def held_settings(cfg, floor, names, weights):
     """This iteration's head weights and settings with the floor's multipliers applied to what --hold_via turns:
-    the held heads' advantage weights (w_h + lambda_h), or the curated term's or the KL's weight x (1 + sum lambda)."""
+    the held heads' advantage weights (w_h + lambda_h), the curated term's or the KL's weight x (1 + sum lambda), or
+    the learning rate / (1 + sum lambda)."""
     lam = floor.multiplier if floor else {}
     if cfg.hold_via == "advantage":
         return cfg, weights + torch.tensor([lam.get(n, 0.0) for n in names], dtype=weights.dtype)
     scale = 1 + sum(lam.values())
     if cfg.hold_via == "curated":
         return replace(cfg, sft_weight=cfg.sft_weight * scale), weights
+    if cfg.hold_via == "lr":
+        return replace(cfg, lr=cfg.lr / scale), weights
     return replace(cfg, awm_beta=cfg.awm_beta * scale, beta=cfg.beta * scale), weights
 
 
@@ -431,7 +446,7 @@ def update_policy(cfg, policy, reference, opt, ema, guard, update, roll, adv, mi
                 curated_term(cfg, policy, n_update, world, d.device, stats)  # + the curated flow loss
             average_gradients(policy.parameters(), d)
             for group in opt.param_groups:                                    # linear warmup, then constant
-                group["lr"] = warmup_cosine(n_update, cfg.lr, cfg.warmup, total=1, final_frac=1.0)
+                group["lr"] = linear_warmup(n_update, cfg.lr, cfg.warmup)
             grad_norm = clip_gradients(policy.parameters(), cfg.grad_clip)    # CLIP: global, after the all-reduce
             stats["grad_norm"].append(grad_norm)
             if guard.ok(all_mean(torch.tensor(loss, dtype=torch.float64), d).item(), grad_norm):
@@ -477,7 +492,7 @@ def evaluate_and_decide(cfg, it, rec, scores, names, ev, monitor, out_of_time, l
             log(f"stopping: the held-out oracle reward fell {cfg.patience} evaluations in a row while the trained "
                 f"reward overstated it more and more (reward hacking); keeping the last checkpoint")
     if out_of_time:
-        log(f"stopping: --max_minutes={cfg.max_minutes} reached after {it + 1} iterations")
+        log(f"stopping: --max_minutes={cfg.max_minutes} or --max_nfe={cfg.max_nfe} reached after {it + 1} iterations")
     logf.flush()
     return hacked or out_of_time
 
@@ -528,7 +543,7 @@ def train(cfg: Config, reward_fn=None):
     lineage = lambda n: lineage_record(f"rl-{cfg.update}", cfg.init, n, "prompts:train_combos", config=asdict(cfg),
                                          parent_stage=parent.get("lineage", {}).get("stage", ""))
     update = {"awm": awm_update, "ppo": ppo_update, "nft": nft_update}[cfg.update]
-    cost.watch(*(net for net in (policy, reference, sampler) if net is not None))
+    cost.watch(*(net for net in (policy, reference, sampler, ema.model) if net is not None))  # the EMA: the probe
     mine = slice(d.rank * per_rank, (d.rank + 1) * per_rank)                  # this rank's share of the rollouts
     logf = open_log(os.path.join(cfg.out_dir, "log.jsonl"), log_offset) if d.main else None
     probe_prompts = [train_prompts[i] for i in torch.randperm(len(train_prompts), generator=seeded(cfg.seed + 23, 0))
@@ -586,6 +601,7 @@ def train(cfg: Config, reward_fn=None):
         # ---- EVALUATION, the hacking monitor and the time budget: decided on rank 0, obeyed by all
         out_of_time = cfg.max_minutes > 0 and time.time() - t_start + (time.time() - t0) > 60 * cfg.max_minutes
         out_of_time = bool(from_rank0(out_of_time, d))                       # rank 0's clock: all evaluate alike
+        out_of_time = out_of_time or 0 < cfg.max_nfe <= cost.nfe             # the same count on every rank
         due = (it + 1) % cfg.eval_every == 0 or it + 1 == cfg.iters or out_of_time
         ev = evaluate(it + 1) if due else None
         stop = d.main and evaluate_and_decide(cfg, it, rec, scores, names, ev, monitor, out_of_time, logf, log)

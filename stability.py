@@ -506,6 +506,11 @@ def clip_gradients(params, max_norm):
     return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
 
 
+def linear_warmup(step, base_lr, warmup):
+    """Linear warmup over `warmup` steps, then constant."""
+    return base_lr * (step + 1) / warmup if step < warmup else base_lr
+
+
 def warmup_cosine(step, base_lr, warmup, total, final_frac=0.1):
     """Linear warmup, then cosine decay to final_frac * base_lr at `total` steps."""
     if step < warmup:

@@ -828,7 +828,8 @@ def test_awm_weights_warmup_and_curated_term(tiny_checkpoints):
         return torch.cat([p.grad.flatten() for p in policy.parameters() if p.grad is not None])
     assert torch.nn.functional.cosine_similarity(grad(False), grad(True), dim=0) > 0.99
     # a run: the learning rate warms up linearly, and the curated (PPO-ptx) term is logged per iteration
-    reward_rl.train(tiny_rl(tuned, root / "warm", iters=3, warmup=4, lr=1e-3, sft_weight=1.0, sft_batch=4, epochs=1))
+    reward_rl.train(tiny_rl(tuned, root / "warm", iters=3, warmup=4, lr=1e-3, sft_weight=1.0, sft_batch=4, epochs=1,
+                            hold=()))                                   # no floor: it would divide the lr
     recs = [r for r in read_log(root / "warm" / "log.jsonl") if "reward_instruction" in r]
     assert [r["lr"] for r in recs] == pytest.approx([2.5e-4, 5e-4, 7.5e-4])
     assert all(r["sft_loss"] > 0 for r in recs)
@@ -928,39 +929,47 @@ def test_nft_points_where_advantage_weighted_matching_does_on_policy_and_is_boun
 def test_stage_ii_counts_every_network_evaluation_and_resumes_the_count(tiny_checkpoints, tmp_path):
     """AWM, 2 iterations of 2 prompts x 4 rollouts on 4 Euler steps (guided while t < 0.6: 3 of them, 2 passes each):
     rollouts 8 x (3 x 2 + 1); the first epoch on-policy (the policy's 2 draws, the KL's policy and reference pass), the
-    second also the sampler's 2 draws; each update the curated term's 4 clips. A run stopped and resumed counts on."""
+    second also the sampler's 2 draws; each update the curated term's 4 clips; the floor's probe, 16 clips on the
+    eval_steps' 2 guided steps, once at the start and once an iteration. A run stopped and resumed counts on."""
     _, tuned, _ = tiny_checkpoints
     kw = dict(prompts_per_iter=2, group_size=4, rollout_steps=4, sft_batch=4, eval_every=100)
     reward_rl.train(tiny_rl(tuned, tmp_path / "whole", iters=2, **kw))
-    per_iteration = 8 * (3 * 2 + 1) + (2 * 8 + 2 * 8 + 4) + (2 * 8 + 2 * 8 + 2 * 8 + 4)
+    probe = 16 * 2 * 2
+    per_iteration = 8 * (3 * 2 + 1) + (2 * 8 + 2 * 8 + 4) + (2 * 8 + 2 * 8 + 2 * 8 + 4) + probe
     costs = [r for r in read_log(tmp_path / "whole" / "log.jsonl") if "cost_nfe" in r]
-    assert [r["cost_nfe"] for r in costs] == [per_iteration, 2 * per_iteration]
+    assert [r["cost_nfe"] for r in costs] == [probe + per_iteration, probe + 2 * per_iteration]
     assert [(r["cost_rollouts"], r["cost_steps"]) for r in costs] == [(8, 2), (16, 4)]
     reward_rl.train(tiny_rl(tuned, tmp_path / "cut", iters=1, **kw))
     reward_rl.train(tiny_rl(tuned, tmp_path / "cut", iters=2, resume=True, **kw))
-    assert [r["cost_nfe"] for r in read_log(tmp_path / "cut" / "log.jsonl") if "cost_nfe" in r] == [per_iteration,
-                                                                                                     2 * per_iteration]
+    assert [r["cost_nfe"] for r in read_log(tmp_path / "cut" / "log.jsonl") if "cost_nfe" in r] == [
+        probe + per_iteration, probe + 2 * per_iteration]
 
 
 @pytest.fixture(scope="module")
 def tiny_race(tiny_checkpoints):
-    """make race at a tiny size: vanilla Flow-GRPO and DiffusionNFT, one seed, two segments of about a second."""
+    """make race at a tiny size: vanilla Flow-GRPO and DiffusionNFT under the floor, one seed, two segments of an
+    iteration each (a budget of 2 network evaluations stops each after its first iteration)."""
     import bench
     _, tuned, root = tiny_checkpoints
-    bench.bench_race([f"--init={tuned}", "--rules=flow_grpo,nft", "--seeds=1", "--minutes=0.02", "--evals=2",
+    bench.bench_race([f"--init={tuned}", "--rules=flow_grpo,nft_floor", "--seeds=1", "--nfe=2", "--evals=2",
                       "--heldout_prompts=1", f"--out={root / 'race'}"])
     return root / "race"
 
 
-def test_race_reports_each_rules_cost_to_each_gain_from_resumed_segments(tiny_race):
+def test_race_reports_each_rules_cost_to_each_gain_within_the_floors_from_resumed_segments(tiny_race):
+    import bench
     result = json.load(open(tiny_race / "race.json"))
-    for name in ("flow_grpo_s0", "nft_s0"):
+    for name in ("flow_grpo_s0", "nft_floor_s0"):
         points = result["runs"][name]["points"]
         assert len(points) == 3 and points[0]["nfe"] == 0 and 0 < points[1]["nfe"] < points[2]["nfe"]
-        assert len(result["runs"][name]["health"]["v_norm_ratio"]) >= 2         # one per iteration, both segments
-    assert set(result["table"]["+0.05"]) == {"flow_grpo", "nft"}
+        assert len(result["runs"][name]["health"]["v_norm_ratio"]) == 2         # one iteration per segment
+    assert result["runs"]["nft_floor_s0"]["health"]["hold_multiplier"][-1].keys() == {"fidelity", "temporal"}
+    assert set(result["table"]["+0.05"]) == set(result["table"]["end"]) == {"flow_grpo", "nft_floor"}
     text = (tiny_race / "race.md").read_text()
-    assert "| nft |" in text and "network evaluations" in text
+    assert "| nft_floor |" in text and "fidelity within 0.01" in text
+    start = {"acc_all": 0.5, "fidelity": 0.6, "temporal": 0.7}                 # a gain bought with fidelity is no gain
+    bought = [start, {**start, "nfe": 10, "acc_all": 0.6, "fidelity": 0.58}, {**start, "nfe": 20, "acc_all": 0.6}]
+    assert bench.reach(bought, 0.05)[0]["nfe"] == 10 and bench.reach(bought, 0.05, floor=True)[0]["nfe"] == 20
 
 
 @pytest.fixture(scope="module")
@@ -1169,6 +1178,18 @@ def test_a_run_folder_belongs_to_one_run(tmp_path):
     taken = cli(*args[:4], "--steps=80", *args[5:], f"--out_dir={out}", "--resume=true")
     assert taken.returncode == 0 and f"was last locked by pid {holder.pid}" in taken.stdout, taken.stderr[-2000:]
     assert not (out / stability.RUN_LOCK).exists()
+
+
+def test_sigterm_ends_a_stage_in_one_line_with_143_and_its_folder_unlocked(tmp_path):
+    args = ["sft.py", "--init=", "--data=web", "--preset=tiny", "--steps=400", "--batch_size=4", "--ckpt_every=4",
+            "--val_clips=4", "--sample_steps=2", "--device=cpu"]
+    p = start_holding(args, tmp_path / "run")
+    p.send_signal(signal.SIGTERM)
+    p.send_signal(signal.SIGCONT)
+    assert p.wait(timeout=60) == 143
+    err = p.stderr.read()
+    assert err.strip().splitlines()[-1].startswith("terminated (SIGTERM)") and "Traceback" not in err, err[-2000:]
+    assert not (tmp_path / "run" / stability.RUN_LOCK).exists()
 
 
 def test_clean_up_removes_only_the_run_s_own_temp_files_and_a_resume_finds_its_folder_however_named(tmp_path):
