@@ -1047,14 +1047,16 @@ def test_kill_minus_9_then_resume_gives_the_same_weights(stage, trained_tiny, tm
                     "--log_every=2", "--val_clips=4", "--sample_steps=2", "--device=cpu"],
             "rl": ["reward_rl.py", f"--init={trained_tiny}", "--iters=8", "--prompts_per_iter=2", "--group_size=4",
                    "--rollout_steps=4", "--eval_prompts=2", "--eval_steps=2", "--eval_every=2", "--ckpt_every=1",
-                   "--lr=1e-3", "--warmup=1", "--spike_factor=1.01", "--sft_batch=4", "--device=cpu"],
+                   "--lr=1e-3", "--warmup=1", "--spike_factor=1.01", "--sft_batch=4", "--device=cpu",
+                   "--hold=fidelity=0.0001,temporal=0.0001", "--hold_probe=2"],          # a floor that acts
             "dpo": ["preference.py", f"--init={trained_tiny}", f"--pairs={tmp_path}/pairs.safetensors", "--steps=40",
                     "--batch_size=4", "--ckpt_every=2", "--log_every=2", "--eval_prompts=2", "--eval_steps=2",
                     "--device=cpu"]}[stage]
     failed, window = run_until_checkpointed(args, tmp_path / "ref")
     assert not failed
     if stage == "rl":                                          # rollbacks in a row, with no snapshot between them
-        assert [r["rollbacks"] for r in read_log(tmp_path / "ref" / "log.jsonl") if "rollbacks" in r][-3:] == [1, 2, 3]
+        log = [r for r in read_log(tmp_path / "ref" / "log.jsonl") if "rollbacks" in r]
+        assert [r["rollbacks"] for r in log][-3:] == [1, 2, 3] and max(sum(r["hold_multiplier"].values()) for r in log)
     want = checkpoint.read_checkpoint(tmp_path / "ref" / "ckpt.safetensors")[0]
     rng, hits = random.Random(stage), 0
     for trial in range(KILL_TRIALS):
@@ -1656,9 +1658,9 @@ import xml.etree.ElementTree as ElementTree
 import report
 
 CHROMIUM = "/usr/bin/chromium"
-# the first screen (each axis by stage, the race); Stage I, II, III curves; drift by frame, by chunk per head; ablations;
-# the race (accuracy against evaluations and minutes, five health signals)
-CHARTS = 2 + 2 + 5 + 4 + 2 + len(rewards.HEADS) + 3 + 2 + 5
+# the first screen (each axis by stage, the race); Stage I, II (the floor's two included), III curves; drift by frame,
+# by chunk per head; ablations; the race (accuracy against evaluations, gain against fidelity, five health signals)
+CHARTS = 2 + 2 + 7 + 4 + 2 + len(rewards.HEADS) + 3 + 2 + 5
 
 
 @pytest.fixture(scope="module")
