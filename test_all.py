@@ -627,7 +627,7 @@ import reward_rl
 
 def tiny_rl(init, out_dir, **kw):
     base = dict(init=str(init), out_dir=str(out_dir), iters=2, prompts_per_iter=2, group_size=4, rollout_steps=4,
-                sde_window=2, eval_prompts=2, eval_steps=2, eval_every=100, ckpt_every=1, device="cpu")
+                sde_window=2, eval_prompts=2, eval_steps=2, eval_every=100, ckpt_every=1, hold_probe=4, device="cpu")
     return reward_rl.Config(**{**base, **kw})
 
 
@@ -929,12 +929,12 @@ def test_nft_points_where_advantage_weighted_matching_does_on_policy_and_is_boun
 def test_stage_ii_counts_every_network_evaluation_and_resumes_the_count(tiny_checkpoints, tmp_path):
     """AWM, 2 iterations of 2 prompts x 4 rollouts on 4 Euler steps (guided while t < 0.6: 3 of them, 2 passes each):
     rollouts 8 x (3 x 2 + 1); the first epoch on-policy (the policy's 2 draws, the KL's policy and reference pass), the
-    second also the sampler's 2 draws; each update the curated term's 4 clips; the floor's probe, 16 clips on the
+    second also the sampler's 2 draws; each update the curated term's 4 clips; the floor's probe, 4 clips on the
     eval_steps' 2 guided steps, once at the start and once an iteration. A run stopped and resumed counts on."""
     _, tuned, _ = tiny_checkpoints
     kw = dict(prompts_per_iter=2, group_size=4, rollout_steps=4, sft_batch=4, eval_every=100)
     reward_rl.train(tiny_rl(tuned, tmp_path / "whole", iters=2, **kw))
-    probe = 16 * 2 * 2
+    probe = 4 * 2 * 2
     per_iteration = 8 * (3 * 2 + 1) + (2 * 8 + 2 * 8 + 4) + (2 * 8 + 2 * 8 + 2 * 8 + 4) + probe
     costs = [r for r in read_log(tmp_path / "whole" / "log.jsonl") if "cost_nfe" in r]
     assert [r["cost_nfe"] for r in costs] == [probe + per_iteration, probe + 2 * per_iteration]
@@ -1788,7 +1788,7 @@ def sharding_args(stage, init, tmp_path):
                 "--batch_size=4", "--lr=1e-3", "--log_every=2", "--eval_prompts=2", "--eval_steps=2", *small]
     return ["reward_rl.py", f"--init={init}", f"--update={stage}", "--iters=3", "--prompts_per_iter=2", "--group_size=4",
             "--rollout_steps=4", "--eval_prompts=2", "--eval_steps=2", "--eval_every=2", "--lr=1e-3", "--minibatches=2",
-            "--sft_batch=4", "--bf16=false", *small]
+            "--sft_batch=4", "--bf16=false", "--hold_probe=2", *small]
 
 
 def in_process(args, out):
@@ -1950,7 +1950,7 @@ PIXEL = lambda clips, prompts: {"fidelity": torch.zeros(len(clips)), "temporal":
 def wan_rl(init, out_dir, **kw):
     base = dict(init=str(init), out_dir=str(out_dir), iters=1, prompts_per_iter=1, group_size=2, rollout_steps=2,
                 sde_window=1, eval_prompts=1, eval_steps=1, eval_every=100, ckpt_every=1, epochs=1, warmup=1, lr=1e-2,
-                sft_weight=0.0, std_floor=1e-6, device="cpu")
+                sft_weight=0.0, std_floor=1e-6, hold_probe=2, device="cpu")
     return reward_rl.Config(**{**base, **kw})
 
 
