@@ -244,6 +244,12 @@ def score(cfg, clips, roll, judge, reward_fn, names, world, d):
     return gather_rows(scores, d), gather_rows(rm_std, d)                    # a group's rewards span the ranks
 
 
+def floor_probe(cfg, policy, train_prompts):
+    """The floor's fixed probe: hold_probe training prompts and their starting noise, from the run's seed."""
+    order = torch.randperm(len(train_prompts), generator=seeded(cfg.seed + 23, 0)).tolist()
+    return [train_prompts[i] for i in order[:cfg.hold_probe]], R.noise_for(cfg.hold_probe, policy, cfg.seed + 29)
+
+
 @torch.no_grad()
 def probe_levels(cfg, net, probe, judge, reward_fn, names, world, d):
     """The floor's measure: each held head's mean training reward on the EMA policy's ODE samples of fixed training
@@ -546,9 +552,7 @@ def train(cfg: Config, reward_fn=None):
     cost.watch(*(net for net in (policy, reference, sampler, ema.model) if net is not None))  # the EMA: the probe
     mine = slice(d.rank * per_rank, (d.rank + 1) * per_rank)                  # this rank's share of the rollouts
     logf = open_log(os.path.join(cfg.out_dir, "log.jsonl"), log_offset) if d.main else None
-    probe_prompts = [train_prompts[i] for i in torch.randperm(len(train_prompts), generator=seeded(cfg.seed + 23, 0))
-                     .tolist()[:cfg.hold_probe]]
-    probe = (probe_prompts, R.noise_for(cfg.hold_probe, policy, cfg.seed + 29))
+    probe = floor_probe(cfg, policy, train_prompts) if floor else None
     held = lambda: probe_levels(cfg, ema.model, probe, judge, reward_fn, names, world, d)
     if floor and start == 0:                                                  # the start's levels: what is held
         cost.begin()
@@ -589,9 +593,7 @@ def train(cfg: Config, reward_fn=None):
         stats["kl_ref"] = [kl_ref]                                            # logged as decided
         if not spikes.check(policy, opt, grad_norm=max(stats["grad_norm"]), kl_ref=kl_ref):
             spikes.snapshot(policy, opt)
-        held_log = {} if not floor else dict(hold_level={h: round(v, 4) for h, v in floor.level.items()},
-                                             hold_multiplier={h: round(v, 4) for h, v in floor.multiplier.items()},
-                                             hold_broken=floor.broken())
+        held_log = floor.record() if floor else {}
         rec = record(it, names, scores, weights, zero_frac, adv, roll, stats, lr=opt.param_groups[0]["lr"], **held_log,
                      skipped=guard.skipped, rollbacks=spikes.rollbacks, rollout_s=round(t_roll, 2),
                      train_s=round(time.time() - t1, 2), v_norm_ratio=round(health(cfg, policy, reference, roll, it), 5),

@@ -285,14 +285,12 @@ def check_output_path(path, flag, folder):
         raise ConfigError(f"{flag}={path} is a file; name a folder")
     if not folder and os.path.isdir(path):
         raise ConfigError(f"{flag}={path} is a folder; name a file")
-    check_path_length(path, flag)
+    check_path_length(path, flag, up or "/")
 
 
-def check_path_length(path, flag):
-    """A path the file system takes, with the longest name written there (a folder's files, a file's temp suffix)."""
-    up = os.path.dirname(os.path.abspath(path))
-    while not os.path.isdir(up):
-        up = os.path.dirname(up)
+def check_path_length(path, flag, up):
+    """A path the file system (the one holding `up`, its nearest existing folder) takes, with the longest name
+    written there (a folder's files, a file's temp suffix)."""
     name_max, path_max = os.pathconf(up, "PC_NAME_MAX"), os.pathconf(up, "PC_PATH_MAX")
     suffix = len(".tmp") + len(str(2 ** 22))                                  # atomic_write's, with Linux's largest pid
     longest = max(len(n) for n in os.path.abspath(path).split(os.sep))
@@ -640,6 +638,11 @@ class Floor:
         for h, margin in self.margins.items():
             below_guard = (self.start[h] - margin / 2 - self.level[h]) / margin
             self.multiplier[h] = max(0.0, self.multiplier[h] + self.rate * below_guard)
+
+    def record(self):
+        """The floor's part of an iteration's log line: each held head's level, multiplier, and the broken ones."""
+        return dict(hold_level={h: round(v, 4) for h, v in self.level.items()},
+                    hold_multiplier={h: round(v, 4) for h, v in self.multiplier.items()}, hold_broken=self.broken())
 
     def broken(self):
         """The held heads whose last measured level is below their floor."""
