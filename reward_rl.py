@@ -31,7 +31,7 @@ The objective, term by term (all of it in this file unless a function elsewhere 
   floor      --hold=h=m: held head h may fall at most m below its start level s_h (constrained RL, RCPO): maximise
              the objective above subject to J_h >= s_h - m_h, J_h the head's mean on a training-split probe (hold_probe
              prompts, fixed noise, the EMA's ODE at eval_steps; never the held-out clips). One Lagrange multiplier
-             per held head by dual ascent, lambda_h <- max(0, lambda_h + hold_rate (s_h - m_h / 2 - J_h) / m_h) each
+             per held head by dual ascent, lambda_h <- max(0, lambda_h + hold_rate (s_h - hold_guard m_h - J_h) / m_h) each
              iteration (stability.Floor), turns what --hold_via names: the step, lr / (1 + sum_h lambda_h) (the
              default: a trust region that shrinks while a held head is low), the curated term's weight sft_weight
              (1 + sum_h lambda_h) (a forward KL to data, as DDRL), the KL's weight likewise, or head h's advantage
@@ -88,6 +88,7 @@ class Config:
                                   # 'curated' (the curated term's weight x (1 + their sum)), 'kl' (the KL's, likewise),
                                   # 'lr' (the step size / (1 + their sum): a trust region that shrinks)
     hold_rate: float = 1.0        # dual ascent: a multiplier's rise per iteration per margin below the guard line
+    hold_guard: float = 0.5       # the guard line, in margins below the start, under which a multiplier rises
     hold_probe: int = 16          # training prompts the floor measures on: fixed noise, the EMA's ODE at eval_steps
     # ---- ADVANTAGES
     zscore: str = "per_head"      # 'per_head': z-score each head in its group, then weigh; 'sum': z-score the weighted sum
@@ -138,7 +139,7 @@ def check_config(cfg, ranks):
                            "hold_rate", "hold_probe"),
                  fraction=("ema_decay",),
                  non_negative=("warmup", "beta", "awm_beta", "neg_scale", "sft_weight", "cfg_scale", "std_floor", "max_minutes",
-                               "max_nfe"),
+                               "max_nfe", "hold_guard"),
                  choices=dict(update=("awm", "ppo", "nft"), reward=("heads", "rm", "both"), bf16=("auto", "true", "false"),
                               zscore=("per_head", "sum"), hold_via=("advantage", "curated", "kl", "lr")))
     rollouts = cfg.prompts_per_iter * cfg.group_size
@@ -529,7 +530,7 @@ def train(cfg: Config, reward_fn=None):
     opt = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, weight_decay=0.0)
     guard, spikes, monitor = NonFiniteGuard(), SpikeGuard(cfg.spike_factor), HackingMonitor(cfg.patience)
     cost = Cost()
-    floor = Floor(hold_margins(cfg), cfg.hold_rate) if cfg.hold else None    # --hold: a multiplier per held head
+    floor = Floor(hold_margins(cfg), cfg.hold_rate, cfg.hold_guard) if cfg.hold else None    # --hold: a multiplier per held head
     parts = dict(guard=guard, spikes=spikes, monitor=monitor, cost=cost)  # every decision's history: saved, restored
     if floor:
         parts["floor"] = floor

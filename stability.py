@@ -618,15 +618,15 @@ class Floor:
     margin_h of its level at the start, J_h >= start_h - margin_h. One Lagrange multiplier per held head, updated once
     an iteration from the head's measured level m_h:
 
-        lambda_h <- max(0, lambda_h + rate * (start_h - margin_h / 2 - m_h) / margin_h)
+        lambda_h <- max(0, lambda_h + rate * (start_h - guard * margin_h - m_h) / margin_h)
 
-    so it rises while the head sits below a guard line half a margin under its start (the measure is noisy and the
-    multiplier acts an iteration late, so it steers for the middle of the allowed band, not its edge) and relaxes
+    so it rises while the head sits below a guard line `guard` margins under its start (0.5: the middle of the
+    allowed band, for a measure that is noisy and acts an iteration late; 1.0: the floor's edge) and relaxes
     back to 0 while the head holds. The stage decides what a multiplier turns; the first update only records the
     start. Plain floats: the state is JSON, exact across a resume."""
 
-    def __init__(self, margins, rate=1.0):
-        self.margins, self.rate = dict(margins), rate
+    def __init__(self, margins, rate=1.0, guard=0.5):
+        self.margins, self.rate, self.guard = dict(margins), rate, guard
         self.start, self.level = {}, {}
         self.multiplier = {h: 0.0 for h in self.margins}
 
@@ -636,7 +636,7 @@ class Floor:
             self.start = dict(self.level)
             return
         for h, margin in self.margins.items():
-            below_guard = (self.start[h] - margin / 2 - self.level[h]) / margin
+            below_guard = (self.start[h] - self.guard * margin - self.level[h]) / margin
             self.multiplier[h] = max(0.0, self.multiplier[h] + self.rate * below_guard)
 
     def record(self):
