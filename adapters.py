@@ -54,7 +54,9 @@ import torch.nn.functional as F
 import data
 import model as M
 from checkpoint import CheckpointError, lineage_record, save_checkpoint
-from stability import ConfigError, UserError, atomic_write, check_ranges, claim_out_file, parse_config, run_cli, seeded
+from cli import (ConfigError, UserError, atomic_write, check_ranges, claim_out_file, parse_config,
+                 run_cli)
+from stability import seeded
 
 SETUP = "pip install -r requirements-wan.txt"
 try:

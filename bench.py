@@ -25,8 +25,9 @@ from checkpoint import file_hash, load_model, read_checkpoint
 from diagnose import DiagnoseConfig, code_version, redraw
 from judge import load_reward_model, rm_score
 from distributed import PARALLEL
-from stability import (ConfigError, check_output_path, check_ranges, claim_out_file, native_bf16, parse_config,
-                       run_cli, subcommand, write_text)
+from cli import (ConfigError, check_output_path, check_ranges, claim_out_file, parse_config,
+                 run_cli, subcommand, write_text)
+from stability import native_bf16
 
 
 def bench_heads(argv):

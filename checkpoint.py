@@ -24,8 +24,8 @@ import data
 import model as M
 from model import ModelConfig, VideoDiT
 from distributed import shaped_like, whole
-from stability import (ConfigError, UserError, atomic_write, check_fits, check_ranges, claim_out_file, parse_config,
-                       remove_stale_temps, run_cli)
+from cli import (ConfigError, UserError, atomic_write, check_fits, check_ranges, claim_out_file,
+                 parse_config, remove_stale_temps, run_cli)
 
 
 class CheckpointError(UserError):

@@ -18,7 +18,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from stability import ConfigError, UserError, atomic_write, seeded
+from cli import ConfigError, UserError, atomic_write
+from stability import seeded
 
 # ----------------------------------------------------------------------------- the world's vocabulary
 COLOURS = {  # RGB in [0, 1]; far apart so the oracle can name any object colour

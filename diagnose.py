@@ -31,8 +31,9 @@ from checkpoint import CheckpointError, column_names, file_hash, load_model
 from judge import load_reward_model, rm_score
 from rewards import (HEADS, SPEED_PX, check, eval_prompts, eval_set, fidelity, mean_se, noise_for, oracle, presence, reward_heads,
                      targets, temporal_parts, world_of, wrap)
-from stability import (ConfigError, UserError, atomic_write, check_output_path, check_ranges, claim_out_dir, claim_out_file,
-                       command_line, describe, parse_config, release_run_folders, run_cli, same_file, write_text)
+from cli import (ConfigError, UserError, atomic_write, check_output_path, check_ranges,
+                 claim_out_dir, claim_out_file, command_line, describe, parse_config,
+                 release_run_folders, run_cli, same_file, write_text)
 
 
 # VBench's dimension names where one fits, so video people can read the table without a legend.

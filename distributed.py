@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from stability import ConfigError, Diverged
+from cli import ConfigError, Diverged
 
 
 PARALLEL = ("ddp", "fsdp", "hsdp")  # the --parallel choices: see setup_distributed

@@ -24,7 +24,7 @@ import model as M
 from checkpoint import (CheckpointError, column_names, file_hash, lineage_record, load_model, load_weights, read_checkpoint,
                         save_checkpoint)
 from rewards import HEADS, reward_heads, world_of
-from stability import ConfigError, check_ranges, claim_out_file, parse_config, run_cli, subcommand
+from cli import ConfigError, check_ranges, claim_out_file, parse_config, run_cli, subcommand
 
 
 # Training never sees the oracle directly by default: a real judge is a learned model with annotator

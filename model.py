@@ -53,7 +53,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import data
-from stability import ConfigError, check_fits, seeded
+from cli import ConfigError, check_fits
+from stability import seeded
 
 
 # ----------------------------------------------------------------------------- configuration

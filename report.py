@@ -28,7 +28,7 @@ from bench import ablation_rows, trained_reward
 from checkpoint import read_checkpoint
 from diagnose import QUALITY, DiagnoseConfig, read_diagnostics
 from rewards import HEADS
-from stability import RUN_MARKER, UserError, claim_out_file, parse_config, run_cli, write_text
+from cli import RUN_MARKER, UserError, claim_out_file, parse_config, run_cli, write_text
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 STAGES = (("sft", "Stage I: SFT"), ("rl", "Stage II: GRPO"), ("dpo", "Stage III: DPO"))

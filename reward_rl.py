@@ -54,9 +54,10 @@ from checkpoint import full_state, lineage_record, load_model, resume_run, save_
 from judge import load_reward_model, rm_score
 from distributed import (all_mean, average_gradients, check_ranks_agree, from_rank0, gather_rows, make_logger,
                          memory_use, setup_distributed, shard, teardown)
-from stability import (EMA, ConfigError, Cost, Floor, HackingMonitor, NonFiniteGuard, SpikeGuard, bf16_autocast,
-                       check_ranges, check_trained, claim_out_dir, clip_gradients, command_line, linear_warmup,
-                       open_log, parse_config, print_config, release_run_folders, run_cli, seeded)
+from cli import (ConfigError, check_ranges, claim_out_dir, command_line, open_log, parse_config,
+                 print_config, release_run_folders, run_cli)
+from stability import (EMA, Cost, Floor, HackingMonitor, NonFiniteGuard, SpikeGuard, bf16_autocast,
+                       check_trained, clip_gradients, linear_warmup, seeded)
 
 
 @dataclass

@@ -27,7 +27,7 @@ import torch
 
 import data
 import model as M
-from stability import ConfigError
+from cli import ConfigError
 
 DIRS = torch.tensor([data.DIRECTIONS[d] for d in data.DIRECTION_NAMES])  # (4, 2) unit (x, y), y down
 

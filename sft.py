@@ -24,9 +24,9 @@ import model as M
 from checkpoint import full_state, lineage_record, load_model, resume_run, save_checkpoint, save_run_state
 from distributed import (all_mean, average_gradients, check_ranks_agree, make_logger, memory_use, setup_distributed,
                          shard, teardown)
-from stability import (EMA, ConfigError, NonFiniteGuard, check_ranges, check_trained, claim_out_dir,
-                       clip_gradients, command_line, open_log, parse_config, print_config,
-                       release_run_folders, run_cli, seeded, warmup_cosine)
+from cli import (ConfigError, check_ranges, claim_out_dir, command_line, open_log, parse_config,
+                 print_config, release_run_folders, run_cli)
+from stability import EMA, NonFiniteGuard, check_trained, clip_gradients, seeded, warmup_cosine
 
 
 @dataclass

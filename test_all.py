@@ -16,6 +16,7 @@ import pytest
 import torch
 
 import checkpoint
+import cli
 import data
 import diagnose
 import judge
@@ -39,7 +40,7 @@ def tiny_model(seed=0, randomize=False):
     return net
 
 
-def cli(*args):
+def run_script(*args):
     return subprocess.run([sys.executable, *args], cwd=HERE, capture_output=True, text=True, timeout=300)
 
 
@@ -165,7 +166,7 @@ def test_guidance_stops_at_cfg_until():
     assert (everywhere - half).abs().mean() > 1e-4 and (half - sample(1.0, 1.0)).abs().mean() > 1e-4
     assert torch.equal(sample(3.0, None), sample(3.0, M.CFG_UNTIL))   # the default is the policy's: the DiT's, CFG_UNTIL
     assert net.cfg_until == M.CFG_UNTIL and diagnose.DiagnoseConfig().cfg_until == -1   # diagnose's -1: the policy's own
-    with pytest.raises(stability.ConfigError, match="-1 for the policy's own"):
+    with pytest.raises(cli.ConfigError, match="-1 for the policy's own"):
         diagnose.check_diagnose_inputs(diagnose.DiagnoseConfig(cfg_until=-0.5))
 
 
@@ -226,12 +227,12 @@ def test_checkpoint_round_trip_and_errors(tmp_path):
 
 
 def test_config_parsing():
-    cfg = stability.parse_config(sft.Config, ["--steps=7", "--lr=0.5", "--resume=true", "--init="])
+    cfg = cli.parse_config(sft.Config, ["--steps=7", "--lr=0.5", "--resume=true", "--init="])
     assert (cfg.steps, cfg.lr, cfg.resume, cfg.init) == (7, 0.5, True, "")
-    with pytest.raises(stability.ConfigError, match="unknown config key 'stpes'"):
-        stability.parse_config(sft.Config, ["--stpes=7"])
-    with pytest.raises(stability.ConfigError, match="expects int"):
-        stability.parse_config(sft.Config, ["--steps=many"])
+    with pytest.raises(cli.ConfigError, match="unknown config key 'stpes'"):
+        cli.parse_config(sft.Config, ["--stpes=7"])
+    with pytest.raises(cli.ConfigError, match="expects int"):
+        cli.parse_config(sft.Config, ["--steps=many"])
 
 
 def test_cli_errors_are_one_line(tmp_path):
@@ -239,7 +240,7 @@ def test_cli_errors_are_one_line(tmp_path):
                          (["sft.py", f"--init={tmp_path}/none.safetensors", f"--out_dir={tmp_path}/o"], "not found"),
                          (["checkpoint.py", "--prompts=a purple circle", f"--out={tmp_path}/x.gif"], "unknown word"),
                          (["checkpoint.py", "--prompts=;", f"--out={tmp_path}/x.gif"], "empty prompt list")]:
-        r = cli(*args)
+        r = run_script(*args)
         assert r.returncode == 2 and needle in r.stderr and "Traceback" not in r.stderr, (args, r.stderr)
         assert len(r.stderr.strip().splitlines()) == 1
 
@@ -378,9 +379,9 @@ def test_reward_model_ensemble_mean_and_std(tiny_checkpoints, capsys):
     assert not torch.equal(members[0].offset, torch.zeros_like(members[0].offset))     # calibrated, one shift for all
     assert all(torch.equal(m.offset, members[0].offset) for m in members)
     # recalibrated on another policy's samples: the trained weights kept, the level refit, the judge replaced only if asked
-    with pytest.raises(stability.ConfigError, match="--out is empty"):      # never written over its own input
+    with pytest.raises(cli.ConfigError, match="--out is empty"):      # never written over its own input
         judge.calibrate_judge([f"--judge={out}", f"--on={base}", "--clips=4"])
-    with pytest.raises(stability.ConfigError, match="is also an input of this command"):
+    with pytest.raises(cli.ConfigError, match="is also an input of this command"):
         judge.calibrate_judge([f"--judge={out}", f"--on={base}", "--clips=4", f"--out={out}", "--overwrite=true"])
     judge.calibrate_judge([f"--judge={out}", f"--on={base}", "--clips=4", f"--out={root / 'rm_base.safetensors'}"])
     assert "proxy - oracle on 64 held-out samples" in capsys.readouterr().out
@@ -470,7 +471,7 @@ def test_ablations_table_names_each_command_and_keeps_finished_rows(tiny_ablatio
     checkpoint.save_checkpoint(str(init), {k: v + 1e-3 for k, v in tensors.items()}, mc, meta["lineage"])
     bench.bench_ablations(moved)
     assert made() != first
-    with pytest.raises(stability.ConfigError, match="unknown ablation 'kl'"):
+    with pytest.raises(cli.ConfigError, match="unknown ablation 'kl'"):
         bench.bench_ablations(["--only=kl"])
     # the verdict calls a difference under two standard errors none, and names one beyond them with its sign
     end = lambda acc, se: {"end": {"acc_all": [acc, se], "fidelity": [0.3, 0.01], "temporal": [0.5, 0.01]}}
@@ -543,14 +544,14 @@ def test_diagnose_reads_a_repeat_back_and_advise_hands_the_axis_to_the_next_stag
         assert flags == diagnose.stage_flags(stage, rec["axis"], stage_one)
         # either way the stage's own parser reads the flags, and they turn it: toward the axis, or toward Stage I's data
         for one in (False, True):
-            cfg, default = stability.parse_config(module.Config, diagnose.stage_flags(stage, rec["axis"], one)), module.Config()
+            cfg, default = cli.parse_config(module.Config, diagnose.stage_flags(stage, rec["axis"], one)), module.Config()
             anchor = {"rl": "sft_weight", "dpo": "curated_weight"}[stage]
             if one:
                 assert getattr(cfg, anchor) == 4 * getattr(default, anchor) and cfg.weights == default.weights
             else:
                 assert rewards.head_weights(cfg.weights)[rec["axis"]] > rewards.head_weights(())[rec["axis"]] or stage == "dpo"
                 assert cfg.weights and getattr(cfg, anchor) == getattr(default, anchor)
-    with pytest.raises(stability.ConfigError, match="no column 'rl'"):
+    with pytest.raises(cli.ConfigError, match="no column 'rl'"):
         diagnose.advise([f"--diagnose={tmp_path / 'a'}", "--column=rl"])
 
 
@@ -559,7 +560,7 @@ def stage_command(command):
     python, script, *flags = shlex.split(command)
     configs = {"sft.py": sft.Config, "reward_rl.py": reward_rl.Config, "preference.py": preference.Config}
     assert python == "python" and script in configs, command
-    cfg = stability.parse_config(configs[script], flags)
+    cfg = cli.parse_config(configs[script], flags)
     rewards.head_weights(getattr(cfg, "weights", ()))                         # an unknown head is refused here
     return script, cfg
 
@@ -682,7 +683,7 @@ def test_split_instruction_heads_and_weights():
     heads = list(rewards.HEADS)                                          # self-paced: fidelity early, instruction late
     assert rewards.advantage_weights(heads, (), 0.0, self_paced=True).tolist() == pytest.approx([0.25, 0.125, 0.25])
     assert rewards.advantage_weights(heads, (), 1.0, self_paced=True).tolist() == pytest.approx([0.0625, 0.125, 1.0])
-    with pytest.raises(stability.ConfigError, match="split_instruction"):
+    with pytest.raises(cli.ConfigError, match="split_instruction"):
         reward_rl.check_config(reward_rl.Config(split_instruction=True, reward="rm"), 1)
 
 
@@ -1075,7 +1076,7 @@ def test_non_finite_steps_stop_the_run_and_a_full_disk_is_one_line(tmp_path, mon
     guard = stability.NonFiniteGuard(limit=3)
     assert guard.ok(1.0, 1.0) and not guard.ok(float("nan"), 1.0) and not guard.ok(1.0, float("inf"))
     assert guard.ok(1.0, 1.0) and guard.in_a_row == 0 and guard.skipped == 2          # a stray step is skipped
-    with pytest.raises(stability.Diverged, match="3 steps in a row"):
+    with pytest.raises(cli.Diverged, match="3 steps in a row"):
         for _ in range(3):
             guard.ok(float("nan"), 1.0)
     import safetensors.torch
@@ -1085,7 +1086,7 @@ def test_non_finite_steps_stop_the_run_and_a_full_disk_is_one_line(tmp_path, mon
     monkeypatch.setattr(safetensors.torch, "save_file", full_disk)
     net = tiny_model()
     with pytest.raises(SystemExit) as stop:
-        stability.run_cli(lambda argv: checkpoint.save_checkpoint(str(tmp_path / "a.safetensors"), net.state_dict(), net.cfg, {}), [])
+        cli.run_cli(lambda argv: checkpoint.save_checkpoint(str(tmp_path / "a.safetensors"), net.state_dict(), net.cfg, {}), [])
     err = capsys.readouterr().err.strip().splitlines()
     assert stop.value.code == 2 and len(err) == 1 and "No space left" in err[0], err
     assert os.listdir(tmp_path) == []                                                 # no half-written temp file
@@ -1100,9 +1101,9 @@ def test_resume_falls_back_cleans_up_and_refuses_other_settings(tmp_path):
     (cut / "log.jsonl.tmp-mine").write_bytes(b"another")
     data_ = (cut / "state.safetensors").read_bytes()
     (cut / "state.safetensors").write_bytes(data_[: len(data_) // 2])              # the latest state damaged
-    with pytest.raises(stability.ConfigError, match="lr=0.005"):
+    with pytest.raises(cli.ConfigError, match="lr=0.005"):
         sft.train(tiny_sft(cut, steps=6, ckpt_every=2, lr=5e-3, resume=True))
-    with pytest.raises(stability.ConfigError, match="--init="):                      # another KL reference / start
+    with pytest.raises(cli.ConfigError, match="--init="):                      # another KL reference / start
         sft.train(tiny_sft(cut, steps=6, ckpt_every=2, init=full, resume=True))
     assert (cut / "state.safetensors.tmp999").exists()                             # nothing removed before the checks
     resumed = sft.train(tiny_sft(cut, steps=6, ckpt_every=2, resume=True))         # warns, resumes from step 2
@@ -1118,7 +1119,7 @@ def test_overwrite_replaces_a_run_and_only_the_names_it_wrote(tmp_path):
     writes the new run; a run folder that gained another file, or a folder with no marker, is refused untouched."""
     out = tmp_path / "run"
     sft.train(tiny_sft(out, steps=2, ckpt_every=1))
-    marker = json.loads((out / stability.RUN_MARKER).read_text())
+    marker = json.loads((out / cli.RUN_MARKER).read_text())
     assert marker["stage"] == "pretrain" and "ckpt.safetensors" in marker["writes"]
     first = sorted(os.listdir(out))
     (out / "state.prev.safetensors").rename(out / "state.prev.safetensors.tmp4242")  # a kill's leftover: also the run's
@@ -1127,12 +1128,12 @@ def test_overwrite_replaces_a_run_and_only_the_names_it_wrote(tmp_path):
     assert [r["step"] for r in read_log(out / "log.jsonl") if "step" in r] == [1]       # the old log went with its run
     (out / "mine.py").write_text("print('mine')")
     before = tree_hashes(out)
-    with pytest.raises(stability.OutputExists, match="did not write: mine.py"):
+    with pytest.raises(cli.OutputExists, match="did not write: mine.py"):
         sft.train(tiny_sft(out, steps=1, overwrite=True))
     assert tree_hashes(out) == before
-    (out / stability.RUN_MARKER).unlink()
+    (out / cli.RUN_MARKER).unlink()
     (out / "mine.py").unlink()
-    with pytest.raises(stability.OutputExists, match="is not one"):
+    with pytest.raises(cli.OutputExists, match="is not one"):
         sft.train(tiny_sft(out, steps=1, overwrite=True))
 
 
@@ -1141,7 +1142,7 @@ def start_holding(args, out):
     tiny run would end before a second interpreter starts). SIGCONT lets it go on."""
     p = subprocess.Popen([sys.executable, *args, f"--out_dir={out}"], cwd=HERE, stdout=subprocess.DEVNULL,
                          stderr=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    lock = out / stability.RUN_LOCK
+    lock = out / cli.RUN_LOCK
     while not (lock.exists() and lock.read_text()) and p.poll() is None:
         time.sleep(0.001)
     p.send_signal(signal.SIGSTOP)
@@ -1161,7 +1162,7 @@ def test_a_run_folder_belongs_to_one_run(tmp_path):
     out = tmp_path / "shared"
     first = start_holding(args, out)
     for flag in ("--overwrite=true", "--resume=true"):
-        second = cli(*args, f"--out_dir={out}", flag)
+        second = run_script(*args, f"--out_dir={out}", flag)
         line = second.stderr.strip().splitlines()
         assert second.returncode == 2 and len(line) == 1, second.stderr[-2000:]
         assert f"is in use by another run (pid {first.pid} on" in line[0] and "sft.py" in line[0], line
@@ -1169,17 +1170,17 @@ def test_a_run_folder_belongs_to_one_run(tmp_path):
     assert first.wait(timeout=300) == 0
     want, got = (checkpoint.read_checkpoint(d / "ckpt.safetensors")[0] for d in (tmp_path / "alone", out))
     assert all(torch.equal(want[k], got[k]) for k in want)
-    assert not (out / stability.RUN_LOCK).exists()                          # released at the end
+    assert not (out / cli.RUN_LOCK).exists()                          # released at the end
     # the other order: a resumed run holds the folder and an overwrite is refused
     holder = start_holding([*args[:4], "--steps=80", *args[5:], "--resume=true"], out)
-    refused = cli(*args, f"--out_dir={out}", "--overwrite=true")
+    refused = run_script(*args, f"--out_dir={out}", "--overwrite=true")
     assert refused.returncode == 2 and f"pid {holder.pid}" in refused.stderr
     holder.kill()                                                            # kill -9: its lock file stays behind
     holder.wait()
-    assert (out / stability.RUN_LOCK).exists()
-    taken = cli(*args[:4], "--steps=80", *args[5:], f"--out_dir={out}", "--resume=true")
+    assert (out / cli.RUN_LOCK).exists()
+    taken = run_script(*args[:4], "--steps=80", *args[5:], f"--out_dir={out}", "--resume=true")
     assert taken.returncode == 0 and f"was last locked by pid {holder.pid}" in taken.stdout, taken.stderr[-2000:]
-    assert not (out / stability.RUN_LOCK).exists()
+    assert not (out / cli.RUN_LOCK).exists()
 
 
 def test_sigterm_ends_a_stage_in_one_line_with_143_and_its_folder_unlocked(tmp_path):
@@ -1191,7 +1192,7 @@ def test_sigterm_ends_a_stage_in_one_line_with_143_and_its_folder_unlocked(tmp_p
     assert p.wait(timeout=60) == 143
     err = p.stderr.read()
     assert err.strip().splitlines()[-1].startswith("terminated (SIGTERM)") and "Traceback" not in err, err[-2000:]
-    assert not (tmp_path / "run" / stability.RUN_LOCK).exists()
+    assert not (tmp_path / "run" / cli.RUN_LOCK).exists()
 
 
 def test_clean_up_removes_only_the_run_s_own_temp_files_and_a_resume_finds_its_folder_however_named(tmp_path):
@@ -1200,24 +1201,24 @@ def test_clean_up_removes_only_the_run_s_own_temp_files_and_a_resume_finds_its_f
     full = sft.train(tiny_sft(tmp_path / "full", steps=6, ckpt_every=2))
     cut = tmp_path / "cut"
     sft.train(tiny_sft(cut, steps=6, ckpt_every=2), stop_after=2)
-    stability.release_run_folders(cut)                                       # as a process that ended would
+    cli.release_run_folders(cut)                                       # as a process that ended would
     mine = ["ckpt.safetensors.tmp2-backup", "log.jsonl.tmp-mine", "samples.gif.tmpl"]
     for name in mine:
         (cut / name).write_text("a user's file")
     (cut / "state.safetensors.tmp31337").write_text("half a checkpoint")
-    with pytest.raises(stability.OutputExists, match="did not write: ckpt.safetensors.tmp2-backup, log.jsonl.tmp-mine"):
+    with pytest.raises(cli.OutputExists, match="did not write: ckpt.safetensors.tmp2-backup, log.jsonl.tmp-mine"):
         sft.train(tiny_sft(cut, steps=6, ckpt_every=2, overwrite=True))
     sft.train(tiny_sft(str(cut) + "/", steps=6, ckpt_every=2, resume=True), stop_after=4)   # a trailing slash
     assert all((cut / n).read_text() == "a user's file" for n in mine)
     assert not (cut / "state.safetensors.tmp31337").exists()
-    stability.release_run_folders(cut)
+    cli.release_run_folders(cut)
     moved = tmp_path / "elsewhere" / "moved"
     moved.parent.mkdir()
     cut.rename(moved)
     resumed = sft.train(tiny_sft(moved, steps=6, ckpt_every=2, resume=True))
     a, b = checkpoint.read_checkpoint(full)[0], checkpoint.read_checkpoint(resumed)[0]
     assert all(torch.equal(a[k], b[k]) for k in a)
-    with pytest.raises(stability.ConfigError, match="lr=0.005"):              # other settings still refuse
+    with pytest.raises(cli.ConfigError, match="lr=0.005"):              # other settings still refuse
         sft.train(tiny_sft(moved, steps=6, ckpt_every=2, lr=5e-3, resume=True))
 
 
@@ -1232,11 +1233,11 @@ def test_a_stage_that_skipped_every_step_fails_naming_what_it_kept(tmp_path):
                  ["preference.py", f"--pairs={tmp_path}/pairs.safetensors", "--steps=3", "--batch_size=4",
                   "--eval_prompts=2", "--eval_steps=2"]):
         out = tmp_path / args[0]
-        r = cli(*args, f"--init={tmp_path}/huge.safetensors", f"--out_dir={out}", "--device=cpu")
+        r = run_script(*args, f"--init={tmp_path}/huge.safetensors", f"--out_dir={out}", "--device=cpu")
         last = r.stderr.strip().splitlines()[-1]                              # after the progress bar
         assert r.returncode == 2 and "Traceback" not in r.stderr and r.stderr.count("error:") == 1, r.stderr[-2000:]
         assert last.startswith("error: all 3 steps were skipped") and str(out / "ckpt.safetensors") in last
-    render = cli("checkpoint.py", f"--ckpt={tmp_path}/huge.safetensors", f"--out={tmp_path}/huge.gif", "--steps=2")
+    render = run_script("checkpoint.py", f"--ckpt={tmp_path}/huge.safetensors", f"--out={tmp_path}/huge.gif", "--steps=2")
     assert render.returncode == 2 and "draws non-finite pixels" in render.stderr and not (tmp_path / "huge.gif").exists()
 
 
@@ -1263,9 +1264,9 @@ def test_spike_guard_rollbacks_restore_the_snapshot_however_often():
 
 def test_grpo_refuses_batches_that_do_not_divide(tiny_checkpoints):
     _, tuned, root = tiny_checkpoints
-    with pytest.raises(stability.ConfigError, match="do not split"):
+    with pytest.raises(cli.ConfigError, match="do not split"):
         reward_rl.train(tiny_rl(tuned, root / "bad", minibatches=3))
-    with pytest.raises(stability.ConfigError, match="does not fit"):
+    with pytest.raises(cli.ConfigError, match="does not fit"):
         reward_rl.train(tiny_rl(tuned, root / "bad", window_start=3, sde_window=2))
 
 
@@ -1315,9 +1316,9 @@ def test_pair_margin_filter_and_file_round_trip(tmp_path):
     preference.save_pairs(path, kept)
     back = preference.load_pairs(path, net.cfg)
     assert all(torch.equal(back[k], kept[k]) for k in kept)
-    with pytest.raises(stability.ConfigError, match="shape"):
+    with pytest.raises(cli.ConfigError, match="shape"):
         preference.load_pairs(path, M.preset("small"))
-    with pytest.raises(stability.ConfigError, match="not found"):
+    with pytest.raises(cli.ConfigError, match="not found"):
         preference.load_pairs(str(tmp_path / "none.safetensors"), net.cfg)
 
 
@@ -1398,7 +1399,7 @@ def bad_files(tmp_path_factory):
         (root / run).mkdir()
         shutil.copy(root / "tiny.safetensors", root / run / "ckpt.safetensors")
         (root / run / "log.jsonl").write_text("{}\n")
-    (root / "marked" / stability.RUN_MARKER).write_text(json.dumps({"stage": "sft", "writes": stability.RUN_FILES}))
+    (root / "marked" / cli.RUN_MARKER).write_text(json.dumps({"stage": "sft", "writes": cli.RUN_FILES}))
     (root / "marked" / "notes.txt").write_text("a user's own notes, kept beside a run")
     preference.save_pairs(str(root / "float64.safetensors"), {k: v.double() if k in ("winner", "loser") else v for k, v in p.items()})
     preference.save_pairs(str(root / "zero_weights.safetensors"), {**p, "weight": torch.zeros(4)})
@@ -1413,7 +1414,7 @@ def bad_files(tmp_path_factory):
     preference.save_pairs(str(root / "no_tokens.safetensors"), {**p, "tokens": p["tokens"][:, :0]})
     (root / "dangling").symlink_to(root / "nowhere")
     (root / "state_folder" / "state.safetensors").mkdir(parents=True)
-    (root / "state_folder" / stability.RUN_MARKER).write_text(json.dumps({"stage": "sft", "writes": stability.RUN_FILES}))
+    (root / "state_folder" / cli.RUN_MARKER).write_text(json.dumps({"stage": "sft", "writes": cli.RUN_FILES}))
     for name, text in (("empty", ""), ("truncated", '{"sft": {"fidelity": [0.5, 0.0'), ("nothing", "{}"),
                        ("partial", '{"sft": {"fidelity": [0.5, 0.01]}}')):
         (root / name / "diagnose").mkdir(parents=True)
@@ -1556,7 +1557,7 @@ def bad_runs(bad_files, request):
     chosen = [i.callspec.params["case"] for i in request.session.items
               if getattr(i, "originalname", "") == "test_bad_input_is_one_line_exit_2"]
     chosen = [c for c in chosen if not ("--device=cuda" in BAD_INPUT[c][0] and torch.cuda.is_available())]
-    run = lambda c: cli(*[a.format(r=bad_files, o=bad_files / c) for a in BAD_INPUT[c][0].split()])
+    run = lambda c: run_script(*[a.format(r=bad_files, o=bad_files / c) for a in BAD_INPUT[c][0].split()])
     before = tree_hashes(bad_files, HERE)
     with ThreadPoolExecutor(2) as pool:
         runs = dict(zip(chosen, pool.map(run, chosen)))
@@ -1597,7 +1598,7 @@ def test_diagnose_checks_inputs_first_and_names_columns_apart(tiny_checkpoints, 
                                ("tiny.safetensors", "not a learned judge")):
         with pytest.raises(checkpoint.CheckpointError, match=needle):
             diagnose.diagnose([f"--ckpt={a}", f"--out={tmp_path / 'no'}", f"--reward_model={bad_files / judge_file}", *tiny])
-    with pytest.raises(stability.ConfigError, match="same clips"):
+    with pytest.raises(cli.ConfigError, match="same clips"):
         diagnose.diagnose([f"--ckpt={a}", "--ckpt=checkpoints/sft_small.safetensors", f"--out={tmp_path / 'no'}", *tiny])
     assert not (tmp_path / "no").exists()
 
@@ -1708,7 +1709,7 @@ def test_report_is_one_offline_page_with_the_table_curves_and_samples(tiny_run, 
     # refuses to replace a report unasked, and a missing run is one line, exit code 2
     for args, needle in (([f"--run={tiny_run}"], "report.html exists"), ([f"--run={tiny_run}/none"], "not found")):
         with pytest.raises(SystemExit) as exit_:
-            stability.run_cli(report.main, args)
+            cli.run_cli(report.main, args)
         err = capsys.readouterr().err
         assert exit_.value.code == 2 and needle in err and len(err.strip().splitlines()) == 1, err
 
@@ -1722,7 +1723,7 @@ def test_report_refuses_a_diagnosis_that_is_partial_in_one_line(tiny_run, tmp_pa
     for r in results.values():
         del r["parts"]
     json.dump(results, open(run / "diagnose" / "diagnostics.json", "w"))
-    r = cli("report.py", f"--run={run}")
+    r = run_script("report.py", f"--run={run}")
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and "is partial (no parts); rerun diagnose" in r.stderr, r.stderr
     assert not (run / "report.html").exists()
 
@@ -1794,7 +1795,7 @@ def sharding_args(stage, init, tmp_path):
 def in_process(args, out):
     """A stage's command line run in this process (one rank): quicker than a fresh interpreter."""
     stage = {"sft.py": sft, "reward_rl.py": reward_rl, "preference.py": preference}[args[0]]
-    return stage.train(stability.parse_config(stage.Config, [*args[1:], f"--out_dir={out}"]))
+    return stage.train(cli.parse_config(stage.Config, [*args[1:], f"--out_dir={out}"]))
 
 
 @pytest.mark.parametrize("stage", ["sft", "ppo", "nft", "dpo"])
@@ -1854,7 +1855,7 @@ def test_replicas_that_end_apart_refuse_to_hand_off(tmp_path):
 import os, sys
 sys.path.insert(0, {HERE!r})
 os.environ["LOCAL_WORLD_SIZE"] = "1"                     # one rank per node: replicas across the two
-import torch, model as M, distributed, stability
+import torch, model as M, distributed, cli
 d = distributed.setup_distributed("cpu", "hsdp")
 torch.manual_seed(0)                                     # every rank builds the same weights, as a checkpoint gives
 net = M.VideoDiT(M.preset("tiny"))
@@ -1865,7 +1866,7 @@ if d.rank == 1:
         net.final.bias.to_local().add_(1.0)
 try:
     distributed.check_ranks_agree(net, d)
-except stability.Diverged as e:                           # each rank's own file: printed lines interleave
+except cli.Diverged as e:                           # each rank's own file: printed lines interleave
     open(f"{{sys.argv[1]}}/caught{{d.rank}}", "w").write(str(e))
 distributed.teardown(d)
 """)
@@ -2144,13 +2145,13 @@ def test_wan_full_fine_tuning_and_one_line_refusals(wan_chain, monkeypatch, caps
                         (lambda: M.sample_long(checkpoint.load_model(other)[0], data.tokenize(["a red circle"]), torch.Generator(), 2),
                          "latents")):
         with pytest.raises(SystemExit) as exit_:
-            stability.run_cli(lambda argv: run(), [])
+            cli.run_cli(lambda argv: run(), [])
         err = capsys.readouterr().err                              # progress bars may stand before the error
         errors = [line for line in err.splitlines() if line.startswith("error: ")]
         assert exit_.value.code == 2 and len(errors) == 1 and needle in errors[0] and "Traceback" not in err, err
     assert not (wan_chain["root"] / "rl_other").exists()       # the solver contract refused at startup, before any work
     monkeypatch.setattr(adapters, "WanTransformer3DModel", None)                # as without the extra
-    with pytest.raises(stability.UserError, match="requirements-wan.txt"):
+    with pytest.raises(cli.UserError, match="requirements-wan.txt"):
         checkpoint.load_model(wan_chain["init"])
 
 
@@ -2172,7 +2173,7 @@ def test_wan_prompt_states_from_a_file_or_a_callable(tmp_path):
     got = text(data.tokenize(prompts), drop=torch.tensor([False, True]))
     assert got.shape == (2, 8, 16) and torch.equal(got[0, :3], states[prompts[0]]) and got[0, 3:].abs().sum() == 0
     assert torch.equal(got[1, :1], states[""][0:1]) and got[1, 1:].abs().sum() == 0     # guidance's empty prompt
-    with pytest.raises(stability.UserError, match="no entry for 'a red circle'"):
+    with pytest.raises(cli.UserError, match="no entry for 'a red circle'"):
         text(data.tokenize(["a red circle"]))
     text = adapters.WanPolicy(adapters.WanConfig(text="test_all:fake_states")).text
     assert torch.equal(text(data.tokenize(prompts))[:, :3], fake_states(prompts))
@@ -2184,7 +2185,7 @@ def test_wan_prompt_states_from_a_file_or_a_callable(tmp_path):
     assert torch.equal(text(data.tokenize(prompts), drop=torch.ones(2, dtype=torch.bool)), text(torch.zeros(2, data.MAX_TOKENS, dtype=torch.long)))
     # a states file without '' is refused when the policy is built, not at the first guided step
     save_file({p: s for p, s in states.items() if p}, str(tmp_path / "no_empty.safetensors"))
-    with pytest.raises(stability.ConfigError, match="no states for ''"):
+    with pytest.raises(cli.ConfigError, match="no states for ''"):
         adapters.WanPolicy(adapters.WanConfig(text=str(tmp_path / "no_empty.safetensors")))
 
 
