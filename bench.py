@@ -289,7 +289,7 @@ ABLATIONS = {
     "zscore_of_sum": (["--zscore=sum"], "one z-score of the weighted sum instead of one per head"),
     "curriculum": (["--curriculum=true"], "self-paced head weights (fidelity, then temporal, then instruction)"),
     "judge": (["--reward=rm"], "the learned judge alone as the reward, every stability term on"),
-    "judge_unguarded": (["--reward=rm", "--awm_beta=0", "--ema_decay=0", "--sft_weight=0"],
+    "judge_unguarded": (["--reward=rm", "--kl_weight=0", "--ema_decay=0", "--sft_weight=0"],
                         "the learned judge without the KL, the EMA and the curated term"),
     "judge_no_reliability": (["--reward=rm", "--uncertainty=false"], "the learned judge, its members' agreement ignored"),
 }

@@ -97,6 +97,9 @@ def parse_config(cls, argv):
         if not arg.startswith("--") or "=" not in arg:
             raise ConfigError(f"expected --key=value, got {arg!r}")
         key, value = arg[2:].split("=", 1)
+        renamed = getattr(cls, "RENAMED", {})
+        if key not in fields and key in renamed:
+            raise ConfigError(f"--{key} is now --{renamed[key]} (the README's Renamed flags)")
         if key not in fields:
             raise ConfigError(f"unknown config key {key!r}; known keys: {', '.join(fields)}")
         kind = type(getattr(cfg, key))

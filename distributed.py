@@ -1,8 +1,9 @@
 """How a torchrun job's ranks share the work: DDP detected from RANK, so one file runs under `python` and `torchrun`
 (on one node or several); FSDP2 sharding as a setting; the reductions and broadcasts every decision is taken on; the
-checks that ranks agree; what one rank holds in memory. Imports only stability.py, the floor, for its errors.
+checks that ranks agree; what one rank holds in memory. Imports only cli.py, the floor, for its errors.
 """
 import os
+from collections import defaultdict
 from dataclasses import dataclass
 
 import torch
@@ -170,6 +171,33 @@ def from_rank0(value, d: Dist):
     t = torch.tensor([float(value)], dtype=torch.float64)
     dist.broadcast(t, 0)
     return t.item()
+
+
+def mean_over_ranks(value, d: Dist):
+    """A float's mean over ranks, reduced in float64: what a decision every rank takes alike is taken on."""
+    return all_mean(torch.tensor(value, dtype=torch.float64), d).item()
+
+
+def rank_slice(n, d: Dist):
+    """This rank's consecutive share of n items split evenly over the ranks."""
+    share = n // d.ranks
+    return slice(d.rank * share, (d.rank + 1) * share)
+
+
+def rows_of_rank(rows, mine):
+    """Of a minibatch's global rows (indices), those in this rank's slice `mine`, as indices into it."""
+    return rows[(rows >= mine.start) & (rows < mine.stop)] - mine.start
+
+
+def on_shard(n, d: Dist, stats, run):
+    """run(stats) on this rank's n rows of a minibatch; its loss. A rank with no row adds nothing (zeros
+    to the gradients' all-reduce), except sharded: each forward gathers weights with every rank, so it
+    runs its passes on the empty batch and their statistics are dropped."""
+    if n:
+        return run(stats)
+    if d.sharded:
+        return run(defaultdict(list))
+    return 0.0
 
 
 def average_gradients(params, d: Dist):

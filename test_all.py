@@ -451,7 +451,7 @@ def test_ablations_table_names_each_command_and_keeps_finished_rows(tiny_ablatio
     out, args = tiny_ablations
     table = (out / "ablations.md").read_text()
     assert "| judge |" in table and "| start (the input) |" in table and "python reward_rl.py" in table
-    assert "--reward=rm --awm_beta=0" in table
+    assert "--reward=rm --kl_weight=0" in table
     result = json.load(open(out / "ablations.json"))
     assert result["start"]["clips"] == 8 and result["judge"]["iterations"] == 1
     assert set(result["judge"]["end"]["judge_minus_oracle"]) == set(rewards.HEADS)
@@ -754,8 +754,7 @@ def test_the_floor_turns_the_lever_it_is_given():
         now, w = reward_rl.held_settings(cfg, floor, names, weights)
         assert w.tolist() == ([2.25, 0.75, 1.0] if via == "advantage" else weights.tolist())
         assert now.sft_weight == pytest.approx(cfg.sft_weight * (3.5 if via == "curated" else 1))
-        assert (now.awm_beta, now.beta) == pytest.approx((cfg.awm_beta, cfg.beta) if via != "kl" else
-                                                         (cfg.awm_beta * 3.5, cfg.beta * 3.5))
+        assert reward_rl.kl_weight(now) == pytest.approx(reward_rl.kl_weight(cfg) * (3.5 if via == "kl" else 1))
     assert reward_rl.held_settings(reward_rl.Config(), None, names, weights)[1].tolist() == weights.tolist()
 
 
@@ -784,7 +783,7 @@ def test_grpo_raises_a_simple_reward(tiny_checkpoints, update):
     _, tuned, root = tiny_checkpoints
     bright = lambda clips, prompts: {"fidelity": torch.zeros(len(clips)), "temporal": torch.zeros(len(clips)),
                                      "instruction": clips.mean((1, 2, 3, 4))}
-    cfg = tiny_rl(tuned, root / f"bright_{update}", iters=12, lr=3e-3, beta=0.0, awm_beta=0.0, clip_range=0.05,
+    cfg = tiny_rl(tuned, root / f"bright_{update}", iters=12, lr=3e-3, kl_weight=0.0, clip_range=0.05,
                   ema_decay=0.0, sde_window=4, std_floor=1e-6, update=update, sft_weight=0.0, warmup=1)
     reward_rl.train(cfg, reward_fn=bright)
     got = [r["reward_instruction"][0] for r in read_log(root / f"bright_{update}" / "log.jsonl") if "reward_instruction" in r]
@@ -802,16 +801,20 @@ def awm_setup(path):
     return policy, other, roll, draws, gen
 
 
+def rule_backward(cfg, policy, reference, roll, adv, draws, fresh=True, stats=None):
+    """cfg's update rule backpropagated on the setup's 4 clips as one rank's whole minibatch; its loss."""
+    b = reward_rl.batch_of(roll, adv, torch.arange(4), fresh)
+    stats = collections.defaultdict(list) if stats is None else stats
+    return reward_rl.rule_backward(cfg, policy, reference, b, draws, 1 / 4, stats)
+
+
 def test_awm_weights_warmup_and_curated_term(tiny_checkpoints):
     _, tuned, root = tiny_checkpoints
     policy, reference, roll, draws, gen = awm_setup(tuned)
-    every = torch.arange(4)
 
     def grad_norm(adv, **kw):
         policy.zero_grad()
-        roll.on_policy = True
-        cfg = reward_rl.Config(**{"awm_beta": 0.0, "bf16": False, **kw})
-        reward_rl.awm_update(cfg, policy, reference, roll, adv, every, 1 / 4, draws, collections.defaultdict(list))
+        rule_backward(reward_rl.Config(**{"kl_weight": 0.0, "bf16": False, **kw}), policy, reference, roll, adv, draws)
         return sum(float(p.grad.norm() ** 2) for p in policy.parameters() if p.grad is not None) ** 0.5
 
     below = -torch.ones(4)                       # every clip worse than its group
@@ -819,13 +822,11 @@ def test_awm_weights_warmup_and_curated_term(tiny_checkpoints):
     with torch.no_grad():                        # move the policy off the reference: the KL term now pulls back
         for p in policy.parameters():
             p.add_(0.01 * torch.randn(p.shape, generator=gen))
-    assert grad_norm(torch.zeros(4), awm_beta=1.0) > 0 and grad_norm(torch.zeros(4), awm_beta=0.0) == 0
+    assert grad_norm(torch.zeros(4), kl_weight=1.0) > 0 and grad_norm(torch.zeros(4), kl_weight=0.0) == 0
     # bf16 autocast (the default for awm) keeps the gradient's direction
     def grad(bf16):
         policy.zero_grad()
-        roll.on_policy = True
-        reward_rl.awm_update(reward_rl.Config(bf16=bf16), policy, reference, roll, torch.linspace(-1, 1, 4), every,
-                             1 / 4, draws, collections.defaultdict(list))
+        rule_backward(reward_rl.Config(bf16=bf16), policy, reference, roll, torch.linspace(-1, 1, 4), draws)
         return torch.cat([p.grad.flatten() for p in policy.parameters() if p.grad is not None])
     assert torch.nn.functional.cosine_similarity(grad(False), grad(True), dim=0) > 0.99
     # a run: the learning rate warms up linearly, and the curated (PPO-ptx) term is logged per iteration
@@ -841,10 +842,10 @@ def test_awm_bounded_objective_saturates_off_policy(tiny_checkpoints):
     ratio of exp(-err) surrogates stops pushing once a clip's ratio leaves 1 +- awm_clip."""
     _, tuned, _ = tiny_checkpoints
     policy, sampler, roll, draws, gen = awm_setup(tuned)
-    roll.sampler, roll.on_policy = sampler, False
-    every, below = torch.arange(4), -torch.ones(4)
-    loss_of = lambda clip: reward_rl.awm_update(reward_rl.Config(awm_beta=0.0, bf16=False, awm_clip=clip), policy, sampler,
-                                                roll, below, every, 1 / 4, draws, collections.defaultdict(list))
+    roll.sampler = sampler
+    below = -torch.ones(4)
+    loss_of = lambda clip, fresh=False: rule_backward(reward_rl.Config(kl_weight=0.0, bf16=False, awm_clip=clip), policy,
+                                                      sampler, roll, below, draws, fresh)
     with torch.no_grad():                                    # a policy pushed far from the sampler: err rises
         for p in policy.parameters():
             p.add_(0.05 * torch.randn(p.shape, generator=gen))
@@ -855,13 +856,11 @@ def test_awm_bounded_objective_saturates_off_policy(tiny_checkpoints):
     policy.zero_grad()
     unbounded = loss_of(0.0)                                 # A * err: more negative the further it goes
     assert unbounded < 0 and sum(float(p.grad.abs().sum()) for p in policy.parameters() if p.grad is not None) > 0
-    roll.on_policy = True                                    # on-policy the two give the same gradient
-    policy.zero_grad()
-    loss_of(0.02)
+    policy.zero_grad()                                       # on-policy the two give the same gradient
+    loss_of(0.02, fresh=True)
     g_bounded = [p.grad.clone() for p in policy.parameters() if p.grad is not None]
-    roll.on_policy = True
     policy.zero_grad()
-    loss_of(0.0)
+    loss_of(0.0, fresh=True)
     g_plain = [p.grad.clone() for p in policy.parameters() if p.grad is not None]
     assert all(torch.allclose(a, b, rtol=1e-4, atol=1e-7) for a, b in zip(g_bounded, g_plain))
 
@@ -879,10 +878,10 @@ def test_awm_log_ratio_is_a_free_frame_mean_whatever_the_context_share(tiny_chec
     frames = roll.clips.shape[2]
     for context in (1, frames // 2):
         mask = (torch.arange(frames) < context)[None].expand(4, frames)
-        roll.ctx, roll.ctx_mask, roll.on_policy, roll.sampler = roll.clips, mask, False, sampler
+        roll.ctx, roll.ctx_mask, roll.sampler = roll.clips, mask, sampler
         stats = collections.defaultdict(list)
-        reward_rl.awm_update(reward_rl.Config(awm_beta=0.0, bf16=False), policy, sampler, roll, torch.ones(4),
-                             torch.arange(4), 1 / 4, draws, stats)
+        rule_backward(reward_rl.Config(kl_weight=0.0, bf16=False), policy, sampler, roll, torch.ones(4), draws,
+                      fresh=False, stats=stats)
         with torch.no_grad():
             per_frame = lambda net: ((M.straight_path_velocity(net, roll.clips, x0, t, roll.tokens, roll.clips, mask)
                                       - (roll.clips - x0)) ** 2).mean(dim=(1, 3, 4))            # (B, F)
@@ -898,11 +897,11 @@ def test_nft_points_where_advantage_weighted_matching_does_on_policy_and_is_boun
     clips below their group it rises as the policy moves away, where the plain weighted loss falls without limit."""
     _, tuned, _ = tiny_checkpoints
     policy, sampler, roll, draws, gen = awm_setup(tuned)
-    roll.sampler, adv, every = sampler, torch.tensor([1.5, -0.5, 0.7, -2.5]), torch.arange(4)
-    cfg = reward_rl.Config(update="nft", awm_beta=0.0, bf16=False, nft_beta=0.7, nft_scale=2.0)
+    roll.sampler, adv = sampler, torch.tensor([1.5, -0.5, 0.7, -2.5])
+    cfg = reward_rl.Config(update="nft", kl_weight=0.0, bf16=False, nft_beta=0.7, nft_scale=2.0)
     grads = lambda: [p.grad.clone() for p in policy.parameters() if p.grad is not None]
     policy.zero_grad()
-    reward_rl.nft_update(cfg, policy, sampler, roll, adv, every, 1 / 4, draws, collections.defaultdict(list))
+    rule_backward(cfg, policy, sampler, roll, adv, draws, fresh=False)
     nft = grads()
     policy.zero_grad()
     t, x0 = draws[0][0], draws[0][1]
@@ -911,20 +910,42 @@ def test_nft_points_where_advantage_weighted_matching_does_on_policy_and_is_boun
     plain = grads()
     assert all(torch.allclose(a, cfg.nft_beta * b, rtol=1e-4, atol=1e-8) for a, b in zip(nft, plain))
     below = -torch.ones(4)                                      # every clip below its group: r = 1/4, pushed away
-    loss_at = lambda rule, **kw: float(rule(reward_rl.Config(awm_beta=0.0, bf16=False, **kw), policy, sampler, roll, below,
-                                            every, 1 / 4, draws, collections.defaultdict(list)))
+    loss_at = lambda **kw: rule_backward(reward_rl.Config(kl_weight=0.0, bf16=False, **kw), policy, sampler, roll, below,
+                                         draws, fresh=False)
     direction = [torch.randn(p.shape, generator=gen) for p in policy.parameters()]
     nft_losses, plain_losses = [], []
     for step in (0.0, 0.05, 0.1, 1.0):                          # the policy moved further and further from the sampler
         with torch.no_grad():
             for p, s, d in zip(policy.parameters(), sampler.parameters(), direction):
                 p.copy_(s + step * d)
-        roll.on_policy = False
-        nft_losses.append(loss_at(reward_rl.nft_update, update="nft"))
-        plain_losses.append(loss_at(reward_rl.awm_update, awm_clip=0.0))
+        nft_losses.append(loss_at(update="nft"))
+        plain_losses.append(loss_at(update="awm", awm_clip=0.0))
     # r |a + b|^2 + (1 - r) |a - b|^2 >= 4 r (1 - r) |a|^2, a = v_old - target: 3/4 of the loss at v = v_old for r = 1/4
     assert min(nft_losses) >= 0.75 * nft_losses[0] * (1 - 1e-5) and nft_losses[-1] > nft_losses[0]
     assert plain_losses[-1] < plain_losses[1] < plain_losses[0]                      # falls without limit
+
+
+def test_a_fourth_update_rule_trains_from_the_test_file(tiny_checkpoints, tmp_path, monkeypatch):
+    """A fork's update rule is one loss function and one row of RULES, added here from the test file alone:
+    reward-weighted regression (each clip's flow error times its advantage, no ratio) with the flows' KL."""
+    _, tuned, _ = tiny_checkpoints
+
+    def weighted_regression(cfg, policy, reference, b, draw):
+        t, x0, _ = draw
+        err = M.flow_error(policy, b.clips, x0[b.group], t[b.group], b.tokens, b.ctx, b.ctx_mask).float()
+        return b.adv * err, {"toy_err": float(err.mean())}
+    rule = reward_rl.Rule(weighted_regression, samples="draws", old_policy=None, flow_kl=True, bf16=False,
+                          kl_weight=0.1)
+    monkeypatch.setitem(reward_rl.RULES, "toy", rule)
+    bright = lambda clips, prompts: {"fidelity": torch.zeros(len(clips)), "temporal": torch.zeros(len(clips)),
+                                     "instruction": clips.mean((1, 2, 3, 4))}
+    ckpt = reward_rl.train(tiny_rl(tuned, tmp_path / "toy", update="toy", iters=2, hold=(), std_floor=1e-6),
+                           reward_fn=bright)
+    recs = [r for r in read_log(tmp_path / "toy" / "log.jsonl") if "reward_instruction" in r]
+    assert len(recs) == 2 and recs[0]["loss"] != 0 and recs[1]["kl_ref"] > 0     # it trained, away from its input
+    (after, meta), (before, _) = checkpoint.load_model(ckpt), checkpoint.load_model(tuned)
+    assert meta["lineage"]["stage"] == "rl-toy"
+    assert any(not torch.equal(a, b) for a, b in zip(after.state_dict().values(), before.state_dict().values()))
 
 
 def test_stage_ii_counts_every_network_evaluation_and_resumes_the_count(tiny_checkpoints, tmp_path):
