@@ -105,6 +105,7 @@ RULES = {
                        "--sft_weight=0", "--hold="],                               # PPO on a 2-step SDE window
     "awm": ["--update=awm", "--hold=", "--lr=3e-4"],                              # the default before the floor
     "awm_floor": ["--update=awm"],                                                 # the default: the floor turns the lr
+    "awm_floor_half": ["--update=awm", "--hold_guard=0.5"],                       # ... its guard line at half a margin
     "awm_floor_curated": ["--update=awm", "--hold_via=curated"],                  # ... or the curated term (DDRL's KL)
     "awm_floor_kl": ["--update=awm", "--hold_via=kl"],                            # ... or the KL (an adaptive KL)
     "nft_floor": ["--update=nft", "--lr=3e-4"],                                    # DiffusionNFT under the floor

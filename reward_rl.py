@@ -88,7 +88,8 @@ class Config:
     hold: tuple = ("fidelity=0.01", "temporal=0.01")  # head=margin: that head may fall at most margin
                                   # below its start; --hold= turns the floor off
     hold_rate: float = 1.0        # dual ascent: a multiplier's rise per iteration per margin below the guard
-    hold_guard: float = 0.5       # the guard line, in margins below the start, under which a multiplier rises
+    hold_guard: float = 1.0       # the guard line, in margins below the start, under which a multiplier
+                                  # rises: 1 = the floor's edge (docs/results.md, Stage II holds its floor)
     hold_probe: int = 16          # training prompts the floor measures on: fixed noise, the EMA's ODE
     # ---- TRAINING
     update: str = "awm"           # the update rule, a row of RULES: 'awm' (advantage-weighted matching),

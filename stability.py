@@ -218,12 +218,13 @@ class Floor:
 
         lambda_h <- max(0, lambda_h + rate * (start_h - guard * margin_h - m_h) / margin_h)
 
-    so it rises while the head sits below a guard line `guard` margins under its start (0.5: the middle of the
-    allowed band, for a measure that is noisy and acts an iteration late; 1.0: the floor's edge) and relaxes
-    back to 0 while the head holds. The stage decides what a multiplier turns; the first update only records the
+    so it rises while the head sits below a guard line `guard` margins under its start and relaxes back to 0
+    while the head holds. The default line is the floor's edge: one at half a margin acted on the probe's noise
+    and shrank Stage II's step to a fifth while the held-out clips held (docs/results.md, Stage II holds its
+    floor). The stage decides what a multiplier turns; the first update only records the
     start. Plain floats: the state is JSON, exact across a resume."""
 
-    def __init__(self, margins, rate=1.0, guard=0.5):
+    def __init__(self, margins, rate=1.0, guard=1.0):
         self.margins, self.rate, self.guard = dict(margins), rate, guard
         self.start, self.level = {}, {}
         self.multiplier = {h: 0.0 for h in self.margins}

@@ -722,7 +722,11 @@ def test_the_floor_tightens_while_a_held_head_is_below_it_and_relaxes_while_it_h
     """Dual ascent on a synthetic stream of a held head's levels: the first level is the start; within half a margin
     of it nothing moves; below the guard line the multiplier rises every iteration (and the floor reads broken below
     start - margin); back above, it relaxes to 0. Its state is plain JSON, exact across a resume."""
-    floor = stability.Floor({"fidelity": 0.01}, rate=1.0)
+    edge = stability.Floor({"fidelity": 0.01})                 # the default guard line: the floor's edge
+    for level in (0.60, 0.594, 0.585):
+        edge.update({"fidelity": level})
+    assert edge.multiplier["fidelity"] == pytest.approx(0.5)    # 0.594 moved nothing, 0.585 is half a margin below
+    floor = stability.Floor({"fidelity": 0.01}, rate=1.0, guard=0.5)
     floor.update({"fidelity": 0.60, "instruction": 0.8})
     for level in (0.60, 0.597):
         floor.update({"fidelity": level})
@@ -734,7 +738,7 @@ def test_the_floor_tightens_while_a_held_head_is_below_it_and_relaxes_while_it_h
     assert rising == pytest.approx([0.7, 1.4, 1.5]) and floor.broken() == []
     floor.update({"fidelity": 0.585})
     assert floor.broken() == ["fidelity"]
-    copy = stability.Floor({"fidelity": 0.01})
+    copy = stability.Floor({"fidelity": 0.01}, guard=0.5)
     copy.load_state_dict(json.loads(json.dumps(floor.state_dict())))
     assert copy.state_dict() == floor.state_dict()
     falling = []
