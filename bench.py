@@ -3,7 +3,6 @@
     python bench.py speed                     # make bench: the matmul peak, each step's share of it, a Stage II split
     python bench.py heads                     # seconds to score 64 default-preset clips with the reward heads
     python bench.py dpo_memory                # peak memory of one DPO step, joint vs decoupled backward
-    python bench.py race                      # Stage II's update rules raced on equal terms (make race)
     python bench.py ablations                 # Stage II with one part removed at a time (make ablations)
     python bench.py fidelity --ckpt=A --ckpt=B  # where fidelity is lost: the sampler's guidance, the network's redraw
     python bench.py shard                     # each stage's memory per rank and time per step, DDP vs FSDP2 (2 ranks)
@@ -13,7 +12,6 @@ import os
 import subprocess
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
@@ -90,185 +88,6 @@ def bench_dpo_memory(argv):
     return result
 
 
-# ----------------------------------------------------------------------------- the update rules raced
-# Stage II's update rules on equal terms (make race): one SFT checkpoint, the same training prompts, the same held-out
-# evaluation (diagnose's 64 clips, its noise and sampler), each rule with its own settings (the short sweeps beside them
-# in docs/results.md, Update rules raced) and the same budget of network evaluations per run (what reward_rl's loop
-# counts, Cost: rollouts, updates and a floor's probe alike, so the budget holds on any machine). A run is trained in
-# equal segments of that budget (--max_nfe), each resumed from the last (a resume is exact, so the segments are one
-# run), and evaluated between them. A rule is judged on two things at each point: its gain in all-attributes accuracy
-# and whether fidelity and temporal stayed within FLOOR of the start.
-RULES = {
-    "flow_grpo": ["--update=ppo", "--sde_window=0", "--rollout_steps=10", "--train_fraction=1.0", "--lr=1e-4",
-                  "--epochs=1", "--minibatches=1", "--warmup=1", "--sft_weight=0", "--hold="],  # vanilla Flow-GRPO
-    "flow_grpo_fast": ["--update=ppo", "--sde_window=2", "--lr=1e-4", "--epochs=1", "--minibatches=1", "--warmup=1",
-                       "--sft_weight=0", "--hold="],                               # PPO on a 2-step SDE window
-    "awm": ["--update=awm", "--hold=", "--lr=3e-4"],                              # the default before the floor
-    "awm_floor": ["--update=awm"],                                                 # the default: the floor turns the lr
-    "awm_floor_half": ["--update=awm", "--hold_guard=0.5"],                       # ... its guard line at half a margin
-    "awm_floor_curated": ["--update=awm", "--hold_via=curated"],                  # ... or the curated term (DDRL's KL)
-    "awm_floor_kl": ["--update=awm", "--hold_via=kl"],                            # ... or the KL (an adaptive KL)
-    "nft_floor": ["--update=nft", "--lr=3e-4"],                                    # DiffusionNFT under the floor
-}
-RACED = ("awm", "awm_floor", "awm_floor_curated", "awm_floor_kl", "nft_floor")   # make race's default field
-FLOOR = {"fidelity": 0.01, "temporal": 0.01}   # what "within the floors" means on the held-out clips
-# the loop's own evaluation and hacking monitor off for every rule alike: the race evaluates between segments
-RACE_FLAGS = ["--iters=1000000", "--max_minutes=0", "--eval_every=1000000", "--eval_prompts=1", "--eval_steps=1",
-              "--patience=1000000", "--ckpt_every=1000000"]
-GAINS = (0.05, 0.10)   # all-attributes gains over the start that the table reports costs at
-
-
-def bench_race(argv):
-    @dataclass
-    class C:
-        init: str = "checkpoints/sft_small.safetensors"   # every run starts here
-        rules: tuple = RACED                               # which rules (RULES' names)
-        seeds: int = 3                                     # runs per rule, seeds 0 .. seeds - 1
-        nfe: int = 12000                                   # network evaluations per run (its rollouts, updates, probe)
-        evals: int = 4                                     # held-out evaluations per run, after each equal segment
-        heldout_prompts: int = 16                          # per split, x 2 seeds: diagnose's 64 clips
-        jobs: int = 2                                      # runs at once, one thread each (2 on 2 cores)
-        out: str = "runs/race"                             # one run folder per rule and seed, race.json, race.md
-    cfg = parse_config(C, argv)
-    check_ranges(cfg, at_least_one=("seeds", "evals", "heldout_prompts", "nfe", "jobs"))
-    unknown = [r for r in cfg.rules if r not in RULES]
-    if unknown or not cfg.rules:
-        raise ConfigError(f"--rules: unknown rule {unknown[0]!r}; choose from {', '.join(RULES)}" if unknown else
-                          f"--rules is empty; choose from {', '.join(RULES)}")
-    load_model(cfg.init)
-    bench_folder(cfg.out, [cfg.init])
-    point = lambda ckpt, cost: {**cost, **{k: v[0] for k, v in held_out(ckpt, None, cfg.heldout_prompts).items()
-                                           if k in ("acc_all", "fidelity", "temporal", "instruction")}}
-    zero = {"nfe": 0, "rollouts": 0, "steps": 0, "seconds": 0.0}
-    start = point(cfg.init, zero)
-    env = {**os.environ, **({"OMP_NUM_THREADS": "1"} if cfg.jobs > 1 else {})}
-
-    def race_one(rule, seed):
-        run, points = os.path.join(cfg.out, f"{rule}_s{seed}"), [dict(start)]
-        for k in range(cfg.evals):
-            cmd = [sys.executable, os.path.join(HERE, "reward_rl.py"), f"--init={cfg.init}", f"--seed={seed}",
-                   *RACE_FLAGS, f"--max_nfe={round(cfg.nfe * (k + 1) / cfg.evals)}", *RULES[rule],
-                   f"--out_dir={run}", "--resume=true" if k else "--overwrite=true"]
-            done = subprocess.run(cmd, capture_output=True, text=True, env=env)
-            if done.returncode:
-                raise ConfigError(f"race {rule} seed {seed}: {' '.join(cmd[1:])} failed: "
-                                  f"{(done.stderr.strip().splitlines() or ['no output'])[-1]}")
-            last = [r for r in read_log(os.path.join(run, "log.jsonl")) if "cost_nfe" in r][-1]
-            points.append(point(os.path.join(run, "ckpt.safetensors"), {k[5:]: v for k, v in last.items()
-                                                                         if k.startswith("cost_")}))
-            print(f"race {rule} seed {seed} segment {k + 1}/{cfg.evals}: nfe {points[-1]['nfe']}, all attributes "
-                  f"{points[-1]['acc_all']:.3f} (start {start['acc_all']:.3f}), fidelity {points[-1]['fidelity']:.3f} "
-                  f"({start['fidelity']:.3f})", flush=True)
-        return f"{rule}_s{seed}", {"rule": rule, "seed": seed, "flags": RULES[rule], "points": points,
-                                   "health": health(read_log(os.path.join(run, "log.jsonl")))}
-
-    if cfg.jobs > 1:   # runs side by side, each on one thread (its evaluations too): the cores' share is equal
-        torch.set_num_threads(1)
-    with ThreadPoolExecutor(cfg.jobs) as pool:
-        runs = dict(pool.map(lambda job: race_one(*job), [(r, s) for r in cfg.rules for s in range(cfg.seeds)]))
-    result = {"start": start, "init": cfg.init, "nfe": cfg.nfe, "floor": FLOOR, "machine": machine(), "runs": runs,
-              "table": race_table(start, runs)}
-    write_text(os.path.join(cfg.out, "race.json"), json.dumps(result, indent=1))
-    write_text(os.path.join(cfg.out, "race.md"), race_markdown(result))
-    print(race_markdown(result))
-
-
-def read_log(path):
-    return [json.loads(line) for line in open(path)]
-
-
-def health(log):
-    """What a rule did to the policy, per iteration: the ratio's mean and spread (per SDE step where it has steps), the
-    velocity norm against the reference's, the KL to it, the share of (group, head) pairs the std floor zeroed, and a
-    floor's probe levels and multipliers."""
-    its = [r for r in log if "cost_nfe" in r]
-    return {k: [r.get(k) for r in its] for k in ("iter", "ratio", "ratio_std", "ratio_by_step", "v_norm_ratio", "kl_ref",
-                                                 "zero_std_frac", "cost_nfe", "hold_level", "hold_multiplier")}
-
-
-def within_floor(point, start):
-    """Whether a held-out point kept fidelity and temporal within FLOOR of the start."""
-    return all(point[h] >= start[h] - m - 1e-9 for h, m in FLOOR.items())
-
-
-def reach(points, gain, floor=False):
-    """The first evaluated point whose all-attributes gain over the start is at least `gain` (and, with floor, whose
-    fidelity and temporal are within FLOOR of the start), and whether it was reached (else the run's last point: a
-    lower bound on what reaching it costs)."""
-    ok = lambda p: p["acc_all"] - points[0]["acc_all"] >= gain - 1e-9 and (not floor or within_floor(p, points[0]))
-    hit = next((p for p in points[1:] if ok(p)), None)
-    return (hit, True) if hit else (points[-1], False)
-
-
-def race_table(start, runs):
-    """{threshold: {rule: row}}: per rule the mean and spread over seeds of each cost to reach the threshold within the
-    floors (and, for comparison, at any fidelity), fidelity and temporal there, and how many seeds reached it; then
-    each rule's end of budget."""
-    rules = sorted({r["rule"] for r in runs.values()}, key=list(RULES).index)
-    table = {}
-    for gain in GAINS:
-        rows = {}
-        for rule in rules:
-            mine = [r["points"] for r in runs.values() if r["rule"] == rule]
-            got, free = [reach(p, gain, floor=True) for p in mine], [reach(p, gain) for p in mine]
-            rows[rule] = {"reached": sum(ok for _, ok in got), "seeds": len(got),
-                          "reached_any_fidelity": sum(ok for _, ok in free),
-                          "nfe_any_fidelity": sum(p["nfe"] for p, _ in free) / len(free),
-                          **{k: sum(p[k] for p, _ in got) / len(got) for k in ("nfe", "rollouts", "steps", "seconds",
-                                                                              "fidelity", "temporal")},
-                          "nfe_range": [min(p["nfe"] for p, _ in got), max(p["nfe"] for p, _ in got)]}
-        table[f"+{gain:.2f}"] = rows
-    ends = {}
-    for rule in rules:
-        last = [r["points"][-1] for r in runs.values() if r["rule"] == rule]
-        spread = lambda k: [round(min(p[k] - start[k] for p in last), 4), round(max(p[k] - start[k] for p in last), 4)]
-        ends[rule] = {"nfe": sum(p["nfe"] for p in last) / len(last), "within_floor": sum(within_floor(p, start)
-                                                                                           for p in last),
-                      **{f"d_{k}": round(sum(p[k] - start[k] for p in last) / len(last), 4) for k in
-                         ("acc_all", "fidelity", "temporal", "instruction")},
-                      **{f"d_{k}_range": spread(k) for k in ("acc_all", "fidelity", "temporal")}}
-    table["end"] = ends
-    return table
-
-
-def race_markdown(result):
-    """The race as markdown: one table per gain (rule rows), the end of budget, then each run's health in a line."""
-    start, floor = result["start"], ", ".join(f"{h} within {m}" for h, m in result["floor"].items())
-    lines = [f"Start: `{result['init']}`, all attributes {start['acc_all']:.3f}, fidelity {start['fidelity']:.3f}, "
-             f"temporal {start['temporal']:.3f}; {result['nfe']:,} network evaluations per run; floors: {floor} of "
-             f"the start; {result['machine']}.", ""]
-    for label, rows in ((k, v) for k, v in result["table"].items() if k != "end"):
-        lines += [f"Gain {label} in all-attributes accuracy with {floor}:", "",
-                  "| rule | reached | network evaluations (range) | minutes | fidelity there | temporal there | "
-                  "at any fidelity: reached, evaluations |", "| --- | --- | --- | --- | --- | --- | --- |"]
-        for rule, row in rows.items():
-            bound = "" if row["reached"] == row["seeds"] else ">= "
-            lines.append(f"| {rule} | {row['reached']}/{row['seeds']} | {bound}{row['nfe']:,.0f} ({row['nfe_range'][0]:,}"
-                         f"-{row['nfe_range'][1]:,}) | {bound}{row['seconds'] / 60:.2f} | {row['fidelity']:.3f} | "
-                         f"{row['temporal']:.3f} | {row['reached_any_fidelity']}/{row['seeds']}, "
-                         f"{'' if row['reached_any_fidelity'] == row['seeds'] else '>= '}{row['nfe_any_fidelity']:,.0f} |")
-        lines.append("")
-    lines += ["End of budget, change from the start (mean over seeds, [min, max]):", "",
-              "| rule | network evaluations | all attributes | fidelity | temporal | instruction | ends within floors |",
-              "| --- | --- | --- | --- | --- | --- | --- |"]
-    pm = lambda e, k: f"{e[f'd_{k}']:+.3f} [{e[f'd_{k}_range'][0]:+.3f}, {e[f'd_{k}_range'][1]:+.3f}]"
-    for rule, e in result["table"]["end"].items():
-        seeds = sum(r["rule"] == rule for r in result["runs"].values())
-        lines.append(f"| {rule} | {e['nfe']:,.0f} | {pm(e, 'acc_all')} | {pm(e, 'fidelity')} | {pm(e, 'temporal')} | "
-                     f"{e['d_instruction']:+.3f} | {e['within_floor']}/{seeds} |")
-    lines += ["", "A `>=` cost: some seed never reached the gain within the floors in its budget (its last point "
-              "counts, a lower bound).", ""]
-    for name, run in result["runs"].items():
-        h = {k: [v for v in vals if v is not None] for k, vals in run["health"].items() if k != "ratio_by_step"}
-        mean = lambda k: sum(h[k]) / len(h[k]) if h[k] else float("nan")
-        lam = h["hold_multiplier"][-1] if h["hold_multiplier"] else {}
-        lines.append(f"- {name}: ratio mean {mean('ratio'):.5f} (spread {mean('ratio_std'):.2e}); |v|/|v_ref| "
-                     f"{h['v_norm_ratio'][-1] if h['v_norm_ratio'] else float('nan'):.4f} at the end; KL to the reference "
-                     f"{h['kl_ref'][-1] if h['kl_ref'] else float('nan'):.2e}; std floor zeroed {mean('zero_std_frac'):.2f}"
-                     + (f"; floor multipliers at the end {lam}" if lam else ""))
-    return "\n".join(lines) + "\n"
-
-
 def bench_folder(folder, inputs):
     """A benchmark's --out folder: a folder (not a file, not under one) holding none of its inputs, which its runs
     (each replaced with --overwrite=true) could otherwise reach."""
@@ -280,6 +99,10 @@ def bench_folder(folder, inputs):
 
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def read_log(path):
+    return [json.loads(line) for line in open(path)]
 
 
 # Why each part exists, shown by taking it out: Stage II from the shipped SFT checkpoint at a size that takes minutes
@@ -660,7 +483,7 @@ def machine():
     return f"{cpu}, {os.cpu_count()} cores, GPU {gpu}, torch {torch.__version__}"
 
 
-COMMANDS = {"speed": bench_speed, "heads": bench_heads, "dpo_memory": bench_dpo_memory, "race": bench_race, "ablations": bench_ablations,
+COMMANDS = {"speed": bench_speed, "heads": bench_heads, "dpo_memory": bench_dpo_memory, "ablations": bench_ablations,
             "fidelity": bench_fidelity, "shard": bench_shard}
 
 if __name__ == "__main__":

@@ -975,15 +975,15 @@ def test_stage_ii_counts_every_network_evaluation_and_resumes_the_count(tiny_che
 def tiny_race(tiny_checkpoints):
     """make race at a tiny size: vanilla Flow-GRPO and DiffusionNFT under the floor, one seed, two segments of an
     iteration each (a budget of 2 network evaluations stops each after its first iteration)."""
-    import bench
+    import race
     _, tuned, root = tiny_checkpoints
-    bench.bench_race([f"--init={tuned}", "--rules=flow_grpo,nft_floor", "--seeds=1", "--nfe=2", "--evals=2",
-                      "--heldout_prompts=1", f"--out={root / 'race'}"])
+    race.main([f"--init={tuned}", "--rules=flow_grpo,nft_floor", "--seeds=1", "--nfe=2", "--evals=2",
+               "--heldout_prompts=1", f"--out={root / 'race'}"])
     return root / "race"
 
 
 def test_race_reports_each_rules_cost_to_each_gain_within_the_floors_from_resumed_segments(tiny_race):
-    import bench
+    import race
     result = json.load(open(tiny_race / "race.json"))
     for name in ("flow_grpo_s0", "nft_floor_s0"):
         points = result["runs"][name]["points"]
@@ -995,7 +995,7 @@ def test_race_reports_each_rules_cost_to_each_gain_within_the_floors_from_resume
     assert "| nft_floor |" in text and "fidelity within 0.01" in text
     start = {"acc_all": 0.5, "fidelity": 0.6, "temporal": 0.7}                 # a gain bought with fidelity is no gain
     bought = [start, {**start, "nfe": 10, "acc_all": 0.6, "fidelity": 0.58}, {**start, "nfe": 20, "acc_all": 0.6}]
-    assert bench.reach(bought, 0.05)[0]["nfe"] == 10 and bench.reach(bought, 0.05, floor=True)[0]["nfe"] == 20
+    assert race.reach(bought, 0.05)[0]["nfe"] == 10 and race.reach(bought, 0.05, floor=True)[0]["nfe"] == 20
 
 
 @pytest.fixture(scope="module")
@@ -1522,7 +1522,7 @@ BAD_INPUT = {
                                  "--cache={r}/tiny.safetensors", "--cache={r}/tiny.safetensors is a file"),
     "advise_out_is_a_folder": ("diagnose.py advise --diagnose={r}/partial/diagnose --out={r}", "is a folder; name a file"),
     "adapters_out_is_a_folder": ("adapters.py --out={r}", "is a folder; name a file"),
-    "bench_out_under_a_file": ("bench.py race --out={r}/tiny.safetensors/bench", "which is a file"),
+    "bench_out_under_a_file": ("race.py --out={r}/tiny.safetensors/bench", "which is a file"),
     # values nothing checked
     "dpo_zero_curated_batch": ("preference.py --curated_batch=0", "--curated_batch must be at least 1"),
     "dpo_negative_curated_batch": ("preference.py --curated_batch=-4", "--curated_batch must be at least 1"),
