@@ -35,7 +35,7 @@ import data
 import model as M
 import rewards as R
 from checkpoint import (full_state, lineage_record, load_model, resume_run, save_checkpoint,
-                        save_run_state)
+                        save_run_state, stage_family)
 from judge import load_reward_model, rm_score
 from distributed import (all_mean, average_gradients, check_ranks_agree, make_logger, memory_use,
                          setup_distributed, shard, teardown)
@@ -259,7 +259,8 @@ def dpo_step(policy, reference, win, lose, tokens, weight, t, x0, beta, sft_weig
 
 
 # ----------------------------------------------------------------------------- the loop's pieces
-INPUT_STAGES = ("sft", "rl-awm", "rl-ppo", "dpo")  # what a preference stage refines
+# what a preference stage refines, by stage family: SFT, any Stage II update rule, DPO
+INPUT_FAMILIES = ("sft", "rl", "dpo")
 
 
 def check_config(cfg):
@@ -343,10 +344,10 @@ def train(cfg: Config):
     paths = {k: os.path.join(cfg.out_dir, f"{k}.safetensors") for k in ("state", "ckpt", "pairs")}
     policy, parent_meta = load_model(cfg.init, d.device)
     stage = parent_meta.get("lineage", {}).get("stage", "")
-    if stage not in INPUT_STAGES and not cfg.any_input:
+    if stage_family(stage) not in INPUT_FAMILIES and not cfg.any_input:
         raise ConfigError(f"--init={cfg.init} is a {stage or 'unknown'} checkpoint; Stage III "
-                          f"refines an SFT or RL policy ({', '.join(INPUT_STAGES)}): pass "
-                          f"--any_input=true to use it anyway")
+                          f"refines a policy of stage family {', '.join(INPUT_FAMILIES)} (rl: "
+                          f"any Stage II update rule): pass --any_input=true to use it anyway")
     # frozen: the input policy
     reference = policy.reference()
     mc = policy.cfg
