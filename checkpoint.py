@@ -48,6 +48,12 @@ def lineage_record(stage, parent="", step=0, data_preset="", **extra):
                 step=step, data=data_preset, time=time.strftime("%Y-%m-%dT%H:%M:%S"), **extra)
 
 
+def stage_family(stage):
+    """The family of a lineage stage, the part before the first '-': every Stage II update rule
+    ("rl-awm", "rl-ppo", "rl-nft", ...) is "rl"; "sft", "dpo", "pretrain" are their own."""
+    return str(stage).split("-", 1)[0]
+
+
 def save_checkpoint(path, tensors, cfg: ModelConfig, lineage, keep_as=None, **meta):
     """Write tensors + model config + lineage atomically (a temp file, then rename); keep_as: the file it replaces
     is moved there first, so a kill between the two renames still leaves one complete file."""

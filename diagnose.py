@@ -27,7 +27,7 @@ import data
 import model as M
 import preference
 import reward_rl
-from checkpoint import CheckpointError, column_names, file_hash, load_model
+from checkpoint import CheckpointError, column_names, file_hash, load_model, stage_family
 from judge import load_reward_model, rm_score
 from rewards import (HEADS, SPEED_PX, check, eval_prompts, eval_set, fidelity, mean_se, noise_for, oracle, presence, reward_heads,
                      targets, temporal_parts, world_of, wrap)
@@ -231,12 +231,13 @@ def recommendation(axes, parts=None, ckpt="CKPT", stage=""):
     matched = [h for h in axes if gaps[h] and max(gaps[h].values()) <= MATCHED]
     axis = min((h for h in axes if h not in matched), key=axes.get, default=None)
     part = max(gaps[axis], key=gaps[axis].get) if axis and gaps[axis] else None
-    rl_done = stage.startswith("rl") or stage == "dpo"                       # made by Stage II (or III after it)
+    rl_done = stage_family(stage) in ("rl", "dpo")                           # made by Stage II (or III after it)
+    refinable = stage_family(stage) in preference.INPUT_FAMILIES  # Stage III takes it as it is
     run = lambda script, *flags: " ".join(["python", script, shlex.quote(f"--init={ckpt}"), *flags])
     if axis is None:
         return {"axis": None, "part": None, "text": "every part of every head matches the curated data: preferences "
                 "are what is left to learn, Stage III DPO on on-policy pairs", "command": run(
-                    "preference.py", "--out_dir=runs/next_dpo", *([] if rl_done or stage == "sft" else ["--any_input=true"]))}
+                    "preference.py", "--out_dir=runs/next_dpo", *([] if refinable else ["--any_input=true"]))}
     text = f"weakest axis: {axis} ({axes[axis]:.3f})" + (f", after {', '.join(matched)} (matching the curated data)"
                                                         if matched else "")
     v = parts.get(axis, {}).get(part)

@@ -1,19 +1,25 @@
 """Stage III: preference refinement with Flow-DPO, against the frozen input checkpoint.
 
-    python preference.py                                    # on-policy pairs from runs/rl, then DPO, to runs/dpo
+    # on-policy pairs from runs/rl, then DPO, to runs/dpo
+    python preference.py
     python preference.py --init=checkpoints/sft_small.safetensors --out_dir=runs/dpo_sft
-    python preference.py --pairs=my_pairs.safetensors       # train on a saved or external pair file
-    torchrun --standalone --nproc_per_node=2 preference.py  # the same loop; ranks split each batch
+    # train on a saved or external pair file
+    python preference.py --pairs=my_pairs.safetensors
+    # the same loop; ranks split each batch
+    torchrun --standalone --nproc_per_node=2 preference.py
 
-PAIRS     N clips per prompt from the input policy (fixed seeds), scored by a judge (programmatic heads, the
-          learned ensemble, or the oracle as an upper bound); pairs whose score margin clears a threshold
-          become (winner, loser) and are saved as safetensors, a format anyone can write (human labels).
+PAIRS     N clips per prompt from the input policy (fixed seeds), scored by a judge (programmatic
+          heads, the learned ensemble, or the oracle as an upper bound); pairs whose score margin
+          clears a threshold become (winner, loser) and are saved as safetensors, a format anyone
+          can write (human labels).
 TRAINING  Diffusion-DPO written for velocity: one shared t and noise for winner and loser,
-              d = |v - v_theta(x_t)|^2 - |v - v_ref(x_t)|^2,   L = -log sigmoid(-beta / 2 * (d_w - d_l)),
-          the log-sigmoid meaned over the batch, plus the flow-matching loss on a fresh batch of curated clips
-          (the anchor that keeps the preference from costing fidelity), an optional one on winners, warmup,
-          global grad clipping, EMA and the non-finite guard. `decoupled` backpropagates the winner and the
-          loser branch one after the other with a detached coefficient: the same gradient, one graph at a time.
+              d = |v - v_theta(x_t)|^2 - |v - v_ref(x_t)|^2,
+              L = -log sigmoid(-beta / 2 * (d_w - d_l)),
+          the log-sigmoid meaned over the batch, plus the flow-matching loss on a fresh batch of
+          curated clips (the anchor that keeps the preference from costing fidelity), an optional
+          one on winners, warmup, global grad clipping, EMA and the non-finite guard. `decoupled`
+          backpropagates the winner and the loser branch one after the other with a detached
+          coefficient: the same gradient, one graph at a time.
 """
 import json
 import os
@@ -28,10 +34,11 @@ from tqdm import tqdm
 import data
 import model as M
 import rewards as R
-from checkpoint import full_state, lineage_record, load_model, resume_run, save_checkpoint, save_run_state
+from checkpoint import (full_state, lineage_record, load_model, resume_run, save_checkpoint,
+                        save_run_state, stage_family)
 from judge import load_reward_model, rm_score
-from distributed import (all_mean, average_gradients, check_ranks_agree, make_logger, memory_use, setup_distributed,
-                         shard, teardown)
+from distributed import (all_mean, average_gradients, check_ranks_agree, make_logger, memory_use,
+                         setup_distributed, shard, teardown)
 from cli import (RUN_FILES, ConfigError, atomic_write, check_ranges, claim_out_dir, command_line,
                  open_log, parse_config, print_config, release_run_folders, run_cli)
 from stability import EMA, NonFiniteGuard, check_trained, clip_gradients, seeded, warmup_cosine
@@ -39,15 +46,19 @@ from stability import EMA, NonFiniteGuard, check_trained, clip_gradients, seeded
 
 @dataclass
 class Config:
-    init: str = "runs/rl/ckpt.safetensors"  # input policy and frozen reference (reward_rl.py's output; SFT works)
-    out_dir: str = "runs/dpo"     # ckpt.safetensors, state.safetensors, pairs.safetensors, log.jsonl, samples.gif
+    init: str = "runs/rl/ckpt.safetensors"  # input policy and frozen reference (reward_rl.py's
+                                            # output; SFT works)
+    out_dir: str = "runs/dpo"     # ckpt.safetensors, state.safetensors, pairs.safetensors,
+                                  # log.jsonl, samples.gif
     pairs: str = ""               # pair file to train on; '' makes on-policy pairs into out_dir
     # ---- PAIRS
     pair_prompts: int = 64        # training prompts sampled for pairs
     samples_per_prompt: int = 4   # clips per prompt (seeds 0..N-1 of the pair seed stream)
-    judge: str = "heads"          # 'heads' (programmatic), 'rm' (learned ensemble) or 'oracle' (upper bound)
+    judge: str = "heads"          # 'heads' (programmatic), 'rm' (learned ensemble) or 'oracle'
+                                  # (upper bound)
     reward_model: str = "checkpoints/reward_model.safetensors"  # the ensemble for judge=rm
-    weights: tuple = ()           # judge score = weighted mean of rewards.HEADS, equal unless head=value given
+    weights: tuple = ()           # judge score = weighted mean of rewards.HEADS, equal unless
+                                  # head=value given
     margin: float = 0.05          # keep a pair only if the judge's scores differ by at least this
     weight_by_margin: bool = False  # weight each pair's loss by its margin (normalised to mean 1)
     sample_steps: int = 20        # Euler steps for the pair clips
@@ -55,31 +66,39 @@ class Config:
     # ---- TRAINING
     steps: int = 150              # optimizer steps
     batch_size: int = 16          # pairs per step, over all ranks
-    lr: float = 1e-5              # peak learning rate (higher fit the pairs and lost fidelity: docs/results.md,
-                                  # Stage III GPU sweep)
+    lr: float = 1e-5              # peak learning rate (higher fit the pairs and lost fidelity:
+                                  # docs/results.md, Stage III GPU sweep)
     warmup: int = 15              # linear warmup steps, then cosine decay
-    beta: float = 2000.0          # DPO temperature on mean-squared velocity errors (a small lr and a large beta)
-    sft_weight: float = 0.0       # flow-matching loss on winners (the policy's own samples: it cost fidelity here)
-    curated_weight: float = 300.0  # flow loss on a fresh curated batch every step, Stage II's PPO-ptx anchor; large
-                                   # because beta makes DPO's gradient ~1000x a flow loss's (docs/results.md, Stage III
-                                   # curated anchor)
-    curated_batch: int = 16       # curated clips per step for that term (the same batch on every rank)
-    decoupled: bool = True        # winner and loser backpropagated one after the other (less peak memory)
+    beta: float = 2000.0          # DPO temperature on mean-squared velocity errors (a small lr
+                                  # and a large beta)
+    sft_weight: float = 0.0       # flow-matching loss on winners (the policy's own samples: it
+                                  # cost fidelity here)
+    curated_weight: float = 300.0  # flow loss on a fresh curated batch every step, Stage II's
+                                   # PPO-ptx anchor; large because beta makes DPO's gradient
+                                   # ~1000x a flow loss's (docs/results.md, Stage III curated
+                                   # anchor)
+    curated_batch: int = 16       # curated clips per step for that term (the same batch on every
+                                  # rank)
+    decoupled: bool = True        # winner and loser backpropagated one after the other (less
+                                  # peak memory)
     grad_clip: float = 1.0        # global grad-norm clip
     ema_decay: float = 0.99       # EMA of weights; evaluation and the hand-off use it
     t_mean: float = -0.4          # logit-normal t, as in pretraining
     t_std: float = 1.0
     # ---- evaluation and bookkeeping
-    eval_prompts: int = 32        # per split (val combinations and unseen held-out ones), fixed seeds
+    eval_prompts: int = 32        # per split (val combinations and unseen held-out ones), fixed
+                                  # seeds
     eval_steps: int = 20          # Euler steps for evaluation
     seed: int = 0                 # pairs, batches, t and noise follow from it: resumes are exact
     log_every: int = 10           # steps between log lines
     ckpt_every: int = 50          # steps between resumable checkpoints
     resume: bool = False          # continue the run in out_dir
     overwrite: bool = False       # replace whatever out_dir holds
-    any_input: bool = False       # accept an --init from another stage than SFT / RL (e.g. the base model)
+    any_input: bool = False       # accept an --init from another stage than SFT / RL (e.g. the
+                                  # base model)
     device: str = "auto"          # 'cpu', 'cuda' or 'auto'
-    parallel: str = "ddp"         # under torchrun: 'ddp' (whole copies), 'fsdp' (sharded), 'hsdp' (sharded per node)
+    parallel: str = "ddp"         # under torchrun: 'ddp' (whole copies), 'fsdp' (sharded), 'hsdp'
+                                  # (sharded per node)
 
 
 # ----------------------------------------------------------------------------- pairs
@@ -89,11 +108,13 @@ PAIR_KEYS = ("winner", "loser", "tokens", "score_w", "score_l", "weight")
 def judge_scores(cfg, clips, prompts, world, rm=None):
     """One scalar per clip from the chosen judge. (B,)"""
     w = torch.tensor(list(R.head_weights(cfg.weights, default=1.0).values()))
-    if cfg.judge == "oracle":   # exact: the fraction of prompted attributes the clip gets right, heads break ties
+    # exact: the fraction of prompted attributes the clip gets right, heads break ties
+    if cfg.judge == "oracle":
         return R.oracle_preference(clips, prompts, world)
     if cfg.judge == "rm":
         mean, _ = rm_score(rm, clips, data.tokenize(prompts))
-        heads = torch.stack([mean[h] for h in R.HEADS], 1)                   # registry order, like reward_heads
+        # registry order, like reward_heads
+        heads = torch.stack([mean[h] for h in R.HEADS], 1)
     else:
         heads = torch.stack(list(R.reward_heads(clips, prompts, world).values()), 1)
     return (heads * w).sum(1) / w.sum()
@@ -101,7 +122,8 @@ def judge_scores(cfg, clips, prompts, world, rm=None):
 
 @torch.no_grad()
 def make_pairs(net, cfg, world, log, rm=None):
-    """On-policy pairs: every ordered (better, worse) pair of a prompt's clips whose margin clears cfg.margin.
+    """On-policy pairs: every ordered (better, worse) pair of a prompt's clips whose margin clears
+    cfg.margin.
     rm: the learned judge's members for judge=rm (loaded from cfg.reward_model when not given)."""
     train_prompts = data.train_prompts()
     gen = torch.Generator().manual_seed(cfg.seed + 555)
@@ -120,26 +142,33 @@ def make_pairs(net, cfg, world, log, rm=None):
         for i in range(n):
             for j in range(n):
                 if s[i] > s[j] and s[i] - s[j] >= cfg.margin:
-                    for k, v in zip(PAIR_KEYS, (clips[i], clips[j], tok[0], s[i], s[j], s[i] - s[j])):
+                    for k, v in zip(PAIR_KEYS,
+                                    (clips[i], clips[j], tok[0], s[i], s[j], s[i] - s[j])):
                         out[k].append(v)
     if not out["winner"]:
-        raise ConfigError(f"no pair of the {cfg.pair_prompts} prompts clears margin {cfg.margin}: lower --margin "
-                          f"or raise --samples_per_prompt")
+        raise ConfigError(f"no pair of the {cfg.pair_prompts} prompts clears margin {cfg.margin}: "
+                          f"lower --margin or raise --samples_per_prompt")
     pairs = {k: torch.stack(v) for k, v in out.items()}
-    pairs["weight"] = pairs["weight"] / pairs["weight"].mean() if cfg.weight_by_margin else torch.ones(len(pairs["weight"]))
-    log(f"pairs: {len(pairs['winner'])} of {cfg.pair_prompts * n * (n - 1) // 2} possible clear margin {cfg.margin} "
-        f"(judge={cfg.judge}); mean score winner {pairs['score_w'].mean():.3f} vs loser {pairs['score_l'].mean():.3f}")
+    if cfg.weight_by_margin:
+        pairs["weight"] = pairs["weight"] / pairs["weight"].mean()
+    else:
+        pairs["weight"] = torch.ones(len(pairs["weight"]))
+    log(f"pairs: {len(pairs['winner'])} of {cfg.pair_prompts * n * (n - 1) // 2} possible clear "
+        f"margin {cfg.margin} (judge={cfg.judge}); mean score winner "
+        f"{pairs['score_w'].mean():.3f} vs loser {pairs['score_l'].mean():.3f}")
     return pairs
 
 
 def save_pairs(path, pairs, prompts_note=""):
     from safetensors.torch import save_file
     tensors = {k: v.contiguous() for k, v in pairs.items()}
-    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata={"format": "postflow-pairs", "note": prompts_note}))
+    atomic_write(path, lambda tmp: save_file(
+        tensors, tmp, metadata={"format": "postflow-pairs", "note": prompts_note}))
 
 
 def load_pairs(path, mc):
-    """A pair file: winner/loser (P, C, F, H, W) in [-1, 1], tokens (P, L); score_w, score_l, weight optional."""
+    """A pair file: winner/loser (P, C, F, H, W) in [-1, 1], tokens (P, L); score_w, score_l,
+    weight optional."""
     from safetensors import safe_open
     if not os.path.isfile(path):
         raise ConfigError(f"pair file not found: {path}")
@@ -147,42 +176,48 @@ def load_pairs(path, mc):
         with safe_open(path, framework="pt") as f:
             pairs = {k: f.get_tensor(k) for k in f.keys()}
     except Exception as e:
-        raise ConfigError(f"pair file {path} is truncated or not safetensors ({type(e).__name__})") from None
+        raise ConfigError(f"pair file {path} is truncated or not safetensors "
+                          f"({type(e).__name__})") from None
     for k in ("winner", "loser", "tokens"):
         if k not in pairs:
             raise ConfigError(f"pair file {path} lacks '{k}' (needs winner, loser, tokens)")
     want = (mc.channels, mc.frames, mc.size, mc.size)
     if tuple(pairs["winner"].shape[1:]) != want or tuple(pairs["loser"].shape[1:]) != want:
-        raise ConfigError(f"pair file {path} holds clips of shape {tuple(pairs['winner'].shape[1:])} and "
+        raise ConfigError(f"pair file {path} holds clips of shape "
+                          f"{tuple(pairs['winner'].shape[1:])} and "
                           f"{tuple(pairs['loser'].shape[1:])}; this model makes {want}")
     if len(pairs["loser"]) != len(pairs["winner"]):
-        raise ConfigError(f"pair file {path} holds {len(pairs['winner'])} winner clips but {len(pairs['loser'])} loser "
-                          f"clips: one loser per winner")
+        raise ConfigError(f"pair file {path} holds {len(pairs['winner'])} winner clips but "
+                          f"{len(pairs['loser'])} loser clips: one loser per winner")
     n = len(pairs["winner"])
     if n == 0:
         raise ConfigError(f"pair file {path} holds no pairs")
     for k in ("winner", "loser"):
         v = pairs[k]
         if v.dtype != torch.float32:
-            raise ConfigError(f"pair file {path}: {k} clips are {v.dtype}; postflow clips are float32 in [-1, 1] "
-                              f"(convert with .float(); uint8 frames with x / 127.5 - 1)")
+            raise ConfigError(f"pair file {path}: {k} clips are {v.dtype}; postflow clips are "
+                              f"float32 in [-1, 1] (convert with .float(); uint8 frames with "
+                              f"x / 127.5 - 1)")
         if not torch.isfinite(v).all() or v.min() < -1 - 1e-3 or v.max() > 1 + 1e-3:
             raise ConfigError(f"pair file {path}: {k} clips must be finite and in [-1, 1], got "
-                              f"[{float(v.nan_to_num().min()):.3g}, {float(v.nan_to_num().max()):.3g}]"
+                              f"[{float(v.nan_to_num().min()):.3g}, "
+                              f"{float(v.nan_to_num().max()):.3g}]"
                               f"{' with NaN/Inf' if not torch.isfinite(v).all() else ''}")
     tok = pairs["tokens"]
     if tok.dim() >= 1 and len(tok) != n:
-        raise ConfigError(f"pair file {path} holds {n} winner/loser pairs but {len(tok)} rows of tokens: one caption "
-                          f"per pair")
-    if (tok.dtype != torch.long or tok.dim() != 2 or len(tok) != n or tok.numel() == 0 or tok.min() < 0
-            or tok.max() >= len(data.VOCAB)):
-        raise ConfigError(f"pair file {path}: tokens must be ({n}, L) int64 ids from data.tokenize, got "
-                          f"{tuple(tok.shape)} {tok.dtype}")
+        raise ConfigError(f"pair file {path} holds {n} winner/loser pairs but {len(tok)} rows of "
+                          f"tokens: one caption per pair")
+    if (tok.dtype != torch.long or tok.dim() != 2 or len(tok) != n or tok.numel() == 0
+            or tok.min() < 0 or tok.max() >= len(data.VOCAB)):
+        raise ConfigError(f"pair file {path}: tokens must be ({n}, L) int64 ids from "
+                          f"data.tokenize, got {tuple(tok.shape)} {tok.dtype}")
     for k in ("score_w", "score_l", "weight"):
         if k in pairs and (pairs[k].shape != (n,) or not torch.isfinite(pairs[k]).all()):
-            raise ConfigError(f"pair file {path}: {k} must be ({n},) finite numbers, got {tuple(pairs[k].shape)}")
+            raise ConfigError(f"pair file {path}: {k} must be ({n},) finite numbers, got "
+                              f"{tuple(pairs[k].shape)}")
     if "weight" in pairs and ((pairs["weight"] < 0).any() or not (pairs["weight"] > 0).any()):
-        raise ConfigError(f"pair file {path}: weights must be >= 0 and not all 0 (a pair of weight 0 teaches nothing)")
+        raise ConfigError(f"pair file {path}: weights must be >= 0 and not all 0 (a pair of "
+                          f"weight 0 teaches nothing)")
     pairs.update({k: pairs[k].float() for k in ("score_w", "score_l", "weight") if k in pairs})
     pairs.setdefault("weight", torch.ones(n))
     pairs.setdefault("score_w", torch.ones(n))
@@ -192,15 +227,19 @@ def load_pairs(path, mc):
 
 # ----------------------------------------------------------------------------- the loss
 def dpo_step(policy, reference, win, lose, tokens, weight, t, x0, beta, sft_weight, decoupled):
-    """Backpropagate one DPO batch (gradients land in policy's .grad); returns loss, z = -beta/2 (d_w - d_l), e_w.
+    """Backpropagate one DPO batch (gradients land in policy's .grad); returns loss,
+    z = -beta/2 (d_w - d_l), e_w.
     e = model.flow_error, the flow-matching error each branch's implicit reward is built from.
-    Joint: one graph over both branches. Decoupled: the coefficient dL/de_w = beta/2 sigmoid(-z) w / B is computed
-    first without a graph, then each branch is built, backpropagated and freed in turn."""
+    Joint: one graph over both branches. Decoupled: the coefficient
+    dL/de_w = beta/2 sigmoid(-z) w / B is computed first without a graph, then each branch is built,
+    backpropagated and freed in turn."""
     B = len(win)
     with torch.no_grad():
-        ref_w, ref_l = M.flow_error(reference, win, x0, t, tokens), M.flow_error(reference, lose, x0, t, tokens)
+        ref_w = M.flow_error(reference, win, x0, t, tokens)
+        ref_l = M.flow_error(reference, lose, x0, t, tokens)
     if not decoupled:
-        e_w, e_l = M.flow_error(policy, win, x0, t, tokens), M.flow_error(policy, lose, x0, t, tokens)
+        e_w = M.flow_error(policy, win, x0, t, tokens)
+        e_l = M.flow_error(policy, lose, x0, t, tokens)
         z = -beta / 2 * ((e_w - ref_w) - (e_l - ref_l))
         loss = -(weight * F.logsigmoid(z)).mean() + sft_weight * e_w.mean()
         loss.backward()
@@ -209,36 +248,45 @@ def dpo_step(policy, reference, win, lose, tokens, weight, t, x0, beta, sft_weig
         e_l = M.flow_error(policy, lose, x0, t, tokens)
     e_w = M.flow_error(policy, win, x0, t, tokens)
     z = -beta / 2 * ((e_w.detach() - ref_w) - (e_l - ref_l))
-    coef = (weight * torch.sigmoid(-z) * beta / 2 / B).detach()              # dL/de_w; dL/de_l = -coef
-    ((coef * e_w).sum() + sft_weight * e_w.mean()).backward()                # winner branch, then freed
-    (-(coef * M.flow_error(policy, lose, x0, t, tokens))).sum().backward()  # loser branch
+    # dL/de_w; dL/de_l = -coef
+    coef = (weight * torch.sigmoid(-z) * beta / 2 / B).detach()
+    # winner branch, then freed
+    ((coef * e_w).sum() + sft_weight * e_w.mean()).backward()
+    # loser branch
+    (-(coef * M.flow_error(policy, lose, x0, t, tokens))).sum().backward()
     loss = -(weight * F.logsigmoid(z)).mean() + sft_weight * e_w.detach().mean()
     return loss, z, e_w.detach()
 
 
 # ----------------------------------------------------------------------------- the loop's pieces
-INPUT_STAGES = ("sft", "rl-awm", "rl-ppo", "dpo")  # what a preference stage refines
+# what a preference stage refines, by stage family: SFT, any Stage II update rule, DPO
+INPUT_FAMILIES = ("sft", "rl", "dpo")
 
 
 def check_config(cfg):
     """Every setting checked before a checkpoint is read or a folder claimed: one-line errors."""
     if cfg.judge not in ("heads", "rm", "oracle"):
         raise ConfigError(f"--judge must be 'heads', 'rm' or 'oracle', got {cfg.judge!r}")
-    check_ranges(cfg, at_least_one=("pair_prompts", "sample_steps", "steps", "batch_size", "curated_batch", "log_every",
-                                    "ckpt_every", "eval_prompts", "eval_steps"),
+    check_ranges(cfg,
+                 at_least_one=("pair_prompts", "sample_steps", "steps", "batch_size",
+                               "curated_batch", "log_every", "ckpt_every", "eval_prompts",
+                               "eval_steps"),
                  positive=("lr", "beta", "grad_clip", "t_std"),
-                 non_negative=("margin", "warmup", "sft_weight", "curated_weight", "cfg_scale"), fraction=("ema_decay",))
+                 non_negative=("margin", "warmup", "sft_weight", "curated_weight", "cfg_scale"),
+                 fraction=("ema_decay",))
     if cfg.samples_per_prompt < 2:
-        raise ConfigError(f"--samples_per_prompt must be at least 2 to form a pair, got {cfg.samples_per_prompt}")
+        raise ConfigError(f"--samples_per_prompt must be at least 2 to form a pair, got "
+                          f"{cfg.samples_per_prompt}")
     R.head_weights(cfg.weights)
     if not os.path.isfile(cfg.init):
-        raise ConfigError(f"--init={cfg.init} not found: run reward_rl.py first (it writes runs/rl/ckpt.safetensors) "
-                          f"or pass --init=checkpoints/sft_small.safetensors")
+        raise ConfigError(f"--init={cfg.init} not found: run reward_rl.py first (it writes "
+                          f"runs/rl/ckpt.safetensors) or pass "
+                          f"--init=checkpoints/sft_small.safetensors")
 
 
 def step_batch(cfg, step, d, n_pairs, flow_shape):
-    """This rank's slice of step `step`'s pairs, t and noise: drawn whole from one seed on every rank, so 1 or N
-    ranks (and a resume) train on the same batch. Returns (pair indices, t, x0)."""
+    """This rank's slice of step `step`'s pairs, t and noise: drawn whole from one seed on every
+    rank, so 1 or N ranks (and a resume) train on the same batch. Returns (pair indices, t, x0)."""
     gen = seeded(cfg.seed, step)
     mine = slice(d.rank * cfg.batch_size // d.ranks, (d.rank + 1) * cfg.batch_size // d.ranks)
     idx = torch.randint(n_pairs, (cfg.batch_size,), generator=gen)[mine]
@@ -247,31 +295,42 @@ def step_batch(cfg, step, d, n_pairs, flow_shape):
 
 
 def log_record(step, window, anchors, skipped, elapsed):
-    """One log line over the steps since the last: DPO's loss per t-bin, implicit accuracy (d_w < d_l), margin."""
-    ts, zs = torch.cat([w[2] for w in window]), torch.cat([w[3] for w in window])
+    """One log line over the steps since the last: DPO's loss per t-bin, implicit accuracy
+    (d_w < d_l), margin."""
+    ts = torch.cat([w[2] for w in window])
+    zs = torch.cat([w[3] for w in window])
     which = torch.bucketize(ts, torch.linspace(0, 1, 5)[1:-1])
-    per_bin = [round(float(-F.logsigmoid(zs[which == i]).mean()), 4) if (which == i).any() else None for i in range(4)]
+    per_bin = [round(float(-F.logsigmoid(zs[which == i]).mean()), 4) if (which == i).any() else None
+               for i in range(4)]
     return dict(step=step + 1, loss=sum(w[0] for w in window) / len(window), loss_by_t=per_bin,
-                implicit_acc=round(float((zs > 0).float().mean()), 4), reward_margin=round(float(zs.mean()), 4),
+                implicit_acc=round(float((zs > 0).float().mean()), 4),
+                reward_margin=round(float(zs.mean()), 4),
                 grad_norm=round(max(w[1] for w in window), 4), skipped=skipped,
-                curated_loss=round(sum(anchors) / len(anchors), 5) if anchors else None, elapsed_s=round(elapsed, 1))
+                curated_loss=round(sum(anchors) / len(anchors), 5) if anchors else None,
+                elapsed_s=round(elapsed, 1))
 
 
 @torch.no_grad()
 def oracle_verdict(cfg, ours_net, input_net, world, device):
-    """The oracle's verdict on the DPO policy against its input, on held-out prompts and seeds: the win rate, each
-    head and attribute accuracy for both, and the first 8 clips of each for samples.gif."""
-    prompts, splits, noise = R.eval_set(ours_net, cfg.eval_prompts, seed=cfg.seed, noise_seed=cfg.seed + 7)
+    """The oracle's verdict on the DPO policy against its input, on held-out prompts and seeds: the
+    win rate, each head and attribute accuracy for both, and the first 8 clips of each for
+    samples.gif."""
+    prompts, splits, noise = R.eval_set(ours_net, cfg.eval_prompts, seed=cfg.seed,
+                                        noise_seed=cfg.seed + 7)
     noise = noise.to(device)
     tok = data.tokenize(prompts).to(device)
-    ours, theirs = (M.sample(net, tok, noise, cfg.eval_steps, cfg.cfg_scale).cpu() for net in (ours_net, input_net))
+    ours = M.sample(ours_net, tok, noise, cfg.eval_steps, cfg.cfg_scale).cpu()
+    theirs = M.sample(input_net, tok, noise, cfg.eval_steps, cfg.cfg_scale).cpu()
     verdict = R.oracle_win_rate(ours, theirs, prompts, world)
     held = torch.tensor([s == "heldout" for s in splits])
-    result = {"win_rate": round(float(verdict.mean()), 4), "win_rate_heldout_combos": round(float(verdict[held].mean()), 4),
+    result = {"win_rate": round(float(verdict.mean()), 4),
+              "win_rate_heldout_combos": round(float(verdict[held].mean()), 4),
               "win_rate_val": round(float(verdict[~held].mean()), 4)}
     for name, clips in (("dpo", ours), ("input", theirs)):
-        result[name] = {k: round(float(v.mean()), 4) for k, v in R.reward_heads(clips, prompts, world).items()}
-        result[name].update({f"acc_{k}": round(float(v.float().mean()), 4) for k, v in R.check(clips, prompts, world).items()})
+        result[name] = {k: round(float(v.mean()), 4)
+                        for k, v in R.reward_heads(clips, prompts, world).items()}
+        result[name].update({f"acc_{k}": round(float(v.float().mean()), 4)
+                             for k, v in R.check(clips, prompts, world).items()})
     return result, theirs[:8], ours[:8]
 
 
@@ -285,68 +344,93 @@ def train(cfg: Config):
     paths = {k: os.path.join(cfg.out_dir, f"{k}.safetensors") for k in ("state", "ckpt", "pairs")}
     policy, parent_meta = load_model(cfg.init, d.device)
     stage = parent_meta.get("lineage", {}).get("stage", "")
-    if stage not in INPUT_STAGES and not cfg.any_input:
-        raise ConfigError(f"--init={cfg.init} is a {stage or 'unknown'} checkpoint; Stage III refines an SFT or RL "
-                          f"policy ({', '.join(INPUT_STAGES)}): pass --any_input=true to use it anyway")
-    reference = policy.reference()                                            # frozen: the input policy
-    mc, world = policy.cfg, R.world_of(policy.cfg)
+    if stage_family(stage) not in INPUT_FAMILIES and not cfg.any_input:
+        raise ConfigError(f"--init={cfg.init} is a {stage or 'unknown'} checkpoint; Stage III "
+                          f"refines a policy of stage family {', '.join(INPUT_FAMILIES)} (rl: "
+                          f"any Stage II update rule): pass --any_input=true to use it anyway")
+    # frozen: the input policy
+    reference = policy.reference()
+    mc = policy.cfg
+    world = R.world_of(policy.cfg)
     if cfg.pairs:
-        load_pairs(cfg.pairs, mc)                                             # checked before anything is replaced
-    # the judge of on-policy pairs too: one for another clip shape, or without a registry head, is refused now
+        # checked before anything is replaced
+        load_pairs(cfg.pairs, mc)
+    # the judge of on-policy pairs too: one for another clip shape, or without a registry head, is
+    # refused now
     new_pairs = not cfg.pairs and not (cfg.resume and os.path.exists(paths["pairs"]))
     rm = load_reward_model(cfg.reward_model, mc) if cfg.judge == "rm" and new_pairs else None
-    n = cfg.samples_per_prompt    # on-policy pairs: at most every ordered pair of each prompt's clips, held at once
-    M.check_batch_memory(policy, d.device, trained=2 * cfg.batch_size // d.ranks + cfg.curated_batch,
-                         sampled=max(n, 2 * cfg.eval_prompts), stored=cfg.pair_prompts * n * (n - 1) if new_pairs else 0)
+    # on-policy pairs: at most every ordered pair of each prompt's clips, held at once
+    n = cfg.samples_per_prompt
+    M.check_batch_memory(policy, d.device,
+                         trained=2 * cfg.batch_size // d.ranks + cfg.curated_batch,
+                         sampled=max(n, 2 * cfg.eval_prompts),
+                         stored=cfg.pair_prompts * n * (n - 1) if new_pairs else 0)
     if d.main:
-        claim_out_dir(cfg.out_dir, cfg.resume, cfg.overwrite, inputs=[cfg.init, cfg.pairs, cfg.reward_model], stage="dpo",
-                      writes=(*RUN_FILES, "pairs.safetensors"), command=command_line("preference.py", cfg))
+        claim_out_dir(cfg.out_dir, cfg.resume, cfg.overwrite,
+                      inputs=[cfg.init, cfg.pairs, cfg.reward_model], stage="dpo",
+                      writes=(*RUN_FILES, "pairs.safetensors"),
+                      command=command_line("preference.py", cfg))
 
     # ================================================================ PAIRS
     pair_path = cfg.pairs or paths["pairs"]
     if not cfg.pairs and d.main and not os.path.exists(pair_path):
-        save_pairs(pair_path, make_pairs(policy, cfg, world, log, rm), f"on-policy from {cfg.init}, judge={cfg.judge}")
+        save_pairs(pair_path, make_pairs(policy, cfg, world, log, rm),
+                   f"on-policy from {cfg.init}, judge={cfg.judge}")
     if d.ranks > 1:
-        torch.distributed.barrier()                                           # rank 0 made the pairs
+        # rank 0 made the pairs
+        torch.distributed.barrier()
     pairs = load_pairs(pair_path, mc)
     n_pairs = len(pairs["winner"])
 
     policy.train()
     ema = EMA(policy, cfg.ema_decay)
-    shard(d, policy, ema.model, reference)                                    # --parallel=fsdp/hsdp: a shard of each
+    # --parallel=fsdp/hsdp: a shard of each
+    shard(d, policy, ema.model, reference)
     opt = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, weight_decay=0.0)
     guard = NonFiniteGuard()
-    start, log_offset = resume_run(paths["state"], policy, ema, opt, cfg, {"guard": guard}, log, d.main) if cfg.resume else (0, None)
-    log(f"dpo: {n_pairs} pairs from {pair_path}; {d.ranks} rank(s) x {cfg.batch_size // d.ranks} pairs = "
-        f"{cfg.batch_size} per step, {cfg.steps} steps (~{cfg.steps * cfg.batch_size / n_pairs:.1f} epochs); "
+    if cfg.resume:
+        start, log_offset = resume_run(paths["state"], policy, ema, opt, cfg, {"guard": guard},
+                                       log, d.main)
+    else:
+        start, log_offset = 0, None
+    log(f"dpo: {n_pairs} pairs from {pair_path}; {d.ranks} rank(s) x "
+        f"{cfg.batch_size // d.ranks} pairs = {cfg.batch_size} per step, {cfg.steps} steps "
+        f"(~{cfg.steps * cfg.batch_size / n_pairs:.1f} epochs); "
         f"beta={cfg.beta}, {'decoupled' if cfg.decoupled else 'joint'} backward")
     print_config(cfg, log)
-    lineage = lambda step: lineage_record("dpo", cfg.init, step, f"pairs:{pair_path}", config=asdict(cfg),
-                                            parent_stage=stage)
+    lineage = lambda step: lineage_record("dpo", cfg.init, step, f"pairs:{pair_path}",
+                                          config=asdict(cfg), parent_stage=stage)
 
     # ================================================================ TRAINING
     window, anchors = [], []
     logf = open_log(os.path.join(cfg.out_dir, "log.jsonl"), log_offset) if d.main else None
     t0 = time.time()
-    bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, disable=not d.main, desc="dpo")
+    bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, disable=not d.main,
+               desc="dpo")
     for step in bar:
-        # ---- BATCH: this rank's pairs, t and noise (pairs are pixels; the policy's flow may run on latents)
+        # ---- BATCH: this rank's pairs, t and noise (pairs are pixels; the policy's flow may run on
+        # latents)
         idx, t, x0 = step_batch(cfg, step, d, n_pairs, policy.flow_shape)
-        dev, enc = (lambda x: x.to(d.device)), (lambda clips: policy.encode(clips.to(d.device)))
+        dev = lambda x: x.to(d.device)
+        enc = lambda clips: policy.encode(clips.to(d.device))
         for group in opt.param_groups:
             group["lr"] = warmup_cosine(step, cfg.lr, cfg.warmup, cfg.steps)
         # ---- LOSS: DPO against the frozen input, and the curated anchor
-        loss, z, e_w = dpo_step(policy, reference, enc(pairs["winner"][idx]), enc(pairs["loser"][idx]),
-                                dev(pairs["tokens"][idx]), dev(pairs["weight"][idx]), dev(t), dev(x0),
+        loss, z, e_w = dpo_step(policy, reference, enc(pairs["winner"][idx]),
+                                enc(pairs["loser"][idx]), dev(pairs["tokens"][idx]),
+                                dev(pairs["weight"][idx]), dev(t), dev(x0),
                                 cfg.beta, cfg.sft_weight, cfg.decoupled)
-        if cfg.curated_weight:   # the preference may not buy its gain with fidelity: keep fitting real clips
-            anchor = M.curated_loss(policy, cfg.curated_batch, cfg.seed + 31, step, world, d.device).mean()
+        # the preference may not buy its gain with fidelity: keep fitting real clips
+        if cfg.curated_weight:
+            anchor = M.curated_loss(policy, cfg.curated_batch, cfg.seed + 31, step, world,
+                                    d.device).mean()
             (cfg.curated_weight * anchor).backward()
             anchors.append(anchor.item())
         # ---- STEP: averaged over ranks, clipped, skipped if non-finite, then the EMA
         average_gradients(policy.parameters(), d)
         grad_norm = clip_gradients(policy.parameters(), cfg.grad_clip)
-        if guard.ok(all_mean(loss.detach().double(), d).item(), grad_norm):   # every rank decides alike
+        # every rank decides alike
+        if guard.ok(all_mean(loss.detach().double(), d).item(), grad_norm):
             opt.step()
             ema.update(policy, step)
         opt.zero_grad(set_to_none=True)
@@ -355,25 +439,32 @@ def train(cfg: Config):
         if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps:
             rec = log_record(step, window, anchors, guard.skipped, time.time() - t0)
             window, anchors = [], []
-            bar.set_postfix(loss=f"{rec['loss']:.4f}", acc=f"{rec['implicit_acc']:.2f}", margin=f"{rec['reward_margin']:.3f}")
+            bar.set_postfix(loss=f"{rec['loss']:.4f}", acc=f"{rec['implicit_acc']:.2f}",
+                            margin=f"{rec['reward_margin']:.3f}")
             if d.main:
                 logf.write(json.dumps(rec) + "\n")
                 logf.flush()
         if (step + 1) % cfg.ckpt_every == 0 or step + 1 == cfg.steps:
-            save_run_state(paths["state"], policy, ema, opt, lineage(step + 1), step + 1, {"guard": guard}, logf, d.main)
+            save_run_state(paths["state"], policy, ema, opt, lineage(step + 1), step + 1,
+                           {"guard": guard}, logf, d.main)
 
-    check_ranks_agree(policy, d)                                                # before anything is handed off
-    # ================================================================ HAND-OFF: EMA weights, and the oracle's verdict
-    weights, memory = full_state(ema.model, d.main), memory_use(d, [policy, ema.model, reference], opt)
-    result, theirs, ours = oracle_verdict(cfg, ema.model, reference, world, d.device)  # every rank: they may be sharded
+    # before anything is handed off
+    check_ranks_agree(policy, d)
+    # ================================================================ HAND-OFF: EMA weights, and
+    # the oracle's verdict
+    weights = full_state(ema.model, d.main)
+    memory = memory_use(d, [policy, ema.model, reference], opt)
+    # every rank: they may be sharded
+    result, theirs, ours = oracle_verdict(cfg, ema.model, reference, world, d.device)
     if d.main:
         save_checkpoint(paths["ckpt"], weights, mc, lineage(cfg.steps))
         data.write_video(data.video_grid(torch.stack([theirs, ours], 1).flatten(0, 1), 8, 2),
                          os.path.join(cfg.out_dir, "samples.gif"))
-        logf.write(json.dumps({"final": result, "memory": memory, "parallel": cfg.parallel, "ranks": d.ranks}) + "\n")
+        logf.write(json.dumps({"final": result, "memory": memory, "parallel": cfg.parallel,
+                               "ranks": d.ranks}) + "\n")
         logf.close()
-        log(f"done: {paths['ckpt']}; oracle win rate vs input {result['win_rate']:.3f} (held-out combos "
-            f"{result['win_rate_heldout_combos']:.3f}); samples.gif columns: input, dpo")
+        log(f"done: {paths['ckpt']}; oracle win rate vs input {result['win_rate']:.3f} (held-out "
+            f"combos {result['win_rate_heldout_combos']:.3f}); samples.gif columns: input, dpo")
     teardown(d)
     release_run_folders(cfg.out_dir)
     check_trained(guard.skipped, cfg.steps, paths["ckpt"])

@@ -613,6 +613,9 @@ def test_recommendation_follows_the_worst_part_and_parses(monkeypatch):
     # nothing left to learn from the data: Stage III, which refines a base only with --any_input
     script, cfg = stage_command(all_matched["command"])
     assert all_matched["axis"] is None and script == "preference.py" and cfg.any_input
+    # ... and SFT, DPO or any Stage II rule's output (stage family rl) without it
+    for stage in ("sft", "rl-nft", "rl-awm", "dpo"):
+        assert not stage_command(diagnose.recommendation(axes, measured(), ckpt, stage)["command"])[1].any_input
     script, cfg = stage_command(words["command"])
     assert words["part"] == "direction" and cfg.split_instruction and cfg.weights == ("instruction=2.0",)
     assert len({r["command"] for r in (sft_like, worse_than_web, fid_matched, after_rl, all_matched, words)}) == 6
@@ -1365,6 +1368,25 @@ def test_dpo_run_raises_implicit_accuracy_on_fixed_pairs(tiny_checkpoints):
     free, anchored = held(root / "dpo" / "ckpt.safetensors"), held(root / "dpo_anchored" / "ckpt.safetensors")
     assert anchored < free, (anchored, free)
     assert read_log(root / "dpo_anchored" / "log.jsonl")[-2]["curated_loss"] > 0
+
+
+def test_dpo_takes_any_stage_two_checkpoint_by_its_family(tiny_checkpoints):
+    """Stage III accepts a Stage II checkpoint of any update rule (stage family rl) without --any_input: an NFT
+    checkpoint trains, and its DPO checkpoint's lineage names it; a pretrained base is still refused."""
+    base, tuned, root = tiny_checkpoints
+    assert [checkpoint.stage_family(s) for s in ("rl-nft", "rl-awm", "sft", "dpo", "pretrain", "")] == [
+        "rl", "rl", "sft", "dpo", "pretrain", ""]
+    nft = reward_rl.train(tiny_rl(tuned, root / "rl_nft", update="nft", iters=1))
+    assert checkpoint.read_checkpoint(nft)[2]["lineage"]["stage"] == "rl-nft"
+    preference.save_pairs(str(root / "nft_pairs.safetensors"), tiny_pairs(4))
+    cfg = preference.Config(init=str(nft), out_dir=str(root / "dpo_nft"), pairs=str(root / "nft_pairs.safetensors"),
+                            steps=2, batch_size=4, warmup=1, curated_batch=2, log_every=1, ckpt_every=2, eval_prompts=2,
+                            eval_steps=2, device="cpu")
+    lineage = checkpoint.read_checkpoint(preference.train(cfg))[2]["lineage"]
+    assert (lineage["stage"], lineage["parent"], lineage["parent_stage"]) == ("dpo", str(nft), "rl-nft")
+    assert lineage["parent_hash"] == checkpoint.file_hash(str(nft))
+    with pytest.raises(cli.ConfigError, match="is a pretrain checkpoint"):
+        preference.train(dataclasses.replace(cfg, init=str(base), out_dir=str(root / "dpo_base")))
 
 
 def test_grpo_interrupted_run_resumes_to_identical_weights(tiny_checkpoints):
