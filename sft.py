@@ -107,8 +107,10 @@ def train(cfg: Config, stop_after=None):
         torch.manual_seed(cfg.seed)  # the initial weights, like everything else, follow from the seed
         net = M.VideoDiT(mcfg).to(d.device)
     M.check_batch_memory(net, d.device, trained=cfg.batch_size // d.ranks, sampled=max(cfg.val_clips, 12))
+    # web data is pretraining, from scratch or from an --init (a fresh policy from adapters.py)
+    stage = "sft" if cfg.init and cfg.data == "curated" else "pretrain"
     if d.main:  # every input is checked: only now may an old run be replaced
-        claim_out_dir(cfg.out_dir, cfg.resume, cfg.overwrite, inputs=[cfg.init], stage="sft" if cfg.init else "pretrain",
+        claim_out_dir(cfg.out_dir, cfg.resume, cfg.overwrite, inputs=[cfg.init], stage=stage,
                       command=command_line("sft.py", cfg))
     if d.ranks > 1:
         torch.distributed.barrier()
@@ -121,7 +123,6 @@ def train(cfg: Config, stop_after=None):
     start, log_offset = resume_run(state_path, net, ema, opt, cfg, {"guard": guard}, log, d.main) if cfg.resume else (0, None)
     per_rank = cfg.batch_size // d.ranks
     mine = slice(d.rank * per_rank, (d.rank + 1) * per_rank)                  # this rank's rows of every batch
-    stage = "pretrain" if not cfg.init else "sft"
     lineage = lambda step: lineage_record(stage, cfg.init, step, cfg.data, config=asdict(cfg),
                                             parent_stage=parent_meta.get("lineage", {}).get("stage", ""))
     log(f"{stage}: {sum(p.numel() for p in net.parameters()) / 1e6:.2f}M params, {d.ranks} rank(s) x "
