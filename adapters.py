@@ -402,7 +402,8 @@ class WanPolicy(nn.Module):
     # ------------------------------------------------------------------ the flow, in postflow's convention
     def velocity(self, x, t, tokens, ctx=None, ctx_mask=None, drop=None):
         """v at x_t through diffusers' call: timestep 1000 (1 - t), v = -u. Context latents are pinned clean and their
-        tokens get timestep 0, the way Wan 2.2's TI2V conditions on a first frame."""
+        tokens get timestep 0, the way Wan 2.2's TI2V conditions on a first frame. Under
+        --target=clean the output is the clean clip and v is derived from it."""
         timestep = 1000 * (1 - t.float())                                              # (B,)
         if ctx is not None:
             x = torch.where(ctx_mask[:, None, :, None, None], ctx, x)
