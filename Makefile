@@ -59,15 +59,42 @@ pipeline_driven: setup
 
 # How the shipped checkpoints were made. The shipped base: this command with DEVICE=cuda on one H100 (308 s);
 # on 2 CPU cores it takes about 75 minutes (0.75 s a step). Its 6000 steps (not 2000) are what lifts fidelity.
+# POLICY=wan pretrains diffusers' Wan on pixels instead (below); RESUME=true continues a stopped
+# run.
 DEVICE ?= auto
-base: setup
+POLICY ?= dit
+RESUME ?= false
+ifeq ($(filter $(POLICY),dit wan),)
+$(error POLICY=$(POLICY): choose dit (the small DiT) or wan (diffusers' Wan on pixels))
+endif
+base: base_$(POLICY)
+
+base_dit: setup
 	$(PY) sft.py --init= --data=web --lr=1e-3 --steps=6000 --warmup=100 --ema_decay=0.999 --ckpt_every=100 --out_dir=runs/base \
-		--device=$(DEVICE)
-	$(PY) -c "import model; model.export_half('runs/base/ckpt.safetensors', 'checkpoints/base_small.safetensors')"
+		--device=$(DEVICE) --resume=$(RESUME)
+	$(PY) -c "import checkpoint; checkpoint.export_half('runs/base/ckpt.safetensors', \
+		'checkpoints/base_small.safetensors')"
+
+# The pixel Wan's base: WanTransformer3DModel at the small DiT's shape (adapters.WanConfig's
+# defaults: 8x8 patches, 128 tokens a clip, 6 blocks 192 wide, 4.03M parameters) with learned words,
+# predicting the clean clip as the DiT does (adapters.py says why), drawn from its seed once (a
+# resume needs the same init file), then pretrained as the DiT's base is, on the web data.
+WAN_STEPS ?= 6000
+base_wan: setup-wan runs/wan_base_init.safetensors
+	$(PY) sft.py --init=runs/wan_base_init.safetensors --data=web --lr=1e-3 --steps=$(WAN_STEPS) \
+		--warmup=100 --ema_decay=0.999 --ckpt_every=100 --out_dir=runs/wan_base --device=$(DEVICE) \
+		--resume=$(RESUME)
+	$(PY) -c "import checkpoint; checkpoint.export_half('runs/wan_base/ckpt.safetensors', \
+		'checkpoints/base_wan.safetensors')"
+
+runs/wan_base_init.safetensors:
+	$(PY) adapters.py --source=pixel --text=learned --target=clean --lora_rank=0 --frames=8 --size=32 \
+		--out=$@
 
 sft_checkpoint: setup
 	$(PY) sft.py --init=checkpoints/base_small.safetensors --out_dir=runs/sft
-	$(PY) -c "import model; model.export_half('runs/sft/ckpt.safetensors', 'checkpoints/sft_small.safetensors')"
+	$(PY) -c "import checkpoint; checkpoint.export_half('runs/sft/ckpt.safetensors', \
+		'checkpoints/sft_small.safetensors')"
 
 reward_model: setup
 	$(PY) judge.py train --out=checkpoints/reward_model.safetensors --overwrite=true
@@ -101,5 +128,5 @@ benchmarks: setup
 race: setup
 	$(PY) race.py
 
-.PHONY: setup setup-wan test killtest pipeline pipeline_driven base sft_checkpoint reward_model base_diagnosis benchmarks ablations \
+.PHONY: setup setup-wan test killtest pipeline pipeline_driven base base_dit base_wan sft_checkpoint reward_model base_diagnosis benchmarks ablations \
 	bench race

@@ -10,6 +10,41 @@ A checkpoint written here says `policy: wan` in its model_config and holds this 
 model.load_model builds this policy from any stage's --init: no stage knows which model it trains. --source=tiny
 builds a random tiny Wan (the sizes diffusers' own tests use) for the tests; a folder is read with from_pretrained.
 
+On pixels, learned from scratch (`make base POLICY=wan` runs the first two):
+    python adapters.py --source=pixel --text=learned --lora_rank=0 --frames=8 --size=32 \\
+        --out=runs/wan_base_init.safetensors
+    python sft.py --init=runs/wan_base_init.safetensors --data=web --lr=1e-3 --out_dir=runs/wan_base
+    python adapters.py --source=checkpoints/base_wan.safetensors --lora_rank=8 \\
+        --out=runs/wan_lora.safetensors
+--source=pixel has no VAE: the flow runs on the clip itself (encode is the identity, decode clamps
+as the DiT's does), and WanTransformer3DModel is built from the seed as diffusers defines and
+initialises it, with in_channels = out_channels = 3 and the shape of WanConfig's pixel fields. Their
+defaults are the small DiT's (model.preset('small')): 8x8 patches of one frame, 16 tokens a frame,
+128 a clip of 8x32x32; 6 blocks of 6 heads x 32 (192 wide), an MLP of 768; 4.03M parameters with the
+words, against the DiT's 4.35M. What differs is Wan's own: each block's modulation from one shared
+time projection, the caption read by cross-attention rather than pooled, rotary angles on a plain
+grid rather than the DiT's torus, the velocity predicted rather than the clean clip, and context
+frames pinned with timestep 0 per token rather than fed as extra channels.
+
+--text=learned is a pixel Wan's text encoder: one trained vector per word of postflow's vocabulary
+(text_dim wide, drawn at unit scale, pads zero), giving the (B, text_len, text_dim) states Wan's
+cross-attention reads. It trains with the whole model (--lora_rank=0) and is saved with it; beside
+an adapter it stays frozen. '' is an all-pad caption, zeros, as for 'tokens'. A pixel Wan trained
+whole can be another's --source: its transformer and words are then the frozen base of a LoRA
+policy, whose checkpoint holds the adapter and names that file by its hash (a changed file is
+refused); the clip, text, transformer and target fields are read from the file.
+
+--target=clean is the one setting a pixel Wan changes, and it is a flag, not a rewrite: it reads the
+transformer's output as the clean clip, the DiT's x-prediction (v = (out - x_t) / (1 - t), 1 - t
+floored at t_eps). On pixels Wan's own velocity target has to carry every pixel's noise through the
+network to cancel it: 300 pretraining steps (batch 32, web data, lr 1e-3) ended at flow loss 0.262
+against the DiT's 0.134 at the same step, 3-4x the DiT's in the bins nearest the noise, and its
+samples drew patch-sized blocks over leftover per-pixel noise (model.py's reason for x-prediction).
+With --target=clean the same run followed the DiT's curve (0.153 at step 300, 5-16 % above it at
+every logged step) and drew clean backgrounds; `make base POLICY=wan` uses it. Sampling keeps the
+adapter's flow shift 3 and guidance at every step: at step 300 the DiT's settings (equal steps,
+guidance stopped at 0.6) scored the same on 64 held-out clips within their noise.
+
 Conventions, mapped once, here:
     postflow   x_t = (1 - t) noise + t data,       v = data - noise,   t from 0 (noise) to 1 (data)
     diffusers  x = sigma noise + (1 - sigma) data,  the transformer predicts u = noise - data at timestep 1000 sigma
@@ -35,7 +70,7 @@ the LoRA factors stay fp32 (the frozen weights are bf16).
 LoRA (peft, --lora_rank > 0): the frozen reference of Stages II and III is this policy with its adapter disabled, not a
 second copy. So that the reference is the stage's input, reference() first folds the adapter trained so far into the
 frozen weights (its factors are kept in the checkpoint, which stays small) and restarts it at zero. --lora_rank=0
-fine-tunes the whole transformer, and the reference is a frozen copy of it.
+fine-tunes the whole transformer (and learned words), and the reference is a frozen copy of it.
 """
 import copy
 import html
@@ -74,13 +109,28 @@ TINY_VAE = dict(base_dim=3, z_dim=4, dim_mult=[1, 1, 1, 1], num_res_blocks=1, te
 @dataclass
 class WanConfig:  # the defaults are the tiny test policy: 16x16x2 latents of 4 channels, 128x128x5 pixels
     policy: str = "wan"        # selects this adapter when a checkpoint is read (model.POLICIES)
-    source: str = "tiny"       # a diffusers Wan folder (transformer/, vae/), or 'tiny': random, from seed (tests)
-    text: str = "tokens"       # prompt states: a .safetensors file (prompt -> (L, D)), 'module:function', or 'tokens'
+    source: str = "tiny"       # a diffusers Wan folder (transformer/, vae/), 'tiny': random, from
+                               # seed (tests), 'pixel': random, from seed, on pixels, or a pixel
+                               # Wan checkpoint (.safetensors): its transformer and text
+    text: str = "tokens"       # prompt states: a .safetensors file (prompt -> (L, D)),
+                               # 'module:function', 'tokens' (fixed random words) or 'learned'
+                               # (words trained with the model)
     text_len: int = 8          # states are zero-padded to this many rows; a folder source needs 512, what Wan's
                                # pipeline pads to (its max_sequence_length) and the transformer was trained on
     frames: int = 5            # pixel frames per clip, 1 + 4k: the VAE keeps frame 0, then packs 4 frames per latent
     size: int = 128            # pixel frame edge: latents are size / 8, tokens size / 16 per side
     channels: int = 3          # RGB
+    # ---- the pixel source's transformer (a checkpoint source brings its own): the small DiT's
+    # shape, 8x8 patches of one frame (128 tokens a clip at 8x32x32), 6 blocks of 6 heads x 32 =
+    # 192 wide, an MLP 4x as wide: 4.03M parameters against the DiT's 4.35M
+    patch: int = 8             # spatial patch edge, pixels
+    tpatch: int = 1            # frames per patch
+    heads: int = 6             # attention heads
+    head_dim: int = 32         # Wan's rotary angles split it in frames, rows, columns: even, >= 6
+    layers: int = 6            # transformer blocks
+    ffn_dim: int = 768         # MLP hidden width
+    text_dim: int = 192        # the prompt states' width, what the text projection takes
+    source_hash: str = ""      # the checkpoint source's hash this policy was made from (not given)
     lora_rank: int = 4         # peft LoRA on lora_targets; 0 = full fine-tuning
     lora_alpha: float = 4.0    # the adapter's scale is alpha / rank
     lora_targets: str = "to_q,to_k,to_v,to_out.0"  # attention projections, self- and cross-attention
@@ -92,8 +142,20 @@ class WanConfig:  # the defaults are the tiny test policy: 16x16x2 latents of 4 
     vae_batch: int = 4         # clips per VAE call: a batch of long clips at once does not fit
     checkpointing: bool = False  # recompute each block in the backward pass: activations of 30 blocks do not fit
     seed: int = 0              # the tiny source, the 'tokens' embedding and every adapter (re)start
-    t_eps: float = 1e-3        # floor on 1 - t where flow_loss turns the clean-clip prediction back into v
+    target: str = "velocity"   # what the transformer's output is: 'velocity' (Wan's u = noise -
+                               # data) or 'clean' (the clean clip, the DiT's; v derived from it)
+    t_eps: float = 0.05        # floor on 1 - t where a 'clean' output becomes v (the DiT's)
     folded: int = 0            # adapters that earlier stages folded into the frozen weights
+
+
+PIXEL_SHAPE = ("patch", "tpatch", "heads", "head_dim", "layers", "ffn_dim", "text_dim")
+# what a checkpoint source fixes: its clip, its prompt states, its transformer and what it predicts
+SOURCE_SHAPE = ("frames", "size", "channels", "text", "text_len", *PIXEL_SHAPE, "target", "t_eps")
+
+
+def on_pixels(cfg):
+    """Whether the flow runs on pixels: a random pixel Wan, or one from a pixel Wan checkpoint."""
+    return cfg.source == "pixel" or cfg.source.endswith(".safetensors")
 
 
 def check(cfg):
@@ -102,16 +164,39 @@ def check(cfg):
         v = getattr(cfg, f.name)
         if not isinstance(v, (int, float) if f.type is float else f.type) or (isinstance(v, bool) and f.type is not bool):
             raise ConfigError(f"Wan config {f.name}={v!r} is not a {f.type.__name__}")
-    check_ranges(cfg, at_least_one=("text_len", "frames", "size", "vae_batch"),
-                 positive=("lora_alpha", "t_eps", "flow_shift"), non_negative=("lora_rank", "folded", "cfg_until"), choices=dict(policy=("wan",), dtype=("float32", "bfloat16"),
-                                                                   sampler=("flow-grpo", "flow-match-sde")))
-    if (cfg.frames - 1) % 4 or cfg.size % 16:
-        raise ConfigError(f"a Wan clip has 1 + 4k frames and a size divisible by 16, got {cfg.frames}x{cfg.size}")
-    if cfg.source != "tiny" and cfg.text_len != 512:
+    check_ranges(cfg, at_least_one=("text_len", "frames", "size", "vae_batch", *PIXEL_SHAPE),
+                 positive=("lora_alpha", "t_eps", "flow_shift"),
+                 non_negative=("lora_rank", "folded", "cfg_until"),
+                 choices=dict(policy=("wan",), dtype=("float32", "bfloat16"),
+                              sampler=("flow-grpo", "flow-match-sde"),
+                              target=("velocity", "clean")))
+    if on_pixels(cfg):
+        if cfg.frames % cfg.tpatch or cfg.size % cfg.patch:
+            raise ConfigError(f"a pixel Wan's {cfg.frames}x{cfg.size} clip does not split into "
+                              f"patches of {cfg.tpatch}x{cfg.patch}x{cfg.patch}")
+        if cfg.head_dim % 2 or cfg.head_dim < 6:
+            raise ConfigError(f"--head_dim={cfg.head_dim}: Wan's rotary angles need an even "
+                              f"head_dim of at least 6")
+    else:
+        if (cfg.frames - 1) % 4 or cfg.size % 16:
+            raise ConfigError(f"a Wan clip has 1 + 4k frames and a size divisible by 16, got "
+                              f"{cfg.frames}x{cfg.size}")
+        moved = [f"--{k}={getattr(cfg, k)}" for k in PIXEL_SHAPE
+                 if getattr(cfg, k) != getattr(WanConfig, k)]
+        if moved:
+            raise ConfigError(f"the pixel source's shape ({', '.join(moved)}) does not apply to "
+                              f"--source={cfg.source}, which brings its own")
+    if cfg.source_hash and not cfg.source.endswith(".safetensors"):
+        raise ConfigError("--source_hash belongs to a checkpoint source")
+    if not on_pixels(cfg) and cfg.source != "tiny" and cfg.text_len != 512:
         raise ConfigError(f"a Wan folder source takes --text_len=512 (its prompt states padded as its pipeline pads "
                           f"them), got {cfg.text_len}")
-    if cfg.text == "tokens" and cfg.text_len < data.MAX_TOKENS:
-        raise ConfigError(f"--text=tokens needs --text_len >= {data.MAX_TOKENS}, postflow's caption length")
+    if cfg.target == "clean" and cfg.source not in ("tiny", "pixel") and not on_pixels(cfg):
+        raise ConfigError("--target=clean is for a Wan trained here: a folder's transformer was "
+                          "trained to predict the velocity")
+    if cfg.text in ("tokens", "learned") and cfg.text_len < data.MAX_TOKENS:
+        raise ConfigError(f"--text={cfg.text} needs --text_len >= {data.MAX_TOKENS}, postflow's "
+                          f"caption length")
     if cfg.folded and not cfg.lora_rank:
         raise ConfigError("folded adapters need --lora_rank > 0")
 
@@ -127,22 +212,74 @@ def read_config(shape):
 
 
 def load_source(cfg):
-    """The transformer (in cfg.dtype) and the VAE (fp32), untouched by LoRA."""
+    """The transformer (in cfg.dtype) and the VAE (fp32; None on pixels), untouched by LoRA."""
+    return build_source(cfg)[:2]
+
+
+def pixel_transformer(cfg):
+    """WanTransformer3DModel's arguments for a pixel Wan: the clip's channels in and out, cfg's
+    shape, and the rest as Wan 2.1's published configs set it (256 time frequencies, normed
+    cross-attention, q and k RMS-normed across heads)."""
+    return dict(patch_size=(cfg.tpatch, cfg.patch, cfg.patch), num_attention_heads=cfg.heads,
+                attention_head_dim=cfg.head_dim, in_channels=cfg.channels,
+                out_channels=cfg.channels, text_dim=cfg.text_dim, freq_dim=256,
+                ffn_dim=cfg.ffn_dim, num_layers=cfg.layers, cross_attn_norm=True,
+                qk_norm="rms_norm_across_heads", eps=1e-6)
+
+
+def build_source(cfg):
+    """(transformer, VAE or None, prompt states or None): a checkpoint source brings its own prompt
+    states; elsewhere the policy builds them from cfg.text."""
     if WanTransformer3DModel is None:
         raise UserError(f"this checkpoint's policy is Wan, which needs the optional extra: {SETUP}")
     dtype = getattr(torch, cfg.dtype)
-    if cfg.source == "tiny":
+    cast = lambda t: t if dtype == torch.float32 else t.to(dtype)
+    if cfg.source in ("tiny", "pixel"):
         with torch.random.fork_rng(devices=[]):  # the caller's global stream is left as it was
             torch.manual_seed(cfg.seed)
+            if cfg.source == "pixel":
+                return cast(WanTransformer3DModel(**pixel_transformer(cfg))), None, None
             transformer = WanTransformer3DModel(**TINY_TRANSFORMER)
-            return transformer if dtype == torch.float32 else transformer.to(dtype), AutoencoderKLWan(**TINY_VAE)
+            return cast(transformer), AutoencoderKLWan(**TINY_VAE), None
+    if cfg.source.endswith(".safetensors"):
+        base = source_policy(cfg)
+        return cast(base.transformer), None, base.text
     if not os.path.isdir(os.path.join(cfg.source, "transformer")):
-        raise ConfigError(f"--source={cfg.source} is not a diffusers Wan folder (transformer/, vae/) nor 'tiny'")
+        raise ConfigError(f"--source={cfg.source} is not a diffusers Wan folder (transformer/, "
+                          f"vae/), 'tiny', 'pixel' nor a pixel Wan checkpoint (.safetensors)")
     try:
-        return (WanTransformer3DModel.from_pretrained(cfg.source, subfolder="transformer", torch_dtype=dtype),
-                AutoencoderKLWan.from_pretrained(cfg.source, subfolder="vae", torch_dtype=torch.float32))
+        transformer = WanTransformer3DModel.from_pretrained(cfg.source, subfolder="transformer",
+                                                            torch_dtype=dtype)
+        vae = AutoencoderKLWan.from_pretrained(cfg.source, subfolder="vae",
+                                               torch_dtype=torch.float32)
+        return transformer, vae, None
     except (OSError, ValueError) as e:
         raise ConfigError(f"cannot read a Wan model from {cfg.source}: {str(e).splitlines()[0]}") from None
+
+
+def source_policy(cfg):
+    """The pixel Wan a checkpoint source holds whole (trained with --lora_rank=0), checked against
+    cfg. Its weights are rebuilt from that file, so a LoRA checkpoint made from it stays small and
+    names the file by its hash."""
+    from checkpoint import file_hash, load_model, read_checkpoint
+    if not os.path.isfile(cfg.source):
+        raise ConfigError(f"--source={cfg.source}: no such checkpoint")
+    if cfg.source_hash and file_hash(cfg.source) != cfg.source_hash:
+        raise CheckpointError(f"{cfg.source} has changed (hash {file_hash(cfg.source)}) since "
+                              f"this policy was made from it (hash {cfg.source_hash}): restore "
+                              f"that file or remake the run from it")
+    shape = read_checkpoint(cfg.source)[1]
+    # by name: run as a script, this module's classes are __main__'s, not those checkpoint.py builds
+    if getattr(shape, "policy", None) != "wan" or not on_pixels(shape) or shape.lora_rank:
+        raise ConfigError(f"--source={cfg.source} is not a pixel Wan checkpoint with whole weights "
+                          f"(one trained with --lora_rank=0)")
+    moved = [f"--{k}={getattr(cfg, k)} (the source's: {getattr(shape, k)})" for k in SOURCE_SHAPE
+             if getattr(cfg, k) != getattr(shape, k)]
+    if moved:
+        raise ConfigError(f"--source={cfg.source} fixes the clip, the text, the transformer and "
+                          f"its target: "
+                          f"{', '.join(moved)}")
+    return load_model(cfg.source)[0]
 
 
 class PromptStates(nn.Module):
@@ -150,8 +287,14 @@ class PromptStates(nn.Module):
 
     def __init__(self, cfg, dim):
         super().__init__()
-        self.len, self.fn, self.index = cfg.text_len, None, None
-        if cfg.text == "tokens":   # a frozen stand-in for a text encoder: one fixed vector per word
+        self.len, self.fn, self.index, self.words = cfg.text_len, None, None, None
+        if cfg.text == "learned":  # a text encoder learned from scratch: a trained vector per word
+            self.words = nn.Embedding(len(data.VOCAB), dim, padding_idx=0)
+            with torch.no_grad():   # unit scale, as the DiT's words, from the seed; pads stay zero
+                self.words.weight.normal_(generator=torch.Generator().manual_seed(cfg.seed + 1))
+                self.words.weight[0] = 0
+            table, empty = None, torch.zeros(cfg.text_len, dim)   # '' is all pads, as for 'tokens'
+        elif cfg.text == "tokens":   # a frozen stand-in for a text encoder: a fixed vector per word
             table = torch.randn(len(data.VOCAB), dim, generator=torch.Generator().manual_seed(cfg.seed + 1))
             empty = torch.zeros(cfg.text_len, dim)   # '' has no words: all pads, the rows forward() zeroes
         elif cfg.text.endswith(".safetensors"):
@@ -175,8 +318,8 @@ class PromptStates(nn.Module):
             try:
                 self.fn = getattr(importlib.import_module(module), name)
             except (ImportError, AttributeError):
-                raise ConfigError(f"--text={cfg.text} is not 'tokens', a .safetensors file or an importable "
-                                  f"'module:function'") from None
+                raise ConfigError(f"--text={cfg.text} is not 'tokens', 'learned', a .safetensors "
+                                  f"file or an importable 'module:function'") from None
             with torch.no_grad():
                 empty = self.fn([""])[0].float()
             if empty.dim() != 2 or empty.shape[1] != dim or len(empty) > cfg.text_len:
@@ -188,7 +331,9 @@ class PromptStates(nn.Module):
         self.register_buffer("empty", empty, persistent=False)
 
     def forward(self, tokens, drop=None):
-        if self.fn is None and self.index is None:
+        if self.words is not None:
+            states = self.words(tokens)                               # (B, L, D), pads are zero
+        elif self.fn is None and self.index is None:
             states = self.table[tokens] * (tokens != 0)[..., None]                    # (B, L, D), pads are zero
         else:
             prompts = [" ".join(data.VOCAB[i] for i in row if i) for row in tokens.tolist()]
@@ -209,17 +354,16 @@ class WanPolicy(nn.Module):
     def __init__(self, cfg):
         super().__init__()
         self.cfg, self.sampler, self.flow_shift, self.cfg_until = cfg, cfg.sampler, cfg.flow_shift, cfg.cfg_until
-        self.transformer, self.vae = load_source(cfg)
-        self.vae.requires_grad_(False).eval()
-        vc, tc = self.vae.config, self.transformer.config
-        s = vc.scale_factor_spatial
-        if cfg.size % (s * tc.patch_size[1]) or vc.z_dim != tc.in_channels:
-            raise ConfigError(f"--size={cfg.size} does not patch into {s}x VAE latents, or the VAE's {vc.z_dim} "
-                              f"channels are not the transformer's {tc.in_channels}")
-        self.flow_shape = (vc.z_dim, 1 + (cfg.frames - 1) // vc.scale_factor_temporal, cfg.size // s, cfg.size // s)
-        self.register_buffer("mean", torch.tensor(vc.latents_mean).view(1, -1, 1, 1, 1), persistent=False)
-        self.register_buffer("std", torch.tensor(vc.latents_std).view(1, -1, 1, 1, 1), persistent=False)
-        self.text = PromptStates(cfg, tc.text_dim)
+        self.transformer, self.vae, text = build_source(cfg)
+        tc = self.transformer.config
+        if self.vae is None:   # pixels: the flow's state is the clip itself
+            self.flow_shape = (cfg.channels, cfg.frames, cfg.size, cfg.size)
+        else:
+            self.latent_space(cfg, tc)
+        self.text = text if text is not None else PromptStates(cfg, tc.text_dim)
+        # learned words train with the whole model; beside an adapter they stay the base's, as its
+        # weights do
+        self.text.requires_grad_(not cfg.lora_rank)
         if cfg.lora_rank:
             try:
                 from peft import LoraConfig
@@ -235,16 +379,33 @@ class WanPolicy(nn.Module):
             self.transformer.requires_grad_(True)
         if cfg.checkpointing:
             self.transformer.enable_gradient_checkpointing()
-        self.trained = {f"transformer.{n}" for n, p in self.transformer.named_parameters() if p.requires_grad}
+        self.trained = {n for n, p in self.named_parameters() if p.requires_grad}
         # the factors folded by earlier stages: placeholders that loading fills, then adds into the frozen weights
         self.history = [{n: (torch.zeros_like(a), torch.zeros_like(b)) for n, (a, b) in self.factors().items()}
                         for _ in range(cfg.folded)]
         self.history_in_weights = cfg.folded == 0
 
+    def latent_space(self, cfg, tc):
+        """flow_shape and the latents' normalisation, from the VAE's config."""
+        self.vae.requires_grad_(False).eval()
+        vc = self.vae.config
+        s = vc.scale_factor_spatial
+        if cfg.size % (s * tc.patch_size[1]) or vc.z_dim != tc.in_channels:
+            raise ConfigError(f"--size={cfg.size} does not patch into {s}x VAE latents, or the "
+                              f"VAE's {vc.z_dim} channels are not the transformer's "
+                              f"{tc.in_channels}")
+        frames = 1 + (cfg.frames - 1) // vc.scale_factor_temporal
+        self.flow_shape = (vc.z_dim, frames, cfg.size // s, cfg.size // s)
+        mean, std = (torch.tensor(v).view(1, -1, 1, 1, 1)
+                     for v in (vc.latents_mean, vc.latents_std))
+        self.register_buffer("mean", mean, persistent=False)
+        self.register_buffer("std", std, persistent=False)
+
     # ------------------------------------------------------------------ the flow, in postflow's convention
     def velocity(self, x, t, tokens, ctx=None, ctx_mask=None, drop=None):
         """v at x_t through diffusers' call: timestep 1000 (1 - t), v = -u. Context latents are pinned clean and their
-        tokens get timestep 0, the way Wan 2.2's TI2V conditions on a first frame."""
+        tokens get timestep 0, the way Wan 2.2's TI2V conditions on a first frame. Under
+        --target=clean the output is the clean clip and v is derived from it."""
         timestep = 1000 * (1 - t.float())                                              # (B,)
         if ctx is not None:
             x = torch.where(ctx_mask[:, None, :, None, None], ctx, x)
@@ -252,8 +413,11 @@ class WanPolicy(nn.Module):
             per_frame = (x.shape[3] // ph) * (x.shape[4] // pw)
             timestep = torch.where(ctx_mask[:, ::pt], 0.0, timestep[:, None]).repeat_interleave(per_frame, 1)  # (B, tokens)
         dtype = self.transformer.dtype
-        u = self.transformer(x.to(dtype), timestep, self.text(tokens, drop).to(dtype), return_dict=False)[0]
-        return -u.float()
+        out = self.transformer(x.to(dtype), timestep, self.text(tokens, drop).to(dtype),
+                               return_dict=False)[0].float()
+        if self.cfg.target == "clean":   # the output is the clean clip (a pixel Wan's option)
+            return M.to_velocity(out, x, t, self.cfg.t_eps)
+        return -out                       # u = noise - data, as Wan's pipeline reads it
 
     def forward(self, x, t, tokens, **kw):
         """The interface's prediction, the clean clip: x1_hat = x_t + (1 - t) v, Wan's x0 = x - sigma u."""
@@ -261,20 +425,26 @@ class WanPolicy(nn.Module):
 
     @torch.no_grad()
     def encode(self, clips):
-        """Pixels (B, 3, F, H, W) in [-1, 1] -> normalised latents (B, *flow_shape): the posterior's mean, no draw."""
+        """Pixels (B, 3, F, H, W) in [-1, 1] -> normalised latents (B, *flow_shape): the posterior's
+        mean, no draw. A pixel Wan's flow takes the clips as they are."""
+        if self.vae is None:
+            return clips
         with torch.autocast(clips.device.type, enabled=False):
             z = torch.cat([self.vae.encode(c.float()).latent_dist.mean for c in clips.split(self.cfg.vae_batch)])
         return (z - self.mean) / self.std
 
     @torch.no_grad()
     def decode(self, x):
+        if self.vae is None:   # as the DiT's: an overshooting sample is clipped to pixels
+            return x.clamp(-1, 1)
         with torch.autocast(x.device.type, enabled=False):
             z = x.float() * self.std + self.mean
             return torch.cat([self.vae.decode(c).sample for c in z.split(self.cfg.vae_batch)]).clamp(-1, 1)
 
     def train(self, mode=True):
         super().train(mode)
-        self.vae.eval()
+        if self.vae is not None:
+            self.vae.eval()
         return self
 
     # ------------------------------------------------------------------ the reference, and LoRA's bookkeeping
@@ -286,8 +456,11 @@ class WanPolicy(nn.Module):
 
     def shard_units(self):
         """FSDP2's pieces (distributed.shard): each transformer block, then the transformer, whose forward velocity()
-        calls. The VAE and prompt states are frozen and small beside it: every rank keeps them whole."""
-        return [*self.transformer.blocks, self.transformer]
+        calls. The VAE and frozen prompt states are small beside it: every rank keeps them whole.
+        Learned words that train are a unit of their own, so their gradient is reduced over the
+        ranks as every other weight's is."""
+        learned = any(n.startswith("text.") for n in self.trained)   # copies too (EMA: frozen)
+        return [*self.transformer.blocks, *([self.text] if learned else []), self.transformer]
 
     @contextmanager
     def adapter_off(self):
@@ -331,8 +504,9 @@ class WanPolicy(nn.Module):
         self.restart_adapter()
 
     def state_dict(self, *args, **kwargs):
-        """What trains (the adapter, or the whole transformer without one) and the folded factors; the frozen rest is
-        rebuilt from cfg.source, so a LoRA checkpoint holds megabytes, not the model."""
+        """What trains (the adapter, or the whole transformer and learned words without one) and the
+        folded factors; the frozen rest is rebuilt from cfg.source, so a LoRA checkpoint holds
+        megabytes, not the model."""
         sd = {k: v for k, v in super().state_dict(*args, **kwargs).items() if k in self.trained}
         for i, factors in enumerate(self.history):
             for name, (a, b) in factors.items():
@@ -403,18 +577,42 @@ class InitConfig(WanConfig):
 
 
 def init_checkpoint(argv):
-    """Write a Wan policy's starting checkpoint: its config, and its adapter (or transformer) weights."""
+    """Write a Wan policy's starting checkpoint: its config, and its adapter (or transformer)
+    weights. A checkpoint source fixes the clip, the text and the transformer (SOURCE_SHAPE): they
+    are read from it, and a flag that asks for another value is refused."""
     cli = parse_config(InitConfig, argv)
     cfg = WanConfig(**{f.name: getattr(cli, f.name) for f in fields(WanConfig)})
+    if cfg.source_hash:
+        raise ConfigError("--source_hash is written from --source, not given")
+    if cfg.source.endswith(".safetensors"):
+        from checkpoint import file_hash, read_checkpoint
+        if not os.path.isfile(cfg.source):
+            raise ConfigError(f"--source={cfg.source}: no such checkpoint")
+        shape, given = read_checkpoint(cfg.source)[1], {a[2:].partition("=")[0] for a in argv}
+        for k in SOURCE_SHAPE:
+            if k not in given and getattr(shape, "policy", None) == "wan":
+                setattr(cfg, k, getattr(shape, k))
+        cfg.source_hash = file_hash(cfg.source)
     check(cfg)
     if cfg.folded:
         raise ConfigError("--folded is written by the stages, not given")
     claim_out_file(cli.out, cli.overwrite, inputs=[cfg.source, cfg.text])
     policy = WanPolicy(cfg)
-    save_checkpoint(cli.out, policy.state_dict(), cfg, lineage_record("wan-init", source=cfg.source))
+    parent = cfg.source if cfg.source_hash else ""
+    lineage = lineage_record("wan-init", parent, source=cfg.source)
+    save_checkpoint(cli.out, policy.state_dict(), cfg, lineage)
     trained = sum(p.numel() for p in policy.parameters() if p.requires_grad)
+    total = sum(p.numel() for m in (policy.transformer, policy.text) for p in m.parameters())
     print(f"wrote {cli.out}: Wan from {cfg.source}, {trained / 1e6:.3f}M trained of "
-          f"{sum(p.numel() for p in policy.transformer.parameters()) / 1e6:.2f}M, flow shape {policy.flow_shape}")
+          f"{total / 1e6:.2f}M (transformer and text), flow shape {policy.flow_shape}, "
+          f"{tokens_per_clip(policy)} tokens a clip")
+
+
+def tokens_per_clip(policy):
+    """The transformer's sequence length for one clip of its flow's shape."""
+    pt, ph, pw = policy.transformer.config.patch_size
+    _, f, h, w = policy.flow_shape
+    return (f // pt) * (h // ph) * (w // pw)
 
 
 def clean_prompt(text):

@@ -129,10 +129,12 @@ def train(cfg: Config, stop_after=None):
         net = M.VideoDiT(mcfg).to(d.device)
     M.check_batch_memory(net, d.device, trained=cfg.batch_size // d.ranks,
                          sampled=max(cfg.val_clips, 12))
+    # web data is pretraining, from scratch or from an --init (a fresh policy from adapters.py)
+    stage = "sft" if cfg.init and cfg.data == "curated" else "pretrain"
     # every input is checked: only now may an old run be replaced
     if d.main:
-        claim_out_dir(cfg.out_dir, cfg.resume, cfg.overwrite, inputs=[cfg.init],
-                      stage="sft" if cfg.init else "pretrain", command=command_line("sft.py", cfg))
+        claim_out_dir(cfg.out_dir, cfg.resume, cfg.overwrite, inputs=[cfg.init], stage=stage,
+                      command=command_line("sft.py", cfg))
     if d.ranks > 1:
         torch.distributed.barrier()
     net.train()
@@ -150,7 +152,6 @@ def train(cfg: Config, stop_after=None):
     per_rank = cfg.batch_size // d.ranks
     # this rank's rows of every batch
     mine = slice(d.rank * per_rank, (d.rank + 1) * per_rank)
-    stage = "pretrain" if not cfg.init else "sft"
     lineage = lambda step: lineage_record(
         stage, cfg.init, step, cfg.data, config=asdict(cfg),
         parent_stage=parent_meta.get("lineage", {}).get("stage", ""))

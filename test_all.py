@@ -2280,3 +2280,48 @@ def test_wan_lora_stage_ii_runs_sharded_and_matches_one_process(wan_chain, tmp_p
     torchrun([f"--init={tmp_path}/bf16.safetensors" if a.startswith("--init=") else a for a in args], tmp_path / "bf16", "fsdp")
     factors = checkpoint.read_checkpoint(tmp_path / "bf16" / "ckpt.safetensors")[0]
     assert factors and all(v.dtype == torch.float32 for k, v in factors.items() if "lora" in k)
+
+
+# a tiny pixel Wan (16 tokens a frame) predicting the clean clip, as the base does
+PIXEL_WAN = ["--source=pixel", "--text=learned", "--target=clean", "--lora_rank=0", "--frames=4",
+             "--size=16", "--patch=4", "--heads=2", "--head_dim=8", "--layers=2", "--ffn_dim=64",
+             "--text_dim=16"]
+
+
+@needs_wan
+def test_wan_on_pixels_learns_from_scratch_and_its_checkpoint_is_a_lora_base(tmp_path):
+    """diffusers' transformer on RGB patches with learned words, from a random init: encode is the
+    identity, decode a clamp, '' all pads, the output read as the clean clip; Stage I lowers its
+    held-out flow loss and trains the words; the result is then the frozen base of a LoRA policy,
+    which starts as that base and holds only its adapter."""
+    import adapters
+    init, lora = str(tmp_path / "init.safetensors"), str(tmp_path / "lora.safetensors")
+    adapters.init_checkpoint([*PIXEL_WAN, f"--out={init}"])
+    fresh, _ = checkpoint.load_model(init)
+    clips = data.make_batch("val", 2, seed=0, world=TINY_WORLD).videos
+    assert fresh.flow_shape == (3, 4, 16, 16) and torch.equal(fresh.encode(clips), clips)
+    assert torch.equal(fresh.decode(3 * clips), (3 * clips).clamp(-1, 1))
+    tokens = data.tokenize(["a fast red circle moving left", "a slow blue square moving up"])
+    empty = fresh.text(tokens, drop=torch.ones(2, dtype=torch.bool))
+    assert empty.shape == (2, data.MAX_TOKENS, 16) and empty.abs().sum() == 0
+    frozen = M.frozen_copy(fresh)    # an EMA's copy is frozen, yet FSDP2 must shard its words alike
+    assert frozen.text in frozen.shard_units() and fresh.text in fresh.shard_units()
+    x, t = torch.randn(2, *fresh.flow_shape), torch.full((2,), 0.4)
+    with torch.no_grad():            # diffusers' call, its output taken as the clean clip
+        out = fresh.transformer(x, 1000 * (1 - t), fresh.text(tokens), return_dict=False)[0]
+        assert torch.allclose(fresh(x, t, tokens), out, atol=1e-5)
+    before = sft.validation_loss(fresh, TINY_WORLD, 16)
+    tuned = sft.train(sft.Config(init=init, out_dir=str(tmp_path / "sft"), steps=30, batch_size=8,
+                                 lr=3e-3, warmup=2, ema_decay=0.9, log_every=10, ckpt_every=30,
+                                 val_clips=16, sample_steps=1, device="cpu"))
+    weights, _, meta = checkpoint.read_checkpoint(tuned)
+    assert meta["val_loss"]["val"] < 0.8 * before["val"], (before, meta["val_loss"])
+    words = checkpoint.read_checkpoint(init)[0]["text.words.weight"]
+    assert not torch.equal(weights["text.words.weight"], words)
+    adapters.init_checkpoint([f"--source={tuned}", "--lora_rank=2", f"--out={lora}"])  # its shape
+    base, adapted = checkpoint.load_model(tuned)[0], checkpoint.load_model(lora)[0]
+    with torch.no_grad():            # B = 0: the base itself
+        assert torch.equal(base.velocity(x, t, tokens), adapted.velocity(x, t, tokens))
+    assert all("lora_" in k for k in checkpoint.read_checkpoint(lora)[0])
+    sft.train(sft.Config(init=lora, out_dir=str(tmp_path / "sft_lora"), steps=1, batch_size=2,
+                         warmup=1, log_every=1, val_clips=2, sample_steps=1, device="cpu"))
