@@ -22,10 +22,10 @@ killtest: setup
 # The main job at the default CPU preset: the three stages from the shipped base, then all four judged side by side
 # (a diagnosis already made of the same file, settings and code is read back: from runs/diagnose_cache, and the base's
 # from checkpoints/diagnoses, shipped), then one page of it all: $(RUN)/report.html (offline, self-contained) and
-# report.md. Its CPU budget, 18 minutes on 2 cores: Stage I 800 steps of 16 clips (the script's default: 32), Stage
-# II 10 iterations (30), Stage III 60 steps (150) on pairs of 48 prompts (64); docs/results.md compares it with the
-# full recipe (41.5 minutes). Stage II runs all its iterations (--max_minutes=0: its 10-minute guard would cut a
-# slower machine short and change the table). Each run replaces $(RUN) (pass RUN=runs/other to keep an earlier one).
+# report.md. Its CPU budget (docs/results.md, Pipeline at the CPU budget, against the full recipe): Stage I 800
+# steps of 16 clips (the script's default: 32), Stage II 15 iterations (30), Stage III 60 steps (150) on pairs of 48
+# prompts (64). Stage II runs all its iterations (--max_minutes=0: its time guard would cut a slower machine short
+# and change the table). Each run replaces $(RUN) (pass RUN=runs/other to keep an earlier one).
 pipeline: setup
 	@mkdir -p $(RUN) && date +%s > $(RUN)/started_at
 	$(PY) sft.py --out_dir=$(RUN)/sft --overwrite=true --batch_size=16
@@ -57,8 +57,9 @@ pipeline_driven: setup
 		--cache=runs/diagnose_cache
 	$(PY) report.py --run=$(DRIVEN) --overwrite=true
 
-# How the shipped checkpoints were made. The shipped base: this command with DEVICE=cuda on one H100 (308 s);
-# on 2 CPU cores it takes about 75 minutes (0.75 s a step). Its 6000 steps (not 2000) are what lifts fidelity.
+# How the shipped checkpoints were made. The shipped base: this command with DEVICE=cuda on one H100; its times
+# on a GPU and on 2 CPU cores are in docs/results.md (Where fidelity was lost). Its 6000 steps (not 2000) are what
+# lifts fidelity.
 # POLICY=wan pretrains diffusers' Wan on pixels instead (below); RESUME=true continues a stopped
 # run.
 DEVICE ?= auto
@@ -108,8 +109,8 @@ base_diagnosis: setup
 		--cache=checkpoints/diagnoses.new --shipped=
 	rm -rf checkpoints/diagnoses && mv checkpoints/diagnoses.new checkpoints/diagnoses
 
-# Why each part of Stage II exists: one part taken out at a time, the floor included (7 runs of a few minutes on 2 CPU
-# cores, each a folder under runs/ablations; an interrupted run of this target picks up where it stopped).
+# Why each part of Stage II exists: one part taken out at a time, the floor included (bench.ABLATIONS' runs, each
+# a folder under runs/ablations; an interrupted run of this target picks up where it stopped).
 ablations: setup
 	$(PY) bench.py ablations
 

@@ -70,7 +70,7 @@ from stability import seeded
 
 
 # ----------------------------------------------------------------------------- configuration
-# The defaults are the `small` preset, the 2-core CPU default (4.3M parameters).
+# The defaults are the `small` preset, the 2-core CPU default (sft.py logs its parameter count).
 @dataclass
 class ModelConfig:
     frames: int = 8        # frames per clip
