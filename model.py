@@ -1,60 +1,36 @@
-"""A small video DiT for rectified flow, its losses and its samplers (checkpoint.py reads and
-writes it).
+"""A small video DiT for rectified flow, its losses and its samplers (checkpoint.py stores it).
 
 Flow convention, used everywhere in postflow:
     x_t = (1 - t) * x0 + t * x1,   x0 ~ N(0, I) noise,  x1 data,  target velocity v = x1 - x0,
     sampling integrates t from 0 (noise) to 1 (data).
-The network predicts the clean clip x1 ("x-prediction") and the velocity is derived from it,
-v = (x1_hat - x_t) / (1 - t). In pixel space a velocity-predicting net has to emit per-patch noise
-it cannot represent and leaves speckles; a clean-data target lies on the low-dimensional data
-manifold (Li & He 2025, "Back to Basics: Let Denoising Generative Models Denoise"). The loss is
-still taken on v, so the sampler and the SDE of Stage II see an ordinary flow model.
+The network predicts the clean clip x1 and the velocity is derived, v = (x1_hat - x_t) / (1 - t):
+in pixel space a velocity-predicting net must emit per-patch noise it cannot represent and leaves
+speckles (Li & He 2025, "Back to Basics"). The loss is still taken on v, so the sampler and Stage
+II's SDE see an ordinary flow model. Patches are 8x8 at 32x32, one token covering a whole object
+(4x4 patches drew objects as scattered blocks). Attention is joint over space and time (8 frames x
+16 tokens = 128 tokens in the small preset); positions are rotary angles in whole turns around the
+frame, so a query-key score depends only on the offset on the world's torus, which is what motion
+needs (factorised attention with additive positions never learned the direction words:
+docs/results.md, Where fidelity was lost).
 
-Patches are 8x8 at 32x32: one token covers a whole object (radius 5 px), so its output is one
-coherent piece of it and a frame is 16 tokens that must agree on one object. With 4x4 patches (64
-tokens a frame) the same 300 pretraining steps drew each object as scattered patch-sized blocks in
-several places.
-
-Attention is joint over space and time: 8 frames x 16 tokens = 128 tokens in the small preset, so
-the attention is a small share of the cost. Positions enter as rotary angles whose spatial
-frequencies are whole turns around the frame, so a query-key score depends only on their offset on
-the torus the world lives on; "the previous frame, one patch to the left" is one question
-everywhere, which is what motion needs. (A factorised layout, spatial then temporal attention with
-additive positions, never learned the direction words: docs/results.md, Where fidelity was lost.)
-
-The policy interface: what a stage needs from a model, so a fork can plug in its own (a real video
-transformer behind an adapter: adapters.py wraps diffusers' Wan) without touching the loops:
-    policy.cfg
-        frames, size, channels: the pixel clip (B, C, F, H, W) it makes, what data and rewards see
-    policy.flow_shape
-        (C, F, H, W) of the flow's state x per clip: the clip's own shape here, a VAE's latents
-        behind an adapter
-    policy.encode(clips) -> x
-        clips in [-1, 1] into the flow's space (data, DPO pairs); the identity here
-    policy.decode(x) -> clips
-        back to pixels in [-1, 1], where a reward or a video file needs them; a clamp here
-    policy.velocity(x_t, t, tokens, ctx=None, ctx_mask=None, drop=None) -> v, shaped like x_t
-        the flow at x_t in the convention above; t (B,) in [0, 1]; tokens (B, L) from
-        data.tokenize; ctx (like x_t) and ctx_mask (B, F) bool over the flow's frames pin clean
-        context frames; drop (B,) bool = unconditional (guidance)
-    policy(x_t, t, tokens, ...)
-        the same inputs -> the clean clip it predicts (flow_loss turns it into a velocity)
-    policy.reference()
-        the frozen KL anchor: the policy as it is now (a copy here; a LoRA policy turns its adapter
-        off instead)
-    policy.sampler
-        the stochastic step its rollouts take, a name in ROLLOUT_STEPS; Stage II's PPO ratio
-        scores only sde_step's ('flow-grpo') and refuses another
-    policy.flow_shift
-        every sampler's grid is time_grid(steps, flow_shift): 1.0 (equal steps) here
-    policy.cfg_until
-        guided_velocity's default: guidance stops at this t (CFG_UNTIL here; 1.0 = never)
-    policy.state_dict()
-        weights, saved as safetensors with config and lineage by checkpoint.py; a model_config
-        naming a `policy` is built by the module checkpoint.POLICIES names
+The policy interface: what a stage needs from a model, so a fork can plug in its own (adapters.py
+wraps diffusers' Wan) without touching the loops:
+    policy.cfg           frames, size, channels: the pixel clip (B, C, F, H, W) it makes
+    policy.flow_shape    (C, F, H, W) of the flow's state per clip (the clip here; a VAE's latents)
+    policy.encode(clips) clips in [-1, 1] into the flow's space (data, DPO pairs); the identity here
+    policy.decode(x)     back to pixels in [-1, 1] for rewards and files; a clamp here
+    policy.velocity(x_t, t, tokens, ctx=None, ctx_mask=None, drop=None) -> v like x_t: t (B,) in
+                         [0, 1], tokens (B, L) from data.tokenize, ctx (like x_t) and ctx_mask (B, F)
+                         pin clean context frames, drop (B,) bool = unconditional (guidance)
+    policy(x_t, t, ...)  the same inputs -> the clean clip (flow_loss turns it into a velocity)
+    policy.reference()   the frozen KL anchor: a copy here; a LoRA policy turns its adapter off
+    policy.sampler       its rollouts' stochastic step in ROLLOUT_STEPS (PPO needs 'flow-grpo')
+    policy.flow_shift    every sampler's grid is time_grid(steps, flow_shift): 1.0 here
+    policy.cfg_until     guidance stops at this t (CFG_UNTIL here; 1.0 = never)
+    policy.state_dict()  weights, saved with config and lineage by checkpoint.py; a model_config
+                         naming a `policy` is built by the module checkpoint.POLICIES names
 Everything else (guidance, the Euler and SDE samplers, the losses) is written once here on top of
 velocity().
-
 """
 import copy
 import math
