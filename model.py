@@ -20,8 +20,8 @@ wraps diffusers' Wan) without touching the loops:
     policy.encode(clips) clips in [-1, 1] into the flow's space (data, DPO pairs); the identity here
     policy.decode(x)     back to pixels in [-1, 1] for rewards and files; a clamp here
     policy.velocity(x_t, t, tokens, ctx=None, ctx_mask=None, drop=None) -> v like x_t: t (B,) in
-                         [0, 1], tokens (B, L) from data.tokenize, ctx (like x_t) and ctx_mask (B, F)
-                         pin clean context frames, drop (B,) bool = unconditional (guidance)
+                         [0, 1], tokens (B, L) from data.tokenize, ctx (like x_t) and ctx_mask
+                         (B, F) pin clean context frames, drop (B,) bool = unconditional
     policy(x_t, t, ...)  the same inputs -> the clean clip (flow_loss turns it into a velocity)
     policy.reference()   the frozen KL anchor: a copy here; a LoRA policy turns its adapter off
     policy.sampler       its rollouts' stochastic step in ROLLOUT_STEPS (PPO needs 'flow-grpo')
