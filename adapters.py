@@ -1,76 +1,50 @@
-"""diffusers' Wan as a postflow policy: the three stages train a real video transformer through model.py's interface.
+"""diffusers' Wan as a postflow policy: the three stages train a real video transformer.
 
-    pip install -r requirements-wan.txt                # the optional extra (diffusers, peft); torch stays as installed
+    pip install -r requirements-wan.txt   # the optional extra (diffusers, peft); torch stays as is
     python adapters.py embed --source=Wan2.1-T2V-1.3B-Diffusers --out=prompts.safetensors
-    python adapters.py --source=Wan2.1-T2V-1.3B-Diffusers --text=prompts.safetensors --text_len=512 --dtype=bfloat16 \\
-        --frames=33 --size=256 --out=runs/wan/init.safetensors
-    python sft.py --init=runs/wan/init.safetensors --out_dir=runs/wan_sft           # then reward_rl.py, preference.py
+    python adapters.py --source=Wan2.1-T2V-1.3B-Diffusers --text=prompts.safetensors \\
+        --text_len=512 --dtype=bfloat16 --frames=33 --size=256 --out=runs/wan/init.safetensors
+    python sft.py --init=runs/wan/init.safetensors --out_dir=runs/wan_sft   # then Stages II, III
 
-A checkpoint written here says `policy: wan` in its model_config and holds this adapter's whole config, so
-model.load_model builds this policy from any stage's --init: no stage knows which model it trains. --source=tiny
-builds a random tiny Wan (the sizes diffusers' own tests use) for the tests; a folder is read with from_pretrained.
-
-On pixels, learned from scratch (`make base POLICY=wan` runs the first two):
-    python adapters.py --source=pixel --text=learned --lora_rank=0 --frames=8 --size=32 \\
-        --out=runs/wan_base_init.safetensors
-    python sft.py --init=runs/wan_base_init.safetensors --data=web --lr=1e-3 --out_dir=runs/wan_base
-    python adapters.py --source=checkpoints/base_wan.safetensors --lora_rank=8 \\
-        --out=runs/wan_lora.safetensors
---source=pixel has no VAE: the flow runs on the clip itself (encode is the identity, decode clamps
-as the DiT's does), and WanTransformer3DModel is built from the seed as diffusers defines and
-initialises it, with in_channels = out_channels = 3 and the shape of WanConfig's pixel fields. Their
-defaults are the small DiT's (model.preset('small')): 8x8 patches of one frame, 16 tokens a frame,
-128 a clip of 8x32x32; 6 blocks of 6 heads x 32 (192 wide), an MLP of 768; 4.03M parameters with the
-words, against the DiT's 4.35M. What differs is Wan's own: each block's modulation from one shared
-time projection, the caption read by cross-attention rather than pooled, rotary angles on a plain
-grid rather than the DiT's torus, the velocity predicted rather than the clean clip, and context
-frames pinned with timestep 0 per token rather than fed as extra channels.
-
---text=learned is a pixel Wan's text encoder: one trained vector per word of postflow's vocabulary
-(text_dim wide, drawn at unit scale, pads zero), giving the (B, text_len, text_dim) states Wan's
-cross-attention reads. It trains with the whole model (--lora_rank=0) and is saved with it; beside
-an adapter it stays frozen. '' is an all-pad caption, zeros, as for 'tokens'. A pixel Wan trained
-whole can be another's --source: its transformer and words are then the frozen base of a LoRA
-policy, whose checkpoint holds the adapter and names that file by its hash (a changed file is
-refused); the clip, text, transformer and target fields are read from the file.
-
---target=clean is the one setting a pixel Wan changes, and it is a flag, not a rewrite: it reads the
-transformer's output as the clean clip, the DiT's x-prediction (v = (out - x_t) / (1 - t), 1 - t
-floored at t_eps). On pixels Wan's own velocity target has to carry every pixel's noise through the
-network to cancel it: 300 pretraining steps (batch 32, web data, lr 1e-3) ended at flow loss 0.262
-against the DiT's 0.134 at the same step, 3-4x the DiT's in the bins nearest the noise, and its
-samples drew patch-sized blocks over leftover per-pixel noise (model.py's reason for x-prediction).
-With --target=clean the same run followed the DiT's curve (0.153 at step 300, 5-16 % above it at
-every logged step) and drew clean backgrounds; `make base POLICY=wan` uses it. Sampling keeps the
-adapter's flow shift 3 and guidance at every step: at step 300 the DiT's settings (equal steps,
-guidance stopped at 0.6) scored the same on 64 held-out clips within their noise.
+The checkpoint says `policy: wan` and holds this adapter's config, so model.load_model builds the
+policy from any stage's --init: no stage knows which model it trains. --source=tiny is a random
+tiny Wan (diffusers' test sizes) for the tests; a folder is read with from_pretrained.
 
 Conventions, mapped once, here:
     postflow   x_t = (1 - t) noise + t data,       v = data - noise,   t from 0 (noise) to 1 (data)
-    diffusers  x = sigma noise + (1 - sigma) data,  the transformer predicts u = noise - data at timestep 1000 sigma
-so sigma = 1 - t and v = -u. The flow runs on the VAE's latents, normalised as Wan's pipeline does ((z - mean) / std);
-clips are decoded to pixels only where a reward or a video file needs them, and data is encoded (the posterior mean).
-Every sampler of every stage (rollouts, evaluation, pairs, diagnose, bench) steps on model.time_grid(steps, flow_shift):
-equal steps in sigma, each taken to shift sigma / (1 + (shift - 1) sigma), FlowMatchEulerDiscreteScheduler's `shift`
-(diffusers/schedulers/scheduling_flow_match_euler_discrete.py, set_timesteps). --flow_shift=3.0 by default: Wan's
-pipeline shifts the same way (UniPCMultistepScheduler with use_flow_sigmas and flow_shift 3.0 at 480p, 5.0 at 720p),
-from equal sigmas that end at 1/1000 before its last step to 0. Guidance runs at every step (--cfg_until=1.0), as
-WanPipeline.__call__ guides. The tiny Wan takes both defaults too, so the tests run what a real run does; the small DiT
-keeps equal steps and stops guiding at model.CFG_UNTIL.
+    diffusers  x = sigma noise + (1 - sigma) data,  output u = noise - data at timestep 1000 sigma
+so sigma = 1 - t and v = -u. The flow runs on the VAE's latents, normalised as Wan's pipeline does
+((z - mean) / std); data is encoded to the posterior mean. Every sampler steps on model.time_grid:
+equal steps in sigma, each shifted to shift sigma / (1 + (shift - 1) sigma), the `shift` of
+FlowMatchEulerDiscreteScheduler.set_timesteps. --flow_shift=3.0 is Wan's pipeline's at 480p
+(UniPCMultistepScheduler; 5.0 at 720p); guidance runs at every step (--cfg_until=1.0), as
+WanPipeline.__call__ guides. The tiny Wan takes both, so the tests run what a real run does.
 
-Text: the prompt encoder (UMT5-XXL, 5.7B parameters) does not run in the loop. --text names a safetensors file of its
-states, one (L, D) tensor per prompt, keyed by the prompt, or 'module:function' (prompts -> (B, L, D)), or 'tokens': a
-fixed random embedding of postflow's own words (tests). Guidance's unconditional half is the states of '', as
-WanPipeline.encode_prompt encodes a missing negative prompt: the file's '' entry (a file without one is refused when the
-policy is built), the function called on [''], or for 'tokens' an empty caption, all pads. `embed` writes '' and every
-caption of the world, each cleaned first as WanPipeline's prompt_clean does without ftfy (clean_prompt). States are
-zero-padded to text_len, which a folder source requires to be 512, Wan's max_sequence_length. Under --dtype=bfloat16
-the LoRA factors stay fp32 (the frozen weights are bf16).
+Text: UMT5-XXL (5.7B parameters) does not run in the loop. --text is a safetensors file of its
+states (prompt -> (L, D); `embed` writes '' and every caption, cleaned as WanPipeline's
+prompt_clean), 'module:function' (prompts -> (B, L, D)), 'tokens' (a fixed random vector per
+word, for tests) or 'learned' (below). Guidance's unconditional half is the states of '', as
+WanPipeline encodes a missing negative prompt: the file's (one without is refused at build), the
+function's, or all pads. States are zero-padded to text_len, 512 for a folder (max_sequence_length).
 
-LoRA (peft, --lora_rank > 0): the frozen reference of Stages II and III is this policy with its adapter disabled, not a
-second copy. So that the reference is the stage's input, reference() first folds the adapter trained so far into the
-frozen weights (its factors are kept in the checkpoint, which stays small) and restarts it at zero. --lora_rank=0
-fine-tunes the whole transformer (and learned words), and the reference is a frozen copy of it.
+LoRA (peft, --lora_rank > 0): the frozen reference of Stages II and III is this policy with its
+adapter disabled. So that it is the stage's input, reference() first folds the adapter trained so
+far into the frozen weights (the checkpoint keeps its factors, fp32 even under bfloat16) and
+restarts it at zero. --lora_rank=0 trains the whole transformer; its reference is a frozen copy.
+
+On pixels (`make base POLICY=wan`), --source=pixel draws WanTransformer3DModel from the seed at the
+small DiT's shape (WanConfig's pixel fields), 3 channels in and out, with no VAE: encode is the
+identity, decode clamps. --text=learned is its text encoder, a trained vector per word (frozen
+beside an adapter). What differs from the DiT is Wan's own: one time projection modulates every
+block, cross-attention reads the caption, rotary angles lie on a grid rather than a torus, context
+frames get timestep 0. Trained whole, it can be a LoRA policy's frozen --source=FILE.safetensors,
+named by its hash (a changed file is refused), which fixes the clip, text, transformer and target.
+
+--target=clean reads the output as the clean clip, as the DiT predicts: v = (out - x_t) / (1 - t),
+1 - t floored at t_eps. Wan's velocity target must carry every pixel's noise through the network to
+cancel it: after 300 web pretraining steps its flow loss was 0.262 (the DiT's 0.134) and its samples
+drew patch-sized blocks over leftover noise; with 'clean', 0.153 and clean backgrounds. Flow shift 3
+and guidance at every step stay: at step 300 the DiT's sampling settings scored the same.
 """
 import copy
 import html
@@ -99,30 +73,28 @@ try:
 except ImportError:  # the default path needs none of this; a Wan checkpoint says what to install
     AutoencoderKLWan = WanTransformer3DModel = None
 
-TINY_TRANSFORMER = dict(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12, in_channels=4, out_channels=4,
-                        text_dim=16, freq_dim=256, ffn_dim=32, num_layers=2, cross_attn_norm=True,
-                        qk_norm="rms_norm_across_heads", rope_max_seq_len=32)
-TINY_VAE = dict(base_dim=3, z_dim=4, dim_mult=[1, 1, 1, 1], num_res_blocks=1, temperal_downsample=[False, True, True],
-                latents_mean=[0.0] * 4, latents_std=[1.0] * 4)
+TINY_TRANSFORMER = dict(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12,
+                        in_channels=4, out_channels=4, text_dim=16, freq_dim=256, ffn_dim=32,
+                        num_layers=2, cross_attn_norm=True, qk_norm="rms_norm_across_heads",
+                        rope_max_seq_len=32)
+TINY_VAE = dict(base_dim=3, z_dim=4, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
+                temperal_downsample=[False, True, True], latents_mean=[0.0] * 4,
+                latents_std=[1.0] * 4)
 
 
 @dataclass
-class WanConfig:  # the defaults are the tiny test policy: 16x16x2 latents of 4 channels, 128x128x5 pixels
+class WanConfig:  # defaults: the tiny test policy, 16x16x2 latents of 4 channels, 128x128x5 pixels
     policy: str = "wan"        # selects this adapter when a checkpoint is read (model.POLICIES)
-    source: str = "tiny"       # a diffusers Wan folder (transformer/, vae/), 'tiny': random, from
-                               # seed (tests), 'pixel': random, from seed, on pixels, or a pixel
-                               # Wan checkpoint (.safetensors): its transformer and text
-    text: str = "tokens"       # prompt states: a .safetensors file (prompt -> (L, D)),
-                               # 'module:function', 'tokens' (fixed random words) or 'learned'
-                               # (words trained with the model)
-    text_len: int = 8          # states are zero-padded to this many rows; a folder source needs 512, what Wan's
-                               # pipeline pads to (its max_sequence_length) and the transformer was trained on
-    frames: int = 5            # pixel frames per clip, 1 + 4k: the VAE keeps frame 0, then packs 4 frames per latent
+    source: str = "tiny"       # a diffusers Wan folder (transformer/, vae/), 'tiny' or 'pixel'
+                               # (random, from seed), or a pixel Wan checkpoint (.safetensors)
+    text: str = "tokens"       # prompt states: .safetensors, 'module:function', 'tokens', 'learned'
+    text_len: int = 8          # states are zero-padded to this many rows; a folder source needs 512
+                               # (Wan's max_sequence_length), what its transformer was trained on
+    frames: int = 5            # pixel frames, 1 + 4k: the VAE keeps frame 0, packs 4 a latent
     size: int = 128            # pixel frame edge: latents are size / 8, tokens size / 16 per side
     channels: int = 3          # RGB
-    # ---- the pixel source's transformer (a checkpoint source brings its own): the small DiT's
-    # shape, 8x8 patches of one frame (128 tokens a clip at 8x32x32), 6 blocks of 6 heads x 32 =
-    # 192 wide, an MLP 4x as wide: 4.03M parameters against the DiT's 4.35M
+    # ---- the pixel source's transformer (a checkpoint source brings its own), the small DiT's
+    # shape: 128 tokens a clip at 8x32x32, 6 blocks 192 wide, 4.03M parameters to the DiT's 4.35M
     patch: int = 8             # spatial patch edge, pixels
     tpatch: int = 1            # frames per patch
     heads: int = 6             # attention heads
@@ -133,17 +105,15 @@ class WanConfig:  # the defaults are the tiny test policy: 16x16x2 latents of 4 
     source_hash: str = ""      # the checkpoint source's hash this policy was made from (not given)
     lora_rank: int = 4         # peft LoRA on lora_targets; 0 = full fine-tuning
     lora_alpha: float = 4.0    # the adapter's scale is alpha / rank
-    lora_targets: str = "to_q,to_k,to_v,to_out.0"  # attention projections, self- and cross-attention
-    dtype: str = "float32"     # the transformer's weights ('bfloat16' on a GPU); LoRA weights and log-probs stay fp32
-    sampler: str = "flow-grpo" # the rollouts' SDE step: model.sde_step, or 'flow-match-sde' (diffusers' stochastic Euler)
-    flow_shift: float = 3.0    # every sampler's grid: sigma -> shift sigma / (1 + (shift - 1) sigma), Wan's scheduler
-                               # flow_shift at 480p (5.0 at 720p); the tiny Wan takes it too, so tests run that grid
+    lora_targets: str = "to_q,to_k,to_v,to_out.0"  # self- and cross-attention's projections
+    dtype: str = "float32"     # weights ('bfloat16' on a GPU); LoRA weights and log-probs stay fp32
+    sampler: str = "flow-grpo" # rollouts' SDE step: model.sde_step or diffusers' 'flow-match-sde'
+    flow_shift: float = 3.0    # every sampler's grid shift (module docstring): Wan's at 480p
     cfg_until: float = 1.0     # guidance stops at this t: Wan's pipeline guides every step
     vae_batch: int = 4         # clips per VAE call: a batch of long clips at once does not fit
-    checkpointing: bool = False  # recompute each block in the backward pass: activations of 30 blocks do not fit
+    checkpointing: bool = False  # recompute blocks in the backward: 30 blocks' activations overflow
     seed: int = 0              # the tiny source, the 'tokens' embedding and every adapter (re)start
-    target: str = "velocity"   # what the transformer's output is: 'velocity' (Wan's u = noise -
-                               # data) or 'clean' (the clean clip, the DiT's; v derived from it)
+    target: str = "velocity"   # the output: 'velocity' (Wan's u) or 'clean' (the clip, the DiT's)
     t_eps: float = 0.05        # floor on 1 - t where a 'clean' output becomes v (the DiT's)
     folded: int = 0            # adapters that earlier stages folded into the frozen weights
 
@@ -162,7 +132,8 @@ def check(cfg):
     """Refuse a config this adapter cannot build, in one line."""
     for f in fields(WanConfig):
         v = getattr(cfg, f.name)
-        if not isinstance(v, (int, float) if f.type is float else f.type) or (isinstance(v, bool) and f.type is not bool):
+        if (not isinstance(v, (int, float) if f.type is float else f.type)
+                or (isinstance(v, bool) and f.type is not bool)):
             raise ConfigError(f"Wan config {f.name}={v!r} is not a {f.type.__name__}")
     check_ranges(cfg, at_least_one=("text_len", "frames", "size", "vae_batch", *PIXEL_SHAPE),
                  positive=("lora_alpha", "t_eps", "flow_shift"),
@@ -189,8 +160,8 @@ def check(cfg):
     if cfg.source_hash and not cfg.source.endswith(".safetensors"):
         raise ConfigError("--source_hash belongs to a checkpoint source")
     if not on_pixels(cfg) and cfg.source != "tiny" and cfg.text_len != 512:
-        raise ConfigError(f"a Wan folder source takes --text_len=512 (its prompt states padded as its pipeline pads "
-                          f"them), got {cfg.text_len}")
+        raise ConfigError(f"a Wan folder source takes --text_len=512 (its prompt states padded as "
+                          f"its pipeline pads them), got {cfg.text_len}")
     if cfg.target == "clean" and cfg.source not in ("tiny", "pixel") and not on_pixels(cfg):
         raise ConfigError("--target=clean is for a Wan trained here: a folder's transformer was "
                           "trained to predict the velocity")
@@ -217,9 +188,9 @@ def load_source(cfg):
 
 
 def pixel_transformer(cfg):
-    """WanTransformer3DModel's arguments for a pixel Wan: the clip's channels in and out, cfg's
-    shape, and the rest as Wan 2.1's published configs set it (256 time frequencies, normed
-    cross-attention, q and k RMS-normed across heads)."""
+    """WanTransformer3DModel's arguments for a pixel Wan: cfg's channels and shape, the rest as Wan
+    2.1's published configs set it (256 time frequencies, normed cross-attention, q and k
+    RMS-normed across heads)."""
     return dict(patch_size=(cfg.tpatch, cfg.patch, cfg.patch), num_attention_heads=cfg.heads,
                 attention_head_dim=cfg.head_dim, in_channels=cfg.channels,
                 out_channels=cfg.channels, text_dim=cfg.text_dim, freq_dim=256,
@@ -254,13 +225,13 @@ def build_source(cfg):
                                                torch_dtype=torch.float32)
         return transformer, vae, None
     except (OSError, ValueError) as e:
-        raise ConfigError(f"cannot read a Wan model from {cfg.source}: {str(e).splitlines()[0]}") from None
+        raise ConfigError(f"cannot read a Wan model from {cfg.source}: "
+                          f"{str(e).splitlines()[0]}") from None
 
 
 def source_policy(cfg):
-    """The pixel Wan a checkpoint source holds whole (trained with --lora_rank=0), checked against
-    cfg. Its weights are rebuilt from that file, so a LoRA checkpoint made from it stays small and
-    names the file by its hash."""
+    """The pixel Wan a checkpoint source holds whole (--lora_rank=0), checked against cfg; a LoRA
+    checkpoint made from it rebuilds it from that file, so it stays small."""
     from checkpoint import file_hash, load_model, read_checkpoint
     if not os.path.isfile(cfg.source):
         raise ConfigError(f"--source={cfg.source}: no such checkpoint")
@@ -277,13 +248,12 @@ def source_policy(cfg):
              if getattr(cfg, k) != getattr(shape, k)]
     if moved:
         raise ConfigError(f"--source={cfg.source} fixes the clip, the text, the transformer and "
-                          f"its target: "
-                          f"{', '.join(moved)}")
+                          f"its target: {', '.join(moved)}")
     return load_model(cfg.source)[0]
 
 
 class PromptStates(nn.Module):
-    """The text encoder's states (B, text_len, D) for postflow's token ids, from the source cfg.text names."""
+    """The text encoder's states (B, text_len, D) for postflow's token ids, from cfg.text."""
 
     def __init__(self, cfg, dim):
         super().__init__()
@@ -293,23 +263,28 @@ class PromptStates(nn.Module):
             with torch.no_grad():   # unit scale, as the DiT's words, from the seed; pads stay zero
                 self.words.weight.normal_(generator=torch.Generator().manual_seed(cfg.seed + 1))
                 self.words.weight[0] = 0
-            table, empty = None, torch.zeros(cfg.text_len, dim)   # '' is all pads, as for 'tokens'
+            table = None
+            empty = torch.zeros(cfg.text_len, dim)   # '' is all pads, as for 'tokens'
         elif cfg.text == "tokens":   # a frozen stand-in for a text encoder: a fixed vector per word
-            table = torch.randn(len(data.VOCAB), dim, generator=torch.Generator().manual_seed(cfg.seed + 1))
-            empty = torch.zeros(cfg.text_len, dim)   # '' has no words: all pads, the rows forward() zeroes
+            table = torch.randn(len(data.VOCAB), dim,
+                                generator=torch.Generator().manual_seed(cfg.seed + 1))
+            empty = torch.zeros(cfg.text_len, dim)   # '' has no words: all pads
         elif cfg.text.endswith(".safetensors"):
             from safetensors.torch import load_file
             if not os.path.isfile(cfg.text):
-                raise ConfigError(f"prompt states file not found: {cfg.text} (write one with python adapters.py embed)")
+                raise ConfigError(f"prompt states file not found: {cfg.text} "
+                                  f"(write one with python adapters.py embed)")
             states = load_file(cfg.text)
-            bad = [p for p, s in states.items() if s.dim() != 2 or s.shape[1] != dim or len(s) > cfg.text_len]
+            bad = [p for p, s in states.items()
+                   if s.dim() != 2 or s.shape[1] != dim or len(s) > cfg.text_len]
             if bad:
-                raise ConfigError(f"{cfg.text}: the states of {bad[0]!r} are {tuple(states[bad[0]].shape)}; this transformer "
+                raise ConfigError(f"{cfg.text}: the states of {bad[0]!r} are "
+                                  f"{tuple(states[bad[0]].shape)}; this transformer "
                                   f"takes (L <= text_len={cfg.text_len}, {dim})")
             pad = lambda s: F.pad(s.float(), (0, 0, 0, cfg.text_len - len(s)))
             if "" not in states:   # refused at build, not at the first guided step of a run
-                raise ConfigError(f"{cfg.text} has no states for '', guidance's unconditional prompt (Wan's pipeline "
-                                  f"encodes ''); rerun adapters.py embed")
+                raise ConfigError(f"{cfg.text} has no states for '', guidance's unconditional "
+                                  f"prompt (Wan's pipeline encodes ''); rerun adapters.py embed")
             empty = pad(states.pop(""))
             self.index = {p: i for i, p in enumerate(states)}
             table = torch.stack([pad(s) for s in states.values()]) if states else empty[None]
@@ -323,8 +298,8 @@ class PromptStates(nn.Module):
             with torch.no_grad():
                 empty = self.fn([""])[0].float()
             if empty.dim() != 2 or empty.shape[1] != dim or len(empty) > cfg.text_len:
-                raise ConfigError(f"--text={cfg.text} gives '' states of {tuple(empty.shape)}; this transformer takes "
-                                  f"(L <= text_len={cfg.text_len}, {dim})")
+                raise ConfigError(f"--text={cfg.text} gives '' states of {tuple(empty.shape)}; "
+                                  f"this transformer takes (L <= text_len={cfg.text_len}, {dim})")
             empty = F.pad(empty, (0, 0, 0, cfg.text_len - len(empty)))
             table = empty[None]
         self.register_buffer("table", table, persistent=False)
@@ -332,9 +307,9 @@ class PromptStates(nn.Module):
 
     def forward(self, tokens, drop=None):
         if self.words is not None:
-            states = self.words(tokens)                               # (B, L, D), pads are zero
+            states = self.words(tokens)                              # (B, L, D), pads are zero
         elif self.fn is None and self.index is None:
-            states = self.table[tokens] * (tokens != 0)[..., None]                    # (B, L, D), pads are zero
+            states = self.table[tokens] * (tokens != 0)[..., None]   # (B, L, D), pads are zero
         else:
             prompts = [" ".join(data.VOCAB[i] for i in row if i) for row in tokens.tolist()]
             if self.fn is not None:
@@ -342,18 +317,23 @@ class PromptStates(nn.Module):
             else:
                 missing = [p for p in prompts if p not in self.index]
                 if missing:
-                    raise UserError(f"the prompt states file has no entry for {missing[0]!r}; rerun adapters.py embed")
-                states = self.table[torch.tensor([self.index[p] for p in prompts], device=tokens.device)]
-        states = F.pad(states, (0, 0, 0, self.len - states.shape[1]))                # (B, text_len, D)
+                    raise UserError(f"the prompt states file has no entry for {missing[0]!r}; "
+                                    f"rerun adapters.py embed")
+                rows = torch.tensor([self.index[p] for p in prompts], device=tokens.device)
+                states = self.table[rows]
+        states = F.pad(states, (0, 0, 0, self.len - states.shape[1]))   # (B, text_len, D)
         return states if drop is None else torch.where(drop[:, None, None], self.empty, states)
 
 
 class WanPolicy(nn.Module):
-    """model.py's policy interface over WanTransformer3DModel and AutoencoderKLWan (the module docstring says how)."""
+    """model.py's policy interface over diffusers' WanTransformer3DModel and AutoencoderKLWan."""
 
     def __init__(self, cfg):
         super().__init__()
-        self.cfg, self.sampler, self.flow_shift, self.cfg_until = cfg, cfg.sampler, cfg.flow_shift, cfg.cfg_until
+        self.cfg = cfg
+        self.sampler = cfg.sampler
+        self.flow_shift = cfg.flow_shift
+        self.cfg_until = cfg.cfg_until
         self.transformer, self.vae, text = build_source(cfg)
         tc = self.transformer.config
         if self.vae is None:   # pixels: the flow's state is the clip itself
@@ -361,17 +341,18 @@ class WanPolicy(nn.Module):
         else:
             self.latent_space(cfg, tc)
         self.text = text if text is not None else PromptStates(cfg, tc.text_dim)
-        # learned words train with the whole model; beside an adapter they stay the base's, as its
-        # weights do
+        # learned words train with the whole model; beside an adapter they stay the base's
         self.text.requires_grad_(not cfg.lora_rank)
         if cfg.lora_rank:
             try:
                 from peft import LoraConfig
             except ImportError:
-                raise UserError(f"--lora_rank > 0 needs peft, part of the optional extra: {SETUP}") from None
+                raise UserError(f"--lora_rank > 0 needs peft, part of the optional extra: "
+                                f"{SETUP}") from None
             self.transformer.add_adapter(LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha,
                                                     target_modules=cfg.lora_targets.split(",")))
-            for m in self.lora_layers().values():   # peft gives them the base's dtype; bf16 would round small updates away
+            # peft gives them the base's dtype; bf16 would round small updates away
+            for m in self.lora_layers().values():
                 m.lora_A.float()
                 m.lora_B.float()
             self.restart_adapter()
@@ -380,8 +361,9 @@ class WanPolicy(nn.Module):
         if cfg.checkpointing:
             self.transformer.enable_gradient_checkpointing()
         self.trained = {n for n, p in self.named_parameters() if p.requires_grad}
-        # the factors folded by earlier stages: placeholders that loading fills, then adds into the frozen weights
-        self.history = [{n: (torch.zeros_like(a), torch.zeros_like(b)) for n, (a, b) in self.factors().items()}
+        # factors folded by earlier stages: placeholders loading fills, then adds into the weights
+        self.history = [{n: (torch.zeros_like(a), torch.zeros_like(b))
+                         for n, (a, b) in self.factors().items()}
                         for _ in range(cfg.folded)]
         self.history_in_weights = cfg.folded == 0
 
@@ -401,26 +383,27 @@ class WanPolicy(nn.Module):
         self.register_buffer("mean", mean, persistent=False)
         self.register_buffer("std", std, persistent=False)
 
-    # ------------------------------------------------------------------ the flow, in postflow's convention
+    # ---------------------------------------------------------- the flow, in postflow's convention
     def velocity(self, x, t, tokens, ctx=None, ctx_mask=None, drop=None):
-        """v at x_t through diffusers' call: timestep 1000 (1 - t), v = -u. Context latents are pinned clean and their
-        tokens get timestep 0, the way Wan 2.2's TI2V conditions on a first frame. Under
-        --target=clean the output is the clean clip and v is derived from it."""
-        timestep = 1000 * (1 - t.float())                                              # (B,)
+        """v at x_t through diffusers' call: timestep 1000 (1 - t), v = -u. Context latents are
+        pinned clean and their tokens get timestep 0, the way Wan 2.2's TI2V conditions on a first
+        frame. Under --target=clean the output is the clean clip and v is derived from it."""
+        timestep = 1000 * (1 - t.float())   # (B,)
         if ctx is not None:
             x = torch.where(ctx_mask[:, None, :, None, None], ctx, x)
             pt, ph, pw = self.transformer.config.patch_size
             per_frame = (x.shape[3] // ph) * (x.shape[4] // pw)
-            timestep = torch.where(ctx_mask[:, ::pt], 0.0, timestep[:, None]).repeat_interleave(per_frame, 1)  # (B, tokens)
+            frame_timestep = torch.where(ctx_mask[:, ::pt], 0.0, timestep[:, None])   # (B, frames)
+            timestep = frame_timestep.repeat_interleave(per_frame, 1)                 # (B, tokens)
         dtype = self.transformer.dtype
         out = self.transformer(x.to(dtype), timestep, self.text(tokens, drop).to(dtype),
                                return_dict=False)[0].float()
         if self.cfg.target == "clean":   # the output is the clean clip (a pixel Wan's option)
             return M.to_velocity(out, x, t, self.cfg.t_eps)
-        return -out                       # u = noise - data, as Wan's pipeline reads it
+        return -out   # u = noise - data, as Wan's pipeline reads it
 
     def forward(self, x, t, tokens, **kw):
-        """The interface's prediction, the clean clip: x1_hat = x_t + (1 - t) v, Wan's x0 = x - sigma u."""
+        """The interface's prediction, the clean clip: x_t + (1 - t) v, Wan's x0 = x - sigma u."""
         return x + (1 - t)[:, None, None, None, None] * self.velocity(x, t, tokens, **kw)
 
     @torch.no_grad()
@@ -430,7 +413,8 @@ class WanPolicy(nn.Module):
         if self.vae is None:
             return clips
         with torch.autocast(clips.device.type, enabled=False):
-            z = torch.cat([self.vae.encode(c.float()).latent_dist.mean for c in clips.split(self.cfg.vae_batch)])
+            z = torch.cat([self.vae.encode(c.float()).latent_dist.mean
+                           for c in clips.split(self.cfg.vae_batch)])
         return (z - self.mean) / self.std
 
     @torch.no_grad()
@@ -439,7 +423,8 @@ class WanPolicy(nn.Module):
             return x.clamp(-1, 1)
         with torch.autocast(x.device.type, enabled=False):
             z = x.float() * self.std + self.mean
-            return torch.cat([self.vae.decode(c).sample for c in z.split(self.cfg.vae_batch)]).clamp(-1, 1)
+            clips = torch.cat([self.vae.decode(c).sample for c in z.split(self.cfg.vae_batch)])
+            return clips.clamp(-1, 1)
 
     def train(self, mode=True):
         super().train(mode)
@@ -447,7 +432,7 @@ class WanPolicy(nn.Module):
             self.vae.eval()
         return self
 
-    # ------------------------------------------------------------------ the reference, and LoRA's bookkeeping
+    # ---------------------------------------------------------- the reference, LoRA's bookkeeping
     def reference(self):
         if not self.cfg.lora_rank:
             return M.frozen_copy(self)
@@ -455,10 +440,9 @@ class WanPolicy(nn.Module):
         return AdapterOff(self)
 
     def shard_units(self):
-        """FSDP2's pieces (distributed.shard): each transformer block, then the transformer, whose forward velocity()
-        calls. The VAE and frozen prompt states are small beside it: every rank keeps them whole.
-        Learned words that train are a unit of their own, so their gradient is reduced over the
-        ranks as every other weight's is."""
+        """FSDP2's pieces (distributed.shard): each block, then the transformer; every rank keeps
+        the small VAE and frozen prompt states whole. Learned words that train are a unit of their
+        own, so their gradient is reduced over the ranks as every other weight's is."""
         learned = any(n.startswith("text.") for n in self.trained)   # copies too (EMA: frozen)
         return [*self.transformer.blocks, *([self.text] if learned else []), self.transformer]
 
@@ -472,7 +456,8 @@ class WanPolicy(nn.Module):
 
     def factors(self):
         """Each LoRA layer's (A (r, in), B (out, r)), by layer name."""
-        return {n: (m.lora_A["default"].weight, m.lora_B["default"].weight) for n, m in self.lora_layers().items()}
+        return {n: (m.lora_A["default"].weight, m.lora_B["default"].weight)
+                for n, m in self.lora_layers().items()}
 
     def lora_layers(self):
         from peft.tuners.lora import LoraLayer
@@ -487,8 +472,8 @@ class WanPolicy(nn.Module):
 
     @torch.no_grad()
     def restart_adapter(self):
-        """B = 0, so the policy is unchanged; A as peft draws it (kaiming-uniform), but from a generator seeded by the
-        number of folds, so a stage starts alike on every rank and on resume."""
+        """B = 0, so the policy is unchanged; A as peft draws it (kaiming-uniform), from a generator
+        seeded by the number of folds: a stage starts alike on every rank and on resume."""
         gen = seeded(self.cfg.seed, self.cfg.folded)
         for a, b in self.factors().values():
             a.copy_((torch.rand(a.shape, generator=gen) * 2 - 1) / math.sqrt(a.shape[1]))
@@ -497,7 +482,8 @@ class WanPolicy(nn.Module):
     @torch.no_grad()
     def fold(self):
         """The adapter trained so far joins the frozen weights; a fresh one trains from here."""
-        current = {n: (a.detach().clone(), b.detach().clone()) for n, (a, b) in self.factors().items()}
+        current = {n: (a.detach().clone(), b.detach().clone())
+                   for n, (a, b) in self.factors().items()}
         self.add_into_weights(current)
         self.history.append(current)
         self.cfg.folded += 1
@@ -510,20 +496,24 @@ class WanPolicy(nn.Module):
         sd = {k: v for k, v in super().state_dict(*args, **kwargs).items() if k in self.trained}
         for i, factors in enumerate(self.history):
             for name, (a, b) in factors.items():
-                sd[f"folded.{i}.{name}.lora_A"], sd[f"folded.{i}.{name}.lora_B"] = a.clone(), b.clone()  # copies share them
+                # clones: copies of the policy share the folded factors
+                sd[f"folded.{i}.{name}.lora_A"] = a.clone()
+                sd[f"folded.{i}.{name}.lora_B"] = b.clone()
         return sd
 
     def load_state_dict(self, state_dict, strict=True, assign=False):
-        """state_dict's counterpart. The folded factors enter the frozen weights once, on a fresh build; a later load
-        (resume, rollback, the AWM sampler's refresh) must bring the same ones."""
+        """state_dict's counterpart. The folded factors enter the frozen weights once, on a
+        fresh build; a later load (resume, rollback, the AWM sampler's refresh) brings the same."""
         for i, factors in enumerate(self.history):
             for name, (a, b) in factors.items():
-                new = state_dict[f"folded.{i}.{name}.lora_A"], state_dict[f"folded.{i}.{name}.lora_B"]
+                new = (state_dict[f"folded.{i}.{name}.lora_A"],
+                       state_dict[f"folded.{i}.{name}.lora_B"])
                 if not self.history_in_weights:
                     a.copy_(new[0])
                     b.copy_(new[1])
                 elif not (torch.equal(a, new[0].to(a)) and torch.equal(b, new[1].to(b))):
-                    raise CheckpointError("these weights continue another chain of stages (other folded adapters)")
+                    raise CheckpointError("these weights continue another chain of stages "
+                                          "(other folded adapters)")
         if not self.history_in_weights:
             for factors in self.history:
                 self.add_into_weights(factors)
@@ -531,14 +521,17 @@ class WanPolicy(nn.Module):
         rest = {k: v for k, v in state_dict.items() if not k.startswith("folded.")}
         result = super().load_state_dict(rest, strict=False, assign=assign)
         if result.unexpected_keys or self.trained - set(rest):
-            raise CheckpointError(f"Wan weights do not match this policy ({len(result.unexpected_keys)} unexpected, "
-                                    f"{len(self.trained - set(rest))} missing)")
+            raise CheckpointError(f"Wan weights do not match this policy "
+                                  f"({len(result.unexpected_keys)} unexpected, "
+                                  f"{len(self.trained - set(rest))} missing)")
         return result
 
     def __deepcopy__(self, memo):
-        """Copies (EMA, the AWM sampler, a full fine-tuning reference) share what is frozen and copy only what trains."""
+        """Copies (EMA, the AWM sampler, a full fine-tuning reference) share what is frozen and
+        copy only what trains."""
         trained = {id(p) for n, p in self.named_parameters() if n in self.trained}
-        for t in [*self.parameters(), *self.buffers(), *(f for fs in self.history for ab in fs.values() for f in ab)]:
+        for t in [*self.parameters(), *self.buffers(),
+                  *(f for fs in self.history for ab in fs.values() for f in ab)]:
             if id(t) not in trained:
                 memo[id(t)] = t
         new = self.__class__.__new__(self.__class__)
@@ -548,11 +541,12 @@ class WanPolicy(nn.Module):
 
 
 class AdapterOff(nn.Module):
-    """A LoRA policy with its adapter disabled: the frozen reference, computed by the policy's own modules."""
+    """A LoRA policy with its adapter disabled: the frozen reference, on the policy's modules."""
 
     def __init__(self, policy):
         super().__init__()
-        self.__dict__["policy"] = policy  # not a submodule: freezing or moving the view leaves the policy alone
+        # not a submodule: freezing or moving the view leaves the policy alone
+        self.__dict__["policy"] = policy
         self.cfg, self.flow_shape, self.sampler = policy.cfg, policy.flow_shape, policy.sampler
         self.flow_shift, self.cfg_until = policy.flow_shift, policy.cfg_until
         self.encode, self.decode = policy.encode, policy.decode
@@ -588,7 +582,8 @@ def init_checkpoint(argv):
         from checkpoint import file_hash, read_checkpoint
         if not os.path.isfile(cfg.source):
             raise ConfigError(f"--source={cfg.source}: no such checkpoint")
-        shape, given = read_checkpoint(cfg.source)[1], {a[2:].partition("=")[0] for a in argv}
+        shape = read_checkpoint(cfg.source)[1]
+        given = {a[2:].partition("=")[0] for a in argv}
         for k in SOURCE_SHAPE:
             if k not in given and getattr(shape, "policy", None) == "wan":
                 setattr(cfg, k, getattr(shape, k))
@@ -616,17 +611,18 @@ def tokens_per_clip(policy):
 
 
 def clean_prompt(text):
-    """A prompt as WanPipeline hands it to its tokenizer (its prompt_clean) where ftfy is not installed, the branch
-    diffusers takes then: HTML entities unescaped twice (a caption escaped twice over comes back whole), every run of
-    whitespace one space, none at the ends. With ftfy, diffusers also repairs mojibake first; postflow's captions
-    have none to repair. Whitespace is Unicode's White_Space, what the `regex` module's \\s there matches: str.split
-    would also split at the separators \\x1c-\\x1f, which it keeps inside a prompt (str.strip drops them at the ends
-    in both)."""
+    """A prompt as WanPipeline's prompt_clean hands it to its tokenizer where ftfy is not installed,
+    the branch diffusers takes then (ftfy would repair mojibake; postflow's captions have none):
+    HTML entities unescaped twice (a caption escaped twice over comes back whole), every run of
+    whitespace one space, none at the ends. Whitespace is Unicode's White_Space, what the `regex`
+    module's \\s there matches: str.split would also split at the separators \\x1c-\\x1f, which it
+    keeps inside a prompt (str.strip drops them at the ends in both)."""
     return re.sub(r"[^\S\x1c-\x1f]+", " ", html.unescape(html.unescape(text))).strip()
 
 
 def embed(argv):
-    """The UMT5 states of '' and of every caption of the world, from a Wan folder's tokenizer/ and text_encoder/."""
+    """The UMT5 states of '' and of every caption of the world, from a Wan folder's tokenizer/ and
+    text_encoder/."""
     @dataclass
     class EmbedConfig:
         source: str = ""                  # a diffusers Wan folder
@@ -635,16 +631,19 @@ def embed(argv):
 
     cfg = parse_config(EmbedConfig, argv)
     if not os.path.isdir(os.path.join(cfg.source, "text_encoder")):
-        raise ConfigError(f"--source={cfg.source!r} is not a diffusers Wan folder with tokenizer/ and text_encoder/")
+        raise ConfigError(f"--source={cfg.source!r} is not a diffusers Wan folder with tokenizer/ "
+                          f"and text_encoder/")
     claim_out_file(cfg.out, cfg.overwrite, inputs=[cfg.source])
     from safetensors.torch import save_file
     from transformers import AutoTokenizer, UMT5EncoderModel
     tok = AutoTokenizer.from_pretrained(cfg.source, subfolder="tokenizer")
     encoder = UMT5EncoderModel.from_pretrained(cfg.source, subfolder="text_encoder").eval()
-    prompts = ["", *sorted(data.caption(c, s, d, sp) for c, s, d in data.ALL_COMBOS for sp in range(len(data.SPEEDS)))]
-    with torch.no_grad():   # one prompt at a time keeps its own tokens; the policy pads with zeros, as Wan's pipeline does
-        states = {p: encoder(**tok(clean_prompt(p), return_tensors="pt")).last_hidden_state[0].float().contiguous()
-                  for p in prompts}
+    prompts = ["", *sorted(data.caption(c, s, d, sp) for c, s, d in data.ALL_COMBOS
+                           for sp in range(len(data.SPEEDS)))]
+    # one prompt at a time keeps its own tokens; the policy pads with zeros, as Wan's pipeline does
+    with torch.no_grad():
+        states = {p: encoder(**tok(clean_prompt(p), return_tensors="pt"))
+                  .last_hidden_state[0].float().contiguous() for p in prompts}
     atomic_write(cfg.out, lambda tmp: save_file(states, tmp))
     print(f"wrote {cfg.out}: the states of {len(prompts) - 1} captions and ''")
 
