@@ -15,6 +15,7 @@ import math
 import os
 import random
 import re
+import runpy
 import shlex
 import shutil
 import signal
@@ -22,7 +23,9 @@ import socket
 import subprocess
 import sys
 import time
+import traceback
 import types
+import warnings
 import xml.etree.ElementTree as ElementTree
 from concurrent.futures import ThreadPoolExecutor
 
@@ -187,6 +190,55 @@ def fake_states(prompts):
 
 def run_script(*args):
     return subprocess.run([sys.executable, *args], cwd=HERE, capture_output=True, text=True, timeout=300)
+
+
+def first_of_each_command(table):
+    """The first case of each script and subcommand in a table of command lines (`judge.py train`, `sft.py`)."""
+    firsts = {}
+    for case, (cmd, *_) in table.items():
+        command = " ".join(w for w in cmd.split()[:2] if not w.startswith("-"))
+        firsts.setdefault(command, case)
+    return set(firsts.values())
+
+
+# the warnings a fresh interpreter hides by default (Python's own filters): run_in_process hides them too
+HIDDEN_WARNINGS = (DeprecationWarning, PendingDeprecationWarning, ImportWarning, ResourceWarning)
+
+
+def run_in_process(*args):
+    """run_script's result without a fresh interpreter (no ~2 s of importing torch): the script's own __main__ block
+    run by runpy in this process, from the repository, with its stdout, stderr, the warnings a fresh interpreter
+    would print, and its exit code (SystemExit's, 1 with the traceback for an uncaught exception). Then what the
+    script's exit would do: the run folders it locked are released."""
+    out, err, code = io.StringIO(), io.StringIO(), 0
+    cwd, argv, on_term = os.getcwd(), sys.argv, signal.getsignal(signal.SIGTERM)
+    held = set(cli._LOCKS)
+    try:
+        os.chdir(HERE)
+        sys.argv = list(args)
+        with warnings.catch_warnings(record=True) as caught, contextlib.redirect_stdout(out), \
+                contextlib.redirect_stderr(err):
+            warnings.simplefilter("always")
+            try:
+                runpy.run_path(os.path.join(HERE, args[0]), run_name="__main__")
+            except SystemExit as e:
+                if e.code is None or isinstance(e.code, int):
+                    code = e.code or 0
+                else:                                   # sys.exit("text"): printed, exit code 1
+                    print(e.code, file=sys.stderr)
+                    code = 1
+            except Exception:
+                err.write(traceback.format_exc())
+                code = 1
+        for w in caught:
+            if not issubclass(w.category, HIDDEN_WARNINGS):
+                err.write(warnings.formatwarning(w.message, w.category, w.filename, w.lineno, w.line))
+    finally:
+        cli.release_run_folders(*(set(cli._LOCKS) - held))
+        os.chdir(cwd)
+        sys.argv = argv
+        signal.signal(signal.SIGTERM, on_term)          # run_cli installs the stages' SIGTERM handler
+    return subprocess.CompletedProcess(list(args), code, out.getvalue(), err.getvalue())
 
 
 def in_process(args, out):
@@ -429,14 +481,19 @@ def bad_files(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def bad_runs(bad_files, request):
-    """The selected cases' command lines, run two at a time: each is ~2 s of importing torch, then a refusal."""
+    """The selected cases' command lines (BAD_INPUT). Those of FRESH_INTERPRETER run as a user's do, in a fresh
+    interpreter, two at a time (each ~2 s of importing torch, then a refusal); meanwhile the others run in this
+    process through the same __main__ blocks (run_in_process), one after another."""
     chosen = [i.callspec.params["case"] for i in request.session.items
               if getattr(i, "originalname", "") == "test_bad_input_is_one_line_exit_2"]
     chosen = [c for c in chosen if not ("--device=cuda" in BAD_INPUT[c][0] and torch.cuda.is_available())]
-    run = lambda c: run_script(*[a.format(r=bad_files, o=bad_files / c) for a in BAD_INPUT[c][0].split()])
+    argv = lambda c: [a.format(r=bad_files, o=bad_files / c) for a in BAD_INPUT[c][0].split()]
+    fresh = [c for c in chosen if c in FRESH_INTERPRETER]
     before = tree_hashes(bad_files, HERE)
     with ThreadPoolExecutor(2) as pool:
-        runs = dict(zip(chosen, pool.map(run, chosen)))
+        started = {c: pool.submit(run_script, *argv(c)) for c in fresh}
+        runs = {c: run_in_process(*argv(c)) for c in chosen if c not in started}
+        runs.update({c: job.result() for c, job in started.items()})
     after = tree_hashes(bad_files, HERE)
     changed = sorted(p for p in set(before) | set(after) if before.get(p) != after.get(p))
     return runs, changed
@@ -1634,6 +1691,10 @@ BAD_INPUT = {
     "judge_no_command": ("judge.py", "no command; usage: python judge.py"),
     "bench_unknown_command": ("bench.py speeed", "unknown command 'speeed'"),
 }
+# The cases run in a fresh interpreter, as a user runs them: the first of each script and subcommand (so every
+# __main__ block, and the exit a shell sees, is checked that way), a refusal after a model is loaded and one from
+# the file system mid-write. The rest run in this process (bad_runs): the same __main__ blocks and checks.
+FRESH_INTERPRETER = first_of_each_command(BAD_INPUT) | {"nan_weights", "gif_write_refused"}
 
 
 @pytest.mark.parametrize("case", list(BAD_INPUT))
