@@ -216,9 +216,12 @@ def run_in_process(*args):
     try:
         os.chdir(HERE)
         sys.argv = list(args)
-        with warnings.catch_warnings(record=True) as caught, contextlib.redirect_stdout(out), \
-                contextlib.redirect_stderr(err):
-            warnings.simplefilter("always")
+        with warnings.catch_warnings(), contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            # printed where they happen, once per place (a fresh interpreter's default), on the same stderr
+            warnings.simplefilter("default")
+            warnings.showwarning = lambda message, category, filename, lineno, file=None, line=None: \
+                None if issubclass(category, HIDDEN_WARNINGS) else \
+                err.write(warnings.formatwarning(message, category, filename, lineno, line))
             try:
                 runpy.run_path(os.path.join(HERE, args[0]), run_name="__main__")
             except SystemExit as e:
@@ -230,9 +233,6 @@ def run_in_process(*args):
             except Exception:
                 err.write(traceback.format_exc())
                 code = 1
-        for w in caught:
-            if not issubclass(w.category, HIDDEN_WARNINGS):
-                err.write(warnings.formatwarning(w.message, w.category, w.filename, w.lineno, w.line))
     finally:
         cli.release_run_folders(*(set(cli._LOCKS) - held))
         os.chdir(cwd)
@@ -281,6 +281,23 @@ def torchrun(args, out, parallel="ddp", ranks=2, launcher=("--standalone",), **p
     r = subprocess.run(cmd, cwd=HERE, capture_output=True, text=True, timeout=300, env=env)
     assert r.returncode == 0, r.stderr[-3000:]
     return r
+
+
+# torchrun(..., **PIPES) starts a job and returns at once: jobs that do not depend on each other run side by side
+# (most of a tiny job is its three interpreters importing torch, one core's work each), then finish() waits
+PIPES = dict(stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+
+def finish(job, timeout=300):
+    """Wait for a job torchrun(..., **PIPES) started; what torchrun(...) returns, its exit 0 asserted alike."""
+    try:
+        out, err = job.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        job.kill()
+        job.communicate()
+        raise
+    assert job.returncode == 0, err[-3000:]
+    return subprocess.CompletedProcess(job.args, job.returncode, out, err)
 
 
 def free_port():
@@ -1569,7 +1586,7 @@ def test_cli_errors_are_one_line(tmp_path):
                          (["sft.py", f"--init={tmp_path}/none.safetensors", f"--out_dir={tmp_path}/o"], "not found"),
                          (["checkpoint.py", "--prompts=a purple circle", f"--out={tmp_path}/x.gif"], "unknown word"),
                          (["checkpoint.py", "--prompts=;", f"--out={tmp_path}/x.gif"], "empty prompt list")]:
-        r = run_script(*args)
+        r = (run_script if args[1] == "--bogus=1" else run_in_process)(*args)   # one fresh, as a user runs it
         assert r.returncode == 2 and needle in r.stderr and "Traceback" not in r.stderr, (args, r.stderr)
         assert len(r.stderr.strip().splitlines()) == 1
 
@@ -1723,11 +1740,12 @@ def test_a_stage_that_skipped_every_step_fails_naming_what_it_kept(tmp_path):
                  ["preference.py", f"--pairs={tmp_path}/pairs.safetensors", "--steps=3", "--batch_size=4",
                   "--eval_prompts=2", "--eval_steps=2"]):
         out = tmp_path / args[0]
-        r = run_script(*args, f"--init={tmp_path}/huge.safetensors", f"--out_dir={out}", "--device=cpu")
+        run = run_script if args[0] == "sft.py" else run_in_process                # Stage I fresh, as a user runs it
+        r = run(*args, f"--init={tmp_path}/huge.safetensors", f"--out_dir={out}", "--device=cpu")
         last = r.stderr.strip().splitlines()[-1]                              # after the progress bar
         assert r.returncode == 2 and "Traceback" not in r.stderr and r.stderr.count("error:") == 1, r.stderr[-2000:]
         assert last.startswith("error: all 3 steps were skipped") and str(out / "ckpt.safetensors") in last
-    render = run_script("checkpoint.py", f"--ckpt={tmp_path}/huge.safetensors", f"--out={tmp_path}/huge.gif", "--steps=2")
+    render = run_in_process("checkpoint.py", f"--ckpt={tmp_path}/huge.safetensors", f"--out={tmp_path}/huge.gif", "--steps=2")
     assert render.returncode == 2 and "draws non-finite pixels" in render.stderr and not (tmp_path / "huge.gif").exists()
 
 
@@ -1813,29 +1831,29 @@ def test_a_run_folder_belongs_to_one_run(tmp_path):
     args = ["sft.py", "--init=", "--data=web", "--preset=tiny", "--steps=40", "--batch_size=4", "--ckpt_every=4",
             "--log_every=4", "--val_clips=4", "--sample_steps=2", "--device=cpu"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    alone = subprocess.run([sys.executable, *args, f"--out_dir={tmp_path / 'alone'}"], cwd=HERE, env=env,
-                           capture_output=True, text=True, timeout=300)
-    assert alone.returncode == 0, alone.stderr[-2000:]
+    alone = subprocess.Popen([sys.executable, *args, f"--out_dir={tmp_path / 'alone'}"], cwd=HERE, env=env,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)   # meanwhile, the rest
     out = tmp_path / "shared"
     first = start_holding(args, out)
-    for flag in ("--overwrite=true", "--resume=true"):
-        second = run_script(*args, f"--out_dir={out}", flag)
+    for flag in ("--overwrite=true", "--resume=true"):        # the second runs: the first's pid differs from ours
+        second = run_in_process(*args, f"--out_dir={out}", flag)
         line = second.stderr.strip().splitlines()
         assert second.returncode == 2 and len(line) == 1, second.stderr[-2000:]
         assert f"is in use by another run (pid {first.pid} on" in line[0] and "sft.py" in line[0], line
     first.send_signal(signal.SIGCONT)
     assert first.wait(timeout=300) == 0
+    assert alone.wait(timeout=300) == 0, alone.stderr.read()[-2000:]
     want, got = (checkpoint.read_checkpoint(d / "ckpt.safetensors")[0] for d in (tmp_path / "alone", out))
     assert all(torch.equal(want[k], got[k]) for k in want)
     assert not (out / cli.RUN_LOCK).exists()                          # released at the end
     # the other order: a resumed run holds the folder and an overwrite is refused
     holder = start_holding([*args[:4], "--steps=80", *args[5:], "--resume=true"], out)
-    refused = run_script(*args, f"--out_dir={out}", "--overwrite=true")
+    refused = run_in_process(*args, f"--out_dir={out}", "--overwrite=true")
     assert refused.returncode == 2 and f"pid {holder.pid}" in refused.stderr
     holder.kill()                                                            # kill -9: its lock file stays behind
     holder.wait()
     assert (out / cli.RUN_LOCK).exists()
-    taken = run_script(*args[:4], "--steps=80", *args[5:], f"--out_dir={out}", "--resume=true")
+    taken = run_in_process(*args[:4], "--steps=80", *args[5:], f"--out_dir={out}", "--resume=true")
     assert taken.returncode == 0 and f"was last locked by pid {holder.pid}" in taken.stdout, taken.stderr[-2000:]
     assert not (out / cli.RUN_LOCK).exists()
 
@@ -1896,9 +1914,11 @@ def test_grpo_one_and_two_ranks_agree(trained_tiny, tmp_path):
             "--rollout_steps=4", "--eval_prompts=2", "--eval_steps=2", "--eval_every=4", "--device=cpu", "--lr=1e-3",
             "--warmup=1", "--minibatches=2", "--spike_factor=1.5", "--sft_batch=4", "--bf16=false",  # bf16 rounds by batch
             "--hold=fidelity=0.0001,temporal=0.0001", "--hold_probe=2"]
+    ddp = torchrun(args, tmp_path / "r2", **PIPES)               # the three runs side by side
+    fsdp = torchrun(args, tmp_path / "r2_fsdp", "fsdp", **PIPES)
     in_process(args, tmp_path / "r1")
-    two = torchrun(args, tmp_path / "r2")                        # exit 0 includes: every rank ended with the same weights
-    torchrun(args, tmp_path / "r2_fsdp", "fsdp")                 # sharded, the rollbacks restore shards
+    two = finish(ddp)                                            # exit 0 includes: every rank ended with the same weights
+    finish(fsdp)                                                 # sharded, the rollbacks restore shards
     assert "2 rank(s) x 4" in two.stdout + two.stderr and "terminate called" not in two.stderr
     a, b = [[r for r in read_log(tmp_path / d / "log.jsonl") if "reward_instruction" in r] for d in ("r1", "r2")]
     assert len(a) == len(b) == 8 and a[-1]["rollbacks"] > 0, a[-1]     # the guard did act
@@ -1921,16 +1941,16 @@ def test_a_stage_trains_alike_on_one_rank_two_ddp_ranks_and_two_fsdp_ranks(stage
     reductions sum in another order). Stage II's rules share every line but the update: DDP runs AWM's
     (test_grpo_one_and_two_ranks_agree, which adds FSDP and rollbacks), FSDP each."""
     args = sharding_args(stage, trained_tiny, tmp_path)
+    runs = ["one", "fsdp"] + (["ddp"] if stage in ("sft", "dpo") else [])
+    jobs = {run: torchrun(args, tmp_path / run, run, **PIPES) for run in runs[1:]}   # side by side with "one"
     in_process(args, tmp_path / "one")
-    fsdp = torchrun(args, tmp_path / "fsdp", "fsdp")
+    fsdp = finish(jobs["fsdp"])
     assert "2 rank(s)" in fsdp.stdout + fsdp.stderr and "terminate called" not in fsdp.stderr
     moved = checkpoint.read_checkpoint(tmp_path / "one" / "ckpt.safetensors")[0]
     start = checkpoint.read_checkpoint(trained_tiny)[0]
     assert max(float((moved[k] - start[k]).abs().max()) for k in start) > 1e-3        # the runs did train
-    runs = ["one", "fsdp"]
-    if stage in ("sft", "dpo"):
-        torchrun(args, tmp_path / "ddp")
-        runs.append("ddp")
+    if "ddp" in jobs:
+        finish(jobs["ddp"])
     for a, b in zip(runs, runs[1:] + runs[:1]):
         assert state_gap(tmp_path / a, tmp_path / b) < 1e-4, (a, b)
     whole, sharded = memory_of(tmp_path / "one")["memory"], memory_of(tmp_path / "fsdp")["memory"]
@@ -1943,8 +1963,7 @@ def test_an_fsdp_run_killed_and_resumed_gives_the_weights_of_an_uninterrupted_on
     state file, ends bitwise where an uninterrupted FSDP run does, rollbacks included."""
     args = [a for a in sharding_args("awm", trained_tiny, tmp_path) if not a.startswith(("--iters", "--ckpt_every"))]
     args += ["--ckpt_every=1", "--iters=7", "--spike_factor=1.01"]
-    torchrun(args, tmp_path / "ref", "fsdp")
-    assert max(r["rollbacks"] for r in read_log(tmp_path / "ref" / "log.jsonl") if "rollbacks" in r) > 0
+    ref = torchrun(args, tmp_path / "ref", "fsdp", **PIPES)       # the uninterrupted run, beside the killed ones
     for delay in (1.0, 0.3, 0.0):                                  # a later kill can miss the end of a fast run
         shutil.rmtree(tmp_path / "kill", ignore_errors=True)
         p = torchrun(args, tmp_path / "kill", "fsdp", stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -1957,6 +1976,8 @@ def test_an_fsdp_run_killed_and_resumed_gives_the_weights_of_an_uninterrupted_on
         if not (tmp_path / "kill" / "ckpt.safetensors").exists():
             break
     assert not (tmp_path / "kill" / "ckpt.safetensors").exists()    # it was killed before its hand-off
+    finish(ref)
+    assert max(r["rollbacks"] for r in read_log(tmp_path / "ref" / "log.jsonl") if "rollbacks" in r) > 0
     torchrun(args + ["--resume=true"], tmp_path / "kill", "fsdp")
     want, got = (checkpoint.read_checkpoint(tmp_path / run / "ckpt.safetensors")[0] for run in ("ref", "kill"))
     assert all(torch.equal(want[k], got[k]) for k in want)
@@ -1996,8 +2017,8 @@ distributed.teardown(d)
 def test_two_nodes_train_as_one_node_does(trained_tiny, tmp_path):
     """HSDP on two nodes of one process each (a 2 x 1 mesh: replicas across nodes) ends where one process does."""
     args = sharding_args("awm", trained_tiny, tmp_path)
-    in_process(args, tmp_path / "one_node")
     nodes = two_nodes(args, tmp_path / "two_nodes", "hsdp")
+    in_process(args, tmp_path / "one_node")                      # while the two nodes run
     for p in nodes:
         _, err = p.communicate(timeout=300)
         assert p.returncode == 0, err[-3000:]
@@ -2126,7 +2147,7 @@ def test_report_refuses_a_diagnosis_that_is_partial_in_one_line(tiny_run, tmp_pa
     for r in results.values():
         del r["parts"]
     json.dump(results, open(run / "diagnose" / "diagnostics.json", "w"))
-    r = run_script("report.py", f"--run={run}")
+    r = run_in_process("report.py", f"--run={run}")
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and "is partial (no parts); rerun diagnose" in r.stderr, r.stderr
     assert not (run / "report.html").exists()
 
@@ -2406,14 +2427,17 @@ def test_wan_lora_stage_ii_runs_sharded_and_matches_one_process(wan_chain, tmp_p
     args = ["reward_rl.py", f"--init={wan_chain['sft']}", "--iters=1", "--prompts_per_iter=1", "--group_size=2",
             "--rollout_steps=2", "--sde_window=1", "--eval_prompts=2", "--eval_steps=1", "--ckpt_every=1", "--epochs=1",
             "--warmup=1", "--lr=1e-2", "--sft_batch=2", "--std_floor=1e-6", "--bf16=false", "--device=cpu"]
+    import adapters                                   # a bf16 transformer with fp32 factors shards and trains alike
+    adapters.init_checkpoint([f"--out={tmp_path}/bf16.safetensors", "--dtype=bfloat16"])
+    fsdp = torchrun(args, tmp_path / "fsdp", "fsdp", **PIPES)            # both jobs and "one" side by side
+    bf16 = torchrun([f"--init={tmp_path}/bf16.safetensors" if a.startswith("--init=") else a for a in args],
+                    tmp_path / "bf16", "fsdp", **PIPES)
     in_process(args, tmp_path / "one")
-    torchrun(args, tmp_path / "fsdp", "fsdp")
+    finish(fsdp)
     assert state_gap(tmp_path / "one", tmp_path / "fsdp") < 1e-4
     before, after = (checkpoint.read_checkpoint(p)[0] for p in (wan_chain["sft"], tmp_path / "fsdp" / "ckpt.safetensors"))
     moved = [k for k in after if k in before and not torch.equal(before[k], after[k])]
     assert moved and all("lora" in k for k in moved)
-    import adapters                                   # a bf16 transformer with fp32 factors shards and trains alike
-    adapters.init_checkpoint([f"--out={tmp_path}/bf16.safetensors", "--dtype=bfloat16"])
-    torchrun([f"--init={tmp_path}/bf16.safetensors" if a.startswith("--init=") else a for a in args], tmp_path / "bf16", "fsdp")
+    finish(bf16)
     factors = checkpoint.read_checkpoint(tmp_path / "bf16" / "ckpt.safetensors")[0]
     assert factors and all(v.dtype == torch.float32 for k, v in factors.items() if "lora" in k)
