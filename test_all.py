@@ -300,19 +300,42 @@ def finish(job, timeout=300):
     return subprocess.CompletedProcess(job.args, job.returncode, out, err)
 
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(("localhost", 0))
-        return s.getsockname()[1]
+def reserved_port():
+    """A free port and a socket holding it. Bound with SO_REUSEADDR and not listening, the port
+    goes to no other bind(0) or connect() while a launcher starts, and the launcher's TCPStore
+    (SO_REUSEADDR too) can still bind it. A port found free and let go at once can be taken
+    before that."""
+    held = socket.socket()
+    held.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    held.bind(("localhost", 0))
+    return held.getsockname()[1], held
+
+
+def listening(port):
+    """Whether a socket on this machine listens on `port` (/proc/net/tcp and tcp6: state 0A)."""
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        rows = open(table).read().splitlines()[1:] if os.path.exists(table) else []
+        for row in rows:
+            local, state = row.split()[1], row.split()[3]
+            if int(local.rsplit(":", 1)[1], 16) == port and state == "0A":
+                return True
+    return False
 
 
 def two_nodes(args, out, parallel):
     """The README's multi-node launch, as two launchers of one process each on this machine: node 0 hosts the
-    rendezvous, each names its node rank."""
-    port = free_port()
-    return [torchrun(args, out, parallel, ranks=1, launcher=("--nnodes=2", f"--node_rank={n}",
-                                                             f"--rdzv_endpoint=localhost:{port}"),
-                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True) for n in (0, 1)]
+    rendezvous on a port held for it until it listens there (or ends), each names its node rank."""
+    port, held = reserved_port()
+    with held:
+        nodes = []
+        for n in (0, 1):
+            launcher = ("--nnodes=2", f"--node_rank={n}", f"--rdzv_endpoint=localhost:{port}")
+            nodes.append(torchrun(args, out, parallel, ranks=1, launcher=launcher,
+                                  start_new_session=True, **PIPES))
+        deadline = time.time() + 300
+        while not listening(port) and nodes[0].poll() is None and time.time() < deadline:
+            time.sleep(0.05)
+    return nodes
 
 
 def children(pid):
@@ -342,26 +365,31 @@ def start_holding(args, out):
 
 def run_until_checkpointed(args, out, delay=None):
     """Start a run and wait for its first checkpoint; then kill -9 it after `delay` s (mid-write included), or let
-    it finish (delay None). Returns (whether it was killed before finishing, seconds from checkpoint to end)."""
+    it finish (delay None). Returns (whether it was killed before finishing, seconds from
+    checkpoint to end: for a run that ended before its kill, its own time, measured)."""
     p = subprocess.Popen([sys.executable, *args, f"--out_dir={out}"], cwd=HERE, stdout=subprocess.DEVNULL,
                          stderr=subprocess.DEVNULL, env={**os.environ, "OMP_NUM_THREADS": "1"})
     while not (out / "state.safetensors").exists() and p.poll() is None:
         time.sleep(0.01)
     t0 = time.time()
-    if delay is not None:
-        time.sleep(delay)
+    try:
+        p.wait(timeout=delay)
+    except subprocess.TimeoutExpired:
         p.kill()
     return p.wait() != 0, time.time() - t0
 
 
 def kill_and_resume(args, out, rng, window):
     """kill -9 a run at a random moment after its first checkpoint, then resume it to the end. A kill that came
-    too late (the run had finished) is retried sooner in a fresh folder."""
+    too late (the run had finished) is retried in a fresh folder within half the time that run
+    took: its own time under the machine's load now, not the reference run's (a loaded
+    machine's pace changes from run to run)."""
     for attempt in range(4):
         shutil.rmtree(out, ignore_errors=True)
-        killed, _ = run_until_checkpointed(args, out, rng.uniform(0, window / 2 ** attempt))
+        killed, took = run_until_checkpointed(args, out, rng.uniform(0, window))
         if killed:
             break
+        window = took / 2
     r = subprocess.run([sys.executable, *args, f"--out_dir={out}", "--resume=true"], cwd=HERE, capture_output=True,
                        text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
@@ -421,8 +449,11 @@ def tiny_race(tiny_checkpoints):
     """make race at a tiny size: vanilla Flow-GRPO and DiffusionNFT under the floor, one seed, two segments of an
     iteration each (a budget of 2 network evaluations stops each after its first iteration)."""
     _, tuned, root = tiny_checkpoints
+    threads = torch.get_num_threads()
     race.main([f"--init={tuned}", "--rules=flow_grpo,nft_floor", "--seeds=1", "--nfe=2", "--evals=2",
                "--heldout_prompts=1", f"--out={root / 'race'}"])
+    # race.main runs its two jobs on one thread each, this process's too: later tests get theirs
+    torch.set_num_threads(threads)
     return root / "race"
 
 
@@ -1825,6 +1856,23 @@ def test_clean_up_removes_only_the_run_s_own_temp_files_and_a_resume_finds_its_f
         sft.train(tiny_sft(moved, steps=6, ckpt_every=2, lr=5e-3, resume=True))
 
 
+def test_a_kill_mid_save_leaves_safetensors_own_temp_file_and_a_resume_removes_it(tmp_path):
+    """safetensors saves through a temp file of its own, '.tmp' + 6 letters or digits beside its target,
+    renamed when whole: a kill -9 mid-save leaves it (what the kill -9 test met once in a while). A resume
+    removes it with postflow's own temp files and an overwrite counts it as the run's; a name that is not
+    exactly one is a user's, kept."""
+    out = tmp_path / "run"
+    sft.train(tiny_sft(out, steps=4, ckpt_every=2), stop_after=2)
+    cli.release_run_folders(out)
+    (out / ".tmpAb3dE9").write_bytes(b"half a state")          # as a kill mid-save leaves it
+    (out / ".tmpAb3dE9.bak").write_text("a user's file")
+    sft.train(tiny_sft(out, steps=4, ckpt_every=2, resume=True))
+    assert not (out / ".tmpAb3dE9").exists() and (out / ".tmpAb3dE9.bak").exists()
+    (out / ".tmpAb3dE9.bak").unlink()
+    (out / ".tmpQw3rTy").write_bytes(b"half a checkpoint")
+    sft.train(tiny_sft(out, steps=2, ckpt_every=2, overwrite=True))
+    assert not (out / ".tmpQw3rTy").exists()
+
 def test_a_run_folder_belongs_to_one_run(tmp_path):
     """A second run on a held folder, --overwrite or --resume, is one line naming the holder and exit 2, and the first
     ends bitwise as it would alone; a killed run's lock is taken over with a line; the lock goes at the end."""
@@ -1925,7 +1973,9 @@ def test_grpo_one_and_two_ranks_agree(trained_tiny, tmp_path):
     for ra, rb in zip(a, b):
         assert ra["reward_instruction"] == pytest.approx(rb["reward_instruction"], abs=1e-4)
         assert ra["grad_norm"] == pytest.approx(rb["grad_norm"], rel=1e-3) and ra["rollbacks"] == rb["rollbacks"]
-        assert ra["hold_multiplier"] == pytest.approx(rb["hold_multiplier"], abs=1e-3)
+        # a multiplier adds up each level's shortfall over its margin (1e-4 here), and with it the
+        # levels' float rounding across rank layouts (~1e-7): ~1e-3 an iteration, on hundreds
+        assert ra["hold_multiplier"] == pytest.approx(rb["hold_multiplier"], rel=1e-4, abs=1e-3)
     for name in ("ckpt.safetensors", "state.safetensors"):
         wa, wb = checkpoint.read_checkpoint(tmp_path / "r1" / name)[0], checkpoint.read_checkpoint(tmp_path / "r2" / name)[0]
         assert max(float((wa[k] - wb[k]).abs().max()) for k in wa if k.startswith(("model.", "ema.")) or "." in k) < 1e-4
