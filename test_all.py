@@ -1,8 +1,9 @@
 """postflow's tests: tiny configs, the whole suite in a few minutes on 2 CPU cores.  Run: make test
 
-Read top down: imports, constants, helpers and fixtures first; then one banner per file in the README's reading
-order (data, model, Stage I, Stage II, Stage III, rewards / judge / diagnose, stability / checkpoint / cli); then what
-cuts across them: bad input, run folders, several processes, bench and race, the report, and Wan (the extra)."""
+Read top down: imports, constants, helpers and fixtures first; then one banner per file in the
+README's reading order (data, model, Stage I, Stage II, Stage III, rewards / judge / diagnose,
+stability / checkpoint / cli); then what cuts across them: bad input, run folders, several
+processes, bench and race, the report, and Wan (the extra)."""
 import collections
 import contextlib
 import dataclasses
@@ -50,16 +51,16 @@ import rewards
 import sft
 import stability
 
-# adapters.py (diffusers' Wan) is the optional extra: the Wan tests import it themselves, so that this file imports,
-# and its other tests run, without the extra installed
+# adapters.py (diffusers' Wan) is the optional extra: the Wan tests import it themselves, so that
+# this file imports, and its other tests run, without the extra installed
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 TINY_WORLD = data.WorldConfig(frames=4, size=16)
 KILL_TRIALS = int(os.environ.get("POSTFLOW_KILL_TRIALS", "1"))   # `make killtest` runs 10 per stage
 CHROMIUM = "/usr/bin/chromium"
-# the report's charts: the first screen (each axis by stage, the race); Stage I, II (the floor's two included), III
-# curves; drift by frame, by chunk per head; ablations; the race (accuracy against evaluations, gain against
-# fidelity, five health signals)
+# the report's charts: the first screen (each axis by stage, the race); Stage I, II (the floor's two
+# included), III curves; drift by frame, by chunk per head; ablations; the race (accuracy against
+# evaluations, gain against fidelity, five health signals)
 CHARTS = 2 + 2 + 7 + 4 + 2 + len(rewards.HEADS) + 3 + 2 + 5
 # the Wan tests skip without the extra (`make test` installs requirements-wan.txt); in CI they fail
 HAVE_WAN = all(importlib.util.find_spec(m) for m in ("diffusers", "peft"))
@@ -170,7 +171,7 @@ def dpo_grads(decoupled, policy, ref, p, beta=50.0, sft_weight=0.3):
     return loss, z, [torch.zeros_like(q) if q.grad is None else q.grad.clone() for q in policy.parameters()]
 
 
-# --- a fork's own parts: the README's fourth head; a text encoder (passed by name, test_all:fake_states)
+# --- a fork's own parts: the README's fourth head; a text encoder (named test_all:fake_states)
 
 def centred(obs, want):
     """A fork's fourth head, README's example: 1 with the object at the frame's centre, 0 at its edge."""
@@ -193,7 +194,8 @@ def run_script(*args):
 
 
 def first_of_each_command(table):
-    """The first case of each script and subcommand in a table of command lines (`judge.py train`, `sft.py`)."""
+    """The first case of each script and subcommand (`judge.py train`, `sft.py`) in a table of
+    command lines."""
     firsts = {}
     for case, (cmd, *_) in table.items():
         command = " ".join(w for w in cmd.split()[:2] if not w.startswith("-"))
@@ -201,43 +203,49 @@ def first_of_each_command(table):
     return set(firsts.values())
 
 
-# the warnings a fresh interpreter hides by default (Python's own filters): run_in_process hides them too
+# the warnings a fresh interpreter hides by default (Python's own filters): hidden in-process too
 HIDDEN_WARNINGS = (DeprecationWarning, PendingDeprecationWarning, ImportWarning, ResourceWarning)
 
 
 def run_in_process(*args):
-    """run_script's result without a fresh interpreter (no ~2 s of importing torch): the script's own __main__ block
-    run by runpy in this process, from the repository, with its stdout, stderr, the warnings a fresh interpreter
-    would print, and its exit code (SystemExit's, 1 with the traceback for an uncaught exception). Then what the
-    script's exit would do: the run folders it locked are released."""
+    """run_script's result without a fresh interpreter (no ~2 s of importing torch): the script's
+    own __main__ block run by runpy in this process, from the repository, with its stdout, stderr,
+    the warnings a fresh interpreter would print, and its exit code (SystemExit's; 1 with the
+    traceback for an uncaught exception). Then what the script's exit would do: the run folders it
+    locked are released."""
     out, err, code = io.StringIO(), io.StringIO(), 0
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        if not issubclass(category, HIDDEN_WARNINGS):
+            err.write(warnings.formatwarning(message, category, filename, lineno, line))
     cwd, argv, on_term = os.getcwd(), sys.argv, signal.getsignal(signal.SIGTERM)
     held = set(cli._LOCKS)
     try:
         os.chdir(HERE)
         sys.argv = list(args)
-        with warnings.catch_warnings(), contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-            # printed where they happen, once per place (a fresh interpreter's default), on the same stderr
-            warnings.simplefilter("default")
-            warnings.showwarning = lambda message, category, filename, lineno, file=None, line=None: \
-                None if issubclass(category, HIDDEN_WARNINGS) else \
-                err.write(warnings.formatwarning(message, category, filename, lineno, line))
-            try:
-                runpy.run_path(os.path.join(HERE, args[0]), run_name="__main__")
-            except SystemExit as e:
-                if e.code is None or isinstance(e.code, int):
-                    code = e.code or 0
-                else:                                   # sys.exit("text"): printed, exit code 1
-                    print(e.code, file=sys.stderr)
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            with warnings.catch_warnings():
+                # printed where they happen, once per place (a fresh interpreter's way), on its stderr
+                warnings.simplefilter("default")
+                warnings.showwarning = show
+                try:
+                    runpy.run_path(os.path.join(HERE, args[0]), run_name="__main__")
+                except SystemExit as e:
+                    if e.code is None or isinstance(e.code, int):
+                        code = e.code or 0
+                    else:
+                        # sys.exit("text"): printed, exit code 1
+                        print(e.code, file=sys.stderr)
+                        code = 1
+                except Exception:
+                    err.write(traceback.format_exc())
                     code = 1
-            except Exception:
-                err.write(traceback.format_exc())
-                code = 1
     finally:
         cli.release_run_folders(*(set(cli._LOCKS) - held))
         os.chdir(cwd)
         sys.argv = argv
-        signal.signal(signal.SIGTERM, on_term)          # run_cli installs the stages' SIGTERM handler
+        # run_cli installs the stages' SIGTERM handler
+        signal.signal(signal.SIGTERM, on_term)
     return subprocess.CompletedProcess(list(args), code, out.getvalue(), err.getvalue())
 
 
@@ -283,13 +291,14 @@ def torchrun(args, out, parallel="ddp", ranks=2, launcher=("--standalone",), **p
     return r
 
 
-# torchrun(..., **PIPES) starts a job and returns at once: jobs that do not depend on each other run side by side
-# (most of a tiny job is its three interpreters importing torch, one core's work each), then finish() waits
+# torchrun(..., **PIPES) starts a job and returns at once: jobs that do not depend on each other run
+# side by side (most of a tiny job is its three interpreters importing torch, one core's work each),
+# then finish() waits
 PIPES = dict(stdout=subprocess.PIPE, stderr=subprocess.PIPE)
 
 
 def finish(job, timeout=300):
-    """Wait for a job torchrun(..., **PIPES) started; what torchrun(...) returns, its exit 0 asserted alike."""
+    """Wait for a job torchrun(..., **PIPES) started: torchrun(...)'s result, exit 0 asserted."""
     try:
         out, err = job.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -410,15 +419,16 @@ def tiny_checkpoints(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def tiny_judge(tiny_checkpoints):
-    """A learned judge of 3 members fit on both tiny checkpoints' samples, and what its training printed: the judge's
-    test reads both, diagnose's scores with it (one fit, and no test reads a file another test happened to write)."""
+    """A learned judge of 3 members fit on both tiny checkpoints' samples, and what its training
+    printed: the judge's test reads both, diagnose's scores with it (one fit, and no test reads a
+    file another test happened to write)."""
     base, tuned, root = tiny_checkpoints
     out = str(root / "rm.safetensors")
     printed = io.StringIO()
     with contextlib.redirect_stdout(printed):
-        judge.train_reward_model([f"--generators={base},{tuned}", "--generator_clips=4", "--members=3", "--steps=3",
-                                  "--pool_clips=24", "--batch_size=8", "--eval_clips=24", "--calib_clips=4",
-                                  f"--out={out}"])
+        judge.train_reward_model([f"--generators={base},{tuned}", "--generator_clips=4",
+                                  "--members=3", "--steps=3", "--pool_clips=24", "--batch_size=8",
+                                  "--eval_clips=24", "--calib_clips=4", f"--out={out}"])
     return out, printed.getvalue()
 
 
@@ -529,9 +539,9 @@ def bad_files(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def bad_runs(bad_files, request):
-    """The selected cases' command lines (BAD_INPUT). Those of FRESH_INTERPRETER run as a user's do, in a fresh
-    interpreter, two at a time (each ~2 s of importing torch, then a refusal); meanwhile the others run in this
-    process through the same __main__ blocks (run_in_process), one after another."""
+    """The selected cases' command lines (BAD_INPUT). Those of FRESH_INTERPRETER run as a user's do,
+    in a fresh interpreter, two at a time (each ~2 s of importing torch, then a refusal); meanwhile
+    the others run in this process through the same __main__ blocks (run_in_process)."""
     chosen = [i.callspec.params["case"] for i in request.session.items
               if getattr(i, "originalname", "") == "test_bad_input_is_one_line_exit_2"]
     chosen = [c for c in chosen if not ("--device=cuda" in BAD_INPUT[c][0] and torch.cuda.is_available())]
@@ -1617,7 +1627,8 @@ def test_cli_errors_are_one_line(tmp_path):
                          (["sft.py", f"--init={tmp_path}/none.safetensors", f"--out_dir={tmp_path}/o"], "not found"),
                          (["checkpoint.py", "--prompts=a purple circle", f"--out={tmp_path}/x.gif"], "unknown word"),
                          (["checkpoint.py", "--prompts=;", f"--out={tmp_path}/x.gif"], "empty prompt list")]:
-        r = (run_script if args[1] == "--bogus=1" else run_in_process)(*args)   # one fresh, as a user runs it
+        # one in a fresh interpreter, as a user runs it; the others through the same __main__ here
+        r = (run_script if args[1] == "--bogus=1" else run_in_process)(*args)
         assert r.returncode == 2 and needle in r.stderr and "Traceback" not in r.stderr, (args, r.stderr)
         assert len(r.stderr.strip().splitlines()) == 1
 
@@ -1739,9 +1750,10 @@ BAD_INPUT = {
     "judge_no_command": ("judge.py", "no command; usage: python judge.py"),
     "bench_unknown_command": ("bench.py speeed", "unknown command 'speeed'"),
 }
-# The cases run in a fresh interpreter, as a user runs them: the first of each script and subcommand (so every
-# __main__ block, and the exit a shell sees, is checked that way), a refusal after a model is loaded and one from
-# the file system mid-write. The rest run in this process (bad_runs): the same __main__ blocks and checks.
+# The cases run in a fresh interpreter, as a user runs them: the first of each script and subcommand
+# (so every __main__ block, and the exit a shell sees, is checked that way), a refusal after a model
+# is loaded and one from the file system mid-write. The rest run in this process (bad_runs): the
+# same __main__ blocks and checks.
 FRESH_INTERPRETER = first_of_each_command(BAD_INPUT) | {"nan_weights", "gif_write_refused"}
 
 
@@ -1771,12 +1783,14 @@ def test_a_stage_that_skipped_every_step_fails_naming_what_it_kept(tmp_path):
                  ["preference.py", f"--pairs={tmp_path}/pairs.safetensors", "--steps=3", "--batch_size=4",
                   "--eval_prompts=2", "--eval_steps=2"]):
         out = tmp_path / args[0]
-        run = run_script if args[0] == "sft.py" else run_in_process                # Stage I fresh, as a user runs it
+        # Stage I in a fresh interpreter, as a user runs it; Stage III through its __main__ here
+        run = run_script if args[0] == "sft.py" else run_in_process
         r = run(*args, f"--init={tmp_path}/huge.safetensors", f"--out_dir={out}", "--device=cpu")
         last = r.stderr.strip().splitlines()[-1]                              # after the progress bar
         assert r.returncode == 2 and "Traceback" not in r.stderr and r.stderr.count("error:") == 1, r.stderr[-2000:]
         assert last.startswith("error: all 3 steps were skipped") and str(out / "ckpt.safetensors") in last
-    render = run_in_process("checkpoint.py", f"--ckpt={tmp_path}/huge.safetensors", f"--out={tmp_path}/huge.gif", "--steps=2")
+    render = run_in_process("checkpoint.py", f"--ckpt={tmp_path}/huge.safetensors",
+                            f"--out={tmp_path}/huge.gif", "--steps=2")
     assert render.returncode == 2 and "draws non-finite pixels" in render.stderr and not (tmp_path / "huge.gif").exists()
 
 
@@ -1857,10 +1871,10 @@ def test_clean_up_removes_only_the_run_s_own_temp_files_and_a_resume_finds_its_f
 
 
 def test_a_kill_mid_save_leaves_safetensors_own_temp_file_and_a_resume_removes_it(tmp_path):
-    """safetensors saves through a temp file of its own, '.tmp' + 6 letters or digits beside its target,
-    renamed when whole: a kill -9 mid-save leaves it (what the kill -9 test met once in a while). A resume
-    removes it with postflow's own temp files and an overwrite counts it as the run's; a name that is not
-    exactly one is a user's, kept."""
+    """safetensors saves through a temp file of its own, '.tmp' + 6 letters or digits beside its
+    target, renamed when whole: a kill -9 mid-save leaves it (what the kill -9 test met once in a
+    while). A resume removes it with postflow's own temp files and an overwrite counts it as the
+    run's; a name that is not exactly one is a user's, kept."""
     out = tmp_path / "run"
     sft.train(tiny_sft(out, steps=4, ckpt_every=2), stop_after=2)
     cli.release_run_folders(out)
@@ -1879,11 +1893,13 @@ def test_a_run_folder_belongs_to_one_run(tmp_path):
     args = ["sft.py", "--init=", "--data=web", "--preset=tiny", "--steps=40", "--batch_size=4", "--ckpt_every=4",
             "--log_every=4", "--val_clips=4", "--sample_steps=2", "--device=cpu"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    alone = subprocess.Popen([sys.executable, *args, f"--out_dir={tmp_path / 'alone'}"], cwd=HERE, env=env,
-                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)   # meanwhile, the rest
+    # the run alone, beside the rest
+    alone = subprocess.Popen([sys.executable, *args, f"--out_dir={tmp_path / 'alone'}"], cwd=HERE,
+                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     out = tmp_path / "shared"
     first = start_holding(args, out)
-    for flag in ("--overwrite=true", "--resume=true"):        # the second runs: the first's pid differs from ours
+    # the second runs through sft.py's __main__ in this process: a pid other than the first's
+    for flag in ("--overwrite=true", "--resume=true"):
         second = run_in_process(*args, f"--out_dir={out}", flag)
         line = second.stderr.strip().splitlines()
         assert second.returncode == 2 and len(line) == 1, second.stderr[-2000:]
@@ -1962,11 +1978,13 @@ def test_grpo_one_and_two_ranks_agree(trained_tiny, tmp_path):
             "--rollout_steps=4", "--eval_prompts=2", "--eval_steps=2", "--eval_every=4", "--device=cpu", "--lr=1e-3",
             "--warmup=1", "--minibatches=2", "--spike_factor=1.5", "--sft_batch=4", "--bf16=false",  # bf16 rounds by batch
             "--hold=fidelity=0.0001,temporal=0.0001", "--hold_probe=2"]
-    ddp = torchrun(args, tmp_path / "r2", **PIPES)               # the three runs side by side
+    # the three runs side by side; exit 0 includes: every rank ended with the same weights; sharded,
+    # the rollbacks restore shards
+    ddp = torchrun(args, tmp_path / "r2", **PIPES)
     fsdp = torchrun(args, tmp_path / "r2_fsdp", "fsdp", **PIPES)
     in_process(args, tmp_path / "r1")
-    two = finish(ddp)                                            # exit 0 includes: every rank ended with the same weights
-    finish(fsdp)                                                 # sharded, the rollbacks restore shards
+    two = finish(ddp)
+    finish(fsdp)
     assert "2 rank(s) x 4" in two.stdout + two.stderr and "terminate called" not in two.stderr
     a, b = [[r for r in read_log(tmp_path / d / "log.jsonl") if "reward_instruction" in r] for d in ("r1", "r2")]
     assert len(a) == len(b) == 8 and a[-1]["rollbacks"] > 0, a[-1]     # the guard did act
@@ -1992,7 +2010,8 @@ def test_a_stage_trains_alike_on_one_rank_two_ddp_ranks_and_two_fsdp_ranks(stage
     (test_grpo_one_and_two_ranks_agree, which adds FSDP and rollbacks), FSDP each."""
     args = sharding_args(stage, trained_tiny, tmp_path)
     runs = ["one", "fsdp"] + (["ddp"] if stage in ("sft", "dpo") else [])
-    jobs = {run: torchrun(args, tmp_path / run, run, **PIPES) for run in runs[1:]}   # side by side with "one"
+    # the torchrun jobs side by side with "one"
+    jobs = {run: torchrun(args, tmp_path / run, run, **PIPES) for run in runs[1:]}
     in_process(args, tmp_path / "one")
     fsdp = finish(jobs["fsdp"])
     assert "2 rank(s)" in fsdp.stdout + fsdp.stderr and "terminate called" not in fsdp.stderr
@@ -2013,7 +2032,8 @@ def test_an_fsdp_run_killed_and_resumed_gives_the_weights_of_an_uninterrupted_on
     state file, ends bitwise where an uninterrupted FSDP run does, rollbacks included."""
     args = [a for a in sharding_args("awm", trained_tiny, tmp_path) if not a.startswith(("--iters", "--ckpt_every"))]
     args += ["--ckpt_every=1", "--iters=7", "--spike_factor=1.01"]
-    ref = torchrun(args, tmp_path / "ref", "fsdp", **PIPES)       # the uninterrupted run, beside the killed ones
+    # the uninterrupted run, beside the killed ones
+    ref = torchrun(args, tmp_path / "ref", "fsdp", **PIPES)
     for delay in (1.0, 0.3, 0.0):                                  # a later kill can miss the end of a fast run
         shutil.rmtree(tmp_path / "kill", ignore_errors=True)
         p = torchrun(args, tmp_path / "kill", "fsdp", stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -2231,8 +2251,9 @@ def test_report_renders_in_headless_chromium_without_console_errors(tiny_run, tm
 # adapters.py: Wan through the policy interface (the optional extra)
 # ==================================================================================================
 
-# A random tiny Wan (2 layers, 2 heads of 12, 4 latent channels, 16x16x2 latents = 128x128x5 pixels) behind the policy
-# interface, through the real stage entry points (wan_chain runs each stage from the last one's file).
+# A random tiny Wan (2 layers, 2 heads of 12, 4 latent channels, 16x16x2 latents = 128x128x5
+# pixels) behind the policy interface, through the real stage entry points (wan_chain runs each
+# stage from the last one's file).
 
 
 @needs_wan
@@ -2479,9 +2500,11 @@ def test_wan_lora_stage_ii_runs_sharded_and_matches_one_process(wan_chain, tmp_p
             "--warmup=1", "--lr=1e-2", "--sft_batch=2", "--std_floor=1e-6", "--bf16=false", "--device=cpu"]
     import adapters                                   # a bf16 transformer with fp32 factors shards and trains alike
     adapters.init_checkpoint([f"--out={tmp_path}/bf16.safetensors", "--dtype=bfloat16"])
-    fsdp = torchrun(args, tmp_path / "fsdp", "fsdp", **PIPES)            # both jobs and "one" side by side
-    bf16 = torchrun([f"--init={tmp_path}/bf16.safetensors" if a.startswith("--init=") else a for a in args],
-                    tmp_path / "bf16", "fsdp", **PIPES)
+    # both jobs and "one" side by side
+    fsdp = torchrun(args, tmp_path / "fsdp", "fsdp", **PIPES)
+    bf16_init = f"--init={tmp_path}/bf16.safetensors"
+    bf16_args = [bf16_init if a.startswith("--init=") else a for a in args]
+    bf16 = torchrun(bf16_args, tmp_path / "bf16", "fsdp", **PIPES)
     in_process(args, tmp_path / "one")
     finish(fsdp)
     assert state_gap(tmp_path / "one", tmp_path / "fsdp") < 1e-4
