@@ -179,8 +179,9 @@ RUN_FILES = ("ckpt.safetensors", "state.safetensors", "state.prev.safetensors", 
 
 def atomic_write(path, write, keep_as=None):
     """write(tmp) then rename onto path: a reader sees the old file or the new one, never half of one. The temp name
-    is path + '.tmp' + pid, the only temp name postflow writes (a resume removes exactly those). A full disk is an
-    OSError, also where safetensors reports it as its own error. keep_as: where the replaced file goes first."""
+    is path + '.tmp' + pid, the only temp name postflow writes (a resume removes those, and the
+    one safetensors writes on its way to it: is_temp_of). A full disk is an OSError, also where
+    safetensors reports it as its own error. keep_as: where the replaced file goes first."""
     tmp = temp_name(path)
     try:
         write(tmp)
@@ -255,8 +256,18 @@ def temp_name(path):
     return f"{path}.tmp{os.getpid()}"
 
 
+# safetensors (0.8 here) saves through a temp file of its own beside its target, '.tmp' + 6
+# letters or digits (Rust's tempfile crate), then renames it onto atomic_write's NAME.tmpPID: a
+# kill -9 mid-save leaves that name behind
+SAFETENSORS_TEMP = r"\.tmp[0-9A-Za-z]{6}"
+
+
 def is_temp_of(name, names):
-    """Whether `name` is exactly a temp file atomic_write gives one of `names` (NAME.tmp + digits, nothing else)."""
+    """Whether `name` is exactly a temp file atomic_write gives one of `names` (NAME.tmp + digits,
+    nothing else), or, where one of them is a safetensors file, the one safetensors writes on its
+    way to it."""
+    if any(n.endswith(".safetensors") for n in names) and re.fullmatch(SAFETENSORS_TEMP, name):
+        return True
     return any(re.fullmatch(re.escape(n) + r"\.tmp[0-9]+", name) for n in names)
 
 

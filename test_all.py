@@ -1,33 +1,82 @@
-"""postflow's tests: tiny configs, the whole suite in a few minutes on 2 CPU cores.  Run: make test"""
+"""postflow's tests: tiny configs, the whole suite in a few minutes on 2 CPU cores.  Run: make test
+
+Read top down: imports, constants, helpers and fixtures first; then one banner per file in the
+README's reading order (data, model, Stage I, Stage II, Stage III, rewards / judge / diagnose,
+stability / checkpoint / cli); then what cuts across them: bad input, run folders, several
+processes, bench and race, the report, and Wan (the extra)."""
 import collections
+import contextlib
 import dataclasses
+import hashlib
+import html
+import importlib.util
+import io
 import json
 import math
 import os
+import random
+import re
+import runpy
 import shlex
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
+import traceback
 import types
+import warnings
+import xml.etree.ElementTree as ElementTree
+from concurrent.futures import ThreadPoolExecutor
 
+import imageio.v3 as iio
 import pytest
+import safetensors.torch
 import torch
+from safetensors.torch import load_file, save_file
 
+import bench
 import checkpoint
 import cli
 import data
 import diagnose
 import judge
 import model as M
+import preference
+import race
+import report
+import reward_rl
+import rl_objective
 import rewards
 import sft
 import stability
 
+# adapters.py (diffusers' Wan) is the optional extra: the Wan tests import it themselves, so that
+# this file imports, and its other tests run, without the extra installed
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 TINY_WORLD = data.WorldConfig(frames=4, size=16)
+KILL_TRIALS = int(os.environ.get("POSTFLOW_KILL_TRIALS", "1"))   # `make killtest` runs 10 per stage
+CHROMIUM = "/usr/bin/chromium"
+# the report's charts: the first screen (each axis by stage, the race); Stage I, II (the floor's two
+# included), III curves; drift by frame, by chunk per head; ablations; the race (accuracy against
+# evaluations, gain against fidelity, five health signals)
+CHARTS = 2 + 2 + 7 + 4 + 2 + len(rewards.HEADS) + 3 + 2 + 5
+# the Wan tests skip without the extra (`make test` installs requirements-wan.txt); in CI they fail
+HAVE_WAN = all(importlib.util.find_spec(m) for m in ("diffusers", "peft"))
+needs_wan = pytest.mark.skipif(not HAVE_WAN and not os.environ.get("CI"),
+                               reason="the Wan extra is not installed: pip install -r requirements-wan.txt")
+# One pixel's value: a reward with spread in every group (a random tiny VAE draws much the same clip from any latent).
+PIXEL = lambda clips, prompts: {"fidelity": torch.zeros(len(clips)), "temporal": torch.zeros(len(clips)),
+                                "instruction": clips[:, 0, -1, 64, 64]}
 
+
+# ==================================================================================================
+# Helpers
+# ==================================================================================================
+
+# --- the tiny world's pieces
 
 def tiny_model(seed=0, randomize=False):
     torch.manual_seed(seed)
@@ -40,11 +89,495 @@ def tiny_model(seed=0, randomize=False):
     return net
 
 
+def tiny_pairs(n=6, seed=0):
+    a = data.make_batch("curated", n, seed=seed, world=TINY_WORLD)
+    b = data.make_batch("web", n, seed=seed, world=TINY_WORLD, defects=data.Defects().scaled(3.0))
+    return {"winner": a.videos, "loser": b.videos, "tokens": a.tokens, "weight": torch.ones(n)}
+
+
+# --- tiny runs' configs, and reading what a run left
+
+def tiny_sft(out_dir, **kw):
+    base = dict(init="", data="web", preset="tiny", out_dir=str(out_dir), steps=6, batch_size=4, lr=1e-3, warmup=2,
+                ckpt_every=3, log_every=2, val_clips=8, sample_steps=2, device="cpu")
+    return sft.Config(**{**base, **kw})
+
+
+def tiny_rl(init, out_dir, **kw):
+    base = dict(init=str(init), out_dir=str(out_dir), iters=2, prompts_per_iter=2, group_size=4, rollout_steps=4,
+                sde_window=2, eval_prompts=2, eval_steps=2, eval_every=100, ckpt_every=1, hold_probe=4, device="cpu")
+    return reward_rl.Config(**{**base, **kw})
+
+
+def wan_rl(init, out_dir, **kw):
+    base = dict(init=str(init), out_dir=str(out_dir), iters=1, prompts_per_iter=1, group_size=2, rollout_steps=2,
+                sde_window=1, eval_prompts=1, eval_steps=1, eval_every=100, ckpt_every=1, epochs=1, warmup=1, lr=1e-2,
+                sft_weight=0.0, std_floor=1e-6, hold_probe=2, device="cpu")
+    return reward_rl.Config(**{**base, **kw})
+
+
+def read_log(path):
+    return [json.loads(line) for line in open(path)]
+
+
+def state_gap(a, b):
+    """The largest difference between two runs' resumable states: weights, EMA weights and AdamW moments."""
+    wa, wb = (checkpoint.read_checkpoint(os.path.join(x, "state.safetensors"))[0] for x in (a, b))
+    assert set(wa) == set(wb) and any(k.startswith("opt.") for k in wa)
+    return max(float((wa[k].double() - wb[k].double()).abs().max()) for k in wa)
+
+
+def memory_of(run):
+    return [r for r in read_log(os.path.join(run, "log.jsonl")) if "memory" in r][-1]
+
+
+def tree_hashes(*roots):
+    """path -> sha256 of every file under the roots (the repository without its runs, caches and git)."""
+    out = {}
+    for root in roots:
+        for folder, dirs, files in os.walk(root):
+            dirs[:] = [d for d in dirs if d not in (".git", "runs", "__pycache__", ".pytest_cache")]
+            for f in files:
+                p = os.path.join(folder, f)
+                out[p] = hashlib.sha256(open(p, "rb").read()).hexdigest() if os.path.isfile(p) else "?"
+    return out
+
+
+# --- Stage II's and III's insides, called directly
+
+def awm_setup(path):
+    """A policy, a second copy of it, 4 random clips (each its own group) as a Rollout, and one (t, x0, t_kl) draw."""
+    (policy, _), (other, _) = checkpoint.load_model(path), checkpoint.load_model(path)
+    gen = torch.Generator().manual_seed(0)
+    shape = (4, policy.cfg.channels, policy.cfg.frames, policy.cfg.size, policy.cfg.size)
+    clips, tokens = torch.rand(shape, generator=gen) * 2 - 1, data.tokenize(["a red circle moving left"] * 4)
+    draws = [(torch.full((4,), 0.3), torch.randn(shape, generator=gen), torch.full((4,), 0.6))]  # one per group
+    roll = reward_rl.Rollout(["a red circle moving left"] * 4, tokens, clips, [], torch.arange(4))
+    return policy, other, roll, draws, gen
+
+
+def rule_backward(cfg, policy, reference, roll, adv, draws, fresh=True, stats=None):
+    """cfg's update rule backpropagated on the setup's 4 clips as one rank's whole minibatch; its loss."""
+    b = reward_rl.batch_of(roll, adv, torch.arange(4), fresh)
+    stats = collections.defaultdict(list) if stats is None else stats
+    return reward_rl.rule_backward(cfg, policy, reference, b, draws, 1 / 4, stats)
+
+
+def dpo_grads(decoupled, policy, ref, p, beta=50.0, sft_weight=0.3):
+    policy.zero_grad()
+    gen = torch.Generator().manual_seed(1)
+    t, x0 = M.sample_t(len(p["winner"]), gen), torch.randn(p["winner"].shape, generator=gen)
+    loss, z, _ = preference.dpo_step(policy, ref, p["winner"], p["loser"], p["tokens"], p["weight"], t, x0, beta,
+                                     sft_weight, decoupled)
+    return loss, z, [torch.zeros_like(q) if q.grad is None else q.grad.clone() for q in policy.parameters()]
+
+
+# --- a fork's own parts: the README's fourth head; a text encoder (named test_all:fake_states)
+
+def centred(obs, want):
+    """A fork's fourth head, README's example: 1 with the object at the frame's centre, 0 at its edge."""
+    size = obs["alpha"].shape[-1]                         # frame edge in pixels
+    off = (obs["center"] - size / 2).abs().amax(-1)       # (B, F): farther axis from the centre, in pixels
+    return (1 - off / (size / 2)).clamp(0, 1).nan_to_num(0).mean(1)
+
+
+def fake_states(prompts):
+    """A stand-in text encoder for --text=module:function: (B, 3, 16), one row per word of the first three ('' past
+    the prompt's end, so the empty prompt has states too, as an encoder's end token)."""
+    return torch.stack([torch.tensor([[float(len(w)), float(i), 1.0] * 5 + [0.0] for i, w in enumerate((p.split() + [""] * 3)[:3])])
+                        for p in prompts])
+
+
+# --- command lines: a fresh interpreter, this process, torchrun, several nodes
+
 def run_script(*args):
     return subprocess.run([sys.executable, *args], cwd=HERE, capture_output=True, text=True, timeout=300)
 
 
-# ----------------------------------------------------------------------------- data
+def first_of_each_command(table):
+    """The first case of each script and subcommand (`judge.py train`, `sft.py`) in a table of
+    command lines."""
+    firsts = {}
+    for case, (cmd, *_) in table.items():
+        command = " ".join(w for w in cmd.split()[:2] if not w.startswith("-"))
+        firsts.setdefault(command, case)
+    return set(firsts.values())
+
+
+# the warnings a fresh interpreter hides by default (Python's own filters): hidden in-process too
+HIDDEN_WARNINGS = (DeprecationWarning, PendingDeprecationWarning, ImportWarning, ResourceWarning)
+
+
+def run_in_process(*args):
+    """run_script's result without a fresh interpreter (no ~2 s of importing torch): the script's
+    own __main__ block run by runpy in this process, from the repository, with its stdout, stderr,
+    the warnings a fresh interpreter would print, and its exit code (SystemExit's; 1 with the
+    traceback for an uncaught exception). Then what the script's exit would do: the run folders it
+    locked are released."""
+    out, err, code = io.StringIO(), io.StringIO(), 0
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        if not issubclass(category, HIDDEN_WARNINGS):
+            err.write(warnings.formatwarning(message, category, filename, lineno, line))
+    cwd, argv, on_term = os.getcwd(), sys.argv, signal.getsignal(signal.SIGTERM)
+    held = set(cli._LOCKS)
+    try:
+        os.chdir(HERE)
+        sys.argv = list(args)
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            with warnings.catch_warnings():
+                # printed where they happen, once per place (a fresh interpreter's way), on its stderr
+                warnings.simplefilter("default")
+                warnings.showwarning = show
+                try:
+                    runpy.run_path(os.path.join(HERE, args[0]), run_name="__main__")
+                except SystemExit as e:
+                    if e.code is None or isinstance(e.code, int):
+                        code = e.code or 0
+                    else:
+                        # sys.exit("text"): printed, exit code 1
+                        print(e.code, file=sys.stderr)
+                        code = 1
+                except Exception:
+                    err.write(traceback.format_exc())
+                    code = 1
+    finally:
+        cli.release_run_folders(*(set(cli._LOCKS) - held))
+        os.chdir(cwd)
+        sys.argv = argv
+        # run_cli installs the stages' SIGTERM handler
+        signal.signal(signal.SIGTERM, on_term)
+    return subprocess.CompletedProcess(list(args), code, out.getvalue(), err.getvalue())
+
+
+def in_process(args, out):
+    """A stage's command line run in this process (one rank): quicker than a fresh interpreter."""
+    stage = {"sft.py": sft, "reward_rl.py": reward_rl, "preference.py": preference}[args[0]]
+    return stage.train(cli.parse_config(stage.Config, [*args[1:], f"--out_dir={out}"]))
+
+
+def stage_command(command):
+    """A recommended command read back by its stage's own config parser, its --weights by the registry's."""
+    python, script, *flags = shlex.split(command)
+    configs = {"sft.py": sft.Config, "reward_rl.py": reward_rl.Config, "preference.py": preference.Config}
+    assert python == "python" and script in configs, command
+    cfg = cli.parse_config(configs[script], flags)
+    rewards.head_weights(getattr(cfg, "weights", ()))                         # an unknown head is refused here
+    return script, cfg
+
+
+def sharding_args(stage, init, tmp_path):
+    small = ["--device=cpu", "--warmup=1", "--ckpt_every=2"]
+    if stage == "sft":
+        return ["sft.py", f"--init={init}", "--data=curated", "--steps=4", "--batch_size=4", "--val_clips=4",
+                "--sample_steps=2", "--lr=1e-2", "--log_every=2", *small]
+    if stage == "dpo":
+        preference.save_pairs(str(tmp_path / "pairs.safetensors"), tiny_pairs(8))
+        return ["preference.py", f"--init={init}", f"--pairs={tmp_path}/pairs.safetensors", "--steps=4",
+                "--batch_size=4", "--lr=1e-3", "--log_every=2", "--eval_prompts=2", "--eval_steps=2", *small]
+    return ["reward_rl.py", f"--init={init}", f"--update={stage}", "--iters=3", "--prompts_per_iter=2", "--group_size=4",
+            "--rollout_steps=4", "--eval_prompts=2", "--eval_steps=2", "--eval_every=2", "--lr=1e-3", "--minibatches=2",
+            "--sft_batch=4", "--bf16=false", "--hold_probe=2", *small]
+
+
+def torchrun(args, out, parallel="ddp", ranks=2, launcher=("--standalone",), **popen):
+    """A stage's command line under torchrun on this machine (gloo): `ranks` processes per launcher."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", *launcher, f"--nproc_per_node={ranks}", *args,
+           f"--out_dir={out}", f"--parallel={parallel}"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    if popen:
+        return subprocess.Popen(cmd, cwd=HERE, env=env, text=True, **popen)
+    r = subprocess.run(cmd, cwd=HERE, capture_output=True, text=True, timeout=300, env=env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return r
+
+
+# torchrun(..., **PIPES) starts a job and returns at once: jobs that do not depend on each other run
+# side by side (most of a tiny job is its three interpreters importing torch, one core's work each),
+# then finish() waits
+PIPES = dict(stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+
+def finish(job, timeout=300):
+    """Wait for a job torchrun(..., **PIPES) started: torchrun(...)'s result, exit 0 asserted."""
+    try:
+        out, err = job.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        job.kill()
+        job.communicate()
+        raise
+    assert job.returncode == 0, err[-3000:]
+    return subprocess.CompletedProcess(job.args, job.returncode, out, err)
+
+
+def reserved_port():
+    """A free port and a socket holding it. Bound with SO_REUSEADDR and not listening, the port
+    goes to no other bind(0) or connect() while a launcher starts, and the launcher's TCPStore
+    (SO_REUSEADDR too) can still bind it. A port found free and let go at once can be taken
+    before that."""
+    held = socket.socket()
+    held.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    held.bind(("localhost", 0))
+    return held.getsockname()[1], held
+
+
+def listening(port):
+    """Whether a socket on this machine listens on `port` (/proc/net/tcp and tcp6: state 0A)."""
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        rows = open(table).read().splitlines()[1:] if os.path.exists(table) else []
+        for row in rows:
+            local, state = row.split()[1], row.split()[3]
+            if int(local.rsplit(":", 1)[1], 16) == port and state == "0A":
+                return True
+    return False
+
+
+def two_nodes(args, out, parallel):
+    """The README's multi-node launch, as two launchers of one process each on this machine: node 0 hosts the
+    rendezvous on a port held for it until it listens there (or ends), each names its node rank."""
+    port, held = reserved_port()
+    with held:
+        nodes = []
+        for n in (0, 1):
+            launcher = ("--nnodes=2", f"--node_rank={n}", f"--rdzv_endpoint=localhost:{port}")
+            nodes.append(torchrun(args, out, parallel, ranks=1, launcher=launcher,
+                                  start_new_session=True, **PIPES))
+        deadline = time.time() + 300
+        while not listening(port) and nodes[0].poll() is None and time.time() < deadline:
+            time.sleep(0.05)
+    return nodes
+
+
+def children(pid):
+    """The processes whose parent is pid, from /proc."""
+    kids = []
+    for entry in os.listdir("/proc"):
+        try:
+            if entry.isdigit() and int(open(f"/proc/{entry}/stat").read().rsplit(")", 1)[1].split()[1]) == pid:
+                kids.append(int(entry))
+        except OSError:
+            pass
+    return kids
+
+
+def start_holding(args, out):
+    """Start a stage in a fresh interpreter, wait until it holds its folder's lock, and pause it there (SIGSTOP: a
+    tiny run would end before a second interpreter starts). SIGCONT lets it go on."""
+    p = subprocess.Popen([sys.executable, *args, f"--out_dir={out}"], cwd=HERE, stdout=subprocess.DEVNULL,
+                         stderr=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    lock = out / cli.RUN_LOCK
+    while not (lock.exists() and lock.read_text()) and p.poll() is None:
+        time.sleep(0.001)
+    p.send_signal(signal.SIGSTOP)
+    assert p.poll() is None, p.stderr.read()[-2000:]
+    return p
+
+
+def run_until_checkpointed(args, out, delay=None):
+    """Start a run and wait for its first checkpoint; then kill -9 it after `delay` s (mid-write included), or let
+    it finish (delay None). Returns (whether it was killed before finishing, seconds from
+    checkpoint to end: for a run that ended before its kill, its own time, measured)."""
+    p = subprocess.Popen([sys.executable, *args, f"--out_dir={out}"], cwd=HERE, stdout=subprocess.DEVNULL,
+                         stderr=subprocess.DEVNULL, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    while not (out / "state.safetensors").exists() and p.poll() is None:
+        time.sleep(0.01)
+    t0 = time.time()
+    try:
+        p.wait(timeout=delay)
+    except subprocess.TimeoutExpired:
+        p.kill()
+    return p.wait() != 0, time.time() - t0
+
+
+def kill_and_resume(args, out, rng, window):
+    """kill -9 a run at a random moment after its first checkpoint, then resume it to the end. A kill that came
+    too late (the run had finished) is retried in a fresh folder within half the time that run
+    took: its own time under the machine's load now, not the reference run's (a loaded
+    machine's pace changes from run to run)."""
+    for attempt in range(4):
+        shutil.rmtree(out, ignore_errors=True)
+        killed, took = run_until_checkpointed(args, out, rng.uniform(0, window))
+        if killed:
+            break
+        window = took / 2
+    r = subprocess.run([sys.executable, *args, f"--out_dir={out}", "--resume=true"], cwd=HERE, capture_output=True,
+                       text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    return killed
+
+
+# ==================================================================================================
+# Fixtures (module-scoped: made once, shared by the tests that name them)
+# ==================================================================================================
+
+@pytest.fixture(scope="module")
+def tiny_checkpoints(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tiny")
+    base = sft.train(tiny_sft(root / "base", steps=4))
+    tuned = sft.train(tiny_sft(root / "sft", init=base, data="curated", steps=2))
+    return base, tuned, root
+
+
+@pytest.fixture(scope="module")
+def tiny_judge(tiny_checkpoints):
+    """A learned judge of 3 members fit on both tiny checkpoints' samples, and what its training
+    printed: the judge's test reads both, diagnose's scores with it (one fit, and no test reads a
+    file another test happened to write)."""
+    base, tuned, root = tiny_checkpoints
+    out = str(root / "rm.safetensors")
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        judge.train_reward_model([f"--generators={base},{tuned}", "--generator_clips=4",
+                                  "--members=3", "--steps=3", "--pool_clips=24", "--batch_size=8",
+                                  "--eval_clips=24", "--calib_clips=4", f"--out={out}"])
+    return out, printed.getvalue()
+
+
+@pytest.fixture(scope="module")
+def trained_tiny(tmp_path_factory):
+    """A tiny base pretrained for 40 steps and tuned for 20: far enough from its init that rollouts, rewards and
+    updates depend on every draw (a near-untrained net hides a shifted random stream)."""
+    root = tmp_path_factory.mktemp("trained")
+    base = sft.train(tiny_sft(root / "base", steps=40, batch_size=8, lr=2e-3, warmup=5, ckpt_every=40, log_every=10))
+    return sft.train(tiny_sft(root / "sft", init=base, data="curated", steps=20, batch_size=8, ckpt_every=20, log_every=10))
+
+
+@pytest.fixture(scope="module")
+def tiny_ablations(tiny_checkpoints):
+    """Two rows of make ablations (the judge with and without its stability terms), 1 iteration each."""
+    base, tuned, root = tiny_checkpoints
+    judge_file = root / "ablation_judge.safetensors"
+    judge.train_reward_model([f"--generators={base}", "--generator_clips=4", "--calib_clips=4", "--members=2", "--steps=3",
+                              "--pool_clips=24", "--batch_size=8", "--eval_clips=24", f"--out={judge_file}"])
+    args = [f"--init={tuned}", f"--reward_model={judge_file}", "--iters=1", "--only=judge,judge_unguarded",
+            "--heldout_prompts=2", f"--out={root / 'ablations'}"]
+    bench.bench_ablations(args)
+    return root / "ablations", args
+
+
+@pytest.fixture(scope="module")
+def tiny_race(tiny_checkpoints):
+    """make race at a tiny size: vanilla Flow-GRPO and DiffusionNFT under the floor, one seed, two segments of an
+    iteration each (a budget of 2 network evaluations stops each after its first iteration)."""
+    _, tuned, root = tiny_checkpoints
+    threads = torch.get_num_threads()
+    race.main([f"--init={tuned}", "--rules=flow_grpo,nft_floor", "--seeds=1", "--nfe=2", "--evals=2",
+               "--heldout_prompts=1", f"--out={root / 'race'}"])
+    # race.main runs its two jobs on one thread each, this process's too: later tests get theirs
+    torch.set_num_threads(threads)
+    return root / "race"
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tiny_checkpoints, tiny_ablations, tiny_race):
+    """make pipeline's folder layout from tiny stages (the shipped base is the small preset), judged and reported."""
+    base, _, root = tiny_checkpoints
+    run = root / "run"
+    sft.train(tiny_sft(run / "sft", init=base, data="curated", steps=4))
+    reward_rl.train(tiny_rl(run / "sft" / "ckpt.safetensors", run / "rl", iters=2, eval_every=1, epochs=1, sft_batch=4))
+    preference.train(preference.Config(init=str(run / "rl" / "ckpt.safetensors"), out_dir=str(run / "dpo"), pair_prompts=2,
+                                       samples_per_prompt=3, sample_steps=2, margin=0.0, steps=2, batch_size=2, warmup=1,
+                                       log_every=1, eval_prompts=2, eval_steps=2, device="cpu"))
+    ckpts = [f"--ckpt={p}" for p in [base] + [run / s / "ckpt.safetensors" for s in ("sft", "rl", "dpo")]]
+    diagnose.diagnose([*ckpts, f"--out={run / 'diagnose'}", "--reward_model=", "--prompts=1", "--seeds=2", "--steps=1",
+                      "--long_clips=1", "--diversity_seeds=2"])
+    # as make pipeline_driven leaves it: the decision sft's diagnosis handed to Stage II
+    diagnose.advise([f"--diagnose={run / 'diagnose'}", "--column=sft", "--stage=rl", f"--out={run / 'advice_rl.json'}"])
+    report.main([f"--run={run}", f"--ablations={tiny_ablations[0] / 'ablations.json'}", f"--race={tiny_race / 'race.json'}"])
+    return run
+
+
+@pytest.fixture(scope="module")
+def bad_files(tmp_path_factory):
+    """Tiny inputs a user can get wrong: checkpoints with broken metadata, a NaN, cut short, or from pretraining; a
+    learned judge of another clip size; pair files of uint8 clips, NaN clips, too few captions; two previous runs."""
+    root = tmp_path_factory.mktemp("bad")
+    net = M.VideoDiT(M.preset("tiny"))
+    sd = net.state_dict()
+    checkpoint.save_checkpoint(str(root / "tiny.safetensors"), sd, net.cfg, checkpoint.lineage_record("sft"))
+    checkpoint.save_checkpoint(str(root / "base.safetensors"), sd, net.cfg, checkpoint.lineage_record("pretrain"))
+    save_file({k: v.contiguous() for k, v in sd.items()}, str(root / "meta.safetensors"),
+              metadata={"format": "postflow", "model_config": "{not json", "lineage": "{}"})
+    nan = {k: v.clone() for k, v in sd.items()}
+    nan["final.weight"].view(-1)[0] = float("nan")
+    checkpoint.save_checkpoint(str(root / "nan.safetensors"), nan, net.cfg, checkpoint.lineage_record("sft"))
+    whole = (root / "tiny.safetensors").read_bytes()
+    (root / "cut.safetensors").write_bytes(whole[: len(whole) // 2])
+    judge.train_reward_model(["--generators=", "--members=2", "--steps=1", "--pool_clips=6", "--batch_size=2",  # 8x32x32
+                                "--eval_clips=6", f"--out={root / 'judge.safetensors'}"])
+    p = tiny_pairs(4)
+    preference.save_pairs(str(root / "uint8.safetensors"), {**p, "winner": ((p["winner"] + 1) * 127.5).round().byte()})
+    w = p["winner"].clone()
+    w[0, 0, 0, 0, 0] = float("nan")
+    preference.save_pairs(str(root / "nan_pairs.safetensors"), {**p, "winner": w})
+    preference.save_pairs(str(root / "short.safetensors"), {**p, "tokens": p["tokens"][:2]})
+    for run in ("prev_sft", "prev_rl", "marked"):
+        (root / run).mkdir()
+        shutil.copy(root / "tiny.safetensors", root / run / "ckpt.safetensors")
+        (root / run / "log.jsonl").write_text("{}\n")
+    (root / "marked" / cli.RUN_MARKER).write_text(json.dumps({"stage": "sft", "writes": cli.RUN_FILES}))
+    (root / "marked" / "notes.txt").write_text("a user's own notes, kept beside a run")
+    preference.save_pairs(str(root / "float64.safetensors"), {k: v.double() if k in ("winner", "loser") else v for k, v in p.items()})
+    preference.save_pairs(str(root / "zero_weights.safetensors"), {**p, "weight": torch.zeros(4)})
+    preference.save_pairs(str(root / "short_loser.safetensors"), {**p, "loser": p["loser"][:2]})
+    save_file({k: v.contiguous() for k, v in sd.items()}, str(root / "deep.safetensors"),
+              metadata={"format": "postflow", "model_config": json.dumps({**dataclasses.asdict(net.cfg), "depth": 10 ** 7}),
+                        "lineage": "{}"})
+    for name, over in (("frames", {"frames": 10 ** 9}), ("nan_ratio", {"mlp_ratio": float("nan")})):
+        save_file({k: v.contiguous() for k, v in sd.items()}, str(root / f"{name}.safetensors"),
+                  metadata={"format": "postflow", "model_config": json.dumps({**dataclasses.asdict(net.cfg), **over}),
+                            "lineage": "{}"})
+    preference.save_pairs(str(root / "no_tokens.safetensors"), {**p, "tokens": p["tokens"][:, :0]})
+    (root / "dangling").symlink_to(root / "nowhere")
+    (root / "state_folder" / "state.safetensors").mkdir(parents=True)
+    (root / "state_folder" / cli.RUN_MARKER).write_text(json.dumps({"stage": "sft", "writes": cli.RUN_FILES}))
+    for name, text in (("empty", ""), ("truncated", '{"sft": {"fidelity": [0.5, 0.0'), ("nothing", "{}"),
+                       ("partial", '{"sft": {"fidelity": [0.5, 0.01]}}')):
+        (root / name / "diagnose").mkdir(parents=True)
+        (root / name / "diagnose" / "diagnostics.json").write_text(text)
+    return root
+
+
+@pytest.fixture(scope="module")
+def bad_runs(bad_files, request):
+    """The selected cases' command lines (BAD_INPUT). Those of FRESH_INTERPRETER run as a user's do,
+    in a fresh interpreter, two at a time (each ~2 s of importing torch, then a refusal); meanwhile
+    the others run in this process through the same __main__ blocks (run_in_process)."""
+    chosen = [i.callspec.params["case"] for i in request.session.items
+              if getattr(i, "originalname", "") == "test_bad_input_is_one_line_exit_2"]
+    chosen = [c for c in chosen if not ("--device=cuda" in BAD_INPUT[c][0] and torch.cuda.is_available())]
+    argv = lambda c: [a.format(r=bad_files, o=bad_files / c) for a in BAD_INPUT[c][0].split()]
+    fresh = [c for c in chosen if c in FRESH_INTERPRETER]
+    before = tree_hashes(bad_files, HERE)
+    with ThreadPoolExecutor(2) as pool:
+        started = {c: pool.submit(run_script, *argv(c)) for c in fresh}
+        runs = {c: run_in_process(*argv(c)) for c in chosen if c not in started}
+        runs.update({c: job.result() for c, job in started.items()})
+    after = tree_hashes(bad_files, HERE)
+    changed = sorted(p for p in set(before) | set(after) if before.get(p) != after.get(p))
+    return runs, changed
+
+
+@pytest.fixture(scope="module")
+def wan_chain(tmp_path_factory):
+    """init -> Stage I (1 step) -> Stage II (1 iteration, AWM and PPO) -> Stage III (1 step), each from the last's file."""
+    import adapters
+    root = tmp_path_factory.mktemp("wan")
+    init = str(root / "init.safetensors")
+    adapters.init_checkpoint([f"--out={init}", "--checkpointing=true"])          # recomputed blocks, as on a GPU
+    tuned = sft.train(sft.Config(init=init, out_dir=str(root / "sft"), steps=1, batch_size=2, lr=1e-2, warmup=1, log_every=1,
+                                 ckpt_every=1, val_clips=2, sample_steps=1, device="cpu"))
+    rl = {u: reward_rl.train(wan_rl(tuned, root / f"rl_{u}", update=u), reward_fn=PIXEL) for u in ("awm", "ppo")}
+    dpo = preference.train(preference.Config(init=rl["awm"], out_dir=str(root / "dpo"), pair_prompts=1, samples_per_prompt=2,
+                                             sample_steps=1, margin=0.0, steps=1, batch_size=2, lr=1e-2, warmup=1,
+                                             log_every=1, eval_prompts=1, eval_steps=1, device="cpu"))
+    return dict(root=root, init=init, sft=tuned, awm=rl["awm"], ppo=rl["ppo"], dpo=dpo)
+
+
+# ==================================================================================================
+# data.py: the world, its attributes and splits
+# ==================================================================================================
+
 def test_batch_shapes_and_determinism():
     a = data.make_batch("web", 6, seed=3, step=5)
     b = data.make_batch("web", 6, seed=3, step=5)
@@ -105,11 +638,13 @@ def test_video_grid_writes_gif(tmp_path):
     v = data.make_batch("curated", 4, world=TINY_WORLD).videos
     path = tmp_path / "g.gif"
     data.write_video(data.video_grid(v, 2, 2), path)
-    import imageio.v3 as iio
     assert iio.imread(path).shape[0] == 4
 
 
-# ----------------------------------------------------------------------------- model and flow
+# ==================================================================================================
+# model.py: the video DiT, the flow, the samplers
+# ==================================================================================================
+
 def test_model_shapes_and_adaln_zero_start():
     net = tiny_model()
     x = torch.randn(3, 3, 4, 16, 16)
@@ -202,55 +737,9 @@ def test_sde_step_logprob_is_gaussian_density():
     assert torch.allclose(mean0, x + 0.1 * v, atol=1e-5)
 
 
-# ----------------------------------------------------------------------------- checkpoints
-def test_checkpoint_round_trip_and_errors(tmp_path):
-    net = tiny_model(randomize=True).eval()
-    path = str(tmp_path / "a.safetensors")
-    checkpoint.save_checkpoint(path, net.state_dict(), net.cfg, checkpoint.lineage_record("test", step=3))
-    loaded, meta = checkpoint.load_model(path)
-    x, tok = torch.randn(1, 3, 4, 16, 16), data.tokenize(["a red circle"])
-    assert torch.equal(loaded(x, torch.tensor([0.5]), tok), net(x, torch.tensor([0.5]), tok))
-    assert meta["lineage"]["stage"] == "test" and meta["lineage"]["step"] == 3
-    assert not [f for f in os.listdir(tmp_path) if ".tmp" in f]     # the temp file was renamed away
-
-    with pytest.raises(checkpoint.CheckpointError, match="another model shape: dim=32"):
-        checkpoint.load_model(path, expect=M.preset("tiny", dim=48))
-    other = M.VideoDiT(M.preset("tiny", dim=48))
-    with pytest.raises(checkpoint.CheckpointError, match="has shape"):
-        checkpoint.load_weights(other, checkpoint.read_checkpoint(path)[0], path)
-    with pytest.raises(checkpoint.CheckpointError, match="not found"):
-        checkpoint.load_model(str(tmp_path / "missing.safetensors"))
-    cut = tmp_path / "cut.safetensors"
-    cut.write_bytes(open(path, "rb").read()[:1000])
-    with pytest.raises(checkpoint.CheckpointError, match="truncated"):
-        checkpoint.load_model(str(cut))
-
-
-def test_config_parsing():
-    cfg = cli.parse_config(sft.Config, ["--steps=7", "--lr=0.5", "--resume=true", "--init="])
-    assert (cfg.steps, cfg.lr, cfg.resume, cfg.init) == (7, 0.5, True, "")
-    with pytest.raises(cli.ConfigError, match="unknown config key 'stpes'"):
-        cli.parse_config(sft.Config, ["--stpes=7"])
-    with pytest.raises(cli.ConfigError, match="expects int"):
-        cli.parse_config(sft.Config, ["--steps=many"])
-
-
-def test_cli_errors_are_one_line(tmp_path):
-    for args, needle in [(["sft.py", "--bogus=1"], "unknown config key 'bogus'"),
-                         (["sft.py", f"--init={tmp_path}/none.safetensors", f"--out_dir={tmp_path}/o"], "not found"),
-                         (["checkpoint.py", "--prompts=a purple circle", f"--out={tmp_path}/x.gif"], "unknown word"),
-                         (["checkpoint.py", "--prompts=;", f"--out={tmp_path}/x.gif"], "empty prompt list")]:
-        r = run_script(*args)
-        assert r.returncode == 2 and needle in r.stderr and "Traceback" not in r.stderr, (args, r.stderr)
-        assert len(r.stderr.strip().splitlines()) == 1
-
-
-# ----------------------------------------------------------------------------- Stage I
-def tiny_sft(out_dir, **kw):
-    base = dict(init="", data="web", preset="tiny", out_dir=str(out_dir), steps=6, batch_size=4, lr=1e-3, warmup=2,
-                ckpt_every=3, log_every=2, val_clips=8, sample_steps=2, device="cpu")
-    return sft.Config(**{**base, **kw})
-
+# ==================================================================================================
+# sft.py: Stage I
+# ==================================================================================================
 
 def test_sft_smoke_pretrain_then_shape(tmp_path):
     base = sft.train(tiny_sft(tmp_path / "base"))
@@ -271,397 +760,52 @@ def test_interrupted_sft_resumes_to_identical_weights(tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-# ----------------------------------------------------------------------------- rewards (oracle and heads)
+# ==================================================================================================
+# reward_rl.py: Stage II
+# ==================================================================================================
+
+# --- advantages, the PPO clip, the heads it is given
+
+def test_group_advantages_per_head_zero_variance_groups_and_clip_after_scaling():
+    scores = torch.tensor([[0.1, 0.5], [0.3, 0.5], [0.5, 0.5],      # group 0: head 1 is flat
+                           [0.2, 0.9], [0.2, 0.1], [0.2, 0.5]])     # group 1: head 0 is flat
+    cfg = reward_rl.Config(group_size=3, std_floor=1e-3, adv_clip=5.0)
+    adv, zero = reward_rl.advantages(cfg, scores, torch.zeros_like(scores), torch.tensor([1.0, 2.0]))
+    z = lambda x: (x - x.mean()) / (x.std(correction=1) + 1e-4)   # Bessel-corrected, as the docstring says
+    expect = torch.cat([z(torch.tensor([0.1, 0.3, 0.5])), 2 * z(torch.tensor([0.9, 0.1, 0.5]))])
+    assert torch.allclose(adv, expect, atol=1e-5) and zero == 0.5
+    # the ablation, one z-score of the weighted sum: a head's weight no longer scales its advantage (group 1: x1, not x2)
+    summed = reward_rl.advantages(reward_rl.Config(group_size=3, std_floor=1e-3, zscore="sum"), scores,
+                                  torch.zeros_like(scores), torch.tensor([1.0, 2.0]))[0]
+    total = scores @ torch.tensor([1.0, 2.0])
+    assert torch.allclose(summed, torch.cat([z(total[:3]), z(total[3:])]), atol=1e-5)
+    assert not torch.allclose(summed, adv, atol=1e-2)
+    big = torch.tensor([[0.0], [0.0], [0.0], [1.0]])                           # a lone outlier: z = 1.5, x4 -> clipped
+    adv, _ = reward_rl.advantages(reward_rl.Config(group_size=4, std_floor=1e-3, adv_clip=5.0), big, big * 0, torch.tensor([4.0]))
+    assert adv.max() == 5.0 and adv.min() < 0
+    # the floor is compared with the same (Bessel) std: 0.01 here, where the population std would be 0.0087
+    edge = torch.tensor([[0.0], [0.0], [0.0], [0.02]])
+    assert reward_rl.advantages(reward_rl.Config(group_size=4, std_floor=0.0095), edge, edge * 0, torch.ones(1))[1] == 0.0
+    assert reward_rl.advantages(reward_rl.Config(group_size=4, std_floor=0.0105), edge, edge * 0, torch.ones(1))[1] == 1.0
+    # ensemble reliability: agreeing members weigh more, clamped to [0.5, 1.5]
+    w = rl_objective.reliability(torch.tensor([[0.1], [0.2], [0.3], [0.2]]))
+    assert torch.allclose(w, torch.tensor([1.5, 1.0, 0.5, 1.0]))
+    assert rl_objective.reliability(torch.tensor([[0.0], [1.0]])).tolist() == [1.5, 0.5]
+    # the clip comes after every scaling: reliability 1.5 on a clipped advantage stays within +-adv_clip
+    rm_std = torch.tensor([[0.0], [0.1], [0.1], [0.1]])
+    adv, _ = reward_rl.advantages(reward_rl.Config(group_size=4, reward="rm", adv_clip=2.0), big, rm_std, torch.tensor([4.0]))
+    assert adv.abs().max() == 2.0
 
 
-def test_oracle_recovers_curated_attributes():
-    b = data.make_batch("curated", 512, seed=11)
-    obs = rewards.oracle(b.videos)
-    ok = rewards.check(b.videos, b.attrs, obs=obs)
-    assert ok["all"].float().mean() >= 0.99, {k: v.float().mean().item() for k, v in ok.items()}
-    assert rewards.check(b.videos, b.prompts, obs=obs)["all"].float().mean() >= 0.99  # captions read the same
-    assert rewards.wrap(obs["center"] - b.centers, 32).abs().max() < 0.3    # circular mean across the edges
-
-
-def test_oracle_on_heldout_and_small_frames():
-    h = data.make_batch("heldout", 256, seed=12)
-    assert rewards.check(h.videos, h.attrs)["all"].float().mean() >= 0.99
-    t = data.make_batch("curated", 256, seed=13, world=TINY_WORLD)    # 16x16: radius and speeds scale by 1/2
-    assert rewards.check(t.videos, t.attrs, world=TINY_WORLD)["all"].float().mean() >= 0.99
-
-
-def test_reward_heads_shapes_and_ranges():
-    b = data.make_batch("web", 16, seed=14)
-    blank = torch.full((2, 3, 8, 32, 32), -1.0)                        # no object at all
-    noise = torch.rand(2, 3, 8, 32, 32, generator=torch.Generator().manual_seed(0)) * 2 - 1
-    videos = torch.cat([b.videos, blank, noise])
-    prompts = b.prompts + ["a red circle", "moving up", "a fast blue square moving left", "a triangle"]
-    heads = rewards.reward_heads(videos, prompts)
-    assert set(heads) == set(rewards.HEADS) >= {"fidelity", "temporal", "instruction"}
-    for name, v in heads.items():
-        assert v.shape == (20,) and torch.isfinite(v).all() and v.min() >= 0 and v.max() <= 1, name
-    assert heads["fidelity"][16:].max() < 0.2 and heads["instruction"][16:18].max() < 0.2  # nothing to reward
-    ok = rewards.check(videos, prompts)
-    assert set(ok) == {*data.ATTRIBUTES, "all"} and ok["all"].shape == (20,) and not ok["all"][16:18].any()
-
-
-def test_reward_fidelity_and_temporal_fall_as_defects_grow():
-    # One seed for every level: the same draws decide which clips carry a defect, so each level's
-    # defects contain the previous level's, clip by clip. Scale 100 saturates every rate at 1.0.
-    means = []
-    for s in (0, 0.5, 1, 2, 100):
-        b = data.make_batch("web", 128, seed=15, defects=data.Defects().scaled(s))
-        heads = rewards.reward_heads(b.videos, b.prompts)
-        means.append({k: v.mean().item() for k, v in heads.items()})
-        if s == 2:  # rates 0.3 to 0.6: each head answers to its own defects, with the others mixed in
-            for defect, head in [("blur", "fidelity"), ("noise", "fidelity"), ("colour_shift", "fidelity"),
-                                 ("flicker", "temporal"), ("jitter", "temporal"), ("noise", "temporal")]:
-                has = b.defects[defect]
-                assert heads[head][has].mean() < heads[head][~has].mean() - 0.08, (defect, head)
-    for head in ("fidelity", "temporal"):
-        m = [x[head] for x in means]
-        assert all(a > b + 0.03 for a, b in zip(m, m[1:])), (head, m)
-        assert m[0] > 0.9 and m[-1] < 0.3, (head, m)
-
-
-def test_reward_instruction_prefers_matching_prompt():
-    b = data.make_batch("curated", 128, seed=17)
-    a = {k: v.tolist() for k, v in b.attrs.items()}
-    wrong = [data.caption((c + 1) % 6, (s + 1) % 3, (d + 1) % 4, 1 - v)
-             for c, s, d, v in zip(a["colour"], a["shape"], a["direction"], a["speed"])]
-    obs = rewards.oracle(b.videos)
-    right = rewards.reward_heads(b.videos, b.prompts, obs=obs)["instruction"]
-    assert right.min() > 0.9 and (right > rewards.reward_heads(b.videos, wrong, obs=obs)["instruction"]).all()
-    assert not rewards.check(b.videos, wrong, obs=obs)["all"].any()
-
-
-def test_reward_instruction_is_soft_for_partly_wrong_prompts():
-    b = data.make_batch("curated", 128, seed=18)
-    c, s, d, v = (b.attrs[k].tolist() for k in ("colour", "shape", "direction", "speed"))
-    colour, shape, wrong_dir = data.COLOUR_NAMES, data.SHAPES, data.DIRECTION_NAMES
-    # right colour and shape, wrong direction, speed unsaid (so skipped); then the shape wrong too; then all
-    part = [f"a {colour[c[i]]} {shape[s[i]]} moving {wrong_dir[(d[i] + 1) % 4]}" for i in range(128)]
-    less = [f"a {colour[c[i]]} {shape[(s[i] + 1) % 3]} moving {wrong_dir[(d[i] + 1) % 4]}" for i in range(128)]
-    wrong = [data.caption((c[i] + 1) % 6, (s[i] + 1) % 3, (d[i] + 1) % 4, 1 - v[i]) for i in range(128)]
-    obs = rewards.oracle(b.videos)
-    score = [rewards.reward_heads(b.videos, p, obs=obs)["instruction"] for p in (b.prompts, part, less, wrong)]
-    assert ((score[0] > score[1]) & (score[1] > score[2]) & (score[2] > score[3])).float().mean() >= 0.95
-    assert 0.5 < score[1].mean() < 0.9 and 0.2 < score[2].mean() < 0.6 and score[3].mean() < 0.2
-    ok = rewards.check(b.videos, part, obs=obs)
-    assert ok["colour"].all() and ok["speed"].all() and not ok["direction"].any()
-
-
-# ----------------------------------------------------------------------------- learned judge and diagnostics
-@pytest.fixture(scope="module")
-def tiny_checkpoints(tmp_path_factory):
-    root = tmp_path_factory.mktemp("tiny")
-    base = sft.train(tiny_sft(root / "base", steps=4))
-    tuned = sft.train(tiny_sft(root / "sft", init=base, data="curated", steps=2))
-    return base, tuned, root
-
-
-def test_reward_model_ensemble_mean_and_std(tiny_checkpoints, capsys):
-    base, tuned, root = tiny_checkpoints
-    out = str(root / "rm.safetensors")
-    judge.train_reward_model([f"--generators={base},{tuned}", "--generator_clips=4", "--members=3", "--steps=3", "--pool_clips=24",
-                                "--batch_size=8", "--eval_clips=24", "--calib_clips=4", f"--out={out}"])
-    printed = capsys.readouterr().out
-    assert "pair_accuracy" in printed and "generator_samples_proxy_minus_oracle" in printed   # its gap on samples
-    assert '"proxy_minus_oracle_on_base"' in printed and '"proxy_minus_oracle_on_sft"' in printed  # and per generator
-    members = judge.load_reward_model(out)
-    assert len(checkpoint.read_checkpoint(out)[2]["lineage"]["parent_hash"].split(",")) == 2        # both generators
-    b = data.make_batch("curated", 5)
-    mean, std = judge.rm_score(members, b.videos, b.tokens)
-    each = torch.stack([m(b.videos, b.tokens) for m in members])               # (K, B, heads)
-    for i, head in enumerate(rewards.HEADS):
-        assert torch.allclose(mean[head], each[:, :, i].mean(0)) and torch.allclose(std[head], each[:, :, i].std(0))
-    assert std["fidelity"].max() > 0                                             # bootstrapped members disagree
-    assert not torch.equal(members[0].offset, torch.zeros_like(members[0].offset))     # calibrated, one shift for all
-    assert all(torch.equal(m.offset, members[0].offset) for m in members)
-    # recalibrated on another policy's samples: the trained weights kept, the level refit, the judge replaced only if asked
-    with pytest.raises(cli.ConfigError, match="--out is empty"):      # never written over its own input
-        judge.calibrate_judge([f"--judge={out}", f"--on={base}", "--clips=4"])
-    with pytest.raises(cli.ConfigError, match="is also an input of this command"):
-        judge.calibrate_judge([f"--judge={out}", f"--on={base}", "--clips=4", f"--out={out}", "--overwrite=true"])
-    judge.calibrate_judge([f"--judge={out}", f"--on={base}", "--clips=4", f"--out={root / 'rm_base.safetensors'}"])
-    assert "proxy - oracle on 64 held-out samples" in capsys.readouterr().out
-    again = judge.load_reward_model(str(root / "rm_base.safetensors"))
-    for old, new in zip(members, again):
-        assert torch.equal(old.out[0].weight, new.out[0].weight) and not torch.equal(old.offset, new.offset)
-    with pytest.raises(FileExistsError):
-        judge.train_reward_model([f"--out={out}", "--generators="])
-
-
-def test_judge_calibration_sets_each_heads_level_on_the_members_mean_and_keeps_their_ranking():
-    torch.manual_seed(0)
-    members = [judge.RewardNet(8) for _ in range(3)]
-    b = data.make_batch("web", 32, seed=3, world=TINY_WORLD)
-    raw = [m(b.videos, b.tokens) for m in members]
-    truth = torch.rand(32, len(rewards.HEADS))
-    judge.fit_calibration(members, b.videos, b.tokens, truth)
-    fitted = [m(b.videos, b.tokens) for m in members]
-    assert torch.allclose(torch.stack(fitted).mean(0).mean(0), truth.mean(0), atol=1e-5)     # the level: truth's
-    shift = [f - r for f, r in zip(fitted, raw)]
-    assert all(torch.allclose(x, shift[0][:1].expand_as(x), atol=1e-6) for x in shift)  # one shift, every clip and member
-
-
-def test_a_judge_or_checkpoint_from_an_older_postflow_is_refused_naming_what_to_remake(tmp_path):
-    net, path = judge.RewardNet(8), str(tmp_path / "old_judge.safetensors")
-    tensors = {f"member0.{k}": v for k, v in net.state_dict().items() if k != "offset"}    # no calibration
-    checkpoint.save_checkpoint(path, tensors, M.preset("tiny"), checkpoint.lineage_record("reward_model"), members=1,
-                               width=8, heads=list(rewards.HEADS))
-    with pytest.raises(checkpoint.CheckpointError, match="refit it"):
-        judge.load_reward_model(path)
-    from safetensors.torch import save_file
-    policy = M.VideoDiT(M.preset("tiny"))
-    save_file(policy.state_dict(), str(tmp_path / "factorised.safetensors"), metadata={   # a layout no longer built
-        "format": "postflow", "lineage": "{}",
-        "model_config": json.dumps({**dataclasses.asdict(policy.cfg), "attention": "factorised"})})
-    with pytest.raises(checkpoint.CheckpointError, match="asks for attention, which this postflow does not build"):
-        checkpoint.load_model(str(tmp_path / "factorised.safetensors"))
-
-
-@pytest.fixture(scope="module")
-def tiny_ablations(tiny_checkpoints):
-    """Two rows of make ablations (the judge with and without its stability terms), 1 iteration each."""
-    import bench
-    base, tuned, root = tiny_checkpoints
-    judge_file = root / "ablation_judge.safetensors"
-    judge.train_reward_model([f"--generators={base}", "--generator_clips=4", "--calib_clips=4", "--members=2", "--steps=3",
-                              "--pool_clips=24", "--batch_size=8", "--eval_clips=24", f"--out={judge_file}"])
-    args = [f"--init={tuned}", f"--reward_model={judge_file}", "--iters=1", "--only=judge,judge_unguarded",
-            "--heldout_prompts=2", f"--out={root / 'ablations'}"]
-    bench.bench_ablations(args)
-    return root / "ablations", args
-
-
-def test_fidelity_probe_separates_the_samplers_share_from_the_networks(tiny_checkpoints, tmp_path, capsys):
-    import bench
-    base, tuned, _ = tiny_checkpoints
-    bench.bench_fidelity([f"--ckpt={base},{tuned}", f"--out={tmp_path}/f.json"])
-    rows = json.load(open(tmp_path / "f.json"))["checkpoints"][tuned]
-    every, interval = rows["cfg 3 every step"], rows[f"cfg 3 until t={M.CFG_UNTIL}"]
-    assert every["instruction"] != interval["instruction"]                  # guidance's share is measured
-    assert set(every["fidelity_parts"]) == {"edges", "background", "palette"}
-    assert rows["redraw at t=0.98"]["mse"] > 0 and "redraw at t=0.98" in capsys.readouterr().out
-
-
-def test_ablations_table_names_each_command_and_keeps_finished_rows(tiny_ablations):
-    import bench
-    out, args = tiny_ablations
-    table = (out / "ablations.md").read_text()
-    assert "| judge |" in table and "| start (the input) |" in table and "python reward_rl.py" in table
-    assert "--reward=rm --kl_weight=0" in table
-    result = json.load(open(out / "ablations.json"))
-    assert result["start"]["clips"] == 8 and result["judge"]["iterations"] == 1
-    assert set(result["judge"]["end"]["judge_minus_oracle"]) == set(rewards.HEADS)
-    assert result["judge_unguarded"]["verdict"].startswith("vs judge: all attributes")
-    stamp = os.path.getmtime(out / "judge" / "ckpt.safetensors")
-    bench.bench_ablations(args)                                               # a finished row is kept, not rerun
-    assert os.path.getmtime(out / "judge" / "ckpt.safetensors") == stamp
-    # ... but a row made from another input, here the same path with other bytes, is redone
-    init, tensors, mc, meta = out.parent / "ablation_init.safetensors", *checkpoint.read_checkpoint(args[0][len("--init="):])
-    checkpoint.save_checkpoint(str(init), tensors, mc, meta["lineage"])
-    moved = [f"--init={init}", *args[1:3], "--only=judge", args[4], f"--out={out.parent / 'ablations_moved'}"]
-    made = lambda: os.path.getmtime(out.parent / "ablations_moved" / "judge" / "ckpt.safetensors")
-    bench.bench_ablations(moved)
-    first = made()
-    bench.bench_ablations(moved)
-    assert made() == first
-    checkpoint.save_checkpoint(str(init), {k: v + 1e-3 for k, v in tensors.items()}, mc, meta["lineage"])
-    bench.bench_ablations(moved)
-    assert made() != first
-    with pytest.raises(cli.ConfigError, match="unknown ablation 'kl'"):
-        bench.bench_ablations(["--only=kl"])
-    # the verdict calls a difference under two standard errors none, and names one beyond them with its sign
-    end = lambda acc, se: {"end": {"acc_all": [acc, se], "fidelity": [0.3, 0.01], "temporal": [0.5, 0.01]}}
-    assert "all attributes +0.100 ± 0.071 (no difference)" in bench.verdict(end(0.6, 0.05), end(0.5, 0.05), "defaults")
-    assert "all attributes -0.300 ± 0.028;" in bench.verdict(end(0.2, 0.02), end(0.5, 0.02), "defaults")
-
-
-def test_diagnose_writes_every_metric(tiny_checkpoints):
-    base, tuned, root = tiny_checkpoints
-    out = root / "diag"
-    diagnose.diagnose([f"--ckpt={base}", f"--ckpt={tuned}", f"--out={out}", "--prompts=2", "--seeds=2", "--steps=2",
-                      "--long_clips=2", "--diversity_seeds=3", "--reward_model=" + str(root / "rm.safetensors")])
-    result = json.load(open(out / "diagnostics.json"))
-    assert list(result) == ["base", "sft"]
-    for r in result.values():
-        assert {"fidelity", "temporal", "instruction", "instruction_by_attribute", "drift_by_frame", "drift_by_chunk",
-                "diversity", "cfg_response", "context_adherence", "proxy_reward", "proxy_oracle_gap",
-                "recommendation", "quality_score", "semantic_score", "vbench"} <= set(r)
-        assert len(r["drift_by_chunk"]) == 4 and len(r["drift_by_frame"]["identity"]) == 4
-        assert set(r["vbench"]) == set(diagnose.QUALITY + diagnose.SEMANTIC)
-        # why: every head in parts, each beside the training data's own score on it, penalties >= 0 (0 = perfect)
-        parts = r["parts"]
-        assert list(parts) == list(rewards.HEADS) and set(parts["instruction"]) == set(data.ATTRIBUTES)
-        assert set(parts["fidelity"]) == {"edges", "background", "palette"}
-        assert set(parts["temporal"]) == {"acceleration", "size", "morph", "flicker", "background", "empty"}
-        for head, ps in parts.items():
-            for v in ps.values():
-                assert set(v) == {"model", "curated", "web", "redraw"} and all(math.isfinite(x) and x >= 0 for x in v.values())
-                assert head != "instruction" or max(v.values()) <= 1                         # 1 - agreement
-        for head in ("fidelity", "temporal"):   # curated clips are the clean renders the web clips are noisy copies of
-            assert sum(v["curated"] for v in parts[head].values()) < sum(v["web"] for v in parts[head].values())
-        rec = r["recommendation"]
-        assert rec["axis"] in rewards.HEADS and rec["part"] in parts[rec["axis"]] and rec["part"] in rec["text"]
-        assert stage_command(rec["command"])[1].init in (str(base), str(tuned))
-    assert result["base"]["parts"]["fidelity"]["edges"]["web"] == result["sft"]["parts"]["fidelity"]["edges"]["web"]
-    table = (out / "diagnostics.md").read_text()
-    assert "| fidelity: edges |" in table and result["sft"]["recommendation"]["command"] in table
-    assert (out / "grid.gif").exists()
-
-
-def test_diagnose_reads_a_repeat_back_and_advise_hands_the_axis_to_the_next_stage(tiny_checkpoints, tmp_path, monkeypatch,
-                                                                                    capsys):
-    base, tuned, _ = tiny_checkpoints
-    tiny = ["--prompts=1", "--seeds=2", "--steps=1", "--long_clips=1", "--diversity_seeds=2", "--reward_model=",
-            f"--cache={tmp_path / 'cache'}"]
-    diagnose.diagnose([f"--ckpt={base}", f"--ckpt={tuned}", f"--out={tmp_path / 'a'}", *tiny])
-    first = json.load(open(tmp_path / "a" / "diagnostics.json"))
-    # the same files and settings again, here under other names: nothing is sampled
-    copy = tmp_path / "copy.safetensors"
-    shutil.copy(tuned, copy)
-    monkeypatch.setattr(diagnose, "diagnose_checkpoint", lambda *a: pytest.fail("recomputed a cached diagnosis"))
-    diagnose.diagnose([f"--ckpt={base}", f"--ckpt={copy}", f"--out={tmp_path / 'b'}", *tiny])
-    again = json.load(open(tmp_path / "b" / "diagnostics.json"))
-    assert again["copy"]["fidelity"] == first["sft"]["fidelity"] and again["base"] == first["base"]
-    assert str(copy) in again["copy"]["recommendation"]["command"]                 # the advice names the path given
-    shutil.copytree(tmp_path / "cache", tmp_path / "shipped")                         # the folder shipped with a clone
-    diagnose.diagnose([f"--ckpt={base}", f"--out={tmp_path / 'd'}", *tiny[:-1], f"--shipped={tmp_path / 'shipped'}"])
-    assert json.load(open(tmp_path / "d" / "diagnostics.json"))["base"] == first["base"]
-    with pytest.raises(pytest.fail.Exception, match="recomputed"):                    # another setting is a miss
-        diagnose.diagnose([f"--ckpt={base}", f"--out={tmp_path / 'c'}", *tiny[:2], "--steps=2", *tiny[3:]])
-    # advise: the flags that point the next stage at the diagnosed axis, parsed by that stage's own config
-    capsys.readouterr()
-    for stage, module in (("rl", reward_rl), ("dpo", preference)):
-        diagnose.advise([f"--diagnose={tmp_path / 'a'}", f"--stage={stage}", f"--out={tmp_path / stage}.json"])
-        flags = capsys.readouterr().out.split()
-        decision = json.load(open(f"{tmp_path / stage}.json"))
-        rec = first["sft"]["recommendation"]
-        stage_one = shlex.split(rec["command"])[1] == "sft.py"
-        assert decision["from"] == "sft" and decision["axis"] == rec["axis"] and decision["flags"] == flags
-        assert flags == diagnose.stage_flags(stage, rec["axis"], stage_one)
-        # either way the stage's own parser reads the flags, and they turn it: toward the axis, or toward Stage I's data
-        for one in (False, True):
-            cfg, default = cli.parse_config(module.Config, diagnose.stage_flags(stage, rec["axis"], one)), module.Config()
-            anchor = {"rl": "sft_weight", "dpo": "curated_weight"}[stage]
-            if one:
-                assert getattr(cfg, anchor) == 4 * getattr(default, anchor) and cfg.weights == default.weights
-            else:
-                assert rewards.head_weights(cfg.weights)[rec["axis"]] > rewards.head_weights(())[rec["axis"]] or stage == "dpo"
-                assert cfg.weights and getattr(cfg, anchor) == getattr(default, anchor)
-    with pytest.raises(cli.ConfigError, match="no column 'rl'"):
-        diagnose.advise([f"--diagnose={tmp_path / 'a'}", "--column=rl"])
-
-
-def stage_command(command):
-    """A recommended command read back by its stage's own config parser, its --weights by the registry's."""
-    python, script, *flags = shlex.split(command)
-    configs = {"sft.py": sft.Config, "reward_rl.py": reward_rl.Config, "preference.py": preference.Config}
-    assert python == "python" and script in configs, command
-    cfg = cli.parse_config(configs[script], flags)
-    rewards.head_weights(getattr(cfg, "weights", ()))                         # an unknown head is refused here
-    return script, cfg
-
-
-def test_head_parts_rebuild_each_head():
-    """diagnose's breakdown is the heads' own arithmetic: each head is rebuilt from its parts, clip by clip."""
-    b = data.make_batch("web", 16, seed=2, world=TINY_WORLD, defects=data.Defects().scaled(3.0))
-    obs, want = rewards.oracle(b.videos, TINY_WORLD), rewards.targets(b.prompts, 16)
-    f, t, i = (h.parts(obs, want) for h in rewards.HEADS.values())
-    assert torch.allclose(rewards.fidelity(obs, want), rewards.pass_score(*f.values()))
-    still = rewards.pass_score(*(v for k, v in t.items() if k != "empty")) * (1 - t["empty"])
-    assert torch.allclose(rewards.temporal(obs, want), still)
-    misses = torch.stack(list(i.values()), 1)                                 # NaN where the caption leaves it out
-    assert misses.isnan().any() and torch.allclose(rewards.instruction(obs, want), 1 - misses.nanmean(1))
-    assert min(v.min() for v in (*f.values(), *t.values())) >= 0 and f["edges"].max() > 0.5   # defects show
-
-
-def test_recommendation_follows_the_worst_part_and_parses(monkeypatch):
-    axes, ckpt = {"fidelity": 0.3, "temporal": 0.5, "instruction": 0.7}, "runs/my run/ckpt.safetensors"
-    part = lambda model, web=1.0: {"model": model, "curated": 0.0, "web": web}
-    measured = lambda edges=0.0, flicker=0.0, direction=0.0: {
-        "fidelity": {"edges": part(edges), "background": part(0.05)}, "temporal": {"flicker": part(flicker),
-                                                                                    "size": part(0.0)},
-        "instruction": {"direction": part(direction, web=0.05), "colour": part(0.0, web=0.05)}}
-    sft_like, worse_than_web = (diagnose.recommendation(axes, measured(edges=e), ckpt, "sft") for e in (0.8, 3.0))
-    fid_matched = diagnose.recommendation(axes, measured(edges=0.05, flicker=2.0), ckpt, "sft")
-    after_rl = diagnose.recommendation(axes, measured(edges=3.0), ckpt, "rl-awm")
-    all_matched = diagnose.recommendation(axes, measured(), ckpt, "pretrain")
-    words = diagnose.recommendation({**axes, "instruction": 0.1}, measured(direction=0.5), ckpt, "sft")
-    # edges nearer the web data's score than the curated's: a pretraining defect -> more SFT on curated clips
-    assert (sft_like["axis"], sft_like["part"]) == ("fidelity", "edges")
-    assert stage_command(sft_like["command"])[1].data == "curated"
-    # worse than even the web data: a reward must fix it -> Stage II with fidelity weighted up (0.25 -> 1)
-    script, cfg = stage_command(worse_than_web["command"])
-    assert script == "reward_rl.py" and cfg.weights == ("fidelity=1.0",) and cfg.init == ckpt
-    # ... unless the head scores so low that GRPO's groups have nothing to rank: data first
-    # ... unless the network's own redraw of a clean clip already misses it: no reward or sampler fixes that, data does
-    undrawn = measured(edges=3.0)
-    undrawn["fidelity"]["edges"]["redraw"] = 1.6
-    undrawn = diagnose.recommendation(axes, undrawn, ckpt, "rl-awm")
-    assert stage_command(undrawn["command"])[0] == "sft.py" and "redraw of a clean clip already misses it (1.60)" in undrawn["text"]
-    hopeless = diagnose.recommendation({**axes, "fidelity": 0.01}, measured(edges=3.0), ckpt, "sft")
-    assert stage_command(hopeless["command"])[0] == "sft.py" and "too low" in hopeless["text"]
-    # fidelity matches the curated data: said, and the next weakest head's worst part decides
-    assert (fid_matched["axis"], fid_matched["part"]) == ("temporal", "flicker") and "after fidelity" in fid_matched["text"]
-    assert stage_command(fid_matched["command"])[1].weights == ("temporal=1.0",)
-    # the same measurement on Stage II's output: Stage III with the judge weighted toward fidelity
-    script, cfg = stage_command(after_rl["command"])
-    assert script == "preference.py" and rewards.head_weights(cfg.weights, default=1.0)["fidelity"] == 3.0
-    # nothing left to learn from the data: Stage III, which refines a base only with --any_input
-    script, cfg = stage_command(all_matched["command"])
-    assert all_matched["axis"] is None and script == "preference.py" and cfg.any_input
-    # ... and SFT, DPO or any Stage II rule's output (stage family rl) without it
-    for stage in ("sft", "rl-nft", "rl-awm", "dpo"):
-        assert not stage_command(diagnose.recommendation(axes, measured(), ckpt, stage)["command"])[1].any_input
-    script, cfg = stage_command(words["command"])
-    assert words["part"] == "direction" and cfg.split_instruction and cfg.weights == ("instruction=2.0",)
-    assert len({r["command"] for r in (sft_like, worse_than_web, fid_matched, after_rl, all_matched, words)}) == 6
-    # a fork's head without parts still gets a command that names it (and parses: it is in the registry)
-    monkeypatch.setitem(rewards.HEADS, "centred", rewards.Head(centred, weight=0.5, phase=1))
-    fork = diagnose.recommendation({**axes, "centred": 0.1}, measured(), ckpt)
-    assert fork["axis"] == "centred" and stage_command(fork["command"])[1].weights == ("centred=1.0",)
-
-
-# ----------------------------------------------------------------------------- Stage II
-import reward_rl
-
-
-def tiny_rl(init, out_dir, **kw):
-    base = dict(init=str(init), out_dir=str(out_dir), iters=2, prompts_per_iter=2, group_size=4, rollout_steps=4,
-                sde_window=2, eval_prompts=2, eval_steps=2, eval_every=100, ckpt_every=1, hold_probe=4, device="cpu")
-    return reward_rl.Config(**{**base, **kw})
-
-
-def read_log(path):
-    return [json.loads(line) for line in open(path)]
-
-
-def test_hacking_monitor_stops_when_the_oracle_falls_while_the_trained_reward_rises(tiny_checkpoints, tmp_path,
-                                                                                     monkeypatch):
-    monitor = stability.HackingMonitor(patience=3)
-    assert not any(monitor.update(h, r) for h, r in ((1.0, 0.1), (0.9, 0.2), (0.9, 0.3), (0.8, 0.4), (0.7, 0.5)))
-    assert monitor.update(0.6, 0.6)                        # a tie broke the run of falls; 0.9 > 0.8 > 0.7 > 0.6 does it
-    assert not stability.HackingMonitor(patience=2).update(0.5, 0.0) and not any(
-        stability.HackingMonitor(patience=1).update(h, 1.0) for h in (1.0, 1.1))   # the oracle rising is no hacking
-    both_fall = stability.HackingMonitor(patience=2)                                 # nor a proxy that falls alike
-    assert not any(both_fall.update(v, v + 0.1) for v in (1.0, 0.9, 0.8))
-    # in Stage II: a judge whose score climbs every iteration while every oracle head falls at each evaluation
-    _, tuned, _ = tiny_checkpoints
-    calls, evals = [0], [0]
-    def judge(clips, prompts):
-        calls[0] += 1
-        return {h: torch.rand(len(clips)) * 0.1 + 0.1 * calls[0] for h in rewards.HEADS}
-    def oracle_falls(*a, **k):
-        evals[0] += 1
-        return {**{h: 1.0 - 0.1 * evals[0] for h in rewards.HEADS}, "acc_all": 0.5}  # accuracy flat: not what it reads
-    monkeypatch.setattr(rewards, "quick_eval", oracle_falls)
-    out = tmp_path / "hacked"
-    reward_rl.train(tiny_rl(tuned, out, iters=8, eval_every=1), reward_fn=judge)
-    steps = [r for r in read_log(out / "log.jsonl") if "rollout_s" in r]
-    assert len(steps) == 4 and os.path.exists(out / "ckpt.safetensors")            # 4 evaluations: 3 falls, then stop
+def test_ppo_and_kl_helpers():
+    logp = torch.tensor([0.0, 0.1, -0.1])
+    loss, ratio, clipped = rl_objective.ppo_clip_loss(logp - logp.clone(), torch.tensor([1.0, -1.0, 2.0]), 0.01)
+    assert torch.equal(ratio, torch.ones(3)) and clipped == 0 and torch.allclose(loss, torch.tensor([-1.0, 1.0, -2.0]))
+    loss, _, clipped = rl_objective.ppo_clip_loss(torch.tensor([0.5]), torch.tensor([1.0]), 0.1)
+    assert clipped == 1 and torch.allclose(loss, torch.tensor([-1.1]))        # no credit beyond the trust region
+    m = torch.randn(2, 3, 4)
+    assert torch.equal(M.gaussian_kl(m, m, 0.3), torch.zeros(2))
+    assert torch.allclose(M.gaussian_kl(m + 0.3, m, 0.3), torch.full((2,), 0.5))
 
 
 def test_split_instruction_heads_and_weights():
@@ -690,67 +834,6 @@ def test_split_instruction_heads_and_weights():
         reward_rl.check_config(reward_rl.Config(split_instruction=True, reward="rm"), 1)
 
 
-def test_group_advantages_per_head_zero_variance_groups_and_clip_after_scaling():
-    scores = torch.tensor([[0.1, 0.5], [0.3, 0.5], [0.5, 0.5],      # group 0: head 1 is flat
-                           [0.2, 0.9], [0.2, 0.1], [0.2, 0.5]])     # group 1: head 0 is flat
-    cfg = reward_rl.Config(group_size=3, std_floor=1e-3, adv_clip=5.0)
-    adv, zero = reward_rl.advantages(cfg, scores, torch.zeros_like(scores), torch.tensor([1.0, 2.0]))
-    z = lambda x: (x - x.mean()) / (x.std(correction=1) + 1e-4)   # Bessel-corrected, as the docstring says
-    expect = torch.cat([z(torch.tensor([0.1, 0.3, 0.5])), 2 * z(torch.tensor([0.9, 0.1, 0.5]))])
-    assert torch.allclose(adv, expect, atol=1e-5) and zero == 0.5
-    # the ablation, one z-score of the weighted sum: a head's weight no longer scales its advantage (group 1: x1, not x2)
-    summed = reward_rl.advantages(reward_rl.Config(group_size=3, std_floor=1e-3, zscore="sum"), scores,
-                                  torch.zeros_like(scores), torch.tensor([1.0, 2.0]))[0]
-    total = scores @ torch.tensor([1.0, 2.0])
-    assert torch.allclose(summed, torch.cat([z(total[:3]), z(total[3:])]), atol=1e-5)
-    assert not torch.allclose(summed, adv, atol=1e-2)
-    big = torch.tensor([[0.0], [0.0], [0.0], [1.0]])                           # a lone outlier: z = 1.5, x4 -> clipped
-    adv, _ = reward_rl.advantages(reward_rl.Config(group_size=4, std_floor=1e-3, adv_clip=5.0), big, big * 0, torch.tensor([4.0]))
-    assert adv.max() == 5.0 and adv.min() < 0
-    # the floor is compared with the same (Bessel) std: 0.01 here, where the population std would be 0.0087
-    edge = torch.tensor([[0.0], [0.0], [0.0], [0.02]])
-    assert reward_rl.advantages(reward_rl.Config(group_size=4, std_floor=0.0095), edge, edge * 0, torch.ones(1))[1] == 0.0
-    assert reward_rl.advantages(reward_rl.Config(group_size=4, std_floor=0.0105), edge, edge * 0, torch.ones(1))[1] == 1.0
-    # ensemble reliability: agreeing members weigh more, clamped to [0.5, 1.5]
-    w = reward_rl.reliability(torch.tensor([[0.1], [0.2], [0.3], [0.2]]))
-    assert torch.allclose(w, torch.tensor([1.5, 1.0, 0.5, 1.0]))
-    assert reward_rl.reliability(torch.tensor([[0.0], [1.0]])).tolist() == [1.5, 0.5]
-    # the clip comes after every scaling: reliability 1.5 on a clipped advantage stays within +-adv_clip
-    rm_std = torch.tensor([[0.0], [0.1], [0.1], [0.1]])
-    adv, _ = reward_rl.advantages(reward_rl.Config(group_size=4, reward="rm", adv_clip=2.0), big, rm_std, torch.tensor([4.0]))
-    assert adv.abs().max() == 2.0
-
-
-def test_the_floor_tightens_while_a_held_head_is_below_it_and_relaxes_while_it_holds():
-    """Dual ascent on a synthetic stream of a held head's levels: the first level is the start; within half a margin
-    of it nothing moves; below the guard line the multiplier rises every iteration (and the floor reads broken below
-    start - margin); back above, it relaxes to 0. Its state is plain JSON, exact across a resume."""
-    edge = stability.Floor({"fidelity": 0.01})                 # the default guard line: the floor's edge
-    for level in (0.60, 0.594, 0.585):
-        edge.update({"fidelity": level})
-    assert edge.multiplier["fidelity"] == pytest.approx(0.5)    # 0.594 moved nothing, 0.585 is half a margin below
-    floor = stability.Floor({"fidelity": 0.01}, rate=1.0, guard=0.5)
-    floor.update({"fidelity": 0.60, "instruction": 0.8})
-    for level in (0.60, 0.597):
-        floor.update({"fidelity": level})
-    assert floor.multiplier == {"fidelity": 0.0} and floor.broken() == []
-    rising = []
-    for level in (0.588, 0.588, 0.594):
-        floor.update({"fidelity": level})
-        rising.append(floor.multiplier["fidelity"])
-    assert rising == pytest.approx([0.7, 1.4, 1.5]) and floor.broken() == []
-    floor.update({"fidelity": 0.585})
-    assert floor.broken() == ["fidelity"]
-    copy = stability.Floor({"fidelity": 0.01}, guard=0.5)
-    copy.load_state_dict(json.loads(json.dumps(floor.state_dict())))
-    assert copy.state_dict() == floor.state_dict()
-    falling = []
-    for _ in range(6):
-        floor.update({"fidelity": 0.605})
-        falling.append(floor.multiplier["fidelity"])
-    assert falling == sorted(falling, reverse=True) and falling[-1] == 0.0
-
-
 def test_the_floor_turns_the_lever_it_is_given():
     names = rewards.head_names()
     floor = stability.Floor({"fidelity": 0.01, "temporal": 0.01})
@@ -765,16 +848,7 @@ def test_the_floor_turns_the_lever_it_is_given():
     assert reward_rl.held_settings(reward_rl.Config(), None, names, weights)[1].tolist() == weights.tolist()
 
 
-def test_ppo_and_kl_helpers():
-    logp = torch.tensor([0.0, 0.1, -0.1])
-    loss, ratio, clipped = reward_rl.ppo_clip_loss(logp - logp.clone(), torch.tensor([1.0, -1.0, 2.0]), 0.01)
-    assert torch.equal(ratio, torch.ones(3)) and clipped == 0 and torch.allclose(loss, torch.tensor([-1.0, 1.0, -2.0]))
-    loss, _, clipped = reward_rl.ppo_clip_loss(torch.tensor([0.5]), torch.tensor([1.0]), 0.1)
-    assert clipped == 1 and torch.allclose(loss, torch.tensor([-1.1]))        # no credit beyond the trust region
-    m = torch.randn(2, 3, 4)
-    assert torch.equal(M.gaussian_kl(m, m, 0.3), torch.zeros(2))
-    assert torch.allclose(M.gaussian_kl(m + 0.3, m, 0.3), torch.full((2,), 0.5))
-
+# --- runs
 
 def test_grpo_first_update_is_on_policy_and_kl_starts_at_zero(tiny_checkpoints):
     _, tuned, root = tiny_checkpoints
@@ -797,23 +871,15 @@ def test_grpo_raises_a_simple_reward(tiny_checkpoints, update):
     assert sum(got[-3:]) / 3 > sum(got[:3]) / 3 + 0.01, got
 
 
-def awm_setup(path):
-    """A policy, a second copy of it, 4 random clips (each its own group) as a Rollout, and one (t, x0, t_kl) draw."""
-    (policy, _), (other, _) = checkpoint.load_model(path), checkpoint.load_model(path)
-    gen = torch.Generator().manual_seed(0)
-    shape = (4, policy.cfg.channels, policy.cfg.frames, policy.cfg.size, policy.cfg.size)
-    clips, tokens = torch.rand(shape, generator=gen) * 2 - 1, data.tokenize(["a red circle moving left"] * 4)
-    draws = [(torch.full((4,), 0.3), torch.randn(shape, generator=gen), torch.full((4,), 0.6))]  # one per group
-    roll = reward_rl.Rollout(["a red circle moving left"] * 4, tokens, clips, [], torch.arange(4))
-    return policy, other, roll, draws, gen
+def test_grpo_refuses_batches_that_do_not_divide(tiny_checkpoints):
+    _, tuned, root = tiny_checkpoints
+    with pytest.raises(cli.ConfigError, match="do not split"):
+        reward_rl.train(tiny_rl(tuned, root / "bad", minibatches=3))
+    with pytest.raises(cli.ConfigError, match="does not fit"):
+        reward_rl.train(tiny_rl(tuned, root / "bad", window_start=3, sde_window=2))
 
 
-def rule_backward(cfg, policy, reference, roll, adv, draws, fresh=True, stats=None):
-    """cfg's update rule backpropagated on the setup's 4 clips as one rank's whole minibatch; its loss."""
-    b = reward_rl.batch_of(roll, adv, torch.arange(4), fresh)
-    stats = collections.defaultdict(list) if stats is None else stats
-    return reward_rl.rule_backward(cfg, policy, reference, b, draws, 1 / 4, stats)
-
+# --- the update rules: AWM, DiffusionNFT, a fourth from this file
 
 def test_awm_weights_warmup_and_curated_term(tiny_checkpoints):
     _, tuned, root = tiny_checkpoints
@@ -941,9 +1007,9 @@ def test_a_fourth_update_rule_trains_from_the_test_file(tiny_checkpoints, tmp_pa
         t, x0, _ = draw
         err = M.flow_error(policy, b.clips, x0[b.group], t[b.group], b.tokens, b.ctx, b.ctx_mask).float()
         return b.adv * err, {"toy_err": float(err.mean())}
-    rule = reward_rl.Rule(weighted_regression, samples="draws", old_policy=None, flow_kl=True, bf16=False,
+    rule = rl_objective.Rule(weighted_regression, samples="draws", old_policy=None, flow_kl=True, bf16=False,
                           kl_weight=0.1)
-    monkeypatch.setitem(reward_rl.RULES, "toy", rule)
+    monkeypatch.setitem(rl_objective.RULES, "toy", rule)
     bright = lambda clips, prompts: {"fidelity": torch.zeros(len(clips)), "temporal": torch.zeros(len(clips)),
                                      "instruction": clips.mean((1, 2, 3, 4))}
     ckpt = reward_rl.train(tiny_rl(tuned, tmp_path / "toy", update="toy", iters=2, hold=(), std_floor=1e-6),
@@ -954,6 +1020,8 @@ def test_a_fourth_update_rule_trains_from_the_test_file(tiny_checkpoints, tmp_pa
     assert meta["lineage"]["stage"] == "rl-toy"
     assert any(not torch.equal(a, b) for a, b in zip(after.state_dict().values(), before.state_dict().values()))
 
+
+# --- its cost, and resuming
 
 def test_stage_ii_counts_every_network_evaluation_and_resumes_the_count(tiny_checkpoints, tmp_path):
     """AWM, 2 iterations of 2 prompts x 4 rollouts on 4 Euler steps (guided while t < 0.6: 3 of them, 2 passes each):
@@ -974,348 +1042,34 @@ def test_stage_ii_counts_every_network_evaluation_and_resumes_the_count(tiny_che
         probe + per_iteration, probe + 2 * per_iteration]
 
 
-@pytest.fixture(scope="module")
-def tiny_race(tiny_checkpoints):
-    """make race at a tiny size: vanilla Flow-GRPO and DiffusionNFT under the floor, one seed, two segments of an
-    iteration each (a budget of 2 network evaluations stops each after its first iteration)."""
-    import race
+def test_grpo_interrupted_run_resumes_to_identical_weights(tiny_checkpoints):
     _, tuned, root = tiny_checkpoints
-    race.main([f"--init={tuned}", "--rules=flow_grpo,nft_floor", "--seeds=1", "--nfe=2", "--evals=2",
-               "--heldout_prompts=1", f"--out={root / 'race'}"])
-    return root / "race"
-
-
-def test_race_reports_each_rules_cost_to_each_gain_within_the_floors_from_resumed_segments(tiny_race):
-    import race
-    result = json.load(open(tiny_race / "race.json"))
-    for name in ("flow_grpo_s0", "nft_floor_s0"):
-        points = result["runs"][name]["points"]
-        assert len(points) == 3 and points[0]["nfe"] == 0 and 0 < points[1]["nfe"] < points[2]["nfe"]
-        assert len(result["runs"][name]["health"]["v_norm_ratio"]) == 2         # one iteration per segment
-    assert result["runs"]["nft_floor_s0"]["health"]["hold_multiplier"][-1].keys() == {"fidelity", "temporal"}
-    assert set(result["table"]["+0.05"]) == set(result["table"]["end"]) == {"flow_grpo", "nft_floor"}
-    text = (tiny_race / "race.md").read_text()
-    assert "| nft_floor |" in text and "fidelity within 0.01" in text
-    start = {"acc_all": 0.5, "fidelity": 0.6, "temporal": 0.7}                 # a gain bought with fidelity is no gain
-    bought = [start, {**start, "nfe": 10, "acc_all": 0.6, "fidelity": 0.58}, {**start, "nfe": 20, "acc_all": 0.6}]
-    assert race.reach(bought, 0.05)[0]["nfe"] == 10 and race.reach(bought, 0.05, floor=True)[0]["nfe"] == 20
-
-
-@pytest.fixture(scope="module")
-def trained_tiny(tmp_path_factory):
-    """A tiny base pretrained for 40 steps and tuned for 20: far enough from its init that rollouts, rewards and
-    updates depend on every draw (a near-untrained net hides a shifted random stream)."""
-    root = tmp_path_factory.mktemp("trained")
-    base = sft.train(tiny_sft(root / "base", steps=40, batch_size=8, lr=2e-3, warmup=5, ckpt_every=40, log_every=10))
-    return sft.train(tiny_sft(root / "sft", init=base, data="curated", steps=20, batch_size=8, ckpt_every=20, log_every=10))
-
-
-def test_grpo_one_and_two_ranks_agree(trained_tiny, tmp_path):
-    """The same run on 1 and 2 ranks: same draws, same rollouts and rewards, the same decisions (the spike guard,
-    set tight here so that it rolls back, decides on reduced statistics), and the same weights on every rank."""
-    args = ["reward_rl.py", f"--init={trained_tiny}", "--iters=8", "--prompts_per_iter=2", "--group_size=4",
-            "--rollout_steps=4", "--eval_prompts=2", "--eval_steps=2", "--eval_every=4", "--device=cpu", "--lr=1e-3",
-            "--warmup=1", "--minibatches=2", "--spike_factor=1.5", "--sft_batch=4", "--bf16=false",  # bf16 rounds by batch
-            "--hold=fidelity=0.0001,temporal=0.0001", "--hold_probe=2"]
-    in_process(args, tmp_path / "r1")
-    two = torchrun(args, tmp_path / "r2")                        # exit 0 includes: every rank ended with the same weights
-    torchrun(args, tmp_path / "r2_fsdp", "fsdp")                 # sharded, the rollbacks restore shards
-    assert "2 rank(s) x 4" in two.stdout + two.stderr and "terminate called" not in two.stderr
-    a, b = [[r for r in read_log(tmp_path / d / "log.jsonl") if "reward_instruction" in r] for d in ("r1", "r2")]
-    assert len(a) == len(b) == 8 and a[-1]["rollbacks"] > 0, a[-1]     # the guard did act
-    for ra, rb in zip(a, b):
-        assert ra["reward_instruction"] == pytest.approx(rb["reward_instruction"], abs=1e-4)
-        assert ra["grad_norm"] == pytest.approx(rb["grad_norm"], rel=1e-3) and ra["rollbacks"] == rb["rollbacks"]
-        assert ra["hold_multiplier"] == pytest.approx(rb["hold_multiplier"], abs=1e-3)
-    for name in ("ckpt.safetensors", "state.safetensors"):
-        wa, wb = checkpoint.read_checkpoint(tmp_path / "r1" / name)[0], checkpoint.read_checkpoint(tmp_path / "r2" / name)[0]
-        assert max(float((wa[k] - wb[k]).abs().max()) for k in wa if k.startswith(("model.", "ema.")) or "." in k) < 1e-4
-    assert state_gap(tmp_path / "r1", tmp_path / "r2_fsdp") < 1e-4
-    sharded = [r for r in read_log(tmp_path / "r2_fsdp" / "log.jsonl") if "rollbacks" in r]
-    assert [r["rollbacks"] for r in sharded] == [r["rollbacks"] for r in a]
-
-
-KILL_TRIALS = int(os.environ.get("POSTFLOW_KILL_TRIALS", "1"))   # `make killtest` runs 10 per stage
-
-
-def run_until_checkpointed(args, out, delay=None):
-    """Start a run and wait for its first checkpoint; then kill -9 it after `delay` s (mid-write included), or let
-    it finish (delay None). Returns (whether it was killed before finishing, seconds from checkpoint to end)."""
-    p = subprocess.Popen([sys.executable, *args, f"--out_dir={out}"], cwd=HERE, stdout=subprocess.DEVNULL,
-                         stderr=subprocess.DEVNULL, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    while not (out / "state.safetensors").exists() and p.poll() is None:
-        time.sleep(0.01)
-    t0 = time.time()
-    if delay is not None:
-        time.sleep(delay)
-        p.kill()
-    return p.wait() != 0, time.time() - t0
-
-
-def kill_and_resume(args, out, rng, window):
-    """kill -9 a run at a random moment after its first checkpoint, then resume it to the end. A kill that came
-    too late (the run had finished) is retried sooner in a fresh folder."""
-    for attempt in range(4):
-        shutil.rmtree(out, ignore_errors=True)
-        killed, _ = run_until_checkpointed(args, out, rng.uniform(0, window / 2 ** attempt))
-        if killed:
-            break
-    r = subprocess.run([sys.executable, *args, f"--out_dir={out}", "--resume=true"], cwd=HERE, capture_output=True,
-                       text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
-    assert r.returncode == 0, r.stderr[-2000:]
-    return killed
-
-
-@pytest.mark.parametrize("stage", ["sft", "rl", "dpo"])
-def test_kill_minus_9_then_resume_gives_the_same_weights(stage, trained_tiny, tmp_path):
-    """Interrupted anywhere, every stage resumes to bitwise the weights of an uninterrupted run, with each log
-    record written once and no temp file left; the RL run rolls back often (its guards' histories are state)."""
-    import random
-    preference.save_pairs(str(tmp_path / "pairs.safetensors"), tiny_pairs(8))
-    args = {"sft": ["sft.py", "--init=", "--data=web", "--preset=tiny", "--steps=24", "--batch_size=4", "--ckpt_every=2",
-                    "--log_every=2", "--val_clips=4", "--sample_steps=2", "--device=cpu"],
-            "rl": ["reward_rl.py", f"--init={trained_tiny}", "--iters=8", "--prompts_per_iter=2", "--group_size=4",
-                   "--rollout_steps=4", "--eval_prompts=2", "--eval_steps=2", "--eval_every=2", "--ckpt_every=1",
-                   "--lr=1e-3", "--warmup=1", "--spike_factor=1.01", "--sft_batch=4", "--device=cpu",
-                   "--hold=fidelity=0.0001,temporal=0.0001", "--hold_probe=2"],          # a floor that acts
-            "dpo": ["preference.py", f"--init={trained_tiny}", f"--pairs={tmp_path}/pairs.safetensors", "--steps=40",
-                    "--batch_size=4", "--ckpt_every=2", "--log_every=2", "--eval_prompts=2", "--eval_steps=2",
-                    "--device=cpu"]}[stage]
-    failed, window = run_until_checkpointed(args, tmp_path / "ref")
-    assert not failed
-    if stage == "rl":                                          # rollbacks in a row, with no snapshot between them
-        log = [r for r in read_log(tmp_path / "ref" / "log.jsonl") if "rollbacks" in r]
-        assert [r["rollbacks"] for r in log][-3:] == [1, 2, 3] and max(sum(r["hold_multiplier"].values()) for r in log)
-    want = checkpoint.read_checkpoint(tmp_path / "ref" / "ckpt.safetensors")[0]
-    rng, hits = random.Random(stage), 0
-    for trial in range(KILL_TRIALS):
-        out = tmp_path / f"kill{trial}"
-        hits += kill_and_resume(args, out, rng, window)
-        got = checkpoint.read_checkpoint(out / "ckpt.safetensors")[0]
-        assert all(torch.equal(want[k], got[k]) for k in want), f"trial {trial} differs"
-        steps = [r.get("step", r.get("iter")) for r in read_log(out / "log.jsonl") if "step" in r or "iter" in r]
-        assert len(steps) == len(set(steps)) and steps == sorted(steps), steps      # each record once, in order
-        assert not [f for f in os.listdir(out) if ".tmp" in f]
-    print(f"{stage}: {KILL_TRIALS} of {KILL_TRIALS} bitwise equal ({hits} killed mid-run)")
-    assert hits == KILL_TRIALS                                 # every kill landed before the run ended
-
-
-def test_non_finite_steps_stop_the_run_and_a_full_disk_is_one_line(tmp_path, monkeypatch, capsys):
-    guard = stability.NonFiniteGuard(limit=3)
-    assert guard.ok(1.0, 1.0) and not guard.ok(float("nan"), 1.0) and not guard.ok(1.0, float("inf"))
-    assert guard.ok(1.0, 1.0) and guard.in_a_row == 0 and guard.skipped == 2          # a stray step is skipped
-    with pytest.raises(cli.Diverged, match="3 steps in a row"):
-        for _ in range(3):
-            guard.ok(float("nan"), 1.0)
-    import safetensors.torch
-    def full_disk(tensors, path, metadata=None):   # as safetensors 0.8 reports it (seen on a full tmpfs): its own error
-        open(path, "wb").write(b"partial")
-        raise safetensors.SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
-    monkeypatch.setattr(safetensors.torch, "save_file", full_disk)
-    net = tiny_model()
-    with pytest.raises(SystemExit) as stop:
-        cli.run_cli(lambda argv: checkpoint.save_checkpoint(str(tmp_path / "a.safetensors"), net.state_dict(), net.cfg, {}), [])
-    err = capsys.readouterr().err.strip().splitlines()
-    assert stop.value.code == 2 and len(err) == 1 and "No space left" in err[0], err
-    assert os.listdir(tmp_path) == []                                                 # no half-written temp file
-
-
-def test_resume_falls_back_cleans_up_and_refuses_other_settings(tmp_path):
-    full = sft.train(tiny_sft(tmp_path / "full", steps=6, ckpt_every=2))
-    sft.train(tiny_sft(tmp_path / "cut", steps=6, ckpt_every=2), stop_after=4)   # state at 4, previous state at 2
-    cut = tmp_path / "cut"
-    (cut / "state.safetensors.tmp999").write_bytes(b"half a checkpoint")           # a kill during a write
-    (cut / "my.tmp.pairs.safetensors").write_bytes(b"a user's file")               # temp-like names no writer gives
-    (cut / "log.jsonl.tmp-mine").write_bytes(b"another")
-    data_ = (cut / "state.safetensors").read_bytes()
-    (cut / "state.safetensors").write_bytes(data_[: len(data_) // 2])              # the latest state damaged
-    with pytest.raises(cli.ConfigError, match="lr=0.005"):
-        sft.train(tiny_sft(cut, steps=6, ckpt_every=2, lr=5e-3, resume=True))
-    with pytest.raises(cli.ConfigError, match="--init="):                      # another KL reference / start
-        sft.train(tiny_sft(cut, steps=6, ckpt_every=2, init=full, resume=True))
-    assert (cut / "state.safetensors.tmp999").exists()                             # nothing removed before the checks
-    resumed = sft.train(tiny_sft(cut, steps=6, ckpt_every=2, resume=True))         # warns, resumes from step 2
+    full = reward_rl.train(tiny_rl(tuned, root / "rl_full", iters=3))
+    reward_rl.train(tiny_rl(tuned, root / "rl_cut", iters=2))               # stopped after iteration 2
+    resumed = reward_rl.train(tiny_rl(tuned, root / "rl_cut", iters=3, resume=True))
     a, b = checkpoint.read_checkpoint(full)[0], checkpoint.read_checkpoint(resumed)[0]
     assert all(torch.equal(a[k], b[k]) for k in a)
-    assert sorted(f for f in os.listdir(cut) if ".tmp" in f) == ["log.jsonl.tmp-mine", "my.tmp.pairs.safetensors"]
-    steps = [r["step"] for r in read_log(cut / "log.jsonl") if "step" in r]
-    assert steps == [2, 4, 6]                                                      # step 4 written once
 
 
-def test_overwrite_replaces_a_run_and_only_the_names_it_wrote(tmp_path):
-    """A stage's folder carries the run marker; --overwrite=true over it removes the old run's files (its log too) and
-    writes the new run; a run folder that gained another file, or a folder with no marker, is refused untouched."""
-    out = tmp_path / "run"
-    sft.train(tiny_sft(out, steps=2, ckpt_every=1))
-    marker = json.loads((out / cli.RUN_MARKER).read_text())
-    assert marker["stage"] == "pretrain" and "ckpt.safetensors" in marker["writes"]
-    first = sorted(os.listdir(out))
-    (out / "state.prev.safetensors").rename(out / "state.prev.safetensors.tmp4242")  # a kill's leftover: also the run's
-    sft.train(tiny_sft(out, steps=1, ckpt_every=1, overwrite=True))
-    assert sorted(os.listdir(out)) == sorted(set(first) - {"state.prev.safetensors"})
-    assert [r["step"] for r in read_log(out / "log.jsonl") if "step" in r] == [1]       # the old log went with its run
-    (out / "mine.py").write_text("print('mine')")
-    before = tree_hashes(out)
-    with pytest.raises(cli.OutputExists, match="did not write: mine.py"):
-        sft.train(tiny_sft(out, steps=1, overwrite=True))
-    assert tree_hashes(out) == before
-    (out / cli.RUN_MARKER).unlink()
-    (out / "mine.py").unlink()
-    with pytest.raises(cli.OutputExists, match="is not one"):
-        sft.train(tiny_sft(out, steps=1, overwrite=True))
-
-
-def start_holding(args, out):
-    """Start a stage in a fresh interpreter, wait until it holds its folder's lock, and pause it there (SIGSTOP: a
-    tiny run would end before a second interpreter starts). SIGCONT lets it go on."""
-    p = subprocess.Popen([sys.executable, *args, f"--out_dir={out}"], cwd=HERE, stdout=subprocess.DEVNULL,
-                         stderr=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    lock = out / cli.RUN_LOCK
-    while not (lock.exists() and lock.read_text()) and p.poll() is None:
-        time.sleep(0.001)
-    p.send_signal(signal.SIGSTOP)
-    assert p.poll() is None, p.stderr.read()[-2000:]
-    return p
-
-
-def test_a_run_folder_belongs_to_one_run(tmp_path):
-    """A second run on a held folder, --overwrite or --resume, is one line naming the holder and exit 2, and the first
-    ends bitwise as it would alone; a killed run's lock is taken over with a line; the lock goes at the end."""
-    args = ["sft.py", "--init=", "--data=web", "--preset=tiny", "--steps=40", "--batch_size=4", "--ckpt_every=4",
-            "--log_every=4", "--val_clips=4", "--sample_steps=2", "--device=cpu"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    alone = subprocess.run([sys.executable, *args, f"--out_dir={tmp_path / 'alone'}"], cwd=HERE, env=env,
-                           capture_output=True, text=True, timeout=300)
-    assert alone.returncode == 0, alone.stderr[-2000:]
-    out = tmp_path / "shared"
-    first = start_holding(args, out)
-    for flag in ("--overwrite=true", "--resume=true"):
-        second = run_script(*args, f"--out_dir={out}", flag)
-        line = second.stderr.strip().splitlines()
-        assert second.returncode == 2 and len(line) == 1, second.stderr[-2000:]
-        assert f"is in use by another run (pid {first.pid} on" in line[0] and "sft.py" in line[0], line
-    first.send_signal(signal.SIGCONT)
-    assert first.wait(timeout=300) == 0
-    want, got = (checkpoint.read_checkpoint(d / "ckpt.safetensors")[0] for d in (tmp_path / "alone", out))
-    assert all(torch.equal(want[k], got[k]) for k in want)
-    assert not (out / cli.RUN_LOCK).exists()                          # released at the end
-    # the other order: a resumed run holds the folder and an overwrite is refused
-    holder = start_holding([*args[:4], "--steps=80", *args[5:], "--resume=true"], out)
-    refused = run_script(*args, f"--out_dir={out}", "--overwrite=true")
-    assert refused.returncode == 2 and f"pid {holder.pid}" in refused.stderr
-    holder.kill()                                                            # kill -9: its lock file stays behind
-    holder.wait()
-    assert (out / cli.RUN_LOCK).exists()
-    taken = run_script(*args[:4], "--steps=80", *args[5:], f"--out_dir={out}", "--resume=true")
-    assert taken.returncode == 0 and f"was last locked by pid {holder.pid}" in taken.stdout, taken.stderr[-2000:]
-    assert not (out / cli.RUN_LOCK).exists()
-
-
-def test_sigterm_ends_a_stage_in_one_line_with_143_and_its_folder_unlocked(tmp_path):
-    args = ["sft.py", "--init=", "--data=web", "--preset=tiny", "--steps=400", "--batch_size=4", "--ckpt_every=4",
-            "--val_clips=4", "--sample_steps=2", "--device=cpu"]
-    p = start_holding(args, tmp_path / "run")
-    p.send_signal(signal.SIGTERM)
-    p.send_signal(signal.SIGCONT)
-    assert p.wait(timeout=60) == 143
-    err = p.stderr.read()
-    assert err.strip().splitlines()[-1].startswith("terminated (SIGTERM)") and "Traceback" not in err, err[-2000:]
-    assert not (tmp_path / "run" / cli.RUN_LOCK).exists()
-
-
-def test_clean_up_removes_only_the_run_s_own_temp_files_and_a_resume_finds_its_folder_however_named(tmp_path):
-    """User files whose names a pattern would match survive a resume and an overwrite (refused, naming them); a kill's
-    temp file (NAME.tmp + pid) goes; a resume spelled with a trailing slash, or of a moved folder, continues."""
-    full = sft.train(tiny_sft(tmp_path / "full", steps=6, ckpt_every=2))
-    cut = tmp_path / "cut"
-    sft.train(tiny_sft(cut, steps=6, ckpt_every=2), stop_after=2)
-    cli.release_run_folders(cut)                                       # as a process that ended would
-    mine = ["ckpt.safetensors.tmp2-backup", "log.jsonl.tmp-mine", "samples.gif.tmpl"]
-    for name in mine:
-        (cut / name).write_text("a user's file")
-    (cut / "state.safetensors.tmp31337").write_text("half a checkpoint")
-    with pytest.raises(cli.OutputExists, match="did not write: ckpt.safetensors.tmp2-backup, log.jsonl.tmp-mine"):
-        sft.train(tiny_sft(cut, steps=6, ckpt_every=2, overwrite=True))
-    sft.train(tiny_sft(str(cut) + "/", steps=6, ckpt_every=2, resume=True), stop_after=4)   # a trailing slash
-    assert all((cut / n).read_text() == "a user's file" for n in mine)
-    assert not (cut / "state.safetensors.tmp31337").exists()
-    cli.release_run_folders(cut)
-    moved = tmp_path / "elsewhere" / "moved"
-    moved.parent.mkdir()
-    cut.rename(moved)
-    resumed = sft.train(tiny_sft(moved, steps=6, ckpt_every=2, resume=True))
+def test_grpo_resumes_exactly_between_rollbacks(trained_tiny, tmp_path):
+    """With the spike guard rolling back every iteration after its warmup (two and more rollbacks with no snapshot
+    between) and a floor's multipliers moving, a run stopped after 6 iterations and resumed to 8 ends with the
+    weights of an 8-iteration run."""
+    kw = dict(prompts_per_iter=2, group_size=4, rollout_steps=4, eval_prompts=2, eval_steps=2, eval_every=2, lr=1e-3,
+              warmup=1, sft_batch=4, spike_factor=1.01, hold=("fidelity=0.0001", "temporal=0.0001"), hold_probe=2)
+    full = reward_rl.train(tiny_rl(trained_tiny, tmp_path / "full", iters=8, **kw))
+    log = [r for r in read_log(tmp_path / "full" / "log.jsonl") if "rollbacks" in r]
+    assert [r["rollbacks"] for r in log][5:8] == [1, 2, 3], log                 # iterations 6, 7, 8 each rolled back
+    assert max(r["hold_multiplier"]["fidelity"] + r["hold_multiplier"]["temporal"] for r in log[6:]) > 0  # a floor acts
+    reward_rl.train(tiny_rl(trained_tiny, tmp_path / "cut", iters=6, **kw))
+    resumed = reward_rl.train(tiny_rl(trained_tiny, tmp_path / "cut", iters=8, resume=True, **kw))
     a, b = checkpoint.read_checkpoint(full)[0], checkpoint.read_checkpoint(resumed)[0]
     assert all(torch.equal(a[k], b[k]) for k in a)
-    with pytest.raises(cli.ConfigError, match="lr=0.005"):              # other settings still refuse
-        sft.train(tiny_sft(moved, steps=6, ckpt_every=2, lr=5e-3, resume=True))
 
 
-def test_a_stage_that_skipped_every_step_fails_naming_what_it_kept(tmp_path):
-    """Finite but huge weights: every step's loss is non-finite, so Stage I and Stage III skip all of them (fewer
-    than the guard's 5 in a row) and end in one line, exit 2, instead of a silent success."""
-    net = tiny_model()
-    huge = {k: v * 1e30 + 1e30 if v.is_floating_point() else v for k, v in net.state_dict().items()}
-    checkpoint.save_checkpoint(str(tmp_path / "huge.safetensors"), huge, net.cfg, checkpoint.lineage_record("sft"))
-    preference.save_pairs(str(tmp_path / "pairs.safetensors"), tiny_pairs(4))
-    for args in (["sft.py", "--data=curated", "--steps=3", "--batch_size=4", "--val_clips=4", "--sample_steps=2"],
-                 ["preference.py", f"--pairs={tmp_path}/pairs.safetensors", "--steps=3", "--batch_size=4",
-                  "--eval_prompts=2", "--eval_steps=2"]):
-        out = tmp_path / args[0]
-        r = run_script(*args, f"--init={tmp_path}/huge.safetensors", f"--out_dir={out}", "--device=cpu")
-        last = r.stderr.strip().splitlines()[-1]                              # after the progress bar
-        assert r.returncode == 2 and "Traceback" not in r.stderr and r.stderr.count("error:") == 1, r.stderr[-2000:]
-        assert last.startswith("error: all 3 steps were skipped") and str(out / "ckpt.safetensors") in last
-    render = run_script("checkpoint.py", f"--ckpt={tmp_path}/huge.safetensors", f"--out={tmp_path}/huge.gif", "--steps=2")
-    assert render.returncode == 2 and "draws non-finite pixels" in render.stderr and not (tmp_path / "huge.gif").exists()
-
-
-def test_spike_guard_rollbacks_restore_the_snapshot_however_often():
-    """Two rollbacks with no snapshot between them restore the same weights and optimizer moments: the steps after
-    the first cannot reach the snapshot's tensors."""
-    torch.manual_seed(0)
-    net = torch.nn.Linear(4, 4)
-    opt = torch.optim.AdamW(net.parameters(), lr=0.1)
-    step = lambda: (net(torch.randn(8, 4)).pow(2).mean().backward(), opt.step(), opt.zero_grad())
-    step()
-    guard = stability.SpikeGuard(factor=2.0, warmup=1)
-    guard.snapshot(net, opt)
-    want_w = {k: v.clone() for k, v in net.state_dict().items()}
-    want_m = {k: v.clone() for k, v in opt.state[net.weight].items()}
-    assert not guard.check(net, opt, grad_norm=1.0)
-    for _ in range(2):                                   # a spike, a good step without a snapshot, another spike
-        step()
-        assert guard.check(net, opt, grad_norm=100.0)
-        assert all(torch.equal(net.state_dict()[k], v) for k, v in want_w.items())
-        assert all(torch.equal(opt.state[net.weight][k], v) for k, v in want_m.items())
-    assert guard.rollbacks == 2
-
-
-def test_grpo_refuses_batches_that_do_not_divide(tiny_checkpoints):
-    _, tuned, root = tiny_checkpoints
-    with pytest.raises(cli.ConfigError, match="do not split"):
-        reward_rl.train(tiny_rl(tuned, root / "bad", minibatches=3))
-    with pytest.raises(cli.ConfigError, match="does not fit"):
-        reward_rl.train(tiny_rl(tuned, root / "bad", window_start=3, sde_window=2))
-
-
-# ----------------------------------------------------------------------------- Stage III
-import preference
-
-
-def tiny_pairs(n=6, seed=0):
-    a = data.make_batch("curated", n, seed=seed, world=TINY_WORLD)
-    b = data.make_batch("web", n, seed=seed, world=TINY_WORLD, defects=data.Defects().scaled(3.0))
-    return {"winner": a.videos, "loser": b.videos, "tokens": a.tokens, "weight": torch.ones(n)}
-
-
-def dpo_grads(decoupled, policy, ref, p, beta=50.0, sft_weight=0.3):
-    policy.zero_grad()
-    gen = torch.Generator().manual_seed(1)
-    t, x0 = M.sample_t(len(p["winner"]), gen), torch.randn(p["winner"].shape, generator=gen)
-    loss, z, _ = preference.dpo_step(policy, ref, p["winner"], p["loser"], p["tokens"], p["weight"], t, x0, beta,
-                                     sft_weight, decoupled)
-    return loss, z, [torch.zeros_like(q) if q.grad is None else q.grad.clone() for q in policy.parameters()]
-
+# ==================================================================================================
+# preference.py: Stage III
+# ==================================================================================================
 
 def test_dpo_loss_is_log2_at_start_and_decoupled_gradient_equals_joint():
     policy, ref = tiny_model(randomize=True), tiny_model(randomize=True)
@@ -1389,98 +1143,500 @@ def test_dpo_takes_any_stage_two_checkpoint_by_its_family(tiny_checkpoints):
         preference.train(dataclasses.replace(cfg, init=str(base), out_dir=str(root / "dpo_base")))
 
 
-def test_grpo_interrupted_run_resumes_to_identical_weights(tiny_checkpoints):
-    _, tuned, root = tiny_checkpoints
-    full = reward_rl.train(tiny_rl(tuned, root / "rl_full", iters=3))
-    reward_rl.train(tiny_rl(tuned, root / "rl_cut", iters=2))               # stopped after iteration 2
-    resumed = reward_rl.train(tiny_rl(tuned, root / "rl_cut", iters=3, resume=True))
-    a, b = checkpoint.read_checkpoint(full)[0], checkpoint.read_checkpoint(resumed)[0]
-    assert all(torch.equal(a[k], b[k]) for k in a)
+# ==================================================================================================
+# rewards.py, judge.py, diagnose.py: what the stages are rewarded and judged by
+# ==================================================================================================
+
+# --- rewards.py: the oracle and the heads
+
+def test_oracle_recovers_curated_attributes():
+    b = data.make_batch("curated", 512, seed=11)
+    obs = rewards.oracle(b.videos)
+    ok = rewards.check(b.videos, b.attrs, obs=obs)
+    assert ok["all"].float().mean() >= 0.99, {k: v.float().mean().item() for k, v in ok.items()}
+    assert rewards.check(b.videos, b.prompts, obs=obs)["all"].float().mean() >= 0.99  # captions read the same
+    assert rewards.wrap(obs["center"] - b.centers, 32).abs().max() < 0.3    # circular mean across the edges
 
 
-def test_grpo_resumes_exactly_between_rollbacks(trained_tiny, tmp_path):
-    """With the spike guard rolling back every iteration after its warmup (two and more rollbacks with no snapshot
-    between) and a floor's multipliers moving, a run stopped after 6 iterations and resumed to 8 ends with the
-    weights of an 8-iteration run."""
-    kw = dict(prompts_per_iter=2, group_size=4, rollout_steps=4, eval_prompts=2, eval_steps=2, eval_every=2, lr=1e-3,
-              warmup=1, sft_batch=4, spike_factor=1.01, hold=("fidelity=0.0001", "temporal=0.0001"), hold_probe=2)
-    full = reward_rl.train(tiny_rl(trained_tiny, tmp_path / "full", iters=8, **kw))
-    log = [r for r in read_log(tmp_path / "full" / "log.jsonl") if "rollbacks" in r]
-    assert [r["rollbacks"] for r in log][5:8] == [1, 2, 3], log                 # iterations 6, 7, 8 each rolled back
-    assert max(r["hold_multiplier"]["fidelity"] + r["hold_multiplier"]["temporal"] for r in log[6:]) > 0  # a floor acts
-    reward_rl.train(tiny_rl(trained_tiny, tmp_path / "cut", iters=6, **kw))
-    resumed = reward_rl.train(tiny_rl(trained_tiny, tmp_path / "cut", iters=8, resume=True, **kw))
-    a, b = checkpoint.read_checkpoint(full)[0], checkpoint.read_checkpoint(resumed)[0]
-    assert all(torch.equal(a[k], b[k]) for k in a)
+def test_oracle_on_heldout_and_small_frames():
+    h = data.make_batch("heldout", 256, seed=12)
+    assert rewards.check(h.videos, h.attrs)["all"].float().mean() >= 0.99
+    t = data.make_batch("curated", 256, seed=13, world=TINY_WORLD)    # 16x16: radius and speeds scale by 1/2
+    assert rewards.check(t.videos, t.attrs, world=TINY_WORLD)["all"].float().mean() >= 0.99
 
 
-# ----- bad input, diagnose, a fourth head
+def test_reward_heads_shapes_and_ranges():
+    b = data.make_batch("web", 16, seed=14)
+    blank = torch.full((2, 3, 8, 32, 32), -1.0)                        # no object at all
+    noise = torch.rand(2, 3, 8, 32, 32, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    videos = torch.cat([b.videos, blank, noise])
+    prompts = b.prompts + ["a red circle", "moving up", "a fast blue square moving left", "a triangle"]
+    heads = rewards.reward_heads(videos, prompts)
+    assert set(heads) == set(rewards.HEADS) >= {"fidelity", "temporal", "instruction"}
+    for name, v in heads.items():
+        assert v.shape == (20,) and torch.isfinite(v).all() and v.min() >= 0 and v.max() <= 1, name
+    assert heads["fidelity"][16:].max() < 0.2 and heads["instruction"][16:18].max() < 0.2  # nothing to reward
+    ok = rewards.check(videos, prompts)
+    assert set(ok) == {*data.ATTRIBUTES, "all"} and ok["all"].shape == (20,) and not ok["all"][16:18].any()
 
 
-@pytest.fixture(scope="module")
-def bad_files(tmp_path_factory):
-    """Tiny inputs a user can get wrong: checkpoints with broken metadata, a NaN, cut short, or from pretraining; a
-    learned judge of another clip size; pair files of uint8 clips, NaN clips, too few captions; two previous runs."""
-    from safetensors.torch import save_file
-    root = tmp_path_factory.mktemp("bad")
-    net = M.VideoDiT(M.preset("tiny"))
-    sd = net.state_dict()
-    checkpoint.save_checkpoint(str(root / "tiny.safetensors"), sd, net.cfg, checkpoint.lineage_record("sft"))
-    checkpoint.save_checkpoint(str(root / "base.safetensors"), sd, net.cfg, checkpoint.lineage_record("pretrain"))
-    save_file({k: v.contiguous() for k, v in sd.items()}, str(root / "meta.safetensors"),
-              metadata={"format": "postflow", "model_config": "{not json", "lineage": "{}"})
-    nan = {k: v.clone() for k, v in sd.items()}
-    nan["final.weight"].view(-1)[0] = float("nan")
-    checkpoint.save_checkpoint(str(root / "nan.safetensors"), nan, net.cfg, checkpoint.lineage_record("sft"))
-    whole = (root / "tiny.safetensors").read_bytes()
-    (root / "cut.safetensors").write_bytes(whole[: len(whole) // 2])
-    judge.train_reward_model(["--generators=", "--members=2", "--steps=1", "--pool_clips=6", "--batch_size=2",  # 8x32x32
-                                "--eval_clips=6", f"--out={root / 'judge.safetensors'}"])
-    p = tiny_pairs(4)
-    preference.save_pairs(str(root / "uint8.safetensors"), {**p, "winner": ((p["winner"] + 1) * 127.5).round().byte()})
-    w = p["winner"].clone()
-    w[0, 0, 0, 0, 0] = float("nan")
-    preference.save_pairs(str(root / "nan_pairs.safetensors"), {**p, "winner": w})
-    preference.save_pairs(str(root / "short.safetensors"), {**p, "tokens": p["tokens"][:2]})
-    for run in ("prev_sft", "prev_rl", "marked"):
-        (root / run).mkdir()
-        shutil.copy(root / "tiny.safetensors", root / run / "ckpt.safetensors")
-        (root / run / "log.jsonl").write_text("{}\n")
-    (root / "marked" / cli.RUN_MARKER).write_text(json.dumps({"stage": "sft", "writes": cli.RUN_FILES}))
-    (root / "marked" / "notes.txt").write_text("a user's own notes, kept beside a run")
-    preference.save_pairs(str(root / "float64.safetensors"), {k: v.double() if k in ("winner", "loser") else v for k, v in p.items()})
-    preference.save_pairs(str(root / "zero_weights.safetensors"), {**p, "weight": torch.zeros(4)})
-    preference.save_pairs(str(root / "short_loser.safetensors"), {**p, "loser": p["loser"][:2]})
-    save_file({k: v.contiguous() for k, v in sd.items()}, str(root / "deep.safetensors"),
-              metadata={"format": "postflow", "model_config": json.dumps({**dataclasses.asdict(net.cfg), "depth": 10 ** 7}),
-                        "lineage": "{}"})
-    for name, over in (("frames", {"frames": 10 ** 9}), ("nan_ratio", {"mlp_ratio": float("nan")})):
-        save_file({k: v.contiguous() for k, v in sd.items()}, str(root / f"{name}.safetensors"),
-                  metadata={"format": "postflow", "model_config": json.dumps({**dataclasses.asdict(net.cfg), **over}),
-                            "lineage": "{}"})
-    preference.save_pairs(str(root / "no_tokens.safetensors"), {**p, "tokens": p["tokens"][:, :0]})
-    (root / "dangling").symlink_to(root / "nowhere")
-    (root / "state_folder" / "state.safetensors").mkdir(parents=True)
-    (root / "state_folder" / cli.RUN_MARKER).write_text(json.dumps({"stage": "sft", "writes": cli.RUN_FILES}))
-    for name, text in (("empty", ""), ("truncated", '{"sft": {"fidelity": [0.5, 0.0'), ("nothing", "{}"),
-                       ("partial", '{"sft": {"fidelity": [0.5, 0.01]}}')):
-        (root / name / "diagnose").mkdir(parents=True)
-        (root / name / "diagnose" / "diagnostics.json").write_text(text)
-    return root
+def test_reward_fidelity_and_temporal_fall_as_defects_grow():
+    # One seed for every level: the same draws decide which clips carry a defect, so each level's
+    # defects contain the previous level's, clip by clip. Scale 100 saturates every rate at 1.0.
+    means = []
+    for s in (0, 0.5, 1, 2, 100):
+        b = data.make_batch("web", 128, seed=15, defects=data.Defects().scaled(s))
+        heads = rewards.reward_heads(b.videos, b.prompts)
+        means.append({k: v.mean().item() for k, v in heads.items()})
+        if s == 2:  # rates 0.3 to 0.6: each head answers to its own defects, with the others mixed in
+            for defect, head in [("blur", "fidelity"), ("noise", "fidelity"), ("colour_shift", "fidelity"),
+                                 ("flicker", "temporal"), ("jitter", "temporal"), ("noise", "temporal")]:
+                has = b.defects[defect]
+                assert heads[head][has].mean() < heads[head][~has].mean() - 0.08, (defect, head)
+    for head in ("fidelity", "temporal"):
+        m = [x[head] for x in means]
+        assert all(a > b + 0.03 for a, b in zip(m, m[1:])), (head, m)
+        assert m[0] > 0.9 and m[-1] < 0.3, (head, m)
 
 
-def tree_hashes(*roots):
-    """path -> sha256 of every file under the roots (the repository without its runs, caches and git)."""
-    import hashlib
-    out = {}
-    for root in roots:
-        for folder, dirs, files in os.walk(root):
-            dirs[:] = [d for d in dirs if d not in (".git", "runs", "__pycache__", ".pytest_cache")]
-            for f in files:
-                p = os.path.join(folder, f)
-                out[p] = hashlib.sha256(open(p, "rb").read()).hexdigest() if os.path.isfile(p) else "?"
-    return out
+def test_reward_instruction_prefers_matching_prompt():
+    b = data.make_batch("curated", 128, seed=17)
+    a = {k: v.tolist() for k, v in b.attrs.items()}
+    wrong = [data.caption((c + 1) % 6, (s + 1) % 3, (d + 1) % 4, 1 - v)
+             for c, s, d, v in zip(a["colour"], a["shape"], a["direction"], a["speed"])]
+    obs = rewards.oracle(b.videos)
+    right = rewards.reward_heads(b.videos, b.prompts, obs=obs)["instruction"]
+    assert right.min() > 0.9 and (right > rewards.reward_heads(b.videos, wrong, obs=obs)["instruction"]).all()
+    assert not rewards.check(b.videos, wrong, obs=obs)["all"].any()
 
+
+def test_reward_instruction_is_soft_for_partly_wrong_prompts():
+    b = data.make_batch("curated", 128, seed=18)
+    c, s, d, v = (b.attrs[k].tolist() for k in ("colour", "shape", "direction", "speed"))
+    colour, shape, wrong_dir = data.COLOUR_NAMES, data.SHAPES, data.DIRECTION_NAMES
+    # right colour and shape, wrong direction, speed unsaid (so skipped); then the shape wrong too; then all
+    part = [f"a {colour[c[i]]} {shape[s[i]]} moving {wrong_dir[(d[i] + 1) % 4]}" for i in range(128)]
+    less = [f"a {colour[c[i]]} {shape[(s[i] + 1) % 3]} moving {wrong_dir[(d[i] + 1) % 4]}" for i in range(128)]
+    wrong = [data.caption((c[i] + 1) % 6, (s[i] + 1) % 3, (d[i] + 1) % 4, 1 - v[i]) for i in range(128)]
+    obs = rewards.oracle(b.videos)
+    score = [rewards.reward_heads(b.videos, p, obs=obs)["instruction"] for p in (b.prompts, part, less, wrong)]
+    assert ((score[0] > score[1]) & (score[1] > score[2]) & (score[2] > score[3])).float().mean() >= 0.95
+    assert 0.5 < score[1].mean() < 0.9 and 0.2 < score[2].mean() < 0.6 and score[3].mean() < 0.2
+    ok = rewards.check(b.videos, part, obs=obs)
+    assert ok["colour"].all() and ok["speed"].all() and not ok["direction"].any()
+
+
+# --- judge.py: the learned judge
+
+def test_reward_model_ensemble_mean_and_std(tiny_checkpoints, tiny_judge, capsys):
+    base, tuned, root = tiny_checkpoints
+    out, printed = tiny_judge
+    assert "pair_accuracy" in printed and "generator_samples_proxy_minus_oracle" in printed   # its gap on samples
+    assert '"proxy_minus_oracle_on_base"' in printed and '"proxy_minus_oracle_on_sft"' in printed  # and per generator
+    members = judge.load_reward_model(out)
+    assert len(checkpoint.read_checkpoint(out)[2]["lineage"]["parent_hash"].split(",")) == 2        # both generators
+    b = data.make_batch("curated", 5)
+    mean, std = judge.rm_score(members, b.videos, b.tokens)
+    each = torch.stack([m(b.videos, b.tokens) for m in members])               # (K, B, heads)
+    for i, head in enumerate(rewards.HEADS):
+        assert torch.allclose(mean[head], each[:, :, i].mean(0)) and torch.allclose(std[head], each[:, :, i].std(0))
+    assert std["fidelity"].max() > 0                                             # bootstrapped members disagree
+    assert not torch.equal(members[0].offset, torch.zeros_like(members[0].offset))     # calibrated, one shift for all
+    assert all(torch.equal(m.offset, members[0].offset) for m in members)
+    # recalibrated on another policy's samples: the trained weights kept, the level refit, the judge replaced only if asked
+    with pytest.raises(cli.ConfigError, match="--out is empty"):      # never written over its own input
+        judge.calibrate_judge([f"--judge={out}", f"--on={base}", "--clips=4"])
+    with pytest.raises(cli.ConfigError, match="is also an input of this command"):
+        judge.calibrate_judge([f"--judge={out}", f"--on={base}", "--clips=4", f"--out={out}", "--overwrite=true"])
+    judge.calibrate_judge([f"--judge={out}", f"--on={base}", "--clips=4", f"--out={root / 'rm_base.safetensors'}"])
+    assert "proxy - oracle on 64 held-out samples" in capsys.readouterr().out
+    again = judge.load_reward_model(str(root / "rm_base.safetensors"))
+    for old, new in zip(members, again):
+        assert torch.equal(old.out[0].weight, new.out[0].weight) and not torch.equal(old.offset, new.offset)
+    with pytest.raises(FileExistsError):
+        judge.train_reward_model([f"--out={out}", "--generators="])
+
+
+def test_judge_calibration_sets_each_heads_level_on_the_members_mean_and_keeps_their_ranking():
+    torch.manual_seed(0)
+    members = [judge.RewardNet(8) for _ in range(3)]
+    b = data.make_batch("web", 32, seed=3, world=TINY_WORLD)
+    raw = [m(b.videos, b.tokens) for m in members]
+    truth = torch.rand(32, len(rewards.HEADS))
+    judge.fit_calibration(members, b.videos, b.tokens, truth)
+    fitted = [m(b.videos, b.tokens) for m in members]
+    assert torch.allclose(torch.stack(fitted).mean(0).mean(0), truth.mean(0), atol=1e-5)     # the level: truth's
+    shift = [f - r for f, r in zip(fitted, raw)]
+    assert all(torch.allclose(x, shift[0][:1].expand_as(x), atol=1e-6) for x in shift)  # one shift, every clip and member
+
+
+def test_a_judge_or_checkpoint_from_an_older_postflow_is_refused_naming_what_to_remake(tmp_path):
+    net, path = judge.RewardNet(8), str(tmp_path / "old_judge.safetensors")
+    tensors = {f"member0.{k}": v for k, v in net.state_dict().items() if k != "offset"}    # no calibration
+    checkpoint.save_checkpoint(path, tensors, M.preset("tiny"), checkpoint.lineage_record("reward_model"), members=1,
+                               width=8, heads=list(rewards.HEADS))
+    with pytest.raises(checkpoint.CheckpointError, match="refit it"):
+        judge.load_reward_model(path)
+    policy = M.VideoDiT(M.preset("tiny"))
+    save_file(policy.state_dict(), str(tmp_path / "factorised.safetensors"), metadata={   # a layout no longer built
+        "format": "postflow", "lineage": "{}",
+        "model_config": json.dumps({**dataclasses.asdict(policy.cfg), "attention": "factorised"})})
+    with pytest.raises(checkpoint.CheckpointError, match="asks for attention, which this postflow does not build"):
+        checkpoint.load_model(str(tmp_path / "factorised.safetensors"))
+
+
+# --- diagnose.py: checkpoints side by side, the recommendation, advise
+
+def test_diagnose_writes_every_metric(tiny_checkpoints, tiny_judge):
+    base, tuned, root = tiny_checkpoints
+    out = root / "diag"
+    diagnose.diagnose([f"--ckpt={base}", f"--ckpt={tuned}", f"--out={out}", "--prompts=2", "--seeds=2", "--steps=2",
+                      "--long_clips=2", "--diversity_seeds=3", "--reward_model=" + tiny_judge[0]])
+    result = json.load(open(out / "diagnostics.json"))
+    assert list(result) == ["base", "sft"]
+    for r in result.values():
+        assert {"fidelity", "temporal", "instruction", "instruction_by_attribute", "drift_by_frame", "drift_by_chunk",
+                "diversity", "cfg_response", "context_adherence", "proxy_reward", "proxy_oracle_gap",
+                "recommendation", "quality_score", "semantic_score", "vbench"} <= set(r)
+        assert len(r["drift_by_chunk"]) == 4 and len(r["drift_by_frame"]["identity"]) == 4
+        assert set(r["vbench"]) == set(diagnose.QUALITY + diagnose.SEMANTIC)
+        # why: every head in parts, each beside the training data's own score on it, penalties >= 0 (0 = perfect)
+        parts = r["parts"]
+        assert list(parts) == list(rewards.HEADS) and set(parts["instruction"]) == set(data.ATTRIBUTES)
+        assert set(parts["fidelity"]) == {"edges", "background", "palette"}
+        assert set(parts["temporal"]) == {"acceleration", "size", "morph", "flicker", "background", "empty"}
+        for head, ps in parts.items():
+            for v in ps.values():
+                assert set(v) == {"model", "curated", "web", "redraw"} and all(math.isfinite(x) and x >= 0 for x in v.values())
+                assert head != "instruction" or max(v.values()) <= 1                         # 1 - agreement
+        for head in ("fidelity", "temporal"):   # curated clips are the clean renders the web clips are noisy copies of
+            assert sum(v["curated"] for v in parts[head].values()) < sum(v["web"] for v in parts[head].values())
+        rec = r["recommendation"]
+        assert rec["axis"] in rewards.HEADS and rec["part"] in parts[rec["axis"]] and rec["part"] in rec["text"]
+        assert stage_command(rec["command"])[1].init in (str(base), str(tuned))
+    assert result["base"]["parts"]["fidelity"]["edges"]["web"] == result["sft"]["parts"]["fidelity"]["edges"]["web"]
+    table = (out / "diagnostics.md").read_text()
+    assert "| fidelity: edges |" in table and result["sft"]["recommendation"]["command"] in table
+    assert (out / "grid.gif").exists()
+
+
+def test_diagnose_reads_a_repeat_back_and_advise_hands_the_axis_to_the_next_stage(tiny_checkpoints, tmp_path, monkeypatch,
+                                                                                    capsys):
+    base, tuned, _ = tiny_checkpoints
+    tiny = ["--prompts=1", "--seeds=2", "--steps=1", "--long_clips=1", "--diversity_seeds=2", "--reward_model=",
+            f"--cache={tmp_path / 'cache'}"]
+    diagnose.diagnose([f"--ckpt={base}", f"--ckpt={tuned}", f"--out={tmp_path / 'a'}", *tiny])
+    first = json.load(open(tmp_path / "a" / "diagnostics.json"))
+    # the same files and settings again, here under other names: nothing is sampled
+    copy = tmp_path / "copy.safetensors"
+    shutil.copy(tuned, copy)
+    monkeypatch.setattr(diagnose, "diagnose_checkpoint", lambda *a: pytest.fail("recomputed a cached diagnosis"))
+    diagnose.diagnose([f"--ckpt={base}", f"--ckpt={copy}", f"--out={tmp_path / 'b'}", *tiny])
+    again = json.load(open(tmp_path / "b" / "diagnostics.json"))
+    assert again["copy"]["fidelity"] == first["sft"]["fidelity"] and again["base"] == first["base"]
+    assert str(copy) in again["copy"]["recommendation"]["command"]                 # the advice names the path given
+    shutil.copytree(tmp_path / "cache", tmp_path / "shipped")                         # the folder shipped with a clone
+    diagnose.diagnose([f"--ckpt={base}", f"--out={tmp_path / 'd'}", *tiny[:-1], f"--shipped={tmp_path / 'shipped'}"])
+    assert json.load(open(tmp_path / "d" / "diagnostics.json"))["base"] == first["base"]
+    with pytest.raises(pytest.fail.Exception, match="recomputed"):                    # another setting is a miss
+        diagnose.diagnose([f"--ckpt={base}", f"--out={tmp_path / 'c'}", *tiny[:2], "--steps=2", *tiny[3:]])
+    # advise: the flags that point the next stage at the diagnosed axis, parsed by that stage's own config
+    capsys.readouterr()
+    for stage, module in (("rl", reward_rl), ("dpo", preference)):
+        diagnose.advise([f"--diagnose={tmp_path / 'a'}", f"--stage={stage}", f"--out={tmp_path / stage}.json"])
+        flags = capsys.readouterr().out.split()
+        decision = json.load(open(f"{tmp_path / stage}.json"))
+        rec = first["sft"]["recommendation"]
+        stage_one = shlex.split(rec["command"])[1] == "sft.py"
+        assert decision["from"] == "sft" and decision["axis"] == rec["axis"] and decision["flags"] == flags
+        assert flags == diagnose.stage_flags(stage, rec["axis"], stage_one)
+        # either way the stage's own parser reads the flags, and they turn it: toward the axis, or toward Stage I's data
+        for one in (False, True):
+            cfg, default = cli.parse_config(module.Config, diagnose.stage_flags(stage, rec["axis"], one)), module.Config()
+            anchor = {"rl": "sft_weight", "dpo": "curated_weight"}[stage]
+            if one:
+                assert getattr(cfg, anchor) == 4 * getattr(default, anchor) and cfg.weights == default.weights
+            else:
+                assert rewards.head_weights(cfg.weights)[rec["axis"]] > rewards.head_weights(())[rec["axis"]] or stage == "dpo"
+                assert cfg.weights and getattr(cfg, anchor) == getattr(default, anchor)
+    with pytest.raises(cli.ConfigError, match="no column 'rl'"):
+        diagnose.advise([f"--diagnose={tmp_path / 'a'}", "--column=rl"])
+
+
+def test_head_parts_rebuild_each_head():
+    """diagnose's breakdown is the heads' own arithmetic: each head is rebuilt from its parts, clip by clip."""
+    b = data.make_batch("web", 16, seed=2, world=TINY_WORLD, defects=data.Defects().scaled(3.0))
+    obs, want = rewards.oracle(b.videos, TINY_WORLD), rewards.targets(b.prompts, 16)
+    f, t, i = (h.parts(obs, want) for h in rewards.HEADS.values())
+    assert torch.allclose(rewards.fidelity(obs, want), rewards.pass_score(*f.values()))
+    still = rewards.pass_score(*(v for k, v in t.items() if k != "empty")) * (1 - t["empty"])
+    assert torch.allclose(rewards.temporal(obs, want), still)
+    misses = torch.stack(list(i.values()), 1)                                 # NaN where the caption leaves it out
+    assert misses.isnan().any() and torch.allclose(rewards.instruction(obs, want), 1 - misses.nanmean(1))
+    assert min(v.min() for v in (*f.values(), *t.values())) >= 0 and f["edges"].max() > 0.5   # defects show
+
+
+def test_recommendation_follows_the_worst_part_and_parses(monkeypatch):
+    axes, ckpt = {"fidelity": 0.3, "temporal": 0.5, "instruction": 0.7}, "runs/my run/ckpt.safetensors"
+    part = lambda model, web=1.0: {"model": model, "curated": 0.0, "web": web}
+    measured = lambda edges=0.0, flicker=0.0, direction=0.0: {
+        "fidelity": {"edges": part(edges), "background": part(0.05)}, "temporal": {"flicker": part(flicker),
+                                                                                    "size": part(0.0)},
+        "instruction": {"direction": part(direction, web=0.05), "colour": part(0.0, web=0.05)}}
+    sft_like, worse_than_web = (diagnose.recommendation(axes, measured(edges=e), ckpt, "sft") for e in (0.8, 3.0))
+    fid_matched = diagnose.recommendation(axes, measured(edges=0.05, flicker=2.0), ckpt, "sft")
+    after_rl = diagnose.recommendation(axes, measured(edges=3.0), ckpt, "rl-awm")
+    all_matched = diagnose.recommendation(axes, measured(), ckpt, "pretrain")
+    words = diagnose.recommendation({**axes, "instruction": 0.1}, measured(direction=0.5), ckpt, "sft")
+    # edges nearer the web data's score than the curated's: a pretraining defect -> more SFT on curated clips
+    assert (sft_like["axis"], sft_like["part"]) == ("fidelity", "edges")
+    assert stage_command(sft_like["command"])[1].data == "curated"
+    # worse than even the web data: a reward must fix it -> Stage II with fidelity weighted up (0.25 -> 1)
+    script, cfg = stage_command(worse_than_web["command"])
+    assert script == "reward_rl.py" and cfg.weights == ("fidelity=1.0",) and cfg.init == ckpt
+    # ... unless the head scores so low that GRPO's groups have nothing to rank: data first
+    # ... unless the network's own redraw of a clean clip already misses it: no reward or sampler fixes that, data does
+    undrawn = measured(edges=3.0)
+    undrawn["fidelity"]["edges"]["redraw"] = 1.6
+    undrawn = diagnose.recommendation(axes, undrawn, ckpt, "rl-awm")
+    assert stage_command(undrawn["command"])[0] == "sft.py" and "redraw of a clean clip already misses it (1.60)" in undrawn["text"]
+    hopeless = diagnose.recommendation({**axes, "fidelity": 0.01}, measured(edges=3.0), ckpt, "sft")
+    assert stage_command(hopeless["command"])[0] == "sft.py" and "too low" in hopeless["text"]
+    # fidelity matches the curated data: said, and the next weakest head's worst part decides
+    assert (fid_matched["axis"], fid_matched["part"]) == ("temporal", "flicker") and "after fidelity" in fid_matched["text"]
+    assert stage_command(fid_matched["command"])[1].weights == ("temporal=1.0",)
+    # the same measurement on Stage II's output: Stage III with the judge weighted toward fidelity
+    script, cfg = stage_command(after_rl["command"])
+    assert script == "preference.py" and rewards.head_weights(cfg.weights, default=1.0)["fidelity"] == 3.0
+    # nothing left to learn from the data: Stage III, which refines a base only with --any_input
+    script, cfg = stage_command(all_matched["command"])
+    assert all_matched["axis"] is None and script == "preference.py" and cfg.any_input
+    # ... and SFT, DPO or any Stage II rule's output (stage family rl) without it
+    for stage in ("sft", "rl-nft", "rl-awm", "dpo"):
+        assert not stage_command(diagnose.recommendation(axes, measured(), ckpt, stage)["command"])[1].any_input
+    script, cfg = stage_command(words["command"])
+    assert words["part"] == "direction" and cfg.split_instruction and cfg.weights == ("instruction=2.0",)
+    assert len({r["command"] for r in (sft_like, worse_than_web, fid_matched, after_rl, all_matched, words)}) == 6
+    # a fork's head without parts still gets a command that names it (and parses: it is in the registry)
+    monkeypatch.setitem(rewards.HEADS, "centred", rewards.Head(centred, weight=0.5, phase=1))
+    fork = diagnose.recommendation({**axes, "centred": 0.1}, measured(), ckpt)
+    assert fork["axis"] == "centred" and stage_command(fork["command"])[1].weights == ("centred=1.0",)
+
+
+def test_diagnose_checks_inputs_first_and_names_columns_apart(tiny_checkpoints, bad_files, tmp_path):
+    base, tuned, _ = tiny_checkpoints
+    for run in ("pipeline", "other"):                                     # two pipeline runs, both with an rl stage
+        (tmp_path / run / "rl").mkdir(parents=True)
+        shutil.copy(tuned, tmp_path / run / "rl" / "ckpt.safetensors")
+    a, b = (str(tmp_path / run / "rl" / "ckpt.safetensors") for run in ("pipeline", "other"))
+    assert checkpoint.column_names([a, b, base, base]) == ["pipeline/rl", "other/rl", "base", "base#2"]
+    assert checkpoint.column_names([base, str(tuned)]) == ["base", "sft"]
+    tiny = ["--prompts=1", "--seeds=1", "--steps=1", "--long_clips=1", "--diversity_seeds=2"]
+    diagnose.diagnose([f"--ckpt={a}", f"--ckpt={b}", f"--out={tmp_path / 'diag'}", "--reward_model=", *tiny])
+    assert list(json.load(open(tmp_path / "diag" / "diagnostics.json"))) == ["pipeline/rl", "other/rl"]
+    assert "| metric | pipeline/rl | other/rl |" in (tmp_path / "diag" / "diagnostics.md").read_text()
+    # refused before anything is sampled or written: a judge for other clips, a policy passed as the judge
+    for judge_file, needle in (("judge.safetensors", "scores 8x32x32 clips; this policy makes 4x16x16"),
+                               ("tiny.safetensors", "not a learned judge")):
+        with pytest.raises(checkpoint.CheckpointError, match=needle):
+            diagnose.diagnose([f"--ckpt={a}", f"--out={tmp_path / 'no'}", f"--reward_model={bad_files / judge_file}", *tiny])
+    with pytest.raises(cli.ConfigError, match="same clips"):
+        diagnose.diagnose([f"--ckpt={a}", "--ckpt=checkpoints/sft_small.safetensors", f"--out={tmp_path / 'no'}", *tiny])
+    assert not (tmp_path / "no").exists()
+
+
+# --- a fourth head, through every stage and diagnose
+
+def test_a_fourth_head_reaches_stage_ii_stage_iii_and_diagnose(tiny_checkpoints, monkeypatch, tmp_path):
+    _, tuned, _ = tiny_checkpoints
+    old_judge = str(tmp_path / "judge.safetensors")                       # a learned judge from before the head
+    checkpoint.save_checkpoint(old_judge, {f"member0.{k}": v for k, v in judge.RewardNet(8).state_dict().items()},
+                      M.preset("tiny"), checkpoint.lineage_record("reward_model"), members=1, width=8, heads=list(rewards.HEADS))
+    monkeypatch.setitem(rewards.HEADS, "centred", rewards.Head(centred, weight=0.5, phase=1))  # undone after the test
+
+    # Stage II: logged, weighted, and given its weight by the curriculum (phase 1: the middle of the run)
+    reward_rl.train(tiny_rl(tuned, tmp_path / "rl", iters=3, curriculum=True, epochs=1, sft_weight=0.0))
+    recs = [r for r in read_log(tmp_path / "rl" / "log.jsonl") if "reward_instruction" in r]
+    assert all("reward_centred" in r and len(r["weights"]) == 4 for r in recs)
+    assert [r["weights"][3] for r in recs] == pytest.approx([0.25, 0.5, 0.25])  # 0.5 x 0.5^|phase - focus|
+    # Stage III: its judge weighs the head like any other, and a run on on-policy pairs goes through
+    b = data.make_batch("curated", 6, seed=3, world=TINY_WORLD)
+    only = preference.Config(weights=("fidelity=0", "temporal=0", "instruction=0", "centred=1"))
+    heads = rewards.reward_heads(b.videos, b.prompts, TINY_WORLD)
+    assert torch.allclose(preference.judge_scores(only, b.videos, b.prompts, TINY_WORLD), heads["centred"])
+    assert not torch.allclose(preference.judge_scores(preference.Config(), b.videos, b.prompts, TINY_WORLD),
+                              preference.judge_scores(preference.Config(weights=("centred=5",)), b.videos, b.prompts,
+                                                      TINY_WORLD))
+    dpo = dict(init=str(tuned), pair_prompts=2, samples_per_prompt=3, sample_steps=2, margin=0.0, steps=2,
+               batch_size=2, warmup=1, log_every=1, eval_prompts=2, eval_steps=2, device="cpu")
+    preference.train(preference.Config(out_dir=str(tmp_path / "dpo"), **dpo))
+    assert "win_rate" in read_log(tmp_path / "dpo" / "log.jsonl")[-1]["final"]
+    # a learned judge that does not score the head is refused by name, before any output folder is made
+    with pytest.raises(checkpoint.CheckpointError, match="also has centred"):
+        judge.load_reward_model(old_judge)
+    with pytest.raises(checkpoint.CheckpointError, match="also has centred"):
+        preference.train(preference.Config(out_dir=str(tmp_path / "dpo_rm"), judge="rm", reward_model=old_judge, **dpo))
+    with pytest.raises(checkpoint.CheckpointError, match="also has centred"):
+        reward_rl.train(tiny_rl(tuned, tmp_path / "rl_rm", reward="rm", reward_model=old_judge))
+    assert not (tmp_path / "dpo_rm").exists() and not (tmp_path / "rl_rm").exists()
+    # diagnose: a row, a metric, and a recommendation for a head RECOMMEND does not know
+    diagnose.diagnose([f"--ckpt={tuned}", f"--out={tmp_path / 'diag'}", "--reward_model=", "--prompts=1", "--seeds=1",
+                      "--steps=1", "--long_clips=1", "--diversity_seeds=2"])
+    table = (tmp_path / "diag" / "diagnostics.md").read_text()
+    assert "| centred |" in table and "| centred: 1 - score |" in table
+    assert "--weights=centred=" in diagnose.recommendation({"fidelity": 0.9, "temporal": 0.9, "instruction": 0.9,
+                                                            "centred": 0.1})["command"]
+
+
+# ==================================================================================================
+# stability.py, checkpoint.py, cli.py: what every stage shares
+# ==================================================================================================
+
+# --- stability.py: the floor, the guards, the hacking monitor
+
+def test_the_floor_tightens_while_a_held_head_is_below_it_and_relaxes_while_it_holds():
+    """Dual ascent on a synthetic stream of a held head's levels: the first level is the start; within half a margin
+    of it nothing moves; below the guard line the multiplier rises every iteration (and the floor reads broken below
+    start - margin); back above, it relaxes to 0. Its state is plain JSON, exact across a resume."""
+    edge = stability.Floor({"fidelity": 0.01})                 # the default guard line: the floor's edge
+    for level in (0.60, 0.594, 0.585):
+        edge.update({"fidelity": level})
+    assert edge.multiplier["fidelity"] == pytest.approx(0.5)    # 0.594 moved nothing, 0.585 is half a margin below
+    floor = stability.Floor({"fidelity": 0.01}, rate=1.0, guard=0.5)
+    floor.update({"fidelity": 0.60, "instruction": 0.8})
+    for level in (0.60, 0.597):
+        floor.update({"fidelity": level})
+    assert floor.multiplier == {"fidelity": 0.0} and floor.broken() == []
+    rising = []
+    for level in (0.588, 0.588, 0.594):
+        floor.update({"fidelity": level})
+        rising.append(floor.multiplier["fidelity"])
+    assert rising == pytest.approx([0.7, 1.4, 1.5]) and floor.broken() == []
+    floor.update({"fidelity": 0.585})
+    assert floor.broken() == ["fidelity"]
+    copy = stability.Floor({"fidelity": 0.01}, guard=0.5)
+    copy.load_state_dict(json.loads(json.dumps(floor.state_dict())))
+    assert copy.state_dict() == floor.state_dict()
+    falling = []
+    for _ in range(6):
+        floor.update({"fidelity": 0.605})
+        falling.append(floor.multiplier["fidelity"])
+    assert falling == sorted(falling, reverse=True) and falling[-1] == 0.0
+
+
+def test_spike_guard_rollbacks_restore_the_snapshot_however_often():
+    """Two rollbacks with no snapshot between them restore the same weights and optimizer moments: the steps after
+    the first cannot reach the snapshot's tensors."""
+    torch.manual_seed(0)
+    net = torch.nn.Linear(4, 4)
+    opt = torch.optim.AdamW(net.parameters(), lr=0.1)
+    step = lambda: (net(torch.randn(8, 4)).pow(2).mean().backward(), opt.step(), opt.zero_grad())
+    step()
+    guard = stability.SpikeGuard(factor=2.0, warmup=1)
+    guard.snapshot(net, opt)
+    want_w = {k: v.clone() for k, v in net.state_dict().items()}
+    want_m = {k: v.clone() for k, v in opt.state[net.weight].items()}
+    assert not guard.check(net, opt, grad_norm=1.0)
+    for _ in range(2):                                   # a spike, a good step without a snapshot, another spike
+        step()
+        assert guard.check(net, opt, grad_norm=100.0)
+        assert all(torch.equal(net.state_dict()[k], v) for k, v in want_w.items())
+        assert all(torch.equal(opt.state[net.weight][k], v) for k, v in want_m.items())
+    assert guard.rollbacks == 2
+
+
+def test_non_finite_steps_stop_the_run_and_a_full_disk_is_one_line(tmp_path, monkeypatch, capsys):
+    guard = stability.NonFiniteGuard(limit=3)
+    assert guard.ok(1.0, 1.0) and not guard.ok(float("nan"), 1.0) and not guard.ok(1.0, float("inf"))
+    assert guard.ok(1.0, 1.0) and guard.in_a_row == 0 and guard.skipped == 2          # a stray step is skipped
+    with pytest.raises(cli.Diverged, match="3 steps in a row"):
+        for _ in range(3):
+            guard.ok(float("nan"), 1.0)
+    def full_disk(tensors, path, metadata=None):   # as safetensors 0.8 reports it (seen on a full tmpfs): its own error
+        open(path, "wb").write(b"partial")
+        raise safetensors.SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+    monkeypatch.setattr(safetensors.torch, "save_file", full_disk)
+    net = tiny_model()
+    with pytest.raises(SystemExit) as stop:
+        cli.run_cli(lambda argv: checkpoint.save_checkpoint(str(tmp_path / "a.safetensors"), net.state_dict(), net.cfg, {}), [])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert stop.value.code == 2 and len(err) == 1 and "No space left" in err[0], err
+    assert os.listdir(tmp_path) == []                                                 # no half-written temp file
+
+
+def test_hacking_monitor_stops_when_the_oracle_falls_while_the_trained_reward_rises(tiny_checkpoints, tmp_path,
+                                                                                     monkeypatch):
+    monitor = stability.HackingMonitor(patience=3)
+    assert not any(monitor.update(h, r) for h, r in ((1.0, 0.1), (0.9, 0.2), (0.9, 0.3), (0.8, 0.4), (0.7, 0.5)))
+    assert monitor.update(0.6, 0.6)                        # a tie broke the run of falls; 0.9 > 0.8 > 0.7 > 0.6 does it
+    assert not stability.HackingMonitor(patience=2).update(0.5, 0.0) and not any(
+        stability.HackingMonitor(patience=1).update(h, 1.0) for h in (1.0, 1.1))   # the oracle rising is no hacking
+    both_fall = stability.HackingMonitor(patience=2)                                 # nor a proxy that falls alike
+    assert not any(both_fall.update(v, v + 0.1) for v in (1.0, 0.9, 0.8))
+    # in Stage II: a judge whose score climbs every iteration while every oracle head falls at each evaluation
+    _, tuned, _ = tiny_checkpoints
+    calls, evals = [0], [0]
+    def judge(clips, prompts):
+        calls[0] += 1
+        return {h: torch.rand(len(clips)) * 0.1 + 0.1 * calls[0] for h in rewards.HEADS}
+    def oracle_falls(*a, **k):
+        evals[0] += 1
+        return {**{h: 1.0 - 0.1 * evals[0] for h in rewards.HEADS}, "acc_all": 0.5}  # accuracy flat: not what it reads
+    monkeypatch.setattr(rewards, "quick_eval", oracle_falls)
+    out = tmp_path / "hacked"
+    reward_rl.train(tiny_rl(tuned, out, iters=8, eval_every=1), reward_fn=judge)
+    steps = [r for r in read_log(out / "log.jsonl") if "rollout_s" in r]
+    assert len(steps) == 4 and os.path.exists(out / "ckpt.safetensors")            # 4 evaluations: 3 falls, then stop
+
+
+# --- checkpoint.py and cli.py: files, configs, one-line errors
+
+def test_checkpoint_round_trip_and_errors(tmp_path):
+    net = tiny_model(randomize=True).eval()
+    path = str(tmp_path / "a.safetensors")
+    checkpoint.save_checkpoint(path, net.state_dict(), net.cfg, checkpoint.lineage_record("test", step=3))
+    loaded, meta = checkpoint.load_model(path)
+    x, tok = torch.randn(1, 3, 4, 16, 16), data.tokenize(["a red circle"])
+    assert torch.equal(loaded(x, torch.tensor([0.5]), tok), net(x, torch.tensor([0.5]), tok))
+    assert meta["lineage"]["stage"] == "test" and meta["lineage"]["step"] == 3
+    assert not [f for f in os.listdir(tmp_path) if ".tmp" in f]     # the temp file was renamed away
+
+    with pytest.raises(checkpoint.CheckpointError, match="another model shape: dim=32"):
+        checkpoint.load_model(path, expect=M.preset("tiny", dim=48))
+    other = M.VideoDiT(M.preset("tiny", dim=48))
+    with pytest.raises(checkpoint.CheckpointError, match="has shape"):
+        checkpoint.load_weights(other, checkpoint.read_checkpoint(path)[0], path)
+    with pytest.raises(checkpoint.CheckpointError, match="not found"):
+        checkpoint.load_model(str(tmp_path / "missing.safetensors"))
+    cut = tmp_path / "cut.safetensors"
+    cut.write_bytes(open(path, "rb").read()[:1000])
+    with pytest.raises(checkpoint.CheckpointError, match="truncated"):
+        checkpoint.load_model(str(cut))
+
+
+def test_config_parsing():
+    cfg = cli.parse_config(sft.Config, ["--steps=7", "--lr=0.5", "--resume=true", "--init="])
+    assert (cfg.steps, cfg.lr, cfg.resume, cfg.init) == (7, 0.5, True, "")
+    with pytest.raises(cli.ConfigError, match="unknown config key 'stpes'"):
+        cli.parse_config(sft.Config, ["--stpes=7"])
+    with pytest.raises(cli.ConfigError, match="expects int"):
+        cli.parse_config(sft.Config, ["--steps=many"])
+
+
+def test_cli_errors_are_one_line(tmp_path):
+    for args, needle in [(["sft.py", "--bogus=1"], "unknown config key 'bogus'"),
+                         (["sft.py", f"--init={tmp_path}/none.safetensors", f"--out_dir={tmp_path}/o"], "not found"),
+                         (["checkpoint.py", "--prompts=a purple circle", f"--out={tmp_path}/x.gif"], "unknown word"),
+                         (["checkpoint.py", "--prompts=;", f"--out={tmp_path}/x.gif"], "empty prompt list")]:
+        # one in a fresh interpreter, as a user runs it; the others through the same __main__ here
+        r = (run_script if args[1] == "--bogus=1" else run_in_process)(*args)
+        assert r.returncode == 2 and needle in r.stderr and "Traceback" not in r.stderr, (args, r.stderr)
+        assert len(r.stderr.strip().splitlines()) == 1
+
+
+# ==================================================================================================
+# Bad input: one line, exit 2, nothing touched
+# ==================================================================================================
 
 # (command line, what its one stderr line says, files that must survive); {r} is bad_files' folder, {o} the case's
 # output folder. Every case fails before any model work, before {o} is made, and without touching an old run.
@@ -1595,22 +1751,11 @@ BAD_INPUT = {
     "judge_no_command": ("judge.py", "no command; usage: python judge.py"),
     "bench_unknown_command": ("bench.py speeed", "unknown command 'speeed'"),
 }
-
-
-@pytest.fixture(scope="module")
-def bad_runs(bad_files, request):
-    """The selected cases' command lines, run two at a time: each is ~2 s of importing torch, then a refusal."""
-    from concurrent.futures import ThreadPoolExecutor
-    chosen = [i.callspec.params["case"] for i in request.session.items
-              if getattr(i, "originalname", "") == "test_bad_input_is_one_line_exit_2"]
-    chosen = [c for c in chosen if not ("--device=cuda" in BAD_INPUT[c][0] and torch.cuda.is_available())]
-    run = lambda c: run_script(*[a.format(r=bad_files, o=bad_files / c) for a in BAD_INPUT[c][0].split()])
-    before = tree_hashes(bad_files, HERE)
-    with ThreadPoolExecutor(2) as pool:
-        runs = dict(zip(chosen, pool.map(run, chosen)))
-    after = tree_hashes(bad_files, HERE)
-    changed = sorted(p for p in set(before) | set(after) if before.get(p) != after.get(p))
-    return runs, changed
+# The cases run in a fresh interpreter, as a user runs them: the first of each script and subcommand
+# (so every __main__ block, and the exit a shell sees, is checked that way), a refusal after a model
+# is loaded and one from the file system mid-write. The rest run in this process (bad_runs): the
+# same __main__ blocks and checks.
+FRESH_INTERPRETER = first_of_each_command(BAD_INPUT) | {"nan_weights", "gif_write_refused"}
 
 
 @pytest.mark.parametrize("case", list(BAD_INPUT))
@@ -1628,107 +1773,410 @@ def test_bad_input_is_one_line_exit_2(bad_files, bad_runs, case):
     assert not (bad_files / case).exists(), f"{case} made its output folder before refusing"
 
 
-def test_diagnose_checks_inputs_first_and_names_columns_apart(tiny_checkpoints, bad_files, tmp_path):
+def test_a_stage_that_skipped_every_step_fails_naming_what_it_kept(tmp_path):
+    """Finite but huge weights: every step's loss is non-finite, so Stage I and Stage III skip all of them (fewer
+    than the guard's 5 in a row) and end in one line, exit 2, instead of a silent success."""
+    net = tiny_model()
+    huge = {k: v * 1e30 + 1e30 if v.is_floating_point() else v for k, v in net.state_dict().items()}
+    checkpoint.save_checkpoint(str(tmp_path / "huge.safetensors"), huge, net.cfg, checkpoint.lineage_record("sft"))
+    preference.save_pairs(str(tmp_path / "pairs.safetensors"), tiny_pairs(4))
+    for args in (["sft.py", "--data=curated", "--steps=3", "--batch_size=4", "--val_clips=4", "--sample_steps=2"],
+                 ["preference.py", f"--pairs={tmp_path}/pairs.safetensors", "--steps=3", "--batch_size=4",
+                  "--eval_prompts=2", "--eval_steps=2"]):
+        out = tmp_path / args[0]
+        # Stage I in a fresh interpreter, as a user runs it; Stage III through its __main__ here
+        run = run_script if args[0] == "sft.py" else run_in_process
+        r = run(*args, f"--init={tmp_path}/huge.safetensors", f"--out_dir={out}", "--device=cpu")
+        last = r.stderr.strip().splitlines()[-1]                              # after the progress bar
+        assert r.returncode == 2 and "Traceback" not in r.stderr and r.stderr.count("error:") == 1, r.stderr[-2000:]
+        assert last.startswith("error: all 3 steps were skipped") and str(out / "ckpt.safetensors") in last
+    render = run_in_process("checkpoint.py", f"--ckpt={tmp_path}/huge.safetensors",
+                            f"--out={tmp_path}/huge.gif", "--steps=2")
+    assert render.returncode == 2 and "draws non-finite pixels" in render.stderr and not (tmp_path / "huge.gif").exists()
+
+
+# ==================================================================================================
+# Run folders: resume, overwrite, one run a folder, signals, kill -9
+# ==================================================================================================
+
+def test_resume_falls_back_cleans_up_and_refuses_other_settings(tmp_path):
+    full = sft.train(tiny_sft(tmp_path / "full", steps=6, ckpt_every=2))
+    sft.train(tiny_sft(tmp_path / "cut", steps=6, ckpt_every=2), stop_after=4)   # state at 4, previous state at 2
+    cut = tmp_path / "cut"
+    (cut / "state.safetensors.tmp999").write_bytes(b"half a checkpoint")           # a kill during a write
+    (cut / "my.tmp.pairs.safetensors").write_bytes(b"a user's file")               # temp-like names no writer gives
+    (cut / "log.jsonl.tmp-mine").write_bytes(b"another")
+    data_ = (cut / "state.safetensors").read_bytes()
+    (cut / "state.safetensors").write_bytes(data_[: len(data_) // 2])              # the latest state damaged
+    with pytest.raises(cli.ConfigError, match="lr=0.005"):
+        sft.train(tiny_sft(cut, steps=6, ckpt_every=2, lr=5e-3, resume=True))
+    with pytest.raises(cli.ConfigError, match="--init="):                      # another KL reference / start
+        sft.train(tiny_sft(cut, steps=6, ckpt_every=2, init=full, resume=True))
+    assert (cut / "state.safetensors.tmp999").exists()                             # nothing removed before the checks
+    resumed = sft.train(tiny_sft(cut, steps=6, ckpt_every=2, resume=True))         # warns, resumes from step 2
+    a, b = checkpoint.read_checkpoint(full)[0], checkpoint.read_checkpoint(resumed)[0]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert sorted(f for f in os.listdir(cut) if ".tmp" in f) == ["log.jsonl.tmp-mine", "my.tmp.pairs.safetensors"]
+    steps = [r["step"] for r in read_log(cut / "log.jsonl") if "step" in r]
+    assert steps == [2, 4, 6]                                                      # step 4 written once
+
+
+def test_overwrite_replaces_a_run_and_only_the_names_it_wrote(tmp_path):
+    """A stage's folder carries the run marker; --overwrite=true over it removes the old run's files (its log too) and
+    writes the new run; a run folder that gained another file, or a folder with no marker, is refused untouched."""
+    out = tmp_path / "run"
+    sft.train(tiny_sft(out, steps=2, ckpt_every=1))
+    marker = json.loads((out / cli.RUN_MARKER).read_text())
+    assert marker["stage"] == "pretrain" and "ckpt.safetensors" in marker["writes"]
+    first = sorted(os.listdir(out))
+    (out / "state.prev.safetensors").rename(out / "state.prev.safetensors.tmp4242")  # a kill's leftover: also the run's
+    sft.train(tiny_sft(out, steps=1, ckpt_every=1, overwrite=True))
+    assert sorted(os.listdir(out)) == sorted(set(first) - {"state.prev.safetensors"})
+    assert [r["step"] for r in read_log(out / "log.jsonl") if "step" in r] == [1]       # the old log went with its run
+    (out / "mine.py").write_text("print('mine')")
+    before = tree_hashes(out)
+    with pytest.raises(cli.OutputExists, match="did not write: mine.py"):
+        sft.train(tiny_sft(out, steps=1, overwrite=True))
+    assert tree_hashes(out) == before
+    (out / cli.RUN_MARKER).unlink()
+    (out / "mine.py").unlink()
+    with pytest.raises(cli.OutputExists, match="is not one"):
+        sft.train(tiny_sft(out, steps=1, overwrite=True))
+
+
+def test_clean_up_removes_only_the_run_s_own_temp_files_and_a_resume_finds_its_folder_however_named(tmp_path):
+    """User files whose names a pattern would match survive a resume and an overwrite (refused, naming them); a kill's
+    temp file (NAME.tmp + pid) goes; a resume spelled with a trailing slash, or of a moved folder, continues."""
+    full = sft.train(tiny_sft(tmp_path / "full", steps=6, ckpt_every=2))
+    cut = tmp_path / "cut"
+    sft.train(tiny_sft(cut, steps=6, ckpt_every=2), stop_after=2)
+    cli.release_run_folders(cut)                                       # as a process that ended would
+    mine = ["ckpt.safetensors.tmp2-backup", "log.jsonl.tmp-mine", "samples.gif.tmpl"]
+    for name in mine:
+        (cut / name).write_text("a user's file")
+    (cut / "state.safetensors.tmp31337").write_text("half a checkpoint")
+    with pytest.raises(cli.OutputExists, match="did not write: ckpt.safetensors.tmp2-backup, log.jsonl.tmp-mine"):
+        sft.train(tiny_sft(cut, steps=6, ckpt_every=2, overwrite=True))
+    sft.train(tiny_sft(str(cut) + "/", steps=6, ckpt_every=2, resume=True), stop_after=4)   # a trailing slash
+    assert all((cut / n).read_text() == "a user's file" for n in mine)
+    assert not (cut / "state.safetensors.tmp31337").exists()
+    cli.release_run_folders(cut)
+    moved = tmp_path / "elsewhere" / "moved"
+    moved.parent.mkdir()
+    cut.rename(moved)
+    resumed = sft.train(tiny_sft(moved, steps=6, ckpt_every=2, resume=True))
+    a, b = checkpoint.read_checkpoint(full)[0], checkpoint.read_checkpoint(resumed)[0]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    with pytest.raises(cli.ConfigError, match="lr=0.005"):              # other settings still refuse
+        sft.train(tiny_sft(moved, steps=6, ckpt_every=2, lr=5e-3, resume=True))
+
+
+def test_a_kill_mid_save_leaves_safetensors_own_temp_file_and_a_resume_removes_it(tmp_path):
+    """safetensors saves through a temp file of its own, '.tmp' + 6 letters or digits beside its
+    target, renamed when whole: a kill -9 mid-save leaves it (what the kill -9 test met once in a
+    while). A resume removes it with postflow's own temp files and an overwrite counts it as the
+    run's; a name that is not exactly one is a user's, kept."""
+    out = tmp_path / "run"
+    sft.train(tiny_sft(out, steps=4, ckpt_every=2), stop_after=2)
+    cli.release_run_folders(out)
+    (out / ".tmpAb3dE9").write_bytes(b"half a state")          # as a kill mid-save leaves it
+    (out / ".tmpAb3dE9.bak").write_text("a user's file")
+    sft.train(tiny_sft(out, steps=4, ckpt_every=2, resume=True))
+    assert not (out / ".tmpAb3dE9").exists() and (out / ".tmpAb3dE9.bak").exists()
+    (out / ".tmpAb3dE9.bak").unlink()
+    (out / ".tmpQw3rTy").write_bytes(b"half a checkpoint")
+    sft.train(tiny_sft(out, steps=2, ckpt_every=2, overwrite=True))
+    assert not (out / ".tmpQw3rTy").exists()
+
+def test_a_run_folder_belongs_to_one_run(tmp_path):
+    """A second run on a held folder, --overwrite or --resume, is one line naming the holder and exit 2, and the first
+    ends bitwise as it would alone; a killed run's lock is taken over with a line; the lock goes at the end."""
+    args = ["sft.py", "--init=", "--data=web", "--preset=tiny", "--steps=40", "--batch_size=4", "--ckpt_every=4",
+            "--log_every=4", "--val_clips=4", "--sample_steps=2", "--device=cpu"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    # the run alone, beside the rest
+    alone = subprocess.Popen([sys.executable, *args, f"--out_dir={tmp_path / 'alone'}"], cwd=HERE,
+                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    out = tmp_path / "shared"
+    first = start_holding(args, out)
+    # the second runs through sft.py's __main__ in this process: a pid other than the first's
+    for flag in ("--overwrite=true", "--resume=true"):
+        second = run_in_process(*args, f"--out_dir={out}", flag)
+        line = second.stderr.strip().splitlines()
+        assert second.returncode == 2 and len(line) == 1, second.stderr[-2000:]
+        assert f"is in use by another run (pid {first.pid} on" in line[0] and "sft.py" in line[0], line
+    first.send_signal(signal.SIGCONT)
+    assert first.wait(timeout=300) == 0
+    assert alone.wait(timeout=300) == 0, alone.stderr.read()[-2000:]
+    want, got = (checkpoint.read_checkpoint(d / "ckpt.safetensors")[0] for d in (tmp_path / "alone", out))
+    assert all(torch.equal(want[k], got[k]) for k in want)
+    assert not (out / cli.RUN_LOCK).exists()                          # released at the end
+    # the other order: a resumed run holds the folder and an overwrite is refused
+    holder = start_holding([*args[:4], "--steps=80", *args[5:], "--resume=true"], out)
+    refused = run_in_process(*args, f"--out_dir={out}", "--overwrite=true")
+    assert refused.returncode == 2 and f"pid {holder.pid}" in refused.stderr
+    holder.kill()                                                            # kill -9: its lock file stays behind
+    holder.wait()
+    assert (out / cli.RUN_LOCK).exists()
+    taken = run_in_process(*args[:4], "--steps=80", *args[5:], f"--out_dir={out}", "--resume=true")
+    assert taken.returncode == 0 and f"was last locked by pid {holder.pid}" in taken.stdout, taken.stderr[-2000:]
+    assert not (out / cli.RUN_LOCK).exists()
+
+
+def test_sigterm_ends_a_stage_in_one_line_with_143_and_its_folder_unlocked(tmp_path):
+    args = ["sft.py", "--init=", "--data=web", "--preset=tiny", "--steps=400", "--batch_size=4", "--ckpt_every=4",
+            "--val_clips=4", "--sample_steps=2", "--device=cpu"]
+    p = start_holding(args, tmp_path / "run")
+    p.send_signal(signal.SIGTERM)
+    p.send_signal(signal.SIGCONT)
+    assert p.wait(timeout=60) == 143
+    err = p.stderr.read()
+    assert err.strip().splitlines()[-1].startswith("terminated (SIGTERM)") and "Traceback" not in err, err[-2000:]
+    assert not (tmp_path / "run" / cli.RUN_LOCK).exists()
+
+
+@pytest.mark.parametrize("stage", ["sft", "rl", "dpo"])
+def test_kill_minus_9_then_resume_gives_the_same_weights(stage, trained_tiny, tmp_path):
+    """Interrupted anywhere, every stage resumes to bitwise the weights of an uninterrupted run, with each log
+    record written once and no temp file left; the RL run rolls back often (its guards' histories are state)."""
+    preference.save_pairs(str(tmp_path / "pairs.safetensors"), tiny_pairs(8))
+    args = {"sft": ["sft.py", "--init=", "--data=web", "--preset=tiny", "--steps=24", "--batch_size=4", "--ckpt_every=2",
+                    "--log_every=2", "--val_clips=4", "--sample_steps=2", "--device=cpu"],
+            "rl": ["reward_rl.py", f"--init={trained_tiny}", "--iters=8", "--prompts_per_iter=2", "--group_size=4",
+                   "--rollout_steps=4", "--eval_prompts=2", "--eval_steps=2", "--eval_every=2", "--ckpt_every=1",
+                   "--lr=1e-3", "--warmup=1", "--spike_factor=1.01", "--sft_batch=4", "--device=cpu",
+                   "--hold=fidelity=0.0001,temporal=0.0001", "--hold_probe=2"],          # a floor that acts
+            "dpo": ["preference.py", f"--init={trained_tiny}", f"--pairs={tmp_path}/pairs.safetensors", "--steps=40",
+                    "--batch_size=4", "--ckpt_every=2", "--log_every=2", "--eval_prompts=2", "--eval_steps=2",
+                    "--device=cpu"]}[stage]
+    failed, window = run_until_checkpointed(args, tmp_path / "ref")
+    assert not failed
+    if stage == "rl":                                          # rollbacks in a row, with no snapshot between them
+        log = [r for r in read_log(tmp_path / "ref" / "log.jsonl") if "rollbacks" in r]
+        assert [r["rollbacks"] for r in log][-3:] == [1, 2, 3] and max(sum(r["hold_multiplier"].values()) for r in log)
+    want = checkpoint.read_checkpoint(tmp_path / "ref" / "ckpt.safetensors")[0]
+    rng, hits = random.Random(stage), 0
+    for trial in range(KILL_TRIALS):
+        out = tmp_path / f"kill{trial}"
+        hits += kill_and_resume(args, out, rng, window)
+        got = checkpoint.read_checkpoint(out / "ckpt.safetensors")[0]
+        assert all(torch.equal(want[k], got[k]) for k in want), f"trial {trial} differs"
+        steps = [r.get("step", r.get("iter")) for r in read_log(out / "log.jsonl") if "step" in r or "iter" in r]
+        assert len(steps) == len(set(steps)) and steps == sorted(steps), steps      # each record once, in order
+        assert not [f for f in os.listdir(out) if ".tmp" in f]
+    print(f"{stage}: {KILL_TRIALS} of {KILL_TRIALS} bitwise equal ({hits} killed mid-run)")
+    assert hits == KILL_TRIALS                                 # every kill landed before the run ended
+
+
+# ==================================================================================================
+# Several processes (distributed.py): DDP and FSDP2 ranks, several nodes, under torchrun
+# ==================================================================================================
+
+def test_grpo_one_and_two_ranks_agree(trained_tiny, tmp_path):
+    """The same run on 1 and 2 ranks: same draws, same rollouts and rewards, the same decisions (the spike guard,
+    set tight here so that it rolls back, decides on reduced statistics), and the same weights on every rank."""
+    args = ["reward_rl.py", f"--init={trained_tiny}", "--iters=8", "--prompts_per_iter=2", "--group_size=4",
+            "--rollout_steps=4", "--eval_prompts=2", "--eval_steps=2", "--eval_every=4", "--device=cpu", "--lr=1e-3",
+            "--warmup=1", "--minibatches=2", "--spike_factor=1.5", "--sft_batch=4", "--bf16=false",  # bf16 rounds by batch
+            "--hold=fidelity=0.0001,temporal=0.0001", "--hold_probe=2"]
+    # the three runs side by side; exit 0 includes: every rank ended with the same weights; sharded,
+    # the rollbacks restore shards
+    ddp = torchrun(args, tmp_path / "r2", **PIPES)
+    fsdp = torchrun(args, tmp_path / "r2_fsdp", "fsdp", **PIPES)
+    in_process(args, tmp_path / "r1")
+    two = finish(ddp)
+    finish(fsdp)
+    assert "2 rank(s) x 4" in two.stdout + two.stderr and "terminate called" not in two.stderr
+    a, b = [[r for r in read_log(tmp_path / d / "log.jsonl") if "reward_instruction" in r] for d in ("r1", "r2")]
+    assert len(a) == len(b) == 8 and a[-1]["rollbacks"] > 0, a[-1]     # the guard did act
+    for ra, rb in zip(a, b):
+        assert ra["reward_instruction"] == pytest.approx(rb["reward_instruction"], abs=1e-4)
+        assert ra["grad_norm"] == pytest.approx(rb["grad_norm"], rel=1e-3) and ra["rollbacks"] == rb["rollbacks"]
+        # a multiplier adds up each level's shortfall over its margin (1e-4 here), and with it the
+        # levels' float rounding across rank layouts (~1e-7): ~1e-3 an iteration, on hundreds
+        assert ra["hold_multiplier"] == pytest.approx(rb["hold_multiplier"], rel=1e-4, abs=1e-3)
+    for name in ("ckpt.safetensors", "state.safetensors"):
+        wa, wb = checkpoint.read_checkpoint(tmp_path / "r1" / name)[0], checkpoint.read_checkpoint(tmp_path / "r2" / name)[0]
+        assert max(float((wa[k] - wb[k]).abs().max()) for k in wa if k.startswith(("model.", "ema.")) or "." in k) < 1e-4
+    assert state_gap(tmp_path / "r1", tmp_path / "r2_fsdp") < 1e-4
+    sharded = [r for r in read_log(tmp_path / "r2_fsdp" / "log.jsonl") if "rollbacks" in r]
+    assert [r["rollbacks"] for r in sharded] == [r["rollbacks"] for r in a]
+
+
+@pytest.mark.parametrize("stage", ["sft", "ppo", "nft", "dpo"])
+def test_a_stage_trains_alike_on_one_rank_two_ddp_ranks_and_two_fsdp_ranks(stage, trained_tiny, tmp_path):
+    """--parallel=fsdp shards the policy, its EMA, the frozen reference and AdamW's moments over the ranks (each holds
+    about half); gathered into the state file they equal one process's whole copies, and DDP's, to float rounding (the
+    reductions sum in another order). Stage II's rules share every line but the update: DDP runs AWM's
+    (test_grpo_one_and_two_ranks_agree, which adds FSDP and rollbacks), FSDP each."""
+    args = sharding_args(stage, trained_tiny, tmp_path)
+    runs = ["one", "fsdp"] + (["ddp"] if stage in ("sft", "dpo") else [])
+    # the torchrun jobs side by side with "one"
+    jobs = {run: torchrun(args, tmp_path / run, run, **PIPES) for run in runs[1:]}
+    in_process(args, tmp_path / "one")
+    fsdp = finish(jobs["fsdp"])
+    assert "2 rank(s)" in fsdp.stdout + fsdp.stderr and "terminate called" not in fsdp.stderr
+    moved = checkpoint.read_checkpoint(tmp_path / "one" / "ckpt.safetensors")[0]
+    start = checkpoint.read_checkpoint(trained_tiny)[0]
+    assert max(float((moved[k] - start[k]).abs().max()) for k in start) > 1e-3        # the runs did train
+    if "ddp" in jobs:
+        finish(jobs["ddp"])
+    for a, b in zip(runs, runs[1:] + runs[:1]):
+        assert state_gap(tmp_path / a, tmp_path / b) < 1e-4, (a, b)
+    whole, sharded = memory_of(tmp_path / "one")["memory"], memory_of(tmp_path / "fsdp")["memory"]
+    for k in ("weights_mb_per_rank", "optimizer_mb_per_rank"):
+        assert sharded[k] < 0.6 * whole[k], (k, sharded, whole)
+
+
+def test_an_fsdp_run_killed_and_resumed_gives_the_weights_of_an_uninterrupted_one(trained_tiny, tmp_path):
+    """kill -9 of the whole job (the launcher and its two ranks) mid-run; the resumed run, sharded again from the gathered
+    state file, ends bitwise where an uninterrupted FSDP run does, rollbacks included."""
+    args = [a for a in sharding_args("awm", trained_tiny, tmp_path) if not a.startswith(("--iters", "--ckpt_every"))]
+    args += ["--ckpt_every=1", "--iters=7", "--spike_factor=1.01"]
+    # the uninterrupted run, beside the killed ones
+    ref = torchrun(args, tmp_path / "ref", "fsdp", **PIPES)
+    for delay in (1.0, 0.3, 0.0):                                  # a later kill can miss the end of a fast run
+        shutil.rmtree(tmp_path / "kill", ignore_errors=True)
+        p = torchrun(args, tmp_path / "kill", "fsdp", stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        while not (tmp_path / "kill" / "state.safetensors").exists() and p.poll() is None:
+            time.sleep(0.01)
+        time.sleep(delay)
+        for pid in [p.pid, *children(p.pid)]:
+            os.kill(pid, signal.SIGKILL)
+        p.wait()
+        if not (tmp_path / "kill" / "ckpt.safetensors").exists():
+            break
+    assert not (tmp_path / "kill" / "ckpt.safetensors").exists()    # it was killed before its hand-off
+    finish(ref)
+    assert max(r["rollbacks"] for r in read_log(tmp_path / "ref" / "log.jsonl") if "rollbacks" in r) > 0
+    torchrun(args + ["--resume=true"], tmp_path / "kill", "fsdp")
+    want, got = (checkpoint.read_checkpoint(tmp_path / run / "ckpt.safetensors")[0] for run in ("ref", "kill"))
+    assert all(torch.equal(want[k], got[k]) for k in want)
+
+
+def test_replicas_that_end_apart_refuse_to_hand_off(tmp_path):
+    """HSDP on two 'nodes' of one rank (a 2 x 1 mesh): both hold the same shard, so the hand-off compares them; one
+    moved on its own is caught, as under DDP."""
+    script = tmp_path / "apart.py"
+    script.write_text(f"""
+import os, sys
+sys.path.insert(0, {HERE!r})
+os.environ["LOCAL_WORLD_SIZE"] = "1"                     # one rank per node: replicas across the two
+import torch, model as M, distributed, cli
+d = distributed.setup_distributed("cpu", "hsdp")
+torch.manual_seed(0)                                     # every rank builds the same weights, as a checkpoint gives
+net = M.VideoDiT(M.preset("tiny"))
+distributed.shard(d, net)
+distributed.check_ranks_agree(net, d)                      # equal: passes
+if d.rank == 1:
+    with torch.no_grad():
+        net.final.bias.to_local().add_(1.0)
+try:
+    distributed.check_ranks_agree(net, d)
+except cli.Diverged as e:                           # each rank's own file: printed lines interleave
+    open(f"{{sys.argv[1]}}/caught{{d.rank}}", "w").write(str(e))
+distributed.teardown(d)
+""")
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script),
+                        str(tmp_path)], cwd=HERE, capture_output=True, text=True, timeout=120,
+                       env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr[-2000:]
+    for rank in (0, 1):
+        assert "the ranks ended with different weights" in (tmp_path / f"caught{rank}").read_text()
+
+
+def test_two_nodes_train_as_one_node_does(trained_tiny, tmp_path):
+    """HSDP on two nodes of one process each (a 2 x 1 mesh: replicas across nodes) ends where one process does."""
+    args = sharding_args("awm", trained_tiny, tmp_path)
+    nodes = two_nodes(args, tmp_path / "two_nodes", "hsdp")
+    in_process(args, tmp_path / "one_node")                      # while the two nodes run
+    for p in nodes:
+        _, err = p.communicate(timeout=300)
+        assert p.returncode == 0, err[-3000:]
+    assert state_gap(tmp_path / "one_node", tmp_path / "two_nodes") < 1e-4
+
+
+def test_a_node_that_dies_ends_the_job_on_the_other_within_a_minute(trained_tiny, tmp_path):
+    """Node 1 is killed whole (kill -9 of its launcher and rank) once the run has checkpointed; node 0's rank finds
+    its peer gone at the next collective and ends with one line naming what happened, not a hang or a traceback."""
+    args = [a for a in sharding_args("awm", trained_tiny, tmp_path) if not a.startswith(("--iters", "--ckpt_every"))]
+    args += ["--ckpt_every=1", "--iters=200"]
+    node0, node1 = two_nodes(args, tmp_path / "run", "ddp")
+    while not (tmp_path / "run" / "state.safetensors").exists() and node0.poll() is None:
+        time.sleep(0.05)
+    for pid in [node1.pid, *children(node1.pid)]:                   # torchrun starts each rank in a session of its own
+        os.kill(pid, signal.SIGKILL)
+    t0 = time.time()
+    _, err = node0.communicate(timeout=120)
+    assert time.time() - t0 < 60 and node0.returncode != 0
+    assert "error: lost contact with another rank" in err, err[-3000:]
+    assert not (tmp_path / "run" / "ckpt.safetensors").exists()    # the last state is kept for --resume=true
+
+
+# ==================================================================================================
+# bench.py and race.py: the fidelity probe, the ablations, the update-rule race
+# ==================================================================================================
+
+def test_fidelity_probe_separates_the_samplers_share_from_the_networks(tiny_checkpoints, tmp_path, capsys):
     base, tuned, _ = tiny_checkpoints
-    for run in ("pipeline", "other"):                                     # two pipeline runs, both with an rl stage
-        (tmp_path / run / "rl").mkdir(parents=True)
-        shutil.copy(tuned, tmp_path / run / "rl" / "ckpt.safetensors")
-    a, b = (str(tmp_path / run / "rl" / "ckpt.safetensors") for run in ("pipeline", "other"))
-    assert checkpoint.column_names([a, b, base, base]) == ["pipeline/rl", "other/rl", "base", "base#2"]
-    assert checkpoint.column_names([base, str(tuned)]) == ["base", "sft"]
-    tiny = ["--prompts=1", "--seeds=1", "--steps=1", "--long_clips=1", "--diversity_seeds=2"]
-    diagnose.diagnose([f"--ckpt={a}", f"--ckpt={b}", f"--out={tmp_path / 'diag'}", "--reward_model=", *tiny])
-    assert list(json.load(open(tmp_path / "diag" / "diagnostics.json"))) == ["pipeline/rl", "other/rl"]
-    assert "| metric | pipeline/rl | other/rl |" in (tmp_path / "diag" / "diagnostics.md").read_text()
-    # refused before anything is sampled or written: a judge for other clips, a policy passed as the judge
-    for judge_file, needle in (("judge.safetensors", "scores 8x32x32 clips; this policy makes 4x16x16"),
-                               ("tiny.safetensors", "not a learned judge")):
-        with pytest.raises(checkpoint.CheckpointError, match=needle):
-            diagnose.diagnose([f"--ckpt={a}", f"--out={tmp_path / 'no'}", f"--reward_model={bad_files / judge_file}", *tiny])
-    with pytest.raises(cli.ConfigError, match="same clips"):
-        diagnose.diagnose([f"--ckpt={a}", "--ckpt=checkpoints/sft_small.safetensors", f"--out={tmp_path / 'no'}", *tiny])
-    assert not (tmp_path / "no").exists()
+    bench.bench_fidelity([f"--ckpt={base},{tuned}", f"--out={tmp_path}/f.json"])
+    rows = json.load(open(tmp_path / "f.json"))["checkpoints"][tuned]
+    every, interval = rows["cfg 3 every step"], rows[f"cfg 3 until t={M.CFG_UNTIL}"]
+    assert every["instruction"] != interval["instruction"]                  # guidance's share is measured
+    assert set(every["fidelity_parts"]) == {"edges", "background", "palette"}
+    assert rows["redraw at t=0.98"]["mse"] > 0 and "redraw at t=0.98" in capsys.readouterr().out
 
 
-def centred(obs, want):
-    """A fork's fourth head, README's example: 1 with the object at the frame's centre, 0 at its edge."""
-    size = obs["alpha"].shape[-1]                         # frame edge in pixels
-    off = (obs["center"] - size / 2).abs().amax(-1)       # (B, F): farther axis from the centre, in pixels
-    return (1 - off / (size / 2)).clamp(0, 1).nan_to_num(0).mean(1)
+def test_ablations_table_names_each_command_and_keeps_finished_rows(tiny_ablations):
+    out, args = tiny_ablations
+    table = (out / "ablations.md").read_text()
+    assert "| judge |" in table and "| start (the input) |" in table and "python reward_rl.py" in table
+    assert "--reward=rm --kl_weight=0" in table
+    result = json.load(open(out / "ablations.json"))
+    assert result["start"]["clips"] == 8 and result["judge"]["iterations"] == 1
+    assert set(result["judge"]["end"]["judge_minus_oracle"]) == set(rewards.HEADS)
+    assert result["judge_unguarded"]["verdict"].startswith("vs judge: all attributes")
+    stamp = os.path.getmtime(out / "judge" / "ckpt.safetensors")
+    bench.bench_ablations(args)                                               # a finished row is kept, not rerun
+    assert os.path.getmtime(out / "judge" / "ckpt.safetensors") == stamp
+    # ... but a row made from another input, here the same path with other bytes, is redone
+    init, tensors, mc, meta = out.parent / "ablation_init.safetensors", *checkpoint.read_checkpoint(args[0][len("--init="):])
+    checkpoint.save_checkpoint(str(init), tensors, mc, meta["lineage"])
+    moved = [f"--init={init}", *args[1:3], "--only=judge", args[4], f"--out={out.parent / 'ablations_moved'}"]
+    made = lambda: os.path.getmtime(out.parent / "ablations_moved" / "judge" / "ckpt.safetensors")
+    bench.bench_ablations(moved)
+    first = made()
+    bench.bench_ablations(moved)
+    assert made() == first
+    checkpoint.save_checkpoint(str(init), {k: v + 1e-3 for k, v in tensors.items()}, mc, meta["lineage"])
+    bench.bench_ablations(moved)
+    assert made() != first
+    with pytest.raises(cli.ConfigError, match="unknown ablation 'kl'"):
+        bench.bench_ablations(["--only=kl"])
+    # the verdict calls a difference under two standard errors none, and names one beyond them with its sign
+    end = lambda acc, se: {"end": {"acc_all": [acc, se], "fidelity": [0.3, 0.01], "temporal": [0.5, 0.01]}}
+    assert "all attributes +0.100 ± 0.071 (no difference)" in bench.verdict(end(0.6, 0.05), end(0.5, 0.05), "defaults")
+    assert "all attributes -0.300 ± 0.028;" in bench.verdict(end(0.2, 0.02), end(0.5, 0.02), "defaults")
 
 
-def test_a_fourth_head_reaches_stage_ii_stage_iii_and_diagnose(tiny_checkpoints, monkeypatch, tmp_path):
-    _, tuned, _ = tiny_checkpoints
-    old_judge = str(tmp_path / "judge.safetensors")                       # a learned judge from before the head
-    checkpoint.save_checkpoint(old_judge, {f"member0.{k}": v for k, v in judge.RewardNet(8).state_dict().items()},
-                      M.preset("tiny"), checkpoint.lineage_record("reward_model"), members=1, width=8, heads=list(rewards.HEADS))
-    monkeypatch.setitem(rewards.HEADS, "centred", rewards.Head(centred, weight=0.5, phase=1))  # undone after the test
-
-    # Stage II: logged, weighted, and given its weight by the curriculum (phase 1: the middle of the run)
-    reward_rl.train(tiny_rl(tuned, tmp_path / "rl", iters=3, curriculum=True, epochs=1, sft_weight=0.0))
-    recs = [r for r in read_log(tmp_path / "rl" / "log.jsonl") if "reward_instruction" in r]
-    assert all("reward_centred" in r and len(r["weights"]) == 4 for r in recs)
-    assert [r["weights"][3] for r in recs] == pytest.approx([0.25, 0.5, 0.25])  # 0.5 x 0.5^|phase - focus|
-    # Stage III: its judge weighs the head like any other, and a run on on-policy pairs goes through
-    b = data.make_batch("curated", 6, seed=3, world=TINY_WORLD)
-    only = preference.Config(weights=("fidelity=0", "temporal=0", "instruction=0", "centred=1"))
-    heads = rewards.reward_heads(b.videos, b.prompts, TINY_WORLD)
-    assert torch.allclose(preference.judge_scores(only, b.videos, b.prompts, TINY_WORLD), heads["centred"])
-    assert not torch.allclose(preference.judge_scores(preference.Config(), b.videos, b.prompts, TINY_WORLD),
-                              preference.judge_scores(preference.Config(weights=("centred=5",)), b.videos, b.prompts,
-                                                      TINY_WORLD))
-    dpo = dict(init=str(tuned), pair_prompts=2, samples_per_prompt=3, sample_steps=2, margin=0.0, steps=2,
-               batch_size=2, warmup=1, log_every=1, eval_prompts=2, eval_steps=2, device="cpu")
-    preference.train(preference.Config(out_dir=str(tmp_path / "dpo"), **dpo))
-    assert "win_rate" in read_log(tmp_path / "dpo" / "log.jsonl")[-1]["final"]
-    # a learned judge that does not score the head is refused by name, before any output folder is made
-    with pytest.raises(checkpoint.CheckpointError, match="also has centred"):
-        judge.load_reward_model(old_judge)
-    with pytest.raises(checkpoint.CheckpointError, match="also has centred"):
-        preference.train(preference.Config(out_dir=str(tmp_path / "dpo_rm"), judge="rm", reward_model=old_judge, **dpo))
-    with pytest.raises(checkpoint.CheckpointError, match="also has centred"):
-        reward_rl.train(tiny_rl(tuned, tmp_path / "rl_rm", reward="rm", reward_model=old_judge))
-    assert not (tmp_path / "dpo_rm").exists() and not (tmp_path / "rl_rm").exists()
-    # diagnose: a row, a metric, and a recommendation for a head RECOMMEND does not know
-    diagnose.diagnose([f"--ckpt={tuned}", f"--out={tmp_path / 'diag'}", "--reward_model=", "--prompts=1", "--seeds=1",
-                      "--steps=1", "--long_clips=1", "--diversity_seeds=2"])
-    table = (tmp_path / "diag" / "diagnostics.md").read_text()
-    assert "| centred |" in table and "| centred: 1 - score |" in table
-    assert "--weights=centred=" in diagnose.recommendation({"fidelity": 0.9, "temporal": 0.9, "instruction": 0.9,
-                                                            "centred": 0.1})["command"]
+def test_race_reports_each_rules_cost_to_each_gain_within_the_floors_from_resumed_segments(tiny_race):
+    result = json.load(open(tiny_race / "race.json"))
+    for name in ("flow_grpo_s0", "nft_floor_s0"):
+        points = result["runs"][name]["points"]
+        assert len(points) == 3 and points[0]["nfe"] == 0 and 0 < points[1]["nfe"] < points[2]["nfe"]
+        assert len(result["runs"][name]["health"]["v_norm_ratio"]) == 2         # one iteration per segment
+    assert result["runs"]["nft_floor_s0"]["health"]["hold_multiplier"][-1].keys() == {"fidelity", "temporal"}
+    assert set(result["table"]["+0.05"]) == set(result["table"]["end"]) == {"flow_grpo", "nft_floor"}
+    text = (tiny_race / "race.md").read_text()
+    assert "| nft_floor |" in text and "fidelity within 0.01" in text
+    start = {"acc_all": 0.5, "fidelity": 0.6, "temporal": 0.7}                 # a gain bought with fidelity is no gain
+    bought = [start, {**start, "nfe": 10, "acc_all": 0.6, "fidelity": 0.58}, {**start, "nfe": 20, "acc_all": 0.6}]
+    assert race.reach(bought, 0.05)[0]["nfe"] == 10 and race.reach(bought, 0.05, floor=True)[0]["nfe"] == 20
 
 
-# ----------------------------------------------------------------------------- the report
-import html
-import re
-import xml.etree.ElementTree as ElementTree
-
-import report
-
-CHROMIUM = "/usr/bin/chromium"
-# the first screen (each axis by stage, the race); Stage I, II (the floor's two included), III curves; drift by frame,
-# by chunk per head; ablations; the race (accuracy against evaluations, gain against fidelity, five health signals)
-CHARTS = 2 + 2 + 7 + 4 + 2 + len(rewards.HEADS) + 3 + 2 + 5
-
-
-@pytest.fixture(scope="module")
-def tiny_run(tiny_checkpoints, tiny_ablations, tiny_race):
-    """make pipeline's folder layout from tiny stages (the shipped base is the small preset), judged and reported."""
-    base, _, root = tiny_checkpoints
-    run = root / "run"
-    sft.train(tiny_sft(run / "sft", init=base, data="curated", steps=4))
-    reward_rl.train(tiny_rl(run / "sft" / "ckpt.safetensors", run / "rl", iters=2, eval_every=1, epochs=1, sft_batch=4))
-    preference.train(preference.Config(init=str(run / "rl" / "ckpt.safetensors"), out_dir=str(run / "dpo"), pair_prompts=2,
-                                       samples_per_prompt=3, sample_steps=2, margin=0.0, steps=2, batch_size=2, warmup=1,
-                                       log_every=1, eval_prompts=2, eval_steps=2, device="cpu"))
-    ckpts = [f"--ckpt={p}" for p in [base] + [run / s / "ckpt.safetensors" for s in ("sft", "rl", "dpo")]]
-    diagnose.diagnose([*ckpts, f"--out={run / 'diagnose'}", "--reward_model=", "--prompts=1", "--seeds=2", "--steps=1",
-                      "--long_clips=1", "--diversity_seeds=2"])
-    # as make pipeline_driven leaves it: the decision sft's diagnosis handed to Stage II
-    diagnose.advise([f"--diagnose={run / 'diagnose'}", "--column=sft", "--stage=rl", f"--out={run / 'advice_rl.json'}"])
-    report.main([f"--run={run}", f"--ablations={tiny_ablations[0] / 'ablations.json'}", f"--race={tiny_race / 'race.json'}"])
-    return run
-
+# ==================================================================================================
+# report.py: one offline page
+# ==================================================================================================
 
 def test_report_is_one_offline_page_with_the_table_curves_and_samples(tiny_run, capsys):
     page = (tiny_run / "report.html").read_text()
@@ -1770,7 +2218,7 @@ def test_report_refuses_a_diagnosis_that_is_partial_in_one_line(tiny_run, tmp_pa
     for r in results.values():
         del r["parts"]
     json.dump(results, open(run / "diagnose" / "diagnostics.json", "w"))
-    r = run_script("report.py", f"--run={run}")
+    r = run_in_process("report.py", f"--run={run}")
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and "is partial (no parts); rerun diagnose" in r.stderr, r.stderr
     assert not (run / "report.html").exists()
 
@@ -1794,228 +2242,19 @@ def test_report_renders_in_headless_chromium_without_console_errors(tiny_run, tm
     console = re.findall(r'CONSOLE[^\]]*\] "(.*)", source: (\S+)', r.stderr)
     assert len(console) == 1 and console[0][0].startswith("RENDERED "), console
     assert json.loads(console[0][0][9:]) == {"images": 1, "decoded": 1, "svgs": CHARTS, "drawn": CHARTS}
-    import imageio.v3 as iio
     r = browse("--hide-scrollbars", f"--screenshot={tmp_path / 'shot.png'}", "--window-size=1400,2000",
                f"file://{tiny_run}/report.html")
     shot = iio.imread(tmp_path / "shot.png")[..., :3]
     assert shot.shape[:2] == (2000, 1400) and (shot.min(-1) < 200).mean() > 0.03, r.stderr[-500:]   # ink on it
 
 
-# ----------------------------------------------------------------------------- FSDP2 and several nodes
-def torchrun(args, out, parallel="ddp", ranks=2, launcher=("--standalone",), **popen):
-    """A stage's command line under torchrun on this machine (gloo): `ranks` processes per launcher."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", *launcher, f"--nproc_per_node={ranks}", *args,
-           f"--out_dir={out}", f"--parallel={parallel}"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    if popen:
-        return subprocess.Popen(cmd, cwd=HERE, env=env, text=True, **popen)
-    r = subprocess.run(cmd, cwd=HERE, capture_output=True, text=True, timeout=300, env=env)
-    assert r.returncode == 0, r.stderr[-3000:]
-    return r
+# ==================================================================================================
+# adapters.py: Wan through the policy interface (the optional extra)
+# ==================================================================================================
 
-
-def state_gap(a, b):
-    """The largest difference between two runs' resumable states: weights, EMA weights and AdamW moments."""
-    wa, wb = (checkpoint.read_checkpoint(os.path.join(x, "state.safetensors"))[0] for x in (a, b))
-    assert set(wa) == set(wb) and any(k.startswith("opt.") for k in wa)
-    return max(float((wa[k].double() - wb[k].double()).abs().max()) for k in wa)
-
-
-def memory_of(run):
-    return [r for r in read_log(os.path.join(run, "log.jsonl")) if "memory" in r][-1]
-
-
-def sharding_args(stage, init, tmp_path):
-    small = ["--device=cpu", "--warmup=1", "--ckpt_every=2"]
-    if stage == "sft":
-        return ["sft.py", f"--init={init}", "--data=curated", "--steps=4", "--batch_size=4", "--val_clips=4",
-                "--sample_steps=2", "--lr=1e-2", "--log_every=2", *small]
-    if stage == "dpo":
-        preference.save_pairs(str(tmp_path / "pairs.safetensors"), tiny_pairs(8))
-        return ["preference.py", f"--init={init}", f"--pairs={tmp_path}/pairs.safetensors", "--steps=4",
-                "--batch_size=4", "--lr=1e-3", "--log_every=2", "--eval_prompts=2", "--eval_steps=2", *small]
-    return ["reward_rl.py", f"--init={init}", f"--update={stage}", "--iters=3", "--prompts_per_iter=2", "--group_size=4",
-            "--rollout_steps=4", "--eval_prompts=2", "--eval_steps=2", "--eval_every=2", "--lr=1e-3", "--minibatches=2",
-            "--sft_batch=4", "--bf16=false", "--hold_probe=2", *small]
-
-
-def in_process(args, out):
-    """A stage's command line run in this process (one rank): quicker than a fresh interpreter."""
-    stage = {"sft.py": sft, "reward_rl.py": reward_rl, "preference.py": preference}[args[0]]
-    return stage.train(cli.parse_config(stage.Config, [*args[1:], f"--out_dir={out}"]))
-
-
-@pytest.mark.parametrize("stage", ["sft", "ppo", "nft", "dpo"])
-def test_a_stage_trains_alike_on_one_rank_two_ddp_ranks_and_two_fsdp_ranks(stage, trained_tiny, tmp_path):
-    """--parallel=fsdp shards the policy, its EMA, the frozen reference and AdamW's moments over the ranks (each holds
-    about half); gathered into the state file they equal one process's whole copies, and DDP's, to float rounding (the
-    reductions sum in another order). Stage II's rules share every line but the update: DDP runs AWM's
-    (test_grpo_one_and_two_ranks_agree, which adds FSDP and rollbacks), FSDP each."""
-    args = sharding_args(stage, trained_tiny, tmp_path)
-    in_process(args, tmp_path / "one")
-    fsdp = torchrun(args, tmp_path / "fsdp", "fsdp")
-    assert "2 rank(s)" in fsdp.stdout + fsdp.stderr and "terminate called" not in fsdp.stderr
-    moved = checkpoint.read_checkpoint(tmp_path / "one" / "ckpt.safetensors")[0]
-    start = checkpoint.read_checkpoint(trained_tiny)[0]
-    assert max(float((moved[k] - start[k]).abs().max()) for k in start) > 1e-3        # the runs did train
-    runs = ["one", "fsdp"]
-    if stage in ("sft", "dpo"):
-        torchrun(args, tmp_path / "ddp")
-        runs.append("ddp")
-    for a, b in zip(runs, runs[1:] + runs[:1]):
-        assert state_gap(tmp_path / a, tmp_path / b) < 1e-4, (a, b)
-    whole, sharded = memory_of(tmp_path / "one")["memory"], memory_of(tmp_path / "fsdp")["memory"]
-    for k in ("weights_mb_per_rank", "optimizer_mb_per_rank"):
-        assert sharded[k] < 0.6 * whole[k], (k, sharded, whole)
-
-
-def test_an_fsdp_run_killed_and_resumed_gives_the_weights_of_an_uninterrupted_one(trained_tiny, tmp_path):
-    """kill -9 of the whole job (the launcher and its two ranks) mid-run; the resumed run, sharded again from the gathered
-    state file, ends bitwise where an uninterrupted FSDP run does, rollbacks included."""
-    import signal
-    args = [a for a in sharding_args("awm", trained_tiny, tmp_path) if not a.startswith(("--iters", "--ckpt_every"))]
-    args += ["--ckpt_every=1", "--iters=7", "--spike_factor=1.01"]
-    torchrun(args, tmp_path / "ref", "fsdp")
-    assert max(r["rollbacks"] for r in read_log(tmp_path / "ref" / "log.jsonl") if "rollbacks" in r) > 0
-    for delay in (1.0, 0.3, 0.0):                                  # a later kill can miss the end of a fast run
-        shutil.rmtree(tmp_path / "kill", ignore_errors=True)
-        p = torchrun(args, tmp_path / "kill", "fsdp", stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        while not (tmp_path / "kill" / "state.safetensors").exists() and p.poll() is None:
-            time.sleep(0.01)
-        time.sleep(delay)
-        for pid in [p.pid, *children(p.pid)]:
-            os.kill(pid, signal.SIGKILL)
-        p.wait()
-        if not (tmp_path / "kill" / "ckpt.safetensors").exists():
-            break
-    assert not (tmp_path / "kill" / "ckpt.safetensors").exists()    # it was killed before its hand-off
-    torchrun(args + ["--resume=true"], tmp_path / "kill", "fsdp")
-    want, got = (checkpoint.read_checkpoint(tmp_path / run / "ckpt.safetensors")[0] for run in ("ref", "kill"))
-    assert all(torch.equal(want[k], got[k]) for k in want)
-
-
-def test_replicas_that_end_apart_refuse_to_hand_off(tmp_path):
-    """HSDP on two 'nodes' of one rank (a 2 x 1 mesh): both hold the same shard, so the hand-off compares them; one
-    moved on its own is caught, as under DDP."""
-    script = tmp_path / "apart.py"
-    script.write_text(f"""
-import os, sys
-sys.path.insert(0, {HERE!r})
-os.environ["LOCAL_WORLD_SIZE"] = "1"                     # one rank per node: replicas across the two
-import torch, model as M, distributed, cli
-d = distributed.setup_distributed("cpu", "hsdp")
-torch.manual_seed(0)                                     # every rank builds the same weights, as a checkpoint gives
-net = M.VideoDiT(M.preset("tiny"))
-distributed.shard(d, net)
-distributed.check_ranks_agree(net, d)                      # equal: passes
-if d.rank == 1:
-    with torch.no_grad():
-        net.final.bias.to_local().add_(1.0)
-try:
-    distributed.check_ranks_agree(net, d)
-except cli.Diverged as e:                           # each rank's own file: printed lines interleave
-    open(f"{{sys.argv[1]}}/caught{{d.rank}}", "w").write(str(e))
-distributed.teardown(d)
-""")
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script),
-                        str(tmp_path)], cwd=HERE, capture_output=True, text=True, timeout=120,
-                       env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert r.returncode == 0, r.stderr[-2000:]
-    for rank in (0, 1):
-        assert "the ranks ended with different weights" in (tmp_path / f"caught{rank}").read_text()
-
-def free_port():
-    import socket
-    with socket.socket() as s:
-        s.bind(("localhost", 0))
-        return s.getsockname()[1]
-
-
-def two_nodes(args, out, parallel):
-    """The README's multi-node launch, as two launchers of one process each on this machine: node 0 hosts the
-    rendezvous, each names its node rank."""
-    port = free_port()
-    return [torchrun(args, out, parallel, ranks=1, launcher=("--nnodes=2", f"--node_rank={n}",
-                                                             f"--rdzv_endpoint=localhost:{port}"),
-                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True) for n in (0, 1)]
-
-
-def test_two_nodes_train_as_one_node_does(trained_tiny, tmp_path):
-    """HSDP on two nodes of one process each (a 2 x 1 mesh: replicas across nodes) ends where one process does."""
-    args = sharding_args("awm", trained_tiny, tmp_path)
-    in_process(args, tmp_path / "one_node")
-    nodes = two_nodes(args, tmp_path / "two_nodes", "hsdp")
-    for p in nodes:
-        _, err = p.communicate(timeout=300)
-        assert p.returncode == 0, err[-3000:]
-    assert state_gap(tmp_path / "one_node", tmp_path / "two_nodes") < 1e-4
-
-
-def children(pid):
-    """The processes whose parent is pid, from /proc."""
-    kids = []
-    for entry in os.listdir("/proc"):
-        try:
-            if entry.isdigit() and int(open(f"/proc/{entry}/stat").read().rsplit(")", 1)[1].split()[1]) == pid:
-                kids.append(int(entry))
-        except OSError:
-            pass
-    return kids
-
-
-def test_a_node_that_dies_ends_the_job_on_the_other_within_a_minute(trained_tiny, tmp_path):
-    """Node 1 is killed whole (kill -9 of its launcher and rank) once the run has checkpointed; node 0's rank finds
-    its peer gone at the next collective and ends with one line naming what happened, not a hang or a traceback."""
-    import signal
-    args = [a for a in sharding_args("awm", trained_tiny, tmp_path) if not a.startswith(("--iters", "--ckpt_every"))]
-    args += ["--ckpt_every=1", "--iters=200"]
-    node0, node1 = two_nodes(args, tmp_path / "run", "ddp")
-    while not (tmp_path / "run" / "state.safetensors").exists() and node0.poll() is None:
-        time.sleep(0.05)
-    for pid in [node1.pid, *children(node1.pid)]:                   # torchrun starts each rank in a session of its own
-        os.kill(pid, signal.SIGKILL)
-    t0 = time.time()
-    _, err = node0.communicate(timeout=120)
-    assert time.time() - t0 < 60 and node0.returncode != 0
-    assert "error: lost contact with another rank" in err, err[-3000:]
-    assert not (tmp_path / "run" / "ckpt.safetensors").exists()    # the last state is kept for --resume=true
-
-
-# ----------------------------------------------------------------------------- Wan through adapters.py (the optional extra)
-# A random tiny Wan (2 layers, 2 heads of 12, 4 latent channels, 16x16x2 latents = 128x128x5 pixels) behind the policy
-# interface, through the real stage entry points. `make test` installs the extra (requirements-wan.txt); elsewhere
-# these tests skip without it, in CI they fail.
-import importlib.util
-
-HAVE_WAN = all(importlib.util.find_spec(m) for m in ("diffusers", "peft"))
-needs_wan = pytest.mark.skipif(not HAVE_WAN and not os.environ.get("CI"),
-                               reason="the Wan extra is not installed: pip install -r requirements-wan.txt")
-# One pixel's value: a reward with spread in every group (a random tiny VAE draws much the same clip from any latent).
-PIXEL = lambda clips, prompts: {"fidelity": torch.zeros(len(clips)), "temporal": torch.zeros(len(clips)),
-                                "instruction": clips[:, 0, -1, 64, 64]}
-
-
-def wan_rl(init, out_dir, **kw):
-    base = dict(init=str(init), out_dir=str(out_dir), iters=1, prompts_per_iter=1, group_size=2, rollout_steps=2,
-                sde_window=1, eval_prompts=1, eval_steps=1, eval_every=100, ckpt_every=1, epochs=1, warmup=1, lr=1e-2,
-                sft_weight=0.0, std_floor=1e-6, hold_probe=2, device="cpu")
-    return reward_rl.Config(**{**base, **kw})
-
-
-@pytest.fixture(scope="module")
-def wan_chain(tmp_path_factory):
-    """init -> Stage I (1 step) -> Stage II (1 iteration, AWM and PPO) -> Stage III (1 step), each from the last's file."""
-    import adapters
-    root = tmp_path_factory.mktemp("wan")
-    init = str(root / "init.safetensors")
-    adapters.init_checkpoint([f"--out={init}", "--checkpointing=true"])          # recomputed blocks, as on a GPU
-    tuned = sft.train(sft.Config(init=init, out_dir=str(root / "sft"), steps=1, batch_size=2, lr=1e-2, warmup=1, log_every=1,
-                                 ckpt_every=1, val_clips=2, sample_steps=1, device="cpu"))
-    rl = {u: reward_rl.train(wan_rl(tuned, root / f"rl_{u}", update=u), reward_fn=PIXEL) for u in ("awm", "ppo")}
-    dpo = preference.train(preference.Config(init=rl["awm"], out_dir=str(root / "dpo"), pair_prompts=1, samples_per_prompt=2,
-                                             sample_steps=1, margin=0.0, steps=1, batch_size=2, lr=1e-2, warmup=1,
-                                             log_every=1, eval_prompts=1, eval_steps=1, device="cpu"))
-    return dict(root=root, init=init, sft=tuned, awm=rl["awm"], ppo=rl["ppo"], dpo=dpo)
+# A random tiny Wan (2 layers, 2 heads of 12, 4 latent channels, 16x16x2 latents = 128x128x5
+# pixels) behind the policy interface, through the real stage entry points (wan_chain runs each
+# stage from the last one's file).
 
 
 @needs_wan
@@ -2202,17 +2441,9 @@ def test_wan_full_fine_tuning_and_one_line_refusals(wan_chain, monkeypatch, caps
         checkpoint.load_model(wan_chain["init"])
 
 
-def fake_states(prompts):
-    """A stand-in text encoder for --text=module:function: (B, 3, 16), one row per word of the first three ('' past
-    the prompt's end, so the empty prompt has states too, as an encoder's end token)."""
-    return torch.stack([torch.tensor([[float(len(w)), float(i), 1.0] * 5 + [0.0] for i, w in enumerate((p.split() + [""] * 3)[:3])])
-                        for p in prompts])
-
-
 @needs_wan
 def test_wan_prompt_states_from_a_file_or_a_callable(tmp_path):
     import adapters
-    from safetensors.torch import save_file
     prompts = ["a fast red circle moving left", "a slow blue square moving up"]
     states = {p: torch.randn(3 + i, 16) for i, p in enumerate(prompts)} | {"": torch.full((1, 16), 0.5)}
     save_file(states, str(tmp_path / "states.safetensors"))
@@ -2256,7 +2487,6 @@ def test_wan_embed_cleans_prompts_as_wan_pipeline_does(tmp_path, monkeypatch):
     monkeypatch.setattr(data, "caption", lambda *a: " a  fast &amp;amp; red circle ")
     (tmp_path / "text_encoder").mkdir()
     adapters.embed([f"--source={tmp_path}", f"--out={tmp_path / 'states.safetensors'}"])
-    from safetensors.torch import load_file
     states = load_file(str(tmp_path / "states.safetensors"))
     assert set(seen) == {"", "a fast & red circle"} and set(states) == {"", " a  fast &amp;amp; red circle "}
     assert states[" a  fast &amp;amp; red circle "][0, 0] == len("a fast & red circle")
@@ -2269,15 +2499,20 @@ def test_wan_lora_stage_ii_runs_sharded_and_matches_one_process(wan_chain, tmp_p
     args = ["reward_rl.py", f"--init={wan_chain['sft']}", "--iters=1", "--prompts_per_iter=1", "--group_size=2",
             "--rollout_steps=2", "--sde_window=1", "--eval_prompts=2", "--eval_steps=1", "--ckpt_every=1", "--epochs=1",
             "--warmup=1", "--lr=1e-2", "--sft_batch=2", "--std_floor=1e-6", "--bf16=false", "--device=cpu"]
+    import adapters                                   # a bf16 transformer with fp32 factors shards and trains alike
+    adapters.init_checkpoint([f"--out={tmp_path}/bf16.safetensors", "--dtype=bfloat16"])
+    # both jobs and "one" side by side
+    fsdp = torchrun(args, tmp_path / "fsdp", "fsdp", **PIPES)
+    bf16_init = f"--init={tmp_path}/bf16.safetensors"
+    bf16_args = [bf16_init if a.startswith("--init=") else a for a in args]
+    bf16 = torchrun(bf16_args, tmp_path / "bf16", "fsdp", **PIPES)
     in_process(args, tmp_path / "one")
-    torchrun(args, tmp_path / "fsdp", "fsdp")
+    finish(fsdp)
     assert state_gap(tmp_path / "one", tmp_path / "fsdp") < 1e-4
     before, after = (checkpoint.read_checkpoint(p)[0] for p in (wan_chain["sft"], tmp_path / "fsdp" / "ckpt.safetensors"))
     moved = [k for k in after if k in before and not torch.equal(before[k], after[k])]
     assert moved and all("lora" in k for k in moved)
-    import adapters                                   # a bf16 transformer with fp32 factors shards and trains alike
-    adapters.init_checkpoint([f"--out={tmp_path}/bf16.safetensors", "--dtype=bfloat16"])
-    torchrun([f"--init={tmp_path}/bf16.safetensors" if a.startswith("--init=") else a for a in args], tmp_path / "bf16", "fsdp")
+    finish(bf16)
     factors = checkpoint.read_checkpoint(tmp_path / "bf16" / "ckpt.safetensors")[0]
     assert factors and all(v.dtype == torch.float32 for k, v in factors.items() if "lora" in k)
 
