@@ -67,6 +67,9 @@ CHARTS = 2 + 2 + 7 + 4 + 2 + len(rewards.HEADS) + 3 + 2 + 5
 HAVE_WAN = all(importlib.util.find_spec(m) for m in ("diffusers", "peft"))
 needs_wan = pytest.mark.skipif(not HAVE_WAN and not os.environ.get("CI"),
                                reason="the Wan extra is not installed: pip install -r requirements-wan.txt")
+# Stage II's size in the bench and race fixtures' runs, as tiny_rl's: their tables are what's tested
+TINY_STAGE_II = ["--prompts_per_iter=2", "--group_size=4", "--rollout_steps=4", "--sft_batch=4",
+                 "--hold_probe=2"]
 # One pixel's value: a reward with spread in every group (a random tiny VAE draws much the same clip from any latent).
 PIXEL = lambda clips, prompts: {"fidelity": torch.zeros(len(clips)), "temporal": torch.zeros(len(clips)),
                                 "instruction": clips[:, 0, -1, 64, 64]}
@@ -194,13 +197,11 @@ def run_script(*args):
     return subprocess.run([sys.executable, *args], cwd=HERE, capture_output=True, text=True, timeout=300)
 
 
-def first_of_each_command(table):
-    """The first case of each script and subcommand (`judge.py train`, `sft.py`) in a table of
-    command lines."""
+def first_of_each_script(table):
+    """The first case of each script in a table of command lines."""
     firsts = {}
     for case, (cmd, *_) in table.items():
-        command = " ".join(w for w in cmd.split()[:2] if not w.startswith("-"))
-        firsts.setdefault(command, case)
+        firsts.setdefault(cmd.split()[0], case)
     return set(firsts.values())
 
 
@@ -226,7 +227,7 @@ def run_in_process(*args):
         sys.argv = list(args)
         with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
             with warnings.catch_warnings():
-                # printed where they happen, once per place (a fresh interpreter's way), on its stderr
+                # printed where they happen, once per place (as a fresh interpreter does)
                 warnings.simplefilter("default")
                 warnings.showwarning = show
                 try:
@@ -444,15 +445,20 @@ def trained_tiny(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def tiny_ablations(tiny_checkpoints):
-    """Two rows of make ablations (the judge with and without its stability terms), 1 iteration each."""
+    """Two rows of make ablations (the judge with and without its stability terms), 1 iteration
+    each, each row's Stage II at the tiny size of the other Stage II tests (bench.SMALL extended
+    while the module's tests run: a row is redone where its command differs)."""
     base, tuned, root = tiny_checkpoints
     judge_file = root / "ablation_judge.safetensors"
     judge.train_reward_model([f"--generators={base}", "--generator_clips=4", "--calib_clips=4", "--members=2", "--steps=3",
                               "--pool_clips=24", "--batch_size=8", "--eval_clips=24", f"--out={judge_file}"])
     args = [f"--init={tuned}", f"--reward_model={judge_file}", "--iters=1", "--only=judge,judge_unguarded",
             "--heldout_prompts=2", f"--out={root / 'ablations'}"]
-    bench.bench_ablations(args)
-    return root / "ablations", args
+    with pytest.MonkeyPatch.context() as patch:
+        tiny = [*TINY_STAGE_II, "--eval_prompts=2", "--eval_steps=2"]
+        patch.setattr(bench, "SMALL", [*bench.SMALL, *tiny])
+        bench.bench_ablations(args)
+        yield root / "ablations", args
 
 
 @pytest.fixture(scope="module")
@@ -461,8 +467,11 @@ def tiny_race(tiny_checkpoints):
     iteration each (a budget of 2 network evaluations stops each after its first iteration)."""
     _, tuned, root = tiny_checkpoints
     threads = torch.get_num_threads()
-    race.main([f"--init={tuned}", "--rules=flow_grpo,nft_floor", "--seeds=1", "--nfe=2", "--evals=2",
-               "--heldout_prompts=1", f"--out={root / 'race'}"])
+    with pytest.MonkeyPatch.context() as patch:
+        # each run's Stage II at the tiny size of the other Stage II tests (a rule's own flags win)
+        patch.setattr(race, "RACE_FLAGS", [*race.RACE_FLAGS, *TINY_STAGE_II])
+        race.main([f"--init={tuned}", "--rules=flow_grpo,nft_floor", "--seeds=1", "--nfe=2",
+                   "--evals=2", "--heldout_prompts=1", f"--out={root / 'race'}"])
     # race.main runs its two jobs on one thread each, this process's too: later tests get theirs
     torch.set_num_threads(threads)
     return root / "race"
@@ -1751,11 +1760,10 @@ BAD_INPUT = {
     "judge_no_command": ("judge.py", "no command; usage: python judge.py"),
     "bench_unknown_command": ("bench.py speeed", "unknown command 'speeed'"),
 }
-# The cases run in a fresh interpreter, as a user runs them: the first of each script and subcommand
-# (so every __main__ block, and the exit a shell sees, is checked that way), a refusal after a model
-# is loaded and one from the file system mid-write. The rest run in this process (bad_runs): the
-# same __main__ blocks and checks.
-FRESH_INTERPRETER = first_of_each_command(BAD_INPUT) | {"nan_weights", "gif_write_refused"}
+# The cases run in a fresh interpreter, as a user runs them: the first of each of the 12 scripts, so
+# that every __main__ block (a subcommand is dispatched inside it), and the exit a shell sees, is
+# checked that way. The rest run in this process (bad_runs): the same __main__ blocks and checks.
+FRESH_INTERPRETER = first_of_each_script(BAD_INPUT)
 
 
 @pytest.mark.parametrize("case", list(BAD_INPUT))
