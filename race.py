@@ -2,6 +2,7 @@
 
     python race.py                                   # RACED's rules, 3 seeds, 12,000 evaluations each
     python race.py --rules=awm,awm_floor --seeds=1   # a subset; RULES names every rule it knows
+    python race.py --rules= --join=runs/a/race.json,runs/b/race.json=db078ad   # earlier races' runs, one table
 
 One SFT checkpoint, the same training prompts, the same held-out evaluation (diagnose's 64 clips, its noise and
 sampler), each rule with its own settings (the short sweeps beside them in docs/results.md, Update rules raced) and
@@ -58,18 +59,22 @@ def main(argv):
         heldout_prompts: int = 16                          # per split, x 2 seeds: diagnose's 64 clips
         jobs: int = 2                                      # runs at once, one thread each (2 on 2 cores)
         out: str = "runs/race"                             # one run folder per rule and seed, race.json, race.md
+        join: tuple = ()                                   # earlier race.json files (PATH or PATH=LABEL) whose runs
+                                                           # join the tables, as rule@LABEL where a label is given
     cfg = parse_config(C, argv)
     check_ranges(cfg, at_least_one=("seeds", "evals", "heldout_prompts", "nfe", "jobs"))
     unknown = [r for r in cfg.rules if r not in RULES]
-    if unknown or not cfg.rules:
+    if unknown or not (cfg.rules or cfg.join):
         raise ConfigError(f"--rules: unknown rule {unknown[0]!r}; choose from {', '.join(RULES)}" if unknown else
                           f"--rules is empty; choose from {', '.join(RULES)}")
+    earlier = [read_race(spec, cfg) for spec in cfg.join]
     load_model(cfg.init)
-    bench_folder(cfg.out, [cfg.init])
+    bench_folder(cfg.out, [cfg.init, *(spec.partition("=")[0] for spec in cfg.join)])
     point = lambda ckpt, cost: {**cost, **{k: v[0] for k, v in held_out(ckpt, None, cfg.heldout_prompts).items()
                                            if k in ("acc_all", "fidelity", "temporal", "instruction")}}
     zero = {"nfe": 0, "rollouts": 0, "steps": 0, "seconds": 0.0}
     start = point(cfg.init, zero)
+    joined = join_runs(earlier, start)
     env = {**os.environ, **({"OMP_NUM_THREADS": "1"} if cfg.jobs > 1 else {})}
 
     def race_one(rule, seed):
@@ -95,11 +100,49 @@ def main(argv):
         torch.set_num_threads(1)
     with ThreadPoolExecutor(cfg.jobs) as pool:
         runs = dict(pool.map(lambda job: race_one(*job), [(r, s) for r in cfg.rules for s in range(cfg.seeds)]))
+    clash = sorted(set(runs) & set(joined))
+    if clash:
+        raise ConfigError(f"--join: a joined run is named {clash[0]!r} like one of this race; give its race a =LABEL")
+    runs.update(joined)
+    os.makedirs(cfg.out, exist_ok=True)   # a race of joined runs alone has made no run folder in it
     result = {"start": start, "init": cfg.init, "nfe": cfg.nfe, "floor": FLOOR, "machine": machine(), "runs": runs,
               "table": race_table(start, runs)}
     write_text(os.path.join(cfg.out, "race.json"), json.dumps(result, indent=1))
     write_text(os.path.join(cfg.out, "race.md"), race_markdown(result))
     print(race_markdown(result))
+
+
+def read_race(spec, cfg):
+    """An earlier race to join (PATH or PATH=LABEL), checked before anything runs: it raced from --init on --nfe
+    evaluations a run, so its points sit on the same axes as this race's."""
+    path, _, label = spec.partition("=")
+    try:
+        result = json.load(open(path))
+        init, nfe, runs = result["init"], result["nfe"], result["runs"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ConfigError(f"--join: {path} is not a race.json written by race.py ({type(e).__name__})") from None
+    if (init, nfe) != (cfg.init, cfg.nfe):
+        raise ConfigError(f"--join: {path} raced from {init} on {nfe:,} evaluations a run; this race: "
+                          f"{cfg.init} on {cfg.nfe:,}")
+    named = {f"{name}@{label}" if label else name: {**run, "rule": f"{run['rule']}@{label}" if label else run["rule"]}
+             for name, run in runs.items()}
+    return path, result["start"], named
+
+
+def join_runs(earlier, start):
+    """The joined races' runs, each race's start equal to this one's (the same checkpoint and held-out clips give the
+    same start; another code version or evaluation would not)."""
+    joined = {}
+    for path, their_start, runs in earlier:
+        moved = [k for k in ("acc_all", "fidelity", "temporal") if abs(their_start[k] - start[k]) > 1e-9]
+        if moved:
+            raise ConfigError(f"--join: {path} started at {moved[0]} {their_start[moved[0]]:.4f}, this race at "
+                              f"{start[moved[0]]:.4f}: its evaluation differs")
+        clash = sorted(set(joined) & set(runs))
+        if clash:
+            raise ConfigError(f"--join: two joined races hold a run named {clash[0]!r}; give one a =LABEL")
+        joined.update(runs)
+    return joined
 
 
 def health(log):
@@ -129,7 +172,7 @@ def race_table(start, runs):
     """{threshold: {rule: row}}: per rule the mean and spread over seeds of each cost to reach the threshold within the
     floors (and, for comparison, at any fidelity), fidelity and temporal there, and how many seeds reached it; then
     each rule's end of budget."""
-    rules = sorted({r["rule"] for r in runs.values()}, key=list(RULES).index)
+    rules = sorted({r["rule"] for r in runs.values()}, key=lambda r: (list(RULES).index(r.split("@")[0]), r))
     table = {}
     for gain in GAINS:
         rows = {}

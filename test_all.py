@@ -2182,6 +2182,28 @@ def test_race_reports_each_rules_cost_to_each_gain_within_the_floors_from_resume
     assert race.reach(bought, 0.05)[0]["nfe"] == 10 and race.reach(bought, 0.05, floor=True)[0]["nfe"] == 20
 
 
+def test_race_joins_an_earlier_race_from_the_same_start_and_refuses_one_from_another(tiny_race, tiny_checkpoints,
+                                                                                      tmp_path):
+    """--join puts an earlier race's runs in this one's tables (named rule@LABEL); one raced from another budget,
+    or a file that is no race, is refused before anything runs."""
+    _, tuned, _ = tiny_checkpoints
+    threads = torch.get_num_threads()
+    args = [f"--init={tuned}", "--rules=", "--nfe=2", "--evals=2", "--heldout_prompts=1"]
+    race.main([*args, f"--join={tiny_race / 'race.json'}=before", f"--out={tmp_path / 'joined'}"])
+    torch.set_num_threads(threads)
+    result = json.load(open(tmp_path / "joined" / "race.json"))
+    assert set(result["runs"]) == {"flow_grpo_s0@before", "nft_floor_s0@before"}
+    assert set(result["table"]["end"]) == {"flow_grpo@before", "nft_floor@before"}
+    earlier = json.load(open(tiny_race / "race.json"))["runs"]["nft_floor_s0"]["points"]
+    assert result["runs"]["nft_floor_s0@before"]["points"] == earlier
+    assert "| nft_floor@before |" in (tmp_path / "joined" / "race.md").read_text()
+    with pytest.raises(cli.ConfigError, match="on 2 evaluations a run; this race: .* on 3"):
+        race.main([*args[:2], "--nfe=3", f"--join={tiny_race / 'race.json'}", f"--out={tmp_path / 'other'}"])
+    with pytest.raises(cli.ConfigError, match="is not a race.json"):
+        race.main([*args, f"--join={tuned}", f"--out={tmp_path / 'other'}"])
+    assert not (tmp_path / "other").exists()
+
+
 # ==================================================================================================
 # report.py: one offline page
 # ==================================================================================================
