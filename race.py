@@ -36,6 +36,8 @@ RULES = {
     "awm": ["--update=awm", "--hold=", "--lr=3e-4"],                              # the default before the floor
     "awm_floor": ["--update=awm"],                                                 # the default: the floor turns the lr
     "awm_floor_half": ["--update=awm", "--hold_guard=0.5"],                       # ... its guard line at half a margin
+    "awm_floor_short_warmup": ["--update=awm", "--warmup=2"],                     # ... the lr warmed up in 1 iteration
+    "awm_floor_2x_lr": ["--update=awm", "--lr=2e-4"],                             # ... at twice the lr
     "awm_floor_curated": ["--update=awm", "--hold_via=curated"],                  # ... or the curated term (DDRL's KL)
     "awm_floor_kl": ["--update=awm", "--hold_via=kl"],                            # ... or the KL (an adaptive KL)
     "nft_floor": ["--update=nft", "--lr=3e-4"],                                    # DiffusionNFT under the floor

@@ -70,7 +70,8 @@ def fmt_tick(v, step):
 
 def svg_plot(title, series, xlabel, log=False, w=420, h=230):
     """A line chart as inline SVG. series: [(name, xs, ys)], None in ys leaves a gap; log: a log10 y axis, where
-    values <= 0 cannot be drawn and are left out. Sparse series get markers, so a lone evaluation still shows."""
+    values <= 0 cannot be drawn and are left out. Sparse series get markers, so a lone evaluation still shows.
+    Series of one name share a colour and a legend entry (a rule's seeds, say)."""
     f = math.log10 if log else float
     pts = [[(x, f(y)) if y is not None and math.isfinite(y) and (y > 0 or not log) else None for x, y in zip(xs, ys)]
            for _, xs, ys in series]
@@ -109,13 +110,17 @@ def svg_plot(title, series, xlabel, log=False, w=420, h=230):
     out.append(f'<path d="M{L},{T} V{h - B} H{w - R}" fill="none" stroke="#444"/>'
                f'<text x="{(L + w - R) / 2}" y="{h - B + 29}" text-anchor="middle" fill="#444">{esc(xlabel)}</text>')
     lx, ly = L, h + 12
-    for i, ((name, _, _), p) in enumerate(zip(series, pts)):
-        c = PALETTE[i % len(PALETTE)]
+    colours = {}
+    for (name, _, _), p in zip(series, pts):
+        named = name in colours
+        c = colours.setdefault(name, PALETTE[len(colours) % len(PALETTE)])
         segs = [[(px(x), py(y)) for x, y in run] for drawn, run in itertools.groupby(p, bool) if drawn]  # gaps split
         out += [f'<polyline points="{" ".join(f"{x:.1f},{y:.1f}" for x, y in seg)}" fill="none" stroke="{c}" '
                 f'stroke-width="1.8"/>' for seg in segs]
         if sum(map(len, segs)) <= 30:
             out += [f'<circle cx="{x:.1f}" cy="{y:.1f}" r="2.6" fill="{c}"/>' for seg in segs for x, y in seg]
+        if named:
+            continue
         width = 26 + 6.4 * len(name)
         lx, ly = (L, ly + 16) if lx + width > w - R and lx > L else (lx, ly)
         out.append(f'<rect x="{lx}" y="{ly - 8}" width="14" height="4" fill="{c}"/>'
@@ -305,12 +310,13 @@ def ablation_blocks(path):
 
 def race_charts(result):
     """The race's pictures: all-attributes accuracy against network evaluations, and its gain against the change in
-    fidelity (the thesis: a gain not bought with fidelity lies right of the floor's line), a line per run (rule and
-    seed: the spread over seeds is the lines' spread), a mark per evaluation."""
+    fidelity (the thesis: a gain not bought with fidelity lies right of the floor's line), a line per run in its
+    rule's colour (the spread over seeds is the lines' spread), a mark per evaluation."""
     runs, start = result["runs"], result["start"]
-    series = [(n, [p["nfe"] for p in r["points"]], [p["acc_all"] for p in r["points"]]) for n, r in runs.items()]
-    trade = [(n, [p["fidelity"] - start["fidelity"] for p in r["points"]],
-              [p["acc_all"] - start["acc_all"] for p in r["points"]]) for n, r in runs.items()]
+    series = [(r["rule"], [p["nfe"] for p in r["points"]], [p["acc_all"] for p in r["points"]])
+              for r in runs.values()]
+    trade = [(r["rule"], [p["fidelity"] - start["fidelity"] for p in r["points"]],
+              [p["acc_all"] - start["acc_all"] for p in r["points"]]) for r in runs.values()]
     floor = -result.get("floor", {}).get("fidelity", 0.01)
     trade.append((f"fidelity floor ({floor:+.2f})", [floor, floor], [min(min(ys) for _, _, ys in trade),
                                                                      max(max(ys) for _, _, ys in trade)]))

@@ -2197,6 +2197,10 @@ def test_race_joins_an_earlier_race_from_the_same_start_and_refuses_one_from_ano
     earlier = json.load(open(tiny_race / "race.json"))["runs"]["nft_floor_s0"]["points"]
     assert result["runs"]["nft_floor_s0@before"]["points"] == earlier
     assert "| nft_floor@before |" in (tmp_path / "joined" / "race.md").read_text()
+    # a rule's seeds: one colour, one legend entry, a line each (and the floor's line)
+    again = {**result["runs"], "seed1": result["runs"]["nft_floor_s0@before"]}
+    trade = report.race_charts({**result, "runs": again})[1][0]
+    assert trade.count(">nft_floor@before</text>") == 1 and trade.count("<polyline") == 4
     with pytest.raises(cli.ConfigError, match="on 2 evaluations a run; this race: .* on 3"):
         race.main([*args[:2], "--nfe=3", f"--join={tiny_race / 'race.json'}", f"--out={tmp_path / 'other'}"])
     with pytest.raises(cli.ConfigError, match="is not a race.json"):
