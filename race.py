@@ -227,7 +227,14 @@ def race_markdown(result):
         lines.append(f"| {rule} | {e['nfe']:,.0f} | {pm(e, 'acc_all')} | {pm(e, 'fidelity')} | {pm(e, 'temporal')} | "
                      f"{e['d_instruction']:+.3f} | {e['within_floor']}/{seeds} |")
     lines += ["", "A `>=` cost: some seed never reached the gain within the floors in its budget (its last point "
-              "counts, a lower bound).", ""]
+              "counts, a lower bound).", "", "Per run, each evaluation: network evaluations: all-attributes gain / "
+              "fidelity change / temporal change (* outside a floor):", ""]
+    for name, run in result["runs"].items():
+        cells = [f"{p['nfe']:,}: {p['acc_all'] - start['acc_all']:+.3f} / {p['fidelity'] - start['fidelity']:+.3f} / "
+                 f"{p['temporal'] - start['temporal']:+.3f}{'' if within_floor(p, start) else ' *'}"
+                 for p in run["points"][1:]]
+        lines.append(f"- {name}: " + "; ".join(cells))
+    lines.append("")
     for name, run in result["runs"].items():
         h = {k: [v for v in vals if v is not None] for k, vals in run["health"].items() if k != "ratio_by_step"}
         mean = lambda k: sum(h[k]) / len(h[k]) if h[k] else float("nan")

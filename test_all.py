@@ -2177,6 +2177,8 @@ def test_race_reports_each_rules_cost_to_each_gain_within_the_floors_from_resume
     assert set(result["table"]["+0.05"]) == set(result["table"]["end"]) == {"flow_grpo", "nft_floor"}
     text = (tiny_race / "race.md").read_text()
     assert "| nft_floor |" in text and "fidelity within 0.01" in text
+    points = result["runs"]["nft_floor_s0"]["points"]                          # each run's points, in a line
+    assert f"- nft_floor_s0: {points[1]['nfe']:,}: " in text and f"; {points[2]['nfe']:,}: " in text
     start = {"acc_all": 0.5, "fidelity": 0.6, "temporal": 0.7}                 # a gain bought with fidelity is no gain
     bought = [start, {**start, "nfe": 10, "acc_all": 0.6, "fidelity": 0.58}, {**start, "nfe": 20, "acc_all": 0.6}]
     assert race.reach(bought, 0.05)[0]["nfe"] == 10 and race.reach(bought, 0.05, floor=True)[0]["nfe"] == 20
