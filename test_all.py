@@ -55,6 +55,11 @@ import stability
 # adapters.py (diffusers' Wan) is the optional extra: the Wan tests import it themselves, so that
 # this file imports, and its other tests run, without the extra installed
 
+# One torch thread in this process, as in every process the tests start (OMP_NUM_THREADS=1): tiny
+# models gain nothing from a second, and two OpenMP threads spin against any other busy process on
+# 2 cores (the tests' own torchrun jobs beside an in-process run)
+torch.set_num_threads(1)
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 TINY_WORLD = data.WorldConfig(frames=4, size=16)
 KILL_TRIALS = int(os.environ.get("POSTFLOW_KILL_TRIALS", "1"))   # `make killtest` runs 10 per stage
