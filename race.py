@@ -78,7 +78,8 @@ def main(argv):
                                            if k in ("acc_all", "fidelity", "temporal", "instruction")}}
     zero = {"nfe": 0, "rollouts": 0, "steps": 0, "seconds": 0.0}
     start = point(cfg.init, zero)
-    joined = join_runs(earlier, start)
+    planned = [(r, s) for r in cfg.rules for s in range(cfg.seeds)]
+    joined = join_runs(earlier, start, {f"{r}_s{s}" for r, s in planned})
     env = {**os.environ, **({"OMP_NUM_THREADS": "1"} if cfg.jobs > 1 else {})}
 
     def race_one(rule, seed):
@@ -103,10 +104,7 @@ def main(argv):
     if cfg.jobs > 1:   # runs side by side, each on one thread (its evaluations too): the cores' share is equal
         torch.set_num_threads(1)
     with ThreadPoolExecutor(cfg.jobs) as pool:
-        runs = dict(pool.map(lambda job: race_one(*job), [(r, s) for r in cfg.rules for s in range(cfg.seeds)]))
-    clash = sorted(set(runs) & set(joined))
-    if clash:
-        raise ConfigError(f"--join: a joined run is named {clash[0]!r} like one of this race; give its race a =LABEL")
+        runs = dict(pool.map(lambda job: race_one(*job), planned))
     runs.update(joined)
     os.makedirs(cfg.out, exist_ok=True)   # a race of joined runs alone has made no run folder in it
     result = {"start": start, "init": cfg.init, "nfe": cfg.nfe, "floor": FLOOR, "machine": machine(), "runs": runs,
@@ -133,10 +131,11 @@ def read_race(spec, cfg):
     return path, result["start"], named
 
 
-def join_runs(earlier, start):
+def join_runs(earlier, start, names):
     """The joined races' runs, each race's start equal to this one's (the same checkpoint and held-out clips give the
-    same start; another code version or evaluation would not)."""
-    joined = {}
+    same start; another code version or evaluation would not), each run's name its own: none of this race's `names`
+    nor another joined run's, checked before this race runs."""
+    joined = dict.fromkeys(names)
     for path, their_start, runs in earlier:
         moved = [k for k in ("acc_all", "fidelity", "temporal") if abs(their_start[k] - start[k]) > 1e-9]
         if moved:
@@ -144,9 +143,9 @@ def join_runs(earlier, start):
                               f"{start[moved[0]]:.4f}: its evaluation differs")
         clash = sorted(set(joined) & set(runs))
         if clash:
-            raise ConfigError(f"--join: two joined races hold a run named {clash[0]!r}; give one a =LABEL")
+            raise ConfigError(f"--join: a run named {clash[0]!r} stands in two races; give one a =LABEL")
         joined.update(runs)
-    return joined
+    return {name: run for name, run in joined.items() if name not in names}
 
 
 def health(log):
