@@ -48,29 +48,46 @@ def run_cli(main, argv):
     """Run main(argv); turn the errors a user can cause into one line on stderr and exit code 2 (SIGTERM: 143,
     Ctrl-C: 130, the signals' conventional codes)."""
     signal.signal(signal.SIGTERM, on_sigterm)
+    code = 0
     try:
         main(argv)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+        code = 2
     except OSError as e:   # a file system that refuses a path or a write, wherever it happens
         what = f"{e.filename}: " if e.filename else ""
         print(f"error: {what}{e.strerror or e}; every file already written is whole (temp file, then rename)",
               file=sys.stderr)
-        sys.exit(2)
+        code = 2
     except Terminated:
         print("terminated (SIGTERM): the last checkpoint is kept; rerun with --resume=true to continue", file=sys.stderr)
-        sys.exit(143)
+        code = 143
     except KeyboardInterrupt:
         print("interrupted: the last checkpoint is kept; rerun with --resume=true to continue", file=sys.stderr)
-        sys.exit(130)
+        code = 130
     except RuntimeError as e:   # a torchrun job whose peer left mid-collective (dist.DistError is one): one line
         if "RANK" not in os.environ or not any(m in str(e) for m in PEER_LOST):
             raise
         print(f"error: lost contact with another rank ({str(e).splitlines()[0][:160]}): it stopped (its own error, if "
               f"any, is above) or its node died; the last checkpoint is kept: relaunch every node with --resume=true",
               file=sys.stderr)
-        sys.exit(2)
+        code = 2
+    leave(code)
+
+
+def leave(code):
+    """End the process with exit status `code`. A rank of a multi-process job ends with os._exit, once its output
+    is flushed and its run folders released, skipping the interpreter's teardown: an FSDP mesh keeps gloo's process
+    group and its threads alive past destroy_process_group, and tearing them down while the interpreter exits
+    aborted a rank now and then ("terminate called without an active exception"; docs/results.md, A rank's
+    abort at exit)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        release_run_folders()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    if code:
+        sys.exit(code)
 
 
 # What gloo and NCCL say when a rank's peer is gone (its process or node died, or its links went down). gloo says so

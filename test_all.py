@@ -290,12 +290,21 @@ def torchrun(args, out, parallel="ddp", ranks=2, launcher=("--standalone",), **p
     """A stage's command line under torchrun on this machine (gloo): `ranks` processes per launcher."""
     cmd = [sys.executable, "-m", "torch.distributed.run", *launcher, f"--nproc_per_node={ranks}", *args,
            f"--out_dir={out}", f"--parallel={parallel}"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    # faulthandler: a rank that aborts prints where (its Python stack, or that it had none left)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONFAULTHANDLER": "1"}
     if popen:
         return subprocess.Popen(cmd, cwd=HERE, env=env, text=True, **popen)
     r = subprocess.run(cmd, cwd=HERE, capture_output=True, text=True, timeout=300, env=env)
-    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.returncode == 0, why_failed(r.stderr)
     return r
+
+
+def why_failed(stderr):
+    """A failed job's stderr for its assertion: the lines that name a rank's abort and where it was, first (torchrun's
+    long report of it comes after them and would push them out of a plain tail), then the tail."""
+    marks = ("terminate", "what()", "Fatal Python", "File \"", "Error", "error:")
+    said = [line for line in stderr.splitlines() if any(m in line for m in marks)]
+    return "\n".join(said[:40]) + "\n...\n" + stderr[-1500:]
 
 
 # torchrun(..., **PIPES) starts a job and returns at once: jobs that do not depend on each other run
@@ -312,7 +321,7 @@ def finish(job, timeout=300):
         job.kill()
         job.communicate()
         raise
-    assert job.returncode == 0, err[-3000:]
+    assert job.returncode == 0, why_failed(err)
     return subprocess.CompletedProcess(job.args, job.returncode, out, err)
 
 
@@ -2089,13 +2098,12 @@ try:
 except cli.Diverged as e:                           # each rank's own file: printed lines interleave
     open(f"{{sys.argv[1]}}/caught{{d.rank}}", "w").write(str(e))
 distributed.teardown(d)
+cli.leave(0)                                             # as a stage's rank ends: see cli.leave
 """)
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script),
                         str(tmp_path)], cwd=HERE, capture_output=True, text=True, timeout=120,
-                       env={**os.environ, "OMP_NUM_THREADS": "1"})
-    # a rank's abort is named early in stderr, before torchrun's long report of it
-    said = [line for line in r.stderr.splitlines() if "terminate" in line or "what()" in line or "Error" in line]
-    assert r.returncode == 0, "\n".join(said[:20]) + "\n" + r.stderr[-1500:]
+                       env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONFAULTHANDLER": "1"})
+    assert r.returncode == 0, why_failed(r.stderr)
     for rank in (0, 1):
         assert "the ranks ended with different weights" in (tmp_path / f"caught{rank}").read_text()
 
