@@ -419,13 +419,17 @@ def evaluate_and_decide(cfg, it, rec, scores, names, ev, monitor, out_of_time, l
     return hacked or out_of_time
 
 
+def out_of_budget(cfg, elapsed, cost, d):
+    """--max_minutes on rank 0's clock, or --max_nfe on the evaluation count every rank shares."""
+    out_of_time = bool(from_rank0(cfg.max_minutes > 0 and elapsed > 60 * cfg.max_minutes, d))
+    return out_of_time or 0 < cfg.max_nfe <= cost.nfe
+
+
 # ----------------------------------------------------------------------------- the loop
-def train(cfg: Config, reward_fn=None):
-    """reward_fn(clips, prompts) -> {head: (B,)} replaces the configured judge (tests use a simple
-    one)."""
-    d = setup_distributed(cfg.device, cfg.parallel)
-    log = make_logger(d)
-    check_config(cfg, d.ranks)
+def build_nets(cfg, d):
+    """The run's nets: the policy from --init, its frozen reference (the KL anchor), its EMA, the
+    frozen sampler copy a rule that scores an old policy needs, and the judge; sharded by
+    --parallel=fsdp/hsdp, a shard each."""
     rule = RULES[cfg.update]
     policy, parent = load_model(cfg.init, d.device)
     if rule.sampler and policy.sampler != rule.sampler:
@@ -433,9 +437,21 @@ def train(cfg: Config, reward_fn=None):
         raise ConfigError(f"--update={cfg.update} scores rollouts with {rule.sampler!r} steps, but "
                           f"{cfg.init} rolls out with {policy.sampler!r}; use --update=awm or nft "
                           f"(they score clips), or that policy's sampler set to {rule.sampler}")
-    # frozen: the KL anchor
     reference = policy.reference()
     judge = load_reward_model(cfg.reward_model, policy.cfg) if cfg.reward != "heads" else None
+    ema = EMA(policy, cfg.ema_decay)
+    sampler = M.frozen_copy(policy) if rule.old_policy else None
+    shard(d, policy, ema.model, reference, sampler)
+    return policy, parent, reference, ema, sampler, judge
+
+
+def train(cfg: Config, reward_fn=None):
+    """reward_fn(clips, prompts) -> {head: (B,)} replaces the configured judge (tests use a simple
+    one)."""
+    d = setup_distributed(cfg.device, cfg.parallel)
+    log = make_logger(d)
+    check_config(cfg, d.ranks)
+    policy, parent, reference, ema, sampler, judge = build_nets(cfg, d)
     rollouts = cfg.prompts_per_iter * cfg.group_size
     per_rank = rollouts // d.ranks
     M.check_batch_memory(policy, d.device, trained=per_rank + cfg.sft_batch,
@@ -447,10 +463,6 @@ def train(cfg: Config, reward_fn=None):
     state_path = os.path.join(cfg.out_dir, "state.safetensors")
     ckpt_path = os.path.join(cfg.out_dir, "ckpt.safetensors")
     world = R.world_of(policy.cfg)
-    ema = EMA(policy, cfg.ema_decay)
-    sampler = M.frozen_copy(policy) if rule.old_policy else None
-    # --parallel=fsdp/hsdp: a shard each
-    shard(d, policy, ema.model, reference, sampler)
     opt = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, weight_decay=0.0)
     guard = NonFiniteGuard()
     spikes = SpikeGuard(cfg.spike_factor)
@@ -559,10 +571,7 @@ def train(cfg: Config, reward_fn=None):
         bar.set_postfix(instr=f"{rec['reward_instruction'][0]:.3f}", kl=f"{rec['kl_ref']:.2e}",
                         gnorm=f"{rec['grad_norm']:.3f}", zero=f"{zero_frac:.2f}")
         # ---- EVALUATION, the hacking monitor and the budgets: decided on rank 0, obeyed by all
-        elapsed = time.time() - t_start + (time.time() - t0)
-        out_of_time = cfg.max_minutes > 0 and elapsed > 60 * cfg.max_minutes
-        out_of_time = bool(from_rank0(out_of_time, d))                # rank 0's clock
-        out_of_time = out_of_time or 0 < cfg.max_nfe <= cost.nfe     # the same count on every rank
+        out_of_time = out_of_budget(cfg, time.time() - t_start + (time.time() - t0), cost, d)
         due = (it + 1) % cfg.eval_every == 0 or it + 1 == cfg.iters or out_of_time
         ev = evaluate(it + 1) if due else None
         stop = d.main and evaluate_and_decide(cfg, it, rec, scores, names, ev, monitor, out_of_time,
