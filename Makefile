@@ -1,7 +1,13 @@
 # The two commands of the README: `make pipeline` (the main job) and `make test`.
 PY ?= python3
 TORCH ?= torch==2.13.0
-RUN ?= runs/pipeline
+# POLICY=wan: the pipeline (and `make base`) on diffusers' Wan at the small DiT's size instead of the DiT
+POLICY ?= dit
+ifeq ($(filter $(POLICY),dit wan),)
+$(error POLICY=$(POLICY): choose dit (the small DiT) or wan (diffusers' Wan on pixels))
+endif
+BASE_CKPT = $(if $(filter wan,$(POLICY)),checkpoints/base_wan.safetensors,checkpoints/base_small.safetensors)
+RUN ?= $(if $(filter wan,$(POLICY)),runs/pipeline_wan,runs/pipeline)
 
 setup:
 	@$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q $(TORCH)
@@ -26,12 +32,12 @@ killtest: setup
 # steps of 16 clips (the script's default: 32), Stage II 15 iterations (30), Stage III 60 steps (150) on pairs of 48
 # prompts (64). Stage II runs all its iterations (--max_minutes=0: its time guard would cut a slower machine short
 # and change the table). Each run replaces $(RUN) (pass RUN=runs/other to keep an earlier one).
-pipeline: setup
+pipeline: $(if $(filter wan,$(POLICY)),setup-wan,setup)
 	@mkdir -p $(RUN) && date +%s > $(RUN)/started_at
-	$(PY) sft.py --out_dir=$(RUN)/sft --overwrite=true --batch_size=16
+	$(PY) sft.py --init=$(BASE_CKPT) --out_dir=$(RUN)/sft --overwrite=true --batch_size=16
 	$(PY) reward_rl.py --init=$(RUN)/sft/ckpt.safetensors --out_dir=$(RUN)/rl --overwrite=true --max_minutes=0 --iters=15
 	$(PY) preference.py --init=$(RUN)/rl/ckpt.safetensors --out_dir=$(RUN)/dpo --overwrite=true --pair_prompts=48 --steps=60 --warmup=6
-	$(PY) diagnose.py --ckpt=checkpoints/base_small.safetensors --ckpt=$(RUN)/sft/ckpt.safetensors \
+	$(PY) diagnose.py --ckpt=$(BASE_CKPT) --ckpt=$(RUN)/sft/ckpt.safetensors \
 		--ckpt=$(RUN)/rl/ckpt.safetensors --ckpt=$(RUN)/dpo/ckpt.safetensors --out=$(RUN)/diagnose --overwrite=true \
 		--cache=runs/diagnose_cache
 	$(PY) report.py --run=$(RUN) --overwrite=true
@@ -63,11 +69,7 @@ pipeline_driven: setup
 # POLICY=wan pretrains diffusers' Wan on pixels instead (below); RESUME=true continues a stopped
 # run.
 DEVICE ?= auto
-POLICY ?= dit
 RESUME ?= false
-ifeq ($(filter $(POLICY),dit wan),)
-$(error POLICY=$(POLICY): choose dit (the small DiT) or wan (diffusers' Wan on pixels))
-endif
 base: base_$(POLICY)
 
 base_dit: setup

@@ -2303,6 +2303,18 @@ def test_report_renders_in_headless_chromium_without_console_errors(tiny_run, tm
 # adapters.py: Wan through the policy interface (the optional extra)
 # ==================================================================================================
 
+def test_make_pipeline_takes_the_policy_and_refuses_an_unknown_one():
+    """`make pipeline POLICY=wan` runs the same stages from the pixel Wan's base into its own folder; the default
+    stays the DiT's; another name is refused before anything runs."""
+    plan = lambda *a: subprocess.run(["make", "-n", "pipeline", *a], cwd=HERE, capture_output=True, text=True)
+    wan, dit, bad = plan("POLICY=wan"), plan(), plan("POLICY=unet")
+    assert "sft.py --init=checkpoints/base_wan.safetensors --out_dir=runs/pipeline_wan/sft" in wan.stdout
+    assert "diagnose.py --ckpt=checkpoints/base_wan.safetensors" in wan.stdout and "base_small" not in wan.stdout
+    assert "sft.py --init=checkpoints/base_small.safetensors --out_dir=runs/pipeline/sft" in dit.stdout
+    assert "wan" not in dit.stdout.replace("requirements-wan", "")
+    assert bad.returncode != 0 and "POLICY=unet: choose dit" in bad.stderr and "sft.py" not in bad.stdout
+
+
 # A random tiny Wan (2 layers, 2 heads of 12, 4 latent channels, 16x16x2 latents = 128x128x5
 # pixels) behind the policy interface, through the real stage entry points (wan_chain runs each
 # stage from the last one's file).
