@@ -41,6 +41,7 @@ RULES = {
     "awm_floor_curated": ["--update=awm", "--hold_via=curated"],                  # ... or the curated term (DDRL's KL)
     "awm_floor_kl": ["--update=awm", "--hold_via=kl"],                            # ... or the KL (an adaptive KL)
     "nft_floor": ["--update=nft", "--lr=3e-4"],                                    # DiffusionNFT under the floor
+    "nft_floor_2x_lr": ["--update=nft", "--lr=6e-4"],                              # ... at twice its lr
 }
 RACED = ("awm", "awm_floor", "awm_floor_curated", "awm_floor_kl", "nft_floor")   # make race's default field
 FLOOR = {"fidelity": 0.01, "temporal": 0.01}   # what "within the floors" means on the held-out clips
