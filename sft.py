@@ -97,9 +97,8 @@ def validation_loss(net, world, n, seed=1234):
     return out
 
 
-def train(cfg: Config, stop_after=None):
-    """Run the loop; stop_after ends it early after that step's checkpoint (tests use it to
-    interrupt)."""
+def check_config(cfg):
+    """Refuse settings the loop cannot run, before anything is read or written."""
     if cfg.data not in ("web", "curated"):
         raise ConfigError(f"--data must be 'web' or 'curated', got {cfg.data!r}")
     check_ranges(cfg,
@@ -110,6 +109,21 @@ def train(cfg: Config, stop_after=None):
                  fraction=("ema_decay", "cond_drop"))
     if not 0 <= cfg.ctx_prob <= 1:
         raise ConfigError(f"--ctx_prob must be in [0, 1], got {cfg.ctx_prob}")
+
+
+def build_net(cfg, device):
+    """The policy to train and its parent checkpoint's metadata: --init's, or a new DiT of --preset
+    whose initial weights, like everything else, follow from the seed."""
+    if cfg.init:
+        return load_model(cfg.init, device)
+    torch.manual_seed(cfg.seed)
+    return M.VideoDiT(M.preset(cfg.preset)).to(device), {}
+
+
+def train(cfg: Config, stop_after=None):
+    """Run the loop; stop_after ends it early after that step's checkpoint (tests use it to
+    interrupt)."""
+    check_config(cfg)
     d = setup_distributed(cfg.device, cfg.parallel)
     log = make_logger(d)
     if cfg.batch_size % d.ranks:
@@ -118,15 +132,8 @@ def train(cfg: Config, stop_after=None):
     ckpt_path = os.path.join(cfg.out_dir, "ckpt.safetensors")
 
     # ---- model: from a parent checkpoint, from scratch, or resumed from this run's own state
-    if cfg.init:
-        net, parent_meta = load_model(cfg.init, d.device)
-        mcfg = net.cfg
-    else:
-        mcfg = M.preset(cfg.preset)
-        parent_meta = {}
-        # the initial weights, like everything else, follow from the seed
-        torch.manual_seed(cfg.seed)
-        net = M.VideoDiT(mcfg).to(d.device)
+    net, parent_meta = build_net(cfg, d.device)
+    mcfg = net.cfg
     M.check_batch_memory(net, d.device, trained=cfg.batch_size // d.ranks,
                          sampled=max(cfg.val_clips, 12))
     # web data is pretraining, from scratch or from an --init (a fresh policy from adapters.py)
