@@ -2580,6 +2580,35 @@ def test_wan_lora_stage_ii_runs_sharded_and_matches_one_process(wan_chain, tmp_p
     assert factors and all(v.dtype == torch.float32 for k, v in factors.items() if "lora" in k)
 
 
+WAN_BASE = os.path.join(HERE, "checkpoints", "base_wan.safetensors")   # make base POLICY=wan
+
+
+@needs_wan
+def test_the_shipped_wan_base_draws_the_world_and_trains(tmp_path):
+    """The pixel Wan's shipped base against a random pixel Wan of its shape: its samples score above the random
+    one's on the oracle, and its flow loss on a fixed batch of curated clips falls under a few AdamW steps."""
+    import adapters
+    base, _ = checkpoint.load_model(WAN_BASE)
+    adapters.init_checkpoint(["--source=pixel", "--text=learned", "--target=clean", "--lora_rank=0",
+                              f"--frames={base.flow_shape[1]}", f"--size={base.flow_shape[-1]}",
+                              f"--out={tmp_path / 'random.safetensors'}"])
+    random_wan, _ = checkpoint.load_model(tmp_path / "random.safetensors")
+    prompts, _, noise = rewards.eval_set(base, 4, seed=0, noise_seed=7)
+    ours, theirs = (rewards.quick_eval(net, prompts, noise, steps=6) for net in (base, random_wan))
+    assert ours["fidelity"] > theirs["fidelity"] + 0.1 and ours["instruction"] > theirs["instruction"] + 0.1
+    assert ours["acc_colour"] > theirs["acc_colour"], (ours, theirs)
+    batch = data.make_batch("curated", 4, seed=0, world=rewards.world_of(base.cfg))
+    opt = torch.optim.AdamW(base.parameters(), lr=1e-4)
+    losses = []
+    for _ in range(4):
+        loss = M.flow_loss(base, batch.videos, batch.tokens, torch.Generator().manual_seed(0), cond_drop=0.0)[0].mean()
+        losses.append(loss.item())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert losses[-1] < 0.9 * losses[0], losses
+
+
 # a tiny pixel Wan (16 tokens a frame) predicting the clean clip, as the base does
 PIXEL_WAN = ["--source=pixel", "--text=learned", "--target=clean", "--lora_rank=0", "--frames=4",
              "--size=16", "--patch=4", "--heads=2", "--head_dim=8", "--layers=2", "--ffn_dim=64",
