@@ -6,6 +6,8 @@
     python bench.py ablations                 # Stage II with one part removed at a time (make ablations)
     python bench.py fidelity --ckpt=A --ckpt=B  # where fidelity is lost: the sampler's guidance, the network's redraw
     python bench.py shard                     # each stage's memory per rank and time per step, DDP vs FSDP2 (2 ranks)
+    python bench.py paired --ckpt=A --ckpt=B  # each stage's change clip for clip on diagnose's clips, paired errors
+    python bench.py motion_words --ckpt=A     # how much the denoiser reads the direction word (swapped / true)
 """
 import json
 import os
@@ -408,6 +410,70 @@ def bench_fidelity(argv):
     print(f"wrote {cfg.out}")
 
 
+# ----------------------------------------------------------------------------- paired changes, the motion words
+@dataclass
+class PairedConfig:
+    ckpt: tuple = ()          # checkpoints in stage order (repeat --ckpt=): each is compared with the one before
+    prompts: int = 16         # diagnose's held-out set: prompts per split
+    seeds: int = 2            # noise seeds per prompt
+
+
+@torch.no_grad()
+def bench_paired(argv):
+    """Each stage's change clip for clip on diagnose's held-out clips: every checkpoint samples the same prompts
+    from the same noise, so the change's standard error is the per-clip differences' (a paired test), not the two
+    means' errors combined (diagnose's and the report's, which ignore that the clips are shared)."""
+    cfg = parse_config(PairedConfig, argv)
+    check_ranges(cfg, at_least_one=("prompts", "seeds"))
+    if len(cfg.ckpt) < 2:
+        raise ConfigError("give at least two checkpoints (--ckpt=A --ckpt=B): a change needs a before and after")
+    prompts, _ = R.eval_prompts(cfg.prompts, cfg.seeds, 0)
+    tokens, per_clip, result = data.tokenize(prompts), [], {"changes": []}
+    for path in cfg.ckpt:
+        net, _ = load_model(path)
+        clips = M.sample(net, tokens, R.eval_set(net, cfg.prompts, cfg.seeds, 0)[2], DiagnoseConfig.steps,
+                         DiagnoseConfig.cfg_scale)
+        obs = R.oracle(clips, R.world_of(net.cfg))
+        ok = R.check(clips, prompts, obs=obs)
+        per_clip.append({"all attributes": ok["all"].float(), "direction": ok["direction"].float(),
+                         **{h: v.float() for h, v in R.reward_heads(clips, prompts, obs=obs).items()}})
+    for (a, before), (b, after) in zip(zip(cfg.ckpt, per_clip), list(zip(cfg.ckpt, per_clip))[1:]):
+        print(f"{a} -> {b}")
+        for k in before:
+            d = after[k] - before[k]                                                  # (clips,)
+            mean, se = float(d.mean()), float(d.std() / len(d) ** 0.5)
+            row = dict(before=a, after=b, metric=k, change=round(mean, 4), paired_se=round(se, 4),
+                       up=int((d > 0).sum()), down=int((d < 0).sum()))
+            result["changes"].append(row)
+            ses = f"{mean / se:+.1f} se" if se > 0 else "no clip changed"
+            print(f"  {k:15s} {float(before[k].mean()):.3f} -> {float(after[k].mean()):.3f}  change {mean:+.4f} "
+                  f"± {se:.4f} ({ses}; {row['up']} clips up, {row['down']} down)")
+    return result
+
+
+@torch.no_grad()
+def bench_motion_words(argv):
+    """How much each checkpoint's denoiser reads the direction word: its flow error on curated clips (first frame
+    given as context) with the caption's direction swapped for the opposite one, over the error with the true
+    caption, at four t (a ratio of 1: the word is ignored)."""
+    cfg = parse_config(PairedConfig, argv)
+    if not cfg.ckpt:
+        raise ConfigError("give a checkpoint (--ckpt=A, repeat for more)")
+    opposite = {"left": "right", "right": "left", "up": "down", "down": "up"}
+    for path in cfg.ckpt:
+        net, _ = load_model(path)
+        b = data.make_batch("curated", 64, seed=123, world=R.world_of(net.cfg))
+        x1 = net.encode(b.videos)
+        swapped = [" ".join(opposite.get(w, w) for w in p.split()) for p in b.prompts]
+        ctx_mask = torch.arange(x1.shape[2])[None].expand(len(x1), -1) < 1             # (B, F): the first frame
+        gen, ratios = torch.Generator().manual_seed(1), []
+        for t in (0.2, 0.4, 0.6, 0.8):
+            x0, tt = torch.randn(x1.shape, generator=gen), torch.full((len(x1),), t)
+            err = [M.flow_error(net, x1, x0, tt, data.tokenize(p), x1, ctx_mask).mean() for p in (b.prompts, swapped)]
+            ratios.append(f"t={t}: x{float(err[1] / err[0]):.2f}")
+        print(f"{path}: direction swapped / true caption, flow error  " + ", ".join(ratios))
+
+
 # ----------------------------------------------------------------------------- memory and time, whole or sharded
 def shard_stage_args(stage, init, out, steps):
     """A short run of one stage for bench_shard: its loop, checkpoint and hand-off, with evaluation kept small."""
@@ -484,7 +550,7 @@ def machine():
 
 
 COMMANDS = {"speed": bench_speed, "heads": bench_heads, "dpo_memory": bench_dpo_memory, "ablations": bench_ablations,
-            "fidelity": bench_fidelity, "shard": bench_shard}
+            "fidelity": bench_fidelity, "shard": bench_shard, "paired": bench_paired, "motion_words": bench_motion_words}
 
 if __name__ == "__main__":
     run_cli(lambda argv: subcommand(COMMANDS, "bench.py", argv)(argv[1:]), sys.argv[1:])

@@ -2150,6 +2150,24 @@ def test_fidelity_probe_separates_the_samplers_share_from_the_networks(tiny_chec
     assert rows["redraw at t=0.98"]["mse"] > 0 and "redraw at t=0.98" in capsys.readouterr().out
 
 
+def test_paired_changes_are_clip_for_clip_on_diagnoses_clips(tiny_checkpoints, capsys):
+    """bench.py paired: a checkpoint against itself changes no clip; against another, each change is the two means'
+    difference with the per-clip differences' error, counted clip by clip; one checkpoint alone is refused."""
+    base, tuned, _ = tiny_checkpoints
+    small = ["--prompts=2", "--seeds=2"]
+    same = bench.bench_paired([f"--ckpt={base}", f"--ckpt={base}", *small])["changes"]
+    assert same and all(r["change"] == 0 and r["paired_se"] == 0 and r["up"] == r["down"] == 0 for r in same)
+    rows = {r["metric"]: r for r in bench.bench_paired([f"--ckpt={base}", f"--ckpt={tuned}", *small])["changes"]}
+    assert set(rows) == {"all attributes", "direction", *rewards.HEADS}
+    moved = rows["instruction"]
+    assert moved["paired_se"] > 0 and moved["up"] + moved["down"] <= 8 and moved["change"] != 0
+    printed = capsys.readouterr().out
+    before, after = (float(x) for x in re.search(r"instruction +([\d.]+) -> ([\d.]+)", printed.split(tuned)[-1]).groups())
+    assert abs(after - before - moved["change"]) < 2e-3
+    with pytest.raises(cli.ConfigError, match="at least two checkpoints"):
+        bench.bench_paired([f"--ckpt={base}"])
+
+
 def test_ablations_table_names_each_command_and_keeps_finished_rows(tiny_ablations):
     out, args = tiny_ablations
     table = (out / "ablations.md").read_text()
@@ -2311,6 +2329,9 @@ def test_make_pipeline_takes_the_policy_and_refuses_an_unknown_one():
     assert "sft.py --init=checkpoints/base_wan.safetensors --out_dir=runs/pipeline_wan/sft" in wan.stdout
     assert "diagnose.py --ckpt=checkpoints/base_wan.safetensors" in wan.stdout and "base_small" not in wan.stdout
     assert "sft.py --init=checkpoints/base_small.safetensors --out_dir=runs/pipeline/sft" in dit.stdout
+    # Stage II's step is the policy's: the Wan's measured one, the DiT's unchanged
+    assert "--max_minutes=0 --iters=25 --lr=3e-4" in wan.stdout
+    assert "--max_minutes=0 --iters=15\n" in dit.stdout and "--lr=" not in dit.stdout
     assert "wan" not in dit.stdout.replace("requirements-wan", "")
     assert bad.returncode != 0 and "POLICY=unet: choose dit" in bad.stderr and "sft.py" not in bad.stdout
 
