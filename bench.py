@@ -427,17 +427,17 @@ def bench_paired(argv):
     check_ranges(cfg, at_least_one=("prompts", "seeds"))
     if len(cfg.ckpt) < 2:
         raise ConfigError("give at least two checkpoints (--ckpt=A --ckpt=B): a change needs a before and after")
-    prompts, _ = R.eval_prompts(cfg.prompts, cfg.seeds, 0)
-    tokens, per_clip, result = data.tokenize(prompts), [], {"changes": []}
+    per_clip, result = [], {"changes": []}
     for path in cfg.ckpt:
         net, _ = load_model(path)
-        clips = M.sample(net, tokens, R.eval_set(net, cfg.prompts, cfg.seeds, 0)[2], DiagnoseConfig.steps,
-                         DiagnoseConfig.cfg_scale)
+        prompts, _, noise = R.eval_set(net, cfg.prompts, cfg.seeds, 0)           # the same for every checkpoint
+        clips = M.sample(net, data.tokenize(prompts), noise, DiagnoseConfig.steps, DiagnoseConfig.cfg_scale)
         obs = R.oracle(clips, R.world_of(net.cfg))
         ok = R.check(clips, prompts, obs=obs)
         per_clip.append({"all attributes": ok["all"].float(), "direction": ok["direction"].float(),
                          **{h: v.float() for h, v in R.reward_heads(clips, prompts, obs=obs).items()}})
-    for (a, before), (b, after) in zip(zip(cfg.ckpt, per_clip), list(zip(cfg.ckpt, per_clip))[1:]):
+    stages = list(zip(cfg.ckpt, per_clip))
+    for (a, before), (b, after) in zip(stages, stages[1:]):
         print(f"{a} -> {b}")
         for k in before:
             d = after[k] - before[k]                                                  # (clips,)
@@ -451,12 +451,17 @@ def bench_paired(argv):
     return result
 
 
+@dataclass
+class MotionWordsConfig:
+    ckpt: tuple = ()          # checkpoints to measure (repeat --ckpt=)
+
+
 @torch.no_grad()
 def bench_motion_words(argv):
     """How much each checkpoint's denoiser reads the direction word: its flow error on curated clips (first frame
     given as context) with the caption's direction swapped for the opposite one, over the error with the true
     caption, at four t (a ratio of 1: the word is ignored)."""
-    cfg = parse_config(PairedConfig, argv)
+    cfg = parse_config(MotionWordsConfig, argv)
     if not cfg.ckpt:
         raise ConfigError("give a checkpoint (--ckpt=A, repeat for more)")
     opposite = {"left": "right", "right": "left", "up": "down", "down": "up"}
@@ -465,11 +470,12 @@ def bench_motion_words(argv):
         b = data.make_batch("curated", 64, seed=123, world=R.world_of(net.cfg))
         x1 = net.encode(b.videos)
         swapped = [" ".join(opposite.get(w, w) for w in p.split()) for p in b.prompts]
+        captions = [data.tokenize(p) for p in (b.prompts, swapped)]
         ctx_mask = torch.arange(x1.shape[2])[None].expand(len(x1), -1) < 1             # (B, F): the first frame
         gen, ratios = torch.Generator().manual_seed(1), []
         for t in (0.2, 0.4, 0.6, 0.8):
             x0, tt = torch.randn(x1.shape, generator=gen), torch.full((len(x1),), t)
-            err = [M.flow_error(net, x1, x0, tt, data.tokenize(p), x1, ctx_mask).mean() for p in (b.prompts, swapped)]
+            err = [M.flow_error(net, x1, x0, tt, tokens, x1, ctx_mask).mean() for tokens in captions]
             ratios.append(f"t={t}: x{float(err[1] / err[0]):.2f}")
         print(f"{path}: direction swapped / true caption, flow error  " + ", ".join(ratios))
 
