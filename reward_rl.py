@@ -419,9 +419,12 @@ def evaluate_and_decide(cfg, it, rec, scores, names, ev, monitor, out_of_time, l
     return hacked or out_of_time
 
 
-def out_of_budget(cfg, elapsed, cost, d):
-    """--max_minutes on rank 0's clock, or --max_nfe on the evaluation count every rank shares."""
-    out_of_time = bool(from_rank0(cfg.max_minutes > 0 and elapsed > 60 * cfg.max_minutes, d))
+def out_of_budget(cfg, elapsed, last, cost, d):
+    """--max_minutes on rank 0's clock, or --max_nfe on the evaluation count every rank shares.
+    elapsed: seconds so far; last: the iteration just done, as the next one's likely length, so
+    the run stops before it would pass the limit rather than after."""
+    projected = elapsed + last
+    out_of_time = bool(from_rank0(cfg.max_minutes > 0 and projected > 60 * cfg.max_minutes, d))
     return out_of_time or 0 < cfg.max_nfe <= cost.nfe
 
 
@@ -571,7 +574,7 @@ def train(cfg: Config, reward_fn=None):
         bar.set_postfix(instr=f"{rec['reward_instruction'][0]:.3f}", kl=f"{rec['kl_ref']:.2e}",
                         gnorm=f"{rec['grad_norm']:.3f}", zero=f"{zero_frac:.2f}")
         # ---- EVALUATION, the hacking monitor and the budgets: decided on rank 0, obeyed by all
-        out_of_time = out_of_budget(cfg, time.time() - t_start + (time.time() - t0), cost, d)
+        out_of_time = out_of_budget(cfg, time.time() - t_start, time.time() - t0, cost, d)
         due = (it + 1) % cfg.eval_every == 0 or it + 1 == cfg.iters or out_of_time
         ev = evaluate(it + 1) if due else None
         stop = d.main and evaluate_and_decide(cfg, it, rec, scores, names, ev, monitor, out_of_time,

@@ -41,6 +41,7 @@ import checkpoint
 import cli
 import data
 import diagnose
+import distributed
 import judge
 import model as M
 import preference
@@ -1063,6 +1064,19 @@ def test_stage_ii_counts_every_network_evaluation_and_resumes_the_count(tiny_che
     reward_rl.train(tiny_rl(tuned, tmp_path / "cut", iters=2, resume=True, **kw))
     assert [r["cost_nfe"] for r in read_log(tmp_path / "cut" / "log.jsonl") if "cost_nfe" in r] == [
         probe + per_iteration, probe + 2 * per_iteration]
+
+
+def test_stage_ii_stops_before_its_time_budget_would_pass_and_at_its_evaluation_budget():
+    """--max_minutes stops when the next iteration, as long as the last, would pass it; --max_nfe once spent."""
+    one = distributed.Dist()                                               # one process
+    cfg = reward_rl.Config(max_minutes=1.0)
+    cost = stability.Cost()
+    assert not reward_rl.out_of_budget(cfg, 40.0, 15.0, cost, one)        # 55 s: another fits
+    assert reward_rl.out_of_budget(cfg, 50.0, 15.0, cost, one)            # 65 s: it would not
+    assert not reward_rl.out_of_budget(reward_rl.Config(max_minutes=0), 1e6, 1e6, cost, one)
+    cost.nfe = 100
+    assert reward_rl.out_of_budget(reward_rl.Config(max_minutes=0, max_nfe=100), 0.0, 0.0, cost, one)
+    assert not reward_rl.out_of_budget(reward_rl.Config(max_minutes=0, max_nfe=101), 0.0, 0.0, cost, one)
 
 
 def test_grpo_interrupted_run_resumes_to_identical_weights(tiny_checkpoints):
