@@ -40,6 +40,8 @@ RULES = {
     "awm_floor_2x_lr": ["--update=awm", "--lr=2e-4"],                             # ... at twice the lr
     "awm_floor_t2": ["--update=awm", "--draw_t_mean=-2.0"],                      # ... its draws nearer the noise
     "awm_floor_lean": ["--update=awm", "--prompts_per_iter=4", "--hold_probe=8"],  # ... half the rollouts and probe
+    "awm_floor_undo_2x_lr": ["--update=awm", "--lr=2e-4", "--hold_undo=true"],  # ... a step that broke it taken back
+    "awm_floor_undo_3x_lr": ["--update=awm", "--lr=3e-4", "--hold_undo=true"],  # ... the same at 3x the lr
     "awm_floor_curated": ["--update=awm", "--hold_via=curated"],                  # ... or the curated term (DDRL's KL)
     "awm_floor_kl": ["--update=awm", "--hold_via=kl"],                            # ... or the KL (an adaptive KL)
     "nft_floor": ["--update=nft", "--lr=3e-4"],                                    # DiffusionNFT under the floor

@@ -38,8 +38,8 @@ from distributed import (average_gradients, check_ranks_agree, from_rank0, gathe
 from judge import load_reward_model, rm_score
 from rl_objective import (RULES, Batch, advantages, flow_kl, held_settings, hold_margins,
                           kl_weight)
-from stability import (EMA, Cost, Floor, HackingMonitor, NonFiniteGuard, SpikeGuard, bf16_autocast,
-                       check_trained, clip_gradients, linear_warmup, seeded)
+from stability import (EMA, Cost, Floor, HackingMonitor, NonFiniteGuard, Snapshot, SpikeGuard,
+                       bf16_autocast, check_trained, clip_gradients, linear_warmup, seeded)
 
 
 @dataclass
@@ -97,6 +97,8 @@ class Config:
     neg_scale: float = 1.0        # awm: weight of the push from below-group clips (0: pull only)
     hold_via: str = "lr"          # the floor's lever: 'lr' (/ (1 + sum lambda)), 'curated' or 'kl'
                                   # (x (1 + sum lambda)), 'advantage' (w_h + lambda_h, RCPO)
+    hold_undo: bool = False       # an iteration that leaves a held head below its floor is taken
+                                  # back (policy, EMA, optimizer); its multiplier's rise stays
     # ---- evaluation and bookkeeping
     eval_every: int = 10          # iterations between held-out oracle evaluations
     eval_prompts: int = 16        # per split (val combinations and unseen held-out ones)
@@ -147,6 +149,8 @@ def check_config(cfg, ranks):
         (rollouts % ranks, f"{rollouts} rollouts per iteration do not divide over {ranks} ranks"),
         (rollouts % cfg.minibatches,
          f"{rollouts} rollouts do not split into {cfg.minibatches} minibatches"),
+        (cfg.hold_undo and not cfg.hold,
+         "--hold_undo takes back steps that break a floor, but --hold= names none"),
         (cfg.hold and cfg.hold_probe % ranks,
          f"--hold_probe={cfg.hold_probe} does not divide over {ranks} ranks"))
     for bad, why in checks:
@@ -482,6 +486,8 @@ def train(cfg: Config, reward_fn=None):
         start, log_offset = resume_run(state_path, policy, ema, opt, cfg, parts, log, d.main)
     # at a checkpoint the last good weights are the current ones
     spikes.snapshot(policy, opt)
+    # --hold_undo: the last weights inside the floor (the probe measures the EMA, so it too)
+    inside = Snapshot(policy, ema.model, opt) if cfg.hold_undo else None
     n_window = len(window_steps(cfg, 0))
     n_trained = max(1, round(cfg.train_fraction * n_window))
     log(f"batch: {cfg.prompts_per_iter} prompts x {cfg.group_size} rollouts = {rollouts} per "
@@ -552,9 +558,16 @@ def train(cfg: Config, reward_fn=None):
         stats = update_policy(now, policy, reference, opt, ema, guard, roll, adv[mine].to(d.device),
                               mine, it, gen, world, d, cost)
         # ================================================================ FLOOR
-        # the held heads measured, the multipliers moved
+        # the held heads measured, the multipliers moved; with --hold_undo a step that broke the
+        # floor is taken back, since a smaller next step cannot undo a fall (docs/results.md, Wan
+        # through the stages)
         if floor:
             floor.update(held())
+        undone = bool(inside and floor.broken())
+        if undone:
+            inside.restore()
+        elif inside:
+            inside.take()
         # the iteration's cost, all ranks
         cost.end(d, rollouts, time.time() - t0)
         # ROLLBACK on a spike, decided on statistics every rank shares and any rank count gives
@@ -564,7 +577,7 @@ def train(cfg: Config, reward_fn=None):
         kl_ref = mean_over_ranks(sum(stats["kl_ref"]), d) / (cfg.epochs * cfg.minibatches)
         if not spikes.check(policy, opt, grad_norm=max(stats["grad_norm"]), kl_ref=kl_ref):
             spikes.snapshot(policy, opt)
-        held_log = floor.record() if floor else {}
+        held_log = {**floor.record(), **({"hold_undone": undone} if inside else {})} if floor else {}
         rec = record(it, names, scores, weights, zero_frac, adv, roll, stats, kl_ref=kl_ref,
                      lr=opt.param_groups[0]["lr"], **held_log, skipped=guard.skipped,
                      rollbacks=spikes.rollbacks, rollout_s=round(t_roll, 2),

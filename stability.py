@@ -186,6 +186,21 @@ class SpikeGuard:
         self.seen, self.rollbacks = {k: list(v) for k, v in s["seen"].items()}, s["rollbacks"]
 
 
+class Snapshot:
+    """Copies of the state of modules and optimizers, to return to: the last weights a run judged good."""
+
+    def __init__(self, *parts):   # anything with state_dict / load_state_dict
+        self.parts = parts
+        self.take()
+
+    def take(self):
+        self.saved = [copy.deepcopy(p.state_dict()) for p in self.parts]
+
+    def restore(self):            # copies again: the optimizer would step the snapshot's own tensors
+        for part, saved in zip(self.parts, self.saved):
+            part.load_state_dict(copy.deepcopy(saved))
+
+
 class HackingMonitor:
     """Stop a stage when the held-out oracle score falls for `patience` evaluations in a row while the trained
     reward overstates it more at the end of that span than at its start (rising, or falling less): the gap between

@@ -1104,6 +1104,46 @@ def test_grpo_resumes_exactly_between_rollbacks(trained_tiny, tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_hold_undo_takes_back_the_step_that_broke_the_floor(tiny_checkpoints, tmp_path):
+    """A probe that reads fidelity 1 at the start and 0 after the first iteration: that iteration breaks the floor.
+    With --hold_undo it is taken back, so the hand-off (the EMA) is the input's weights; without, the step stays."""
+    _, tuned, _ = tiny_checkpoints
+
+    def falling():
+        calls = []
+
+        def reward(clips, prompts):
+            calls.append(len(clips))
+            n = len(clips)
+            return {"fidelity": torch.full((n,), 1.0 if len(calls) == 1 else 0.0), "temporal": torch.full((n,), 0.5),
+                    "instruction": clips.mean((1, 2, 3, 4))}
+        return reward
+    undo = reward_rl.train(tiny_rl(tuned, tmp_path / "undo", iters=1, hold_undo=True), reward_fn=falling())
+    kept = reward_rl.train(tiny_rl(tuned, tmp_path / "kept", iters=1), reward_fn=falling())
+    start = checkpoint.read_checkpoint(tuned)[0]
+    a, b = checkpoint.read_checkpoint(undo)[0], checkpoint.read_checkpoint(kept)[0]
+    assert all(torch.equal(a[k], start[k].to(a[k].dtype)) for k in start)
+    assert not all(torch.equal(b[k], start[k].to(b[k].dtype)) for k in start)
+    log = [r for r in read_log(tmp_path / "undo" / "log.jsonl") if "hold_undone" in r]
+    assert [(r["hold_undone"], r["hold_broken"]) for r in log] == [(True, ["fidelity"])]
+    with pytest.raises(cli.ConfigError, match="--hold_undo"):
+        reward_rl.train(tiny_rl(tuned, tmp_path / "none", hold=(), hold_undo=True))
+
+
+def test_hold_undo_resumes_exactly(trained_tiny, tmp_path):
+    """Floors a hair under the start, so some iterations are taken back and some kept: a run stopped after 2
+    iterations and resumed to 4 ends with the weights of a 4-iteration run."""
+    kw = dict(prompts_per_iter=2, group_size=4, rollout_steps=4, eval_prompts=2, eval_steps=2, lr=1e-3, warmup=1,
+              sft_batch=4, hold=("fidelity=0.0001", "temporal=0.0001"), hold_probe=2, hold_undo=True)
+    full = reward_rl.train(tiny_rl(trained_tiny, tmp_path / "full", iters=4, **kw))
+    undone = [r["hold_undone"] for r in read_log(tmp_path / "full" / "log.jsonl") if "hold_undone" in r]
+    assert True in undone and False in undone, undone
+    reward_rl.train(tiny_rl(trained_tiny, tmp_path / "cut", iters=2, **kw))
+    resumed = reward_rl.train(tiny_rl(trained_tiny, tmp_path / "cut", iters=4, resume=True, **kw))
+    a, b = checkpoint.read_checkpoint(full)[0], checkpoint.read_checkpoint(resumed)[0]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
 # ==================================================================================================
 # preference.py: Stage III
 # ==================================================================================================
@@ -2010,13 +2050,14 @@ def test_kill_minus_9_then_resume_gives_the_same_weights(stage, trained_tiny, tm
 
 def test_grpo_one_and_two_ranks_agree(trained_tiny, tmp_path):
     """The same run on 1 and 2 ranks: same draws, same rollouts and rewards, the same decisions (the spike guard,
-    set tight here so that it rolls back, decides on reduced statistics), and the same weights on every rank."""
+    set tight here so that it rolls back, decides on reduced statistics; the floor, a hair under the start, takes
+    steps back on rank 0's levels), and the same weights on every rank."""
     args = ["reward_rl.py", f"--init={trained_tiny}", "--iters=8", "--prompts_per_iter=2", "--group_size=4",
             "--rollout_steps=4", "--eval_prompts=2", "--eval_steps=2", "--eval_every=4", "--device=cpu", "--lr=1e-3",
             "--warmup=1", "--minibatches=2", "--spike_factor=1.5", "--sft_batch=4", "--bf16=false",  # bf16 rounds by batch
-            "--hold=fidelity=0.0001,temporal=0.0001", "--hold_probe=2"]
+            "--hold=fidelity=0.0001,temporal=0.0001", "--hold_probe=2", "--hold_undo=true"]
     # the three runs side by side; exit 0 includes: every rank ended with the same weights; sharded,
-    # the rollbacks restore shards
+    # the rollbacks and the floor's undos restore shards
     ddp = torchrun(args, tmp_path / "r2", **PIPES)
     fsdp = torchrun(args, tmp_path / "r2_fsdp", "fsdp", **PIPES)
     in_process(args, tmp_path / "r1")
@@ -2028,6 +2069,7 @@ def test_grpo_one_and_two_ranks_agree(trained_tiny, tmp_path):
     for ra, rb in zip(a, b):
         assert ra["reward_instruction"] == pytest.approx(rb["reward_instruction"], abs=1e-4)
         assert ra["grad_norm"] == pytest.approx(rb["grad_norm"], rel=1e-3) and ra["rollbacks"] == rb["rollbacks"]
+        assert ra["hold_undone"] == rb["hold_undone"]
         # a multiplier adds up each level's shortfall over its margin (1e-4 here), and with it the
         # levels' float rounding across rank layouts (~1e-7): ~1e-3 an iteration, on hundreds
         assert ra["hold_multiplier"] == pytest.approx(rb["hold_multiplier"], rel=1e-4, abs=1e-3)
@@ -2037,6 +2079,8 @@ def test_grpo_one_and_two_ranks_agree(trained_tiny, tmp_path):
     assert state_gap(tmp_path / "r1", tmp_path / "r2_fsdp") < 1e-4
     sharded = [r for r in read_log(tmp_path / "r2_fsdp" / "log.jsonl") if "rollbacks" in r]
     assert [r["rollbacks"] for r in sharded] == [r["rollbacks"] for r in a]
+    assert [r["hold_undone"] for r in sharded] == [r["hold_undone"] for r in a]
+    assert {r["hold_undone"] for r in a} == {True, False}                  # both decisions were taken
 
 
 @pytest.mark.parametrize("stage", ["sft", "ppo", "nft", "dpo"])
