@@ -1030,7 +1030,7 @@ def test_a_fourth_update_rule_trains_from_the_test_file(tiny_checkpoints, tmp_pa
     def weighted_regression(cfg, policy, reference, b, draw):
         t, x0, _ = draw
         err = M.flow_error(policy, b.clips, x0[b.group], t[b.group], b.tokens, b.ctx, b.ctx_mask).float()
-        return b.adv * err, {"toy_err": float(err.mean())}
+        return b.adv * err, {"toy_err": float(err.detach().mean())}
     rule = rl_objective.Rule(weighted_regression, samples="draws", old_policy=None, flow_kl=True, bf16=False,
                           kl_weight=0.1)
     monkeypatch.setitem(rl_objective.RULES, "toy", rule)
