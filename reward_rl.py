@@ -559,8 +559,8 @@ def train(cfg: Config, reward_fn=None):
                               mine, it, gen, world, d, cost)
         # ================================================================ FLOOR
         # the held heads measured, the multipliers moved; with --hold_undo a step that broke the
-        # floor is taken back, since a smaller next step cannot undo a fall (docs/results.md, Wan
-        # through the stages)
+        # floor is taken back, since a smaller next step cannot undo a fall (what it buys:
+        # docs/results.md, Update rules raced)
         if floor:
             floor.update(held())
         undone = bool(inside and floor.broken())
