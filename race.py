@@ -42,6 +42,8 @@ RULES = {
     "awm_floor_lean": ["--update=awm", "--prompts_per_iter=4", "--hold_probe=8"],  # ... half the rollouts and probe
     "awm_floor_undo_2x_lr": ["--update=awm", "--lr=2e-4", "--hold_undo=true"],  # ... a step that broke it taken back
     "awm_floor_undo_3x_lr": ["--update=awm", "--lr=3e-4", "--hold_undo=true"],  # ... the same at 3x the lr
+    "awm_floor_undo_probe32_2x_lr": ["--update=awm", "--lr=2e-4", "--hold_undo=true",
+                                     "--hold_probe=32"],                          # ... with a 32-clip probe
     "awm_floor_curated": ["--update=awm", "--hold_via=curated"],                  # ... or the curated term (DDRL's KL)
     "awm_floor_kl": ["--update=awm", "--hold_via=kl"],                            # ... or the KL (an adaptive KL)
     "nft_floor": ["--update=nft", "--lr=3e-4"],                                    # DiffusionNFT under the floor
