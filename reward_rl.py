@@ -577,7 +577,9 @@ def train(cfg: Config, reward_fn=None):
         kl_ref = mean_over_ranks(sum(stats["kl_ref"]), d) / (cfg.epochs * cfg.minibatches)
         if not spikes.check(policy, opt, grad_norm=max(stats["grad_norm"]), kl_ref=kl_ref):
             spikes.snapshot(policy, opt)
-        held_log = {**floor.record(), **({"hold_undone": undone} if inside else {})} if floor else {}
+        held_log = floor.record() if floor else {}
+        if inside:
+            held_log["hold_undone"] = undone
         rec = record(it, names, scores, weights, zero_frac, adv, roll, stats, kl_ref=kl_ref,
                      lr=opt.param_groups[0]["lr"], **held_log, skipped=guard.skipped,
                      rollbacks=spikes.rollbacks, rollout_s=round(t_roll, 2),

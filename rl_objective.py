@@ -33,8 +33,8 @@ curated term and the floor are reward_rl.py's):
              (the default: a trust region that shrinks while a held head is low), the curated term's
              weight sft_weight (1 + sum_h lambda_h) (a forward KL to data, as DDRL), the KL's weight
              likewise, or head h's advantage weight w_h + lambda_h. docs/results.md, Stage II holds
-             its floor, measures them. --hold_undo also takes back an iteration whose probe ends below
-             a floor (policy, EMA and optimizer restored; its multiplier's rise kept).
+             its floor, measures them. --hold_undo also takes back an iteration whose probe ends
+             below a floor (policy, EMA and optimizer restored; its multiplier's rise kept).
 """
 from dataclasses import dataclass, replace
 
