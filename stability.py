@@ -151,41 +151,6 @@ def check_trained(skipped, steps, kept, val_loss=None):
                        f"usable. Check the input weights, or lower --lr")
 
 
-class SpikeGuard:
-    """Rollback to the last good weights when a statistic (grad norm, KL) jumps far above its recent median.
-
-    Call `snapshot` after a good iteration and `check` with this iteration's statistics (the same on every
-    rank: reduce them first); a spike restores the snapshot into the model and optimizer and returns True."""
-
-    def __init__(self, factor=10.0, history=20, warmup=5):
-        self.factor, self.history, self.warmup = factor, history, warmup
-        self.seen, self.saved, self.rollbacks = {}, None, 0
-
-    def snapshot(self, model, opt):
-        self.saved = (copy.deepcopy(model.state_dict()), copy.deepcopy(opt.state_dict()))
-
-    def check(self, model, opt, **stats):
-        spike = []
-        for k, v in stats.items():
-            past = self.seen.setdefault(k, [])
-            if len(past) >= self.warmup and (not math.isfinite(v) or v > self.factor * max(sorted(past)[len(past) // 2], 1e-12)):
-                spike.append(k)
-        if spike and self.saved is not None:  # copies again: the optimizer would step the snapshot's own tensors
-            model.load_state_dict(copy.deepcopy(self.saved[0]))
-            opt.load_state_dict(copy.deepcopy(self.saved[1]))
-            self.rollbacks += 1
-            return True
-        for k, v in stats.items():
-            self.seen[k] = (self.seen[k] + [v])[-self.history:]
-        return False
-
-    def state_dict(self):  # the snapshot is the weights themselves at every checkpoint: not stored twice
-        return {"seen": self.seen, "rollbacks": self.rollbacks}
-
-    def load_state_dict(self, s):
-        self.seen, self.rollbacks = {k: list(v) for k, v in s["seen"].items()}, s["rollbacks"]
-
-
 class Snapshot:
     """Copies of the state of modules and optimizers, to return to: the last weights a run judged good."""
 
@@ -199,6 +164,40 @@ class Snapshot:
     def restore(self):            # copies again: the optimizer would step the snapshot's own tensors
         for part, saved in zip(self.parts, self.saved):
             part.load_state_dict(copy.deepcopy(saved))
+
+
+class SpikeGuard:
+    """Rollback to the last good weights when a statistic (grad norm, KL) jumps far above its recent median.
+
+    Call `snapshot` after a good iteration and `check` with this iteration's statistics (the same on every
+    rank: reduce them first); a spike restores the snapshot into the model and optimizer and returns True."""
+
+    def __init__(self, factor=10.0, history=20, warmup=5):
+        self.factor, self.history, self.warmup = factor, history, warmup
+        self.seen, self.saved, self.rollbacks = {}, None, 0
+
+    def snapshot(self, model, opt):
+        self.saved = Snapshot(model, opt)
+
+    def check(self, model, opt, **stats):
+        spike = []
+        for k, v in stats.items():
+            past = self.seen.setdefault(k, [])
+            if len(past) >= self.warmup and (not math.isfinite(v) or v > self.factor * max(sorted(past)[len(past) // 2], 1e-12)):
+                spike.append(k)
+        if spike and self.saved is not None:
+            self.saved.restore()
+            self.rollbacks += 1
+            return True
+        for k, v in stats.items():
+            self.seen[k] = (self.seen[k] + [v])[-self.history:]
+        return False
+
+    def state_dict(self):  # the snapshot is the weights themselves at every checkpoint: not stored twice
+        return {"seen": self.seen, "rollbacks": self.rollbacks}
+
+    def load_state_dict(self, s):
+        self.seen, self.rollbacks = {k: list(v) for k, v in s["seen"].items()}, s["rollbacks"]
 
 
 class HackingMonitor:
