@@ -310,30 +310,6 @@ def log_record(step, window, anchors, skipped, elapsed):
                 elapsed_s=round(elapsed, 1))
 
 
-@torch.no_grad()
-def oracle_verdict(cfg, ours_net, input_net, world, device):
-    """The oracle's verdict on the DPO policy against its input, on held-out prompts and seeds: the
-    win rate, each head and attribute accuracy for both, and the first 8 clips of each for
-    samples.gif."""
-    prompts, splits, noise = R.eval_set(ours_net, cfg.eval_prompts, seed=cfg.seed,
-                                        noise_seed=cfg.seed + 7)
-    noise = noise.to(device)
-    tok = data.tokenize(prompts).to(device)
-    ours = M.sample(ours_net, tok, noise, cfg.eval_steps, cfg.cfg_scale).cpu()
-    theirs = M.sample(input_net, tok, noise, cfg.eval_steps, cfg.cfg_scale).cpu()
-    verdict = R.oracle_win_rate(ours, theirs, prompts, world)
-    held = torch.tensor([s == "heldout" for s in splits])
-    result = {"win_rate": round(float(verdict.mean()), 4),
-              "win_rate_heldout_combos": round(float(verdict[held].mean()), 4),
-              "win_rate_val": round(float(verdict[~held].mean()), 4)}
-    for name, clips in (("dpo", ours), ("input", theirs)):
-        result[name] = {k: round(float(v.mean()), 4)
-                        for k, v in R.reward_heads(clips, prompts, world).items()}
-        result[name].update({f"acc_{k}": round(float(v.float().mean()), 4)
-                             for k, v in R.check(clips, prompts, world).items()})
-    return result, theirs[:8], ours[:8]
-
-
 # ----------------------------------------------------------------------------- the loop
 def train(cfg: Config):
     check_config(cfg)
@@ -455,7 +431,10 @@ def train(cfg: Config):
     weights = full_state(ema.model, d.main)
     memory = memory_use(d, [policy, ema.model, reference], opt)
     # every rank: they may be sharded
-    result, theirs, ours = oracle_verdict(cfg, ema.model, reference, world, d.device)
+    prompts, splits, noise = R.eval_set(ema.model, cfg.eval_prompts, seed=cfg.seed,
+                                        noise_seed=cfg.seed + 7)
+    result, theirs, ours = R.oracle_verdict(ema.model, reference, prompts, splits,
+                                            noise.to(d.device), cfg.eval_steps, cfg.cfg_scale, world)
     if d.main:
         save_checkpoint(paths["ckpt"], weights, mc, lineage(cfg.steps))
         data.write_video(data.video_grid(torch.stack([theirs, ours], 1).flatten(0, 1), 8, 2),

@@ -297,6 +297,26 @@ def quick_eval(net, prompts, noise, steps=20, cfg_scale=3.0, world=None):
     return out
 
 
+@torch.no_grad()
+def oracle_verdict(ours_net, input_net, prompts, splits, noise, steps=20, cfg_scale=3.0, world=None):
+    """The oracle's verdict on a policy against its input, both sampled from the same noise: the win
+    rate (all, held-out combinations, val prompts), each head and attribute accuracy for both, and
+    the first 8 clips of each (the input's, then the policy's)."""
+    tok = data.tokenize(prompts).to(noise.device)
+    ours = M.sample(ours_net, tok, noise, steps, cfg_scale).cpu()
+    theirs = M.sample(input_net, tok, noise, steps, cfg_scale).cpu()
+    verdict = oracle_win_rate(ours, theirs, prompts, world)
+    held = torch.tensor([s == "heldout" for s in splits])
+    result = {"win_rate": round(float(verdict.mean()), 4),
+              "win_rate_heldout_combos": round(float(verdict[held].mean()), 4),
+              "win_rate_val": round(float(verdict[~held].mean()), 4)}
+    for name, clips in (("dpo", ours), ("input", theirs)):
+        result[name] = {k: round(float(v.mean()), 4) for k, v in reward_heads(clips, prompts, world).items()}
+        result[name].update({f"acc_{k}": round(float(v.float().mean()), 4)
+                             for k, v in check(clips, prompts, world).items()})
+    return result, theirs[:8], ours[:8]
+
+
 def oracle_preference(clips, prompts, world=None):
     """The oracle's preference as one number per clip: the fraction of prompted attributes it gets right, with the
     heads' mean (x 0.01, in [0, 0.01]) breaking ties between equal counts. (B,)"""
