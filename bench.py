@@ -7,7 +7,8 @@
     python bench.py fidelity --ckpt=A --ckpt=B  # where fidelity is lost: the sampler's guidance, the network's redraw
     python bench.py shard                     # each stage's memory per rank and time per step, DDP vs FSDP2 (2 ranks)
     python bench.py paired --ckpt=A --ckpt=B  # each stage's change clip for clip on diagnose's clips, paired errors
-    python bench.py motion_words --ckpt=A     # how much the denoiser reads the direction word (swapped / true)
+    python bench.py motion_words --ckpt=A     # how much the denoiser reads the direction word (swapped / true),
+                                              # and the speed and direction its samples draw per speed word
 """
 import json
 import os
@@ -460,11 +461,14 @@ class MotionWordsConfig:
 def bench_motion_words(argv):
     """How much each checkpoint's denoiser reads the direction word: its flow error on curated clips (first frame
     given as context) with the caption's direction swapped for the opposite one, over the error with the true
-    caption, at four t (a ratio of 1: the word is ignored)."""
+    caption, at four t (a ratio of 1: the word is ignored). Then what its sampler draws for each speed word on
+    diagnose's held-out clips (from noise, no context): the object's speed against the asked one, and how often
+    its direction is right. Returns {checkpoint: {speed word: (px per frame, asked, direction accuracy)}}."""
     cfg = parse_config(MotionWordsConfig, argv)
     if not cfg.ckpt:
         raise ConfigError("give a checkpoint (--ckpt=A, repeat for more)")
     opposite = {"left": "right", "right": "left", "up": "down", "down": "up"}
+    drawn = {}
     for path in cfg.ckpt:
         net, _ = load_model(path)
         b = data.make_batch("curated", 64, seed=123, world=R.world_of(net.cfg))
@@ -478,6 +482,17 @@ def bench_motion_words(argv):
             err = [M.flow_error(net, x1, x0, tt, tokens, x1, ctx_mask).mean() for tokens in captions]
             ratios.append(f"t={t}: x{float(err[1] / err[0]):.2f}")
         print(f"{path}: direction swapped / true caption, flow error  " + ", ".join(ratios))
+        prompts, _, noise = R.eval_set(net, DiagnoseConfig.prompts, DiagnoseConfig.seeds, 0)
+        clips = M.sample(net, data.tokenize(prompts), noise, DiagnoseConfig.steps, DiagnoseConfig.cfg_scale)
+        obs = R.oracle(clips, R.world_of(net.cfg))
+        speed, right = obs["velocity"].norm(dim=-1), R.check(clips, prompts, obs=obs)["direction"].float()
+        asked = torch.tensor([data.parse_prompt(p)["speed"] for p in prompts])     # (clips,) speed word index
+        drawn[path] = {w: (round(float(speed[asked == k].mean()), 3), round(float(R.SPEED_PX[k] * obs["scale"]), 3),
+                           round(float(right[asked == k].mean()), 3))
+                       for k, w in enumerate(data.SPEED_NAMES) if (asked == k).any()}
+        print(f"{path}: drawn from noise, px per frame (asked), direction accuracy  " + ", ".join(
+            f"{w} {v:.2f} ({a:.2f}), {acc:.3f}" for w, (v, a, acc) in drawn[path].items()))
+    return drawn
 
 
 # ----------------------------------------------------------------------------- memory and time, whole or sharded

@@ -2226,6 +2226,21 @@ def test_paired_changes_are_clip_for_clip_on_diagnoses_clips(tiny_checkpoints, c
         bench.bench_paired([f"--ckpt={base}"])
 
 
+def test_motion_words_reads_the_word_and_what_the_sampler_draws_per_speed(tiny_checkpoints, capsys):
+    """bench.py motion_words: the denoiser's reading of the direction word at four t, then per speed word the drawn
+    object's speed beside the asked one (the world's, scaled to the clip) and its direction accuracy."""
+    base, _, _ = tiny_checkpoints
+    drawn = bench.bench_motion_words([f"--ckpt={base}"])[base]
+    scale = M.preset("tiny").size / 32
+    assert set(drawn) == set(data.SPEED_NAMES)
+    assert [drawn[w][1] for w in data.SPEED_NAMES] == [round(data.SPEEDS[w] * scale, 3) for w in data.SPEED_NAMES]
+    assert all(v >= 0 and 0 <= acc <= 1 for v, _, acc in drawn.values())
+    printed = capsys.readouterr().out
+    assert "t=0.2: x" in printed and f"slow {drawn['slow'][0]:.2f} ({drawn['slow'][1]:.2f})" in printed
+    with pytest.raises(cli.ConfigError, match="give a checkpoint"):
+        bench.bench_motion_words([])
+
+
 def test_ablations_table_names_each_command_and_keeps_finished_rows(tiny_ablations):
     out, args = tiny_ablations
     table = (out / "ablations.md").read_text()
