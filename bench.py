@@ -423,7 +423,8 @@ class PairedConfig:
 def bench_paired(argv):
     """Each stage's change clip for clip on diagnose's held-out clips: every checkpoint samples the same prompts
     from the same noise, so the change's standard error is the per-clip differences' (a paired test), not the two
-    means' errors combined (diagnose's and the report's, which ignore that the clips are shared)."""
+    means' errors combined (diagnose's and the report's, which ignore that the clips are shared). Fidelity and
+    temporal also per half: the trained combinations' prompts (val) and the never-trained ones (unseen)."""
     cfg = parse_config(PairedConfig, argv)
     check_ranges(cfg, at_least_one=("prompts", "seeds"))
     if len(cfg.ckpt) < 2:
@@ -431,12 +432,17 @@ def bench_paired(argv):
     per_clip, result = [], {"changes": []}
     for path in cfg.ckpt:
         net, _ = load_model(path)
-        prompts, _, noise = R.eval_set(net, cfg.prompts, cfg.seeds, 0)           # the same for every checkpoint
+        prompts, splits, noise = R.eval_set(net, cfg.prompts, cfg.seeds, 0)      # the same for every checkpoint
         clips = M.sample(net, data.tokenize(prompts), noise, DiagnoseConfig.steps, DiagnoseConfig.cfg_scale)
         obs = R.oracle(clips, R.world_of(net.cfg))
         ok = R.check(clips, prompts, obs=obs)
-        per_clip.append({"all attributes": ok["all"].float(), "direction": ok["direction"].float(),
-                         **{h: v.float() for h, v in R.reward_heads(clips, prompts, obs=obs).items()}})
+        heads = {h: v.float() for h, v in R.reward_heads(clips, prompts, obs=obs).items()}
+        unseen = torch.tensor([s == "heldout" for s in splits])
+        # the held heads on each half: trained combinations (val) and never-trained ones (unseen)
+        halves = {f"{h}, {name}": heads[h][m] for h in ("fidelity", "temporal")
+                  for name, m in (("val", ~unseen), ("unseen", unseen))}
+        per_clip.append({"all attributes": ok["all"].float(), "direction": ok["direction"].float(), **heads,
+                         **halves})
     stages = list(zip(cfg.ckpt, per_clip))
     for (a, before), (b, after) in zip(stages, stages[1:]):
         print(f"{a} -> {b}")

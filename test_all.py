@@ -2216,7 +2216,10 @@ def test_paired_changes_are_clip_for_clip_on_diagnoses_clips(tiny_checkpoints, c
     same = bench.bench_paired([f"--ckpt={base}", f"--ckpt={base}", *small])["changes"]
     assert same and all(r["change"] == 0 and r["paired_se"] == 0 and r["up"] == r["down"] == 0 for r in same)
     rows = {r["metric"]: r for r in bench.bench_paired([f"--ckpt={base}", f"--ckpt={tuned}", *small])["changes"]}
-    assert set(rows) == {"all attributes", "direction", *rewards.HEADS}
+    halves = {f"{h}, {half}" for h in ("fidelity", "temporal") for half in ("val", "unseen")}
+    assert set(rows) == {"all attributes", "direction", *rewards.HEADS, *halves}
+    whole, val, unseen = (rows[k]["change"] for k in ("fidelity", "fidelity, val", "fidelity, unseen"))
+    assert abs(whole - (val + unseen) / 2) < 1e-3                           # two equal halves make the whole
     moved = rows["instruction"]
     assert moved["paired_se"] > 0 and moved["up"] + moved["down"] <= 8 and moved["change"] != 0
     printed = capsys.readouterr().out
