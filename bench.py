@@ -124,18 +124,22 @@ SMALL = ["--prompts_per_iter=4", "--eval_every=4", "--eval_prompts=8", "--ckpt_e
 
 
 @torch.no_grad()
+def diagnose_clips(net, prompts=16, seeds=DiagnoseConfig.seeds):
+    """A policy's samples of diagnose's held-out clips (its prompts, noise, steps and guidance) and the oracle's
+    reading of them: (prompts, splits, clips, obs)."""
+    prompts, splits, noise = R.eval_set(net, prompts, seeds, DiagnoseConfig.seed)
+    clips = M.sample(net, data.tokenize(prompts), noise, DiagnoseConfig.steps, DiagnoseConfig.cfg_scale)
+    return prompts, splits, clips, R.oracle(clips, R.world_of(net.cfg))
+
+
 def held_out(ckpt, judge, prompts=16):
     """The oracle and the learned judge (None: the oracle alone) on diagnose's held-out clips (by default its 64: 16 val
     + 16 unseen-combination prompts x 2 seeds, its noise): per-attribute accuracy and head means with standard errors,
     and judge minus oracle per head. Training's own evaluations use 16 clips, too few to tell most rows apart."""
     net, _ = load_model(ckpt)
-    dcfg = DiagnoseConfig(prompts=prompts)
-    prompts, _, noise = R.eval_set(net, dcfg.prompts, dcfg.seeds, dcfg.seed)
-    tokens = data.tokenize(prompts)
-    clips = M.sample(net, tokens, noise, dcfg.steps, dcfg.cfg_scale)
-    obs = R.oracle(clips, R.world_of(net.cfg))
+    prompts, _, clips, obs = diagnose_clips(net, prompts)
     heads, ok = R.reward_heads(clips, prompts, obs=obs), R.check(clips, prompts, obs=obs)
-    proxy = rm_score(load_reward_model(judge, net.cfg), clips, tokens)[0] if judge else {}
+    proxy = rm_score(load_reward_model(judge, net.cfg), clips, data.tokenize(prompts))[0] if judge else {}
     return {"clips": len(prompts), **{f"acc_{k}": R.mean_se(v) for k, v in ok.items()},
             **{h: R.mean_se(v) for h, v in heads.items()},
             "judge_minus_oracle": {h: round(float((proxy[h] - heads[h]).mean()), 4) for h in proxy}}
@@ -432,9 +436,7 @@ def bench_paired(argv):
     per_clip, result = [], {"changes": []}
     for path in cfg.ckpt:
         net, _ = load_model(path)
-        prompts, splits, noise = R.eval_set(net, cfg.prompts, cfg.seeds, 0)      # the same for every checkpoint
-        clips = M.sample(net, data.tokenize(prompts), noise, DiagnoseConfig.steps, DiagnoseConfig.cfg_scale)
-        obs = R.oracle(clips, R.world_of(net.cfg))
+        prompts, splits, clips, obs = diagnose_clips(net, cfg.prompts, cfg.seeds)  # the same for every checkpoint
         ok = R.check(clips, prompts, obs=obs)
         heads = {h: v.float() for h, v in R.reward_heads(clips, prompts, obs=obs).items()}
         unseen = torch.tensor([s == "heldout" for s in splits])
@@ -488,9 +490,7 @@ def bench_motion_words(argv):
             err = [M.flow_error(net, x1, x0, tt, tokens, x1, ctx_mask).mean() for tokens in captions]
             ratios.append(f"t={t}: x{float(err[1] / err[0]):.2f}")
         print(f"{path}: direction swapped / true caption, flow error  " + ", ".join(ratios))
-        prompts, _, noise = R.eval_set(net, DiagnoseConfig.prompts, DiagnoseConfig.seeds, 0)
-        clips = M.sample(net, data.tokenize(prompts), noise, DiagnoseConfig.steps, DiagnoseConfig.cfg_scale)
-        obs = R.oracle(clips, R.world_of(net.cfg))
+        prompts, _, clips, obs = diagnose_clips(net, DiagnoseConfig.prompts)
         speed, right = obs["velocity"].norm(dim=-1), R.check(clips, prompts, obs=obs)["direction"].float()
         asked = torch.tensor([data.parse_prompt(p)["speed"] for p in prompts])     # (clips,) speed word index
         drawn[path] = {w: (round(float(speed[asked == k].mean()), 3), round(float(R.SPEED_PX[k] * obs["scale"]), 3),
