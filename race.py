@@ -39,6 +39,8 @@ RULES = {
     "awm_floor_short_warmup": ["--update=awm", "--warmup=2"],                     # ... the lr warmed up in 1 iteration
     "awm_floor_2x_lr": ["--update=awm", "--lr=2e-4"],                             # ... at twice the lr
     "awm_floor_1_5x_lr": ["--update=awm", "--lr=1.5e-4"],                         # ... at 1.5 times the lr
+    "awm_floor_half_1_5x_lr": ["--update=awm", "--lr=1.5e-4", "--hold_guard=0.5"],  # ... its guard at half a margin
+    "awm_floor_undo_1_5x_lr": ["--update=awm", "--lr=1.5e-4", "--hold_undo=true"],  # ... a step that broke it undone
     "awm_floor_t2": ["--update=awm", "--draw_t_mean=-2.0"],                      # ... its draws nearer the noise
     "awm_floor_lean": ["--update=awm", "--prompts_per_iter=4", "--hold_probe=8"],  # ... half the rollouts and probe
     "awm_floor_undo_2x_lr": ["--update=awm", "--lr=2e-4", "--hold_undo=true"],  # ... a step that broke it taken back
