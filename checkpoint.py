@@ -4,7 +4,8 @@ A hand-off checkpoint is one safetensors file: the policy's weights, its model c
 model) and its lineage (the stage that wrote it, its parent file and that file's hash, the step, the run's config).
 A model config that names a `policy` is built by the module POLICIES names (adapters.py for diffusers' Wan); the
 default path never imports an adapter. A run's state (state.safetensors) adds the EMA weights, the AdamW moments as
-plain tensors (no pickle), the step, every guard's history and the log's length, so a resume is exact.
+plain tensors (no pickle), the step, every guard's history and the log's length, so a resume is exact. A pair
+file (Stage III's winner and loser clips) is checked the same way before a run reads it.
 Every file is written atomically; every way a file can be wrong is a one-line CheckpointError.
 
     python checkpoint.py --ckpt=X.safetensors --prompts="a fast red circle moving left" --out=clip.gif   # render one
@@ -293,6 +294,73 @@ def column_names(paths):
             k += 1
         out.append(n if k == 1 else f"{n}#{k}")
     return out
+
+
+# ----------------------------------------------------------------------------- Stage III's pair files
+def save_pairs(path, pairs, prompts_note=""):
+    from safetensors.torch import save_file
+    tensors = {k: v.contiguous() for k, v in pairs.items()}
+    atomic_write(path, lambda tmp: save_file(
+        tensors, tmp, metadata={"format": "postflow-pairs", "note": prompts_note}))
+
+
+def load_pairs(path, mc):
+    """A pair file: winner/loser (P, C, F, H, W) in [-1, 1], tokens (P, L); score_w, score_l,
+    weight optional."""
+    from safetensors import safe_open
+    if not os.path.isfile(path):
+        raise ConfigError(f"pair file not found: {path}")
+    try:
+        with safe_open(path, framework="pt") as f:
+            pairs = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as e:
+        raise ConfigError(f"pair file {path} is truncated or not safetensors "
+                          f"({type(e).__name__})") from None
+    for k in ("winner", "loser", "tokens"):
+        if k not in pairs:
+            raise ConfigError(f"pair file {path} lacks '{k}' (needs winner, loser, tokens)")
+    want = (mc.channels, mc.frames, mc.size, mc.size)
+    if tuple(pairs["winner"].shape[1:]) != want or tuple(pairs["loser"].shape[1:]) != want:
+        raise ConfigError(f"pair file {path} holds clips of shape "
+                          f"{tuple(pairs['winner'].shape[1:])} and "
+                          f"{tuple(pairs['loser'].shape[1:])}; this model makes {want}")
+    if len(pairs["loser"]) != len(pairs["winner"]):
+        raise ConfigError(f"pair file {path} holds {len(pairs['winner'])} winner clips but "
+                          f"{len(pairs['loser'])} loser clips: one loser per winner")
+    n = len(pairs["winner"])
+    if n == 0:
+        raise ConfigError(f"pair file {path} holds no pairs")
+    for k in ("winner", "loser"):
+        v = pairs[k]
+        if v.dtype != torch.float32:
+            raise ConfigError(f"pair file {path}: {k} clips are {v.dtype}; postflow clips are "
+                              f"float32 in [-1, 1] (convert with .float(); uint8 frames with "
+                              f"x / 127.5 - 1)")
+        if not torch.isfinite(v).all() or v.min() < -1 - 1e-3 or v.max() > 1 + 1e-3:
+            raise ConfigError(f"pair file {path}: {k} clips must be finite and in [-1, 1], got "
+                              f"[{float(v.nan_to_num().min()):.3g}, "
+                              f"{float(v.nan_to_num().max()):.3g}]"
+                              f"{' with NaN/Inf' if not torch.isfinite(v).all() else ''}")
+    tok = pairs["tokens"]
+    if tok.dim() >= 1 and len(tok) != n:
+        raise ConfigError(f"pair file {path} holds {n} winner/loser pairs but {len(tok)} rows of "
+                          f"tokens: one caption per pair")
+    if (tok.dtype != torch.long or tok.dim() != 2 or len(tok) != n or tok.numel() == 0
+            or tok.min() < 0 or tok.max() >= len(data.VOCAB)):
+        raise ConfigError(f"pair file {path}: tokens must be ({n}, L) int64 ids from "
+                          f"data.tokenize, got {tuple(tok.shape)} {tok.dtype}")
+    for k in ("score_w", "score_l", "weight"):
+        if k in pairs and (pairs[k].shape != (n,) or not torch.isfinite(pairs[k]).all()):
+            raise ConfigError(f"pair file {path}: {k} must be ({n},) finite numbers, got "
+                              f"{tuple(pairs[k].shape)}")
+    if "weight" in pairs and ((pairs["weight"] < 0).any() or not (pairs["weight"] > 0).any()):
+        raise ConfigError(f"pair file {path}: weights must be >= 0 and not all 0 (a pair of "
+                          f"weight 0 teaches nothing)")
+    pairs.update({k: pairs[k].float() for k in ("score_w", "score_l", "weight") if k in pairs})
+    pairs.setdefault("weight", torch.ones(n))
+    pairs.setdefault("score_w", torch.ones(n))
+    pairs.setdefault("score_l", torch.zeros(n))
+    return pairs
 
 
 # ----------------------------------------------------------------------------- render any checkpoint

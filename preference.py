@@ -34,12 +34,12 @@ from tqdm import tqdm
 import data
 import model as M
 import rewards as R
-from checkpoint import (full_state, lineage_record, load_model, resume_run, save_checkpoint,
-                        save_run_state, stage_family)
+from checkpoint import (full_state, lineage_record, load_model, load_pairs, resume_run,
+                        save_checkpoint, save_pairs, save_run_state, stage_family)
 from judge import load_reward_model, rm_score
 from distributed import (all_mean, average_gradients, check_ranks_agree, make_logger, memory_use,
                          setup_distributed, shard, teardown)
-from cli import (RUN_FILES, ConfigError, atomic_write, check_ranges, claim_out_dir, command_line,
+from cli import (RUN_FILES, ConfigError, check_ranges, claim_out_dir, command_line,
                  open_log, parse_config, print_config, release_run_folders, run_cli)
 from stability import EMA, NonFiniteGuard, check_trained, clip_gradients, seeded, warmup_cosine
 
@@ -156,72 +156,6 @@ def make_pairs(net, cfg, world, log, rm=None):
     log(f"pairs: {len(pairs['winner'])} of {cfg.pair_prompts * n * (n - 1) // 2} possible clear "
         f"margin {cfg.margin} (judge={cfg.judge}); mean score winner "
         f"{pairs['score_w'].mean():.3f} vs loser {pairs['score_l'].mean():.3f}")
-    return pairs
-
-
-def save_pairs(path, pairs, prompts_note=""):
-    from safetensors.torch import save_file
-    tensors = {k: v.contiguous() for k, v in pairs.items()}
-    atomic_write(path, lambda tmp: save_file(
-        tensors, tmp, metadata={"format": "postflow-pairs", "note": prompts_note}))
-
-
-def load_pairs(path, mc):
-    """A pair file: winner/loser (P, C, F, H, W) in [-1, 1], tokens (P, L); score_w, score_l,
-    weight optional."""
-    from safetensors import safe_open
-    if not os.path.isfile(path):
-        raise ConfigError(f"pair file not found: {path}")
-    try:
-        with safe_open(path, framework="pt") as f:
-            pairs = {k: f.get_tensor(k) for k in f.keys()}
-    except Exception as e:
-        raise ConfigError(f"pair file {path} is truncated or not safetensors "
-                          f"({type(e).__name__})") from None
-    for k in ("winner", "loser", "tokens"):
-        if k not in pairs:
-            raise ConfigError(f"pair file {path} lacks '{k}' (needs winner, loser, tokens)")
-    want = (mc.channels, mc.frames, mc.size, mc.size)
-    if tuple(pairs["winner"].shape[1:]) != want or tuple(pairs["loser"].shape[1:]) != want:
-        raise ConfigError(f"pair file {path} holds clips of shape "
-                          f"{tuple(pairs['winner'].shape[1:])} and "
-                          f"{tuple(pairs['loser'].shape[1:])}; this model makes {want}")
-    if len(pairs["loser"]) != len(pairs["winner"]):
-        raise ConfigError(f"pair file {path} holds {len(pairs['winner'])} winner clips but "
-                          f"{len(pairs['loser'])} loser clips: one loser per winner")
-    n = len(pairs["winner"])
-    if n == 0:
-        raise ConfigError(f"pair file {path} holds no pairs")
-    for k in ("winner", "loser"):
-        v = pairs[k]
-        if v.dtype != torch.float32:
-            raise ConfigError(f"pair file {path}: {k} clips are {v.dtype}; postflow clips are "
-                              f"float32 in [-1, 1] (convert with .float(); uint8 frames with "
-                              f"x / 127.5 - 1)")
-        if not torch.isfinite(v).all() or v.min() < -1 - 1e-3 or v.max() > 1 + 1e-3:
-            raise ConfigError(f"pair file {path}: {k} clips must be finite and in [-1, 1], got "
-                              f"[{float(v.nan_to_num().min()):.3g}, "
-                              f"{float(v.nan_to_num().max()):.3g}]"
-                              f"{' with NaN/Inf' if not torch.isfinite(v).all() else ''}")
-    tok = pairs["tokens"]
-    if tok.dim() >= 1 and len(tok) != n:
-        raise ConfigError(f"pair file {path} holds {n} winner/loser pairs but {len(tok)} rows of "
-                          f"tokens: one caption per pair")
-    if (tok.dtype != torch.long or tok.dim() != 2 or len(tok) != n or tok.numel() == 0
-            or tok.min() < 0 or tok.max() >= len(data.VOCAB)):
-        raise ConfigError(f"pair file {path}: tokens must be ({n}, L) int64 ids from "
-                          f"data.tokenize, got {tuple(tok.shape)} {tok.dtype}")
-    for k in ("score_w", "score_l", "weight"):
-        if k in pairs and (pairs[k].shape != (n,) or not torch.isfinite(pairs[k]).all()):
-            raise ConfigError(f"pair file {path}: {k} must be ({n},) finite numbers, got "
-                              f"{tuple(pairs[k].shape)}")
-    if "weight" in pairs and ((pairs["weight"] < 0).any() or not (pairs["weight"] > 0).any()):
-        raise ConfigError(f"pair file {path}: weights must be >= 0 and not all 0 (a pair of "
-                          f"weight 0 teaches nothing)")
-    pairs.update({k: pairs[k].float() for k in ("score_w", "score_l", "weight") if k in pairs})
-    pairs.setdefault("weight", torch.ones(n))
-    pairs.setdefault("score_w", torch.ones(n))
-    pairs.setdefault("score_l", torch.zeros(n))
     return pairs
 
 
