@@ -97,6 +97,21 @@ def validation_loss(net, world, n, seed=1234):
     return out
 
 
+def log_record(step, window, lr, skipped, elapsed, d):
+    """One log line over the steps since the last: the loss (mean over ranks), the loss per quarter
+    of t (minRF's t-bins: where the flow is learned), the largest grad norm. window: per step
+    (loss, grad norm, t, per-sample loss)."""
+    ts = torch.cat([w[2] for w in window])
+    ls = torch.cat([w[3] for w in window])
+    which = torch.bucketize(ts, torch.linspace(0, 1, 5)[1:-1])
+    per_bin = [round(float(ls[which == i].mean()), 4) if (which == i).any() else None
+               for i in range(4)]
+    return dict(step=step + 1,
+                loss=float(all_mean(torch.tensor(sum(w[0] for w in window) / len(window)), d)),
+                loss_by_t=per_bin, grad_norm=max(w[1] for w in window), lr=lr, skipped=skipped,
+                elapsed_s=round(elapsed, 1))
+
+
 def check_config(cfg):
     """Refuse settings the loop cannot run, before anything is read or written."""
     if cfg.data not in ("web", "curated"):
@@ -167,16 +182,15 @@ def train(cfg: Config, stop_after=None):
         f"data={cfg.data}, device={d.device}")
     print_config(cfg, log)
 
-    bins = torch.linspace(0, 1, 5)
     logf = open_log(os.path.join(cfg.out_dir, "log.jsonl"), log_offset) if d.main else None
     t0 = time.time()
     window = []
     bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, disable=not d.main,
                desc=stage)
     for step in bar:
-        # Everything random in a step comes from (seed, step), drawn for the whole batch on every
-        # rank, and each rank trains on its rows: a resumed run repeats it exactly, and 1 or N
-        # ranks take the same step.
+        # ---- BATCH: clips, context frames and the lr of this step. Everything random in a step
+        # comes from (seed, step), drawn for the whole batch on every rank, and each rank trains on
+        # its rows: a resumed run repeats it exactly, and 1 or N ranks take the same step.
         gen = seeded(cfg.seed, step)
         b = data.make_batch(cfg.data, cfg.batch_size, seed=cfg.seed, step=step, world=world)
         # a mask over the flow's frames
@@ -184,11 +198,13 @@ def train(cfg: Config, stop_after=None):
         lr = warmup_cosine(step, cfg.lr, cfg.warmup, cfg.steps)
         for group in opt.param_groups:
             group["lr"] = lr
+        # ---- LOSS: the flow loss on this rank's rows
         per_sample, t = M.flow_loss(net, b.videos.to(d.device), b.tokens.to(d.device), gen,
                                     cfg.cond_drop, ctx_mask, cfg.t_mean, cfg.t_std, rows=mine)
         loss = per_sample.mean()
         loss.backward()
-        # every rank steps alike
+        # ---- STEP: averaged over ranks (every rank steps alike), clipped, skipped if non-finite,
+        # then the EMA
         average_gradients(net.parameters(), d)
         grad_norm = clip_gradients(net.parameters(), cfg.grad_clip)
         if guard.ok(all_mean(loss.detach(), d).item(), grad_norm):
@@ -197,17 +213,9 @@ def train(cfg: Config, stop_after=None):
         opt.zero_grad(set_to_none=True)
         window.append((loss.item(), grad_norm, t.detach().cpu(), per_sample.detach().cpu()))
 
+        # ---- LOG and CHECKPOINT
         if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps:
-            ts = torch.cat([w[2] for w in window])
-            ls = torch.cat([w[3] for w in window])
-            which = torch.bucketize(ts, bins[1:-1])
-            per_bin = [round(float(ls[which == i].mean()), 4) if (which == i).any() else None
-                       for i in range(4)]
-            rec = dict(
-                step=step + 1,
-                loss=float(all_mean(torch.tensor(sum(w[0] for w in window) / len(window)), d)),
-                loss_by_t=per_bin, grad_norm=max(w[1] for w in window), lr=lr,
-                skipped=guard.skipped, elapsed_s=round(time.time() - t0, 1))
+            rec = log_record(step, window, lr, guard.skipped, time.time() - t0, d)
             window = []
             bar.set_postfix(loss=f"{rec['loss']:.4f}", gnorm=f"{rec['grad_norm']:.2f}",
                             skipped=guard.skipped)
