@@ -49,6 +49,8 @@ RULES = {
                                      "--hold_probe=32"],                          # ... with a 32-clip probe
     "awm_floor_sft2_2x_lr": ["--update=awm", "--lr=2e-4", "--sft_weight=2.0"],  # ... a 4x curated term, 2x the lr
     "awm_floor_sft2_3x_lr": ["--update=awm", "--lr=3e-4", "--sft_weight=2.0"],  # ... the same at 3x the lr
+    "awm_floor_ema_2x_lr": ["--update=awm", "--lr=2e-4", "--ema_warmup=false"],  # ... its EMA at 0.9 from the start
+    "awm_floor_ema_3x_lr": ["--update=awm", "--lr=3e-4", "--ema_warmup=false"],  # ... the same at 3x the lr
     "awm_floor_curated": ["--update=awm", "--hold_via=curated"],                  # ... or the curated term (DDRL's KL)
     "awm_floor_kl": ["--update=awm", "--hold_via=kl"],                            # ... or the KL (an adaptive KL)
     "nft_floor": ["--update=nft", "--lr=3e-4"],                                    # DiffusionNFT under the floor

@@ -84,6 +84,8 @@ class Config:
     minibatches: int = 1          # optimizer updates per pass; with a noisy gradient, few is safer
     grad_clip: float = 1.0        # global grad-norm clip
     ema_decay: float = 0.9        # EMA of the policy per update; evaluation and hand-off use it
+    ema_warmup: bool = True       # warm its decay up from 0.1; false: 0.9 from the first update,
+                                  # which averages the steps' noise out (docs/results.md, EMA)
     spike_factor: float = 10.0    # rollback when grad norm or KL exceeds this x its recent median
     # ---- ABLATIONS: each switch turns one idea off or swaps it (bench.py ablations runs them)
     window_start: int = 0         # first SDE step; -1 slides the window from high to low noise
@@ -446,7 +448,7 @@ def build_nets(cfg, d):
                           f"(they score clips), or that policy's sampler set to {rule.sampler}")
     reference = policy.reference()
     judge = load_reward_model(cfg.reward_model, policy.cfg) if cfg.reward != "heads" else None
-    ema = EMA(policy, cfg.ema_decay)
+    ema = EMA(policy, cfg.ema_decay, cfg.ema_warmup)
     sampler = M.frozen_copy(policy) if rule.old_policy else None
     shard(d, policy, ema.model, reference, sampler)
     return policy, parent, reference, ema, sampler, judge

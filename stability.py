@@ -81,15 +81,17 @@ def seeded(seed, step):
 class EMA:
     """An exponential moving average of the weights; sample and save from `ema.model`."""
 
-    def __init__(self, model, decay):
-        self.decay = decay
+    def __init__(self, model, decay, warmup=True):
+        self.decay, self.warmup = decay, warmup
         self.model = copy.deepcopy(model).eval().requires_grad_(False)
 
     @torch.no_grad()
     def update(self, model, step):
         # Warm the decay up, (1 + step) / (10 + step): a fixed 0.999 from step 0 would keep 0.999^n of the
-        # initial weights (16 % after 1800 steps), and adaLN-Zero's initial model outputs nothing.
-        decay = min(self.decay, (1 + step) / (10 + step))
+        # initial weights (16 % after 1800 steps), and adaLN-Zero's initial model outputs nothing. A model
+        # that starts trained (warmup=False) is worth keeping: the full decay from the first step averages
+        # the steps' noise out around it.
+        decay = min(self.decay, (1 + step) / (10 + step)) if self.warmup else self.decay
         for e, p in zip(self.model.parameters(), model.parameters()):
             if p.requires_grad:  # frozen weights do not move (and a LoRA policy's copies share them)
                 e.lerp_(p.detach(), 1 - decay)

@@ -872,6 +872,22 @@ def test_the_floor_turns_the_lever_it_is_given():
     assert reward_rl.held_settings(reward_rl.Config(), None, names, weights)[1].tolist() == weights.tolist()
 
 
+def test_ema_warms_its_decay_up_unless_told_the_model_starts_trained():
+    """From scratch the first update keeps 0.1 of the EMA's weights ((1 + 0) / (10 + 0)); with warmup=False (Stage
+    II's --ema_warmup=false) the full decay keeps 0.9 of the start from the first update on."""
+    for warmup, kept in ((True, 0.1), (False, 0.9)):
+        net = torch.nn.Linear(2, 2)
+        start = [p.detach().clone() for p in net.parameters()]
+        ema = stability.EMA(net, 0.9, warmup)
+        with torch.no_grad():
+            for p in net.parameters():
+                p.add_(1.0)
+        ema.update(net, 0)
+        for e, p, s in zip(ema.model.parameters(), net.parameters(), start):
+            torch.testing.assert_close(e, kept * s + (1 - kept) * p)
+        assert not any(p.requires_grad for p in ema.model.parameters())
+
+
 # --- runs
 
 def test_grpo_first_update_is_on_policy_and_kl_starts_at_zero(tiny_checkpoints):
