@@ -428,7 +428,8 @@ def bench_paired(argv):
     """Each stage's change clip for clip on diagnose's held-out clips: every checkpoint samples the same prompts
     from the same noise, so the change's standard error is the per-clip differences' (a paired test), not the two
     means' errors combined (diagnose's and the report's, which ignore that the clips are shared). Fidelity and
-    temporal also per half: the trained combinations' prompts (val) and the never-trained ones (unseen)."""
+    temporal also per half: the trained combinations' prompts (val) and the never-trained ones (unseen); fidelity's
+    penalties (edges, background, palette) each."""
     cfg = parse_config(PairedConfig, argv)
     check_ranges(cfg, at_least_one=("prompts", "seeds"))
     if len(cfg.ckpt) < 2:
@@ -443,8 +444,10 @@ def bench_paired(argv):
         # the held heads on each half: trained combinations (val) and never-trained ones (unseen)
         halves = {f"{h}, {name}": heads[h][m] for h in ("fidelity", "temporal")
                   for name, m in (("val", ~unseen), ("unseen", unseen))}
+        # fidelity's penalties (0 = perfect; a rise is a loss): which part of it a stage moved
+        misses = {f"fidelity miss: {k}": v for k, v in R.fidelity_parts(obs).items()}
         per_clip.append({"all attributes": ok["all"].float(), "direction": ok["direction"].float(), **heads,
-                         **halves})
+                         **halves, **misses})
     stages = list(zip(cfg.ckpt, per_clip))
     for (a, before), (b, after) in zip(stages, stages[1:]):
         print(f"{a} -> {b}")

@@ -2233,7 +2233,8 @@ def test_paired_changes_are_clip_for_clip_on_diagnoses_clips(tiny_checkpoints, c
     assert same and all(r["change"] == 0 and r["paired_se"] == 0 and r["up"] == r["down"] == 0 for r in same)
     rows = {r["metric"]: r for r in bench.bench_paired([f"--ckpt={base}", f"--ckpt={tuned}", *small])["changes"]}
     halves = {f"{h}, {half}" for h in ("fidelity", "temporal") for half in ("val", "unseen")}
-    assert set(rows) == {"all attributes", "direction", *rewards.HEADS, *halves}
+    misses = {f"fidelity miss: {k}" for k in ("edges", "background", "palette")}
+    assert set(rows) == {"all attributes", "direction", *rewards.HEADS, *halves, *misses}
     whole, val, unseen = (rows[k]["change"] for k in ("fidelity", "fidelity, val", "fidelity, unseen"))
     assert abs(whole - (val + unseen) / 2) < 1e-3                           # two equal halves make the whole
     moved = rows["instruction"]
