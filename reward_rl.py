@@ -67,6 +67,8 @@ class Config:
     hold_guard: float = 1.0       # the line a multiplier rises below, in margins under the start
                                   # (docs/results.md, Stage II holds its floor)
     hold_probe: int = 16          # training prompts the floor measures: fixed noise, the EMA's ODE
+    hold_every: int = 1           # iterations between its measures (each costs about a third of
+                                  # an iteration's evaluations); the multipliers move only then
     # ---- TRAINING
     update: str = "awm"           # the update rule, a row of rl_objective.RULES: awm, ppo or nft
     lr: float = 1e-4              # AdamW learning rate, constant after warmup; the floor divides it
@@ -126,7 +128,7 @@ def check_config(cfg, ranks):
     check_ranges(cfg,
                  at_least_one=("iters", "prompts_per_iter", "rollout_steps", "chunks", "draws",
                                "sft_batch", "epochs", "minibatches", "eval_every", "eval_prompts",
-                               "eval_steps", "patience", "ckpt_every"),
+                               "eval_steps", "patience", "ckpt_every", "hold_every"),
                  positive=("lr", "noise_level", "clip_range", "spike_factor", "adv_clip",
                            "grad_clip", "nft_beta", "nft_scale", "hold_rate", "hold_probe"),
                  fraction=("ema_decay",),
@@ -563,12 +565,13 @@ def train(cfg: Config, reward_fn=None):
         # the held heads measured, the multipliers moved; with --hold_undo a step that broke the
         # floor is taken back, since a smaller next step cannot undo a fall (what it buys:
         # docs/results.md, Update rules raced)
-        if floor:
+        measured = floor is not None and (it + 1) % cfg.hold_every == 0
+        if measured:
             floor.update(held())
-        undone = bool(inside and floor.broken())
+        undone = bool(inside and measured and floor.broken())
         if undone:
             inside.restore()
-        elif inside:
+        elif inside and measured:
             inside.take()
         # the iteration's cost, all ranks
         cost.end(d, rollouts, time.time() - t0)
@@ -580,6 +583,8 @@ def train(cfg: Config, reward_fn=None):
         if not spikes.check(policy, opt, grad_norm=max(stats["grad_norm"]), kl_ref=kl_ref):
             spikes.snapshot(policy, opt)
         held_log = floor.record() if floor else {}
+        if floor and cfg.hold_every > 1:
+            held_log["hold_measured"] = measured
         if inside:
             held_log["hold_undone"] = undone
         rec = record(it, names, scores, weights, zero_frac, adv, roll, stats, kl_ref=kl_ref,

@@ -1120,20 +1120,22 @@ def test_grpo_resumes_exactly_between_rollbacks(trained_tiny, tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def falling():
+    """A reward whose first call (the floor's probe at the start) reads fidelity 1 and every later call 0."""
+    calls = []
+
+    def reward(clips, prompts):
+        calls.append(len(clips))
+        n = len(clips)
+        return {"fidelity": torch.full((n,), 1.0 if len(calls) == 1 else 0.0), "temporal": torch.full((n,), 0.5),
+                "instruction": clips.mean((1, 2, 3, 4))}
+    return reward
+
+
 def test_hold_undo_takes_back_the_step_that_broke_the_floor(tiny_checkpoints, tmp_path):
     """A probe that reads fidelity 1 at the start and 0 after the first iteration: that iteration breaks the floor.
     With --hold_undo it is taken back, so the hand-off (the EMA) is the input's weights; without, the step stays."""
     _, tuned, _ = tiny_checkpoints
-
-    def falling():
-        calls = []
-
-        def reward(clips, prompts):
-            calls.append(len(clips))
-            n = len(clips)
-            return {"fidelity": torch.full((n,), 1.0 if len(calls) == 1 else 0.0), "temporal": torch.full((n,), 0.5),
-                    "instruction": clips.mean((1, 2, 3, 4))}
-        return reward
     undo = reward_rl.train(tiny_rl(tuned, tmp_path / "undo", iters=1, hold_undo=True), reward_fn=falling())
     kept = reward_rl.train(tiny_rl(tuned, tmp_path / "kept", iters=1), reward_fn=falling())
     start = checkpoint.read_checkpoint(tuned)[0]
@@ -1144,6 +1146,25 @@ def test_hold_undo_takes_back_the_step_that_broke_the_floor(tiny_checkpoints, tm
     assert [(r["hold_undone"], r["hold_broken"]) for r in log] == [(True, ["fidelity"])]
     with pytest.raises(cli.ConfigError, match="--hold_undo"):
         reward_rl.train(tiny_rl(tuned, tmp_path / "none", hold=(), hold_undo=True))
+
+
+def test_hold_every_measures_every_kth_iteration_and_undoes_back_to_the_last_measure(tiny_checkpoints, tmp_path):
+    """--hold_every=2: the probe runs after iterations 2 and 4 only (an unmeasured iteration costs the probe's
+    evaluations less), and a measure that finds the floor broken takes back both steps since the last one inside:
+    the hand-off is the input's weights."""
+    _, tuned, _ = tiny_checkpoints
+    run = reward_rl.train(tiny_rl(tuned, tmp_path / "every", iters=2, hold_every=2, hold_undo=True),
+                          reward_fn=falling())
+    start = checkpoint.read_checkpoint(tuned)[0]
+    after = checkpoint.read_checkpoint(run)[0]
+    assert all(torch.equal(after[k], start[k].to(after[k].dtype)) for k in start)
+    log = [r for r in read_log(tmp_path / "every" / "log.jsonl") if "hold_measured" in r]
+    assert [(r["hold_measured"], r["hold_undone"]) for r in log] == [(False, False), (True, True)]
+    reward_rl.train(tiny_rl(tuned, tmp_path / "each", iters=2, hold_undo=True), reward_fn=falling())
+    each = [r for r in read_log(tmp_path / "each" / "log.jsonl") if "cost_nfe" in r]
+    assert each[-1]["cost_nfe"] - log[-1]["cost_nfe"] == 4 * 2 * 2   # one probe: 4 clips x 2 steps x 2 guided passes
+    with pytest.raises(cli.ConfigError, match="hold_every"):
+        reward_rl.train(tiny_rl(tuned, tmp_path / "none", hold_every=0))
 
 
 def test_hold_undo_resumes_exactly(trained_tiny, tmp_path):
