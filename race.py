@@ -51,6 +51,8 @@ RULES = {
     "awm_floor_sft2_3x_lr": ["--update=awm", "--lr=3e-4", "--sft_weight=2.0"],  # ... the same at 3x the lr
     "awm_floor_ema_2x_lr": ["--update=awm", "--lr=2e-4", "--ema_warmup=false"],  # ... its EMA at 0.9 from the start
     "awm_floor_ema_3x_lr": ["--update=awm", "--lr=3e-4", "--ema_warmup=false"],  # ... the same at 3x the lr
+    "awm_floor_ema_3x_lr_every3": ["--update=awm", "--lr=3e-4", "--ema_warmup=false",
+                                   "--hold_every=3"],                             # ... its probe every 3rd iteration
     "awm_floor_curated": ["--update=awm", "--hold_via=curated"],                  # ... or the curated term (DDRL's KL)
     "awm_floor_kl": ["--update=awm", "--hold_via=kl"],                            # ... or the KL (an adaptive KL)
     "nft_floor": ["--update=nft", "--lr=3e-4"],                                    # DiffusionNFT under the floor
