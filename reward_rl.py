@@ -71,7 +71,7 @@ class Config:
                                   # an iteration's evaluations); the multipliers move only then
     # ---- TRAINING
     update: str = "awm"           # the update rule, a row of rl_objective.RULES: awm, ppo or nft
-    lr: float = 1e-4              # AdamW learning rate, constant after warmup; the floor divides it
+    lr: float = 3e-4              # AdamW learning rate, constant after warmup; the floor divides it
     warmup: int = 10              # updates of linear warmup: Adam's first steps move weights by ~lr
     kl_weight: float = -1.0       # weight of the KL to the frozen input; -1: the rule's own
     draws: int = 2                # awm, nft: (t, noise) draws per rollout per update, one a group
@@ -86,8 +86,9 @@ class Config:
     minibatches: int = 1          # optimizer updates per pass; with a noisy gradient, few is safer
     grad_clip: float = 1.0        # global grad-norm clip
     ema_decay: float = 0.9        # EMA of the policy per update; evaluation and hand-off use it
-    ema_warmup: bool = True       # warm its decay up from 0.1; false: 0.9 from the first update,
-                                  # which averages the steps' noise out (docs/results.md, EMA)
+    ema_warmup: bool = False      # true: warm its decay up from 0.1, as from scratch; false: the
+                                  # decay from the first update, which averages out the steps' noise
+                                  # that cost fidelity (docs/results.md, The step's noise and the EMA)
     spike_factor: float = 10.0    # rollback when grad norm or KL exceeds this x its recent median
     # ---- ABLATIONS: each switch turns one idea off or swaps it (bench.py ablations runs them)
     window_start: int = 0         # first SDE step; -1 slides the window from high to low noise

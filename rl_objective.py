@@ -28,13 +28,18 @@ curated term and the floor are reward_rl.py's):
              RCPO): maximise the objective above subject to J_h >= s_h - m_h, J_h the head's mean on
              a training-split probe (hold_probe prompts, fixed noise, the EMA's ODE at eval_steps;
              never the held-out clips). One Lagrange multiplier per held head by dual ascent each
-             iteration, lambda_h <- max(0, lambda_h + hold_rate (s_h - hold_guard m_h - J_h) / m_h)
+             hold_every-th iteration, lambda_h <- max(0, lambda_h + hold_rate (s_h - hold_guard m_h - J_h) / m_h)
              (stability.Floor), turns what --hold_via names: the step, lr / (1 + sum_h lambda_h)
              (the default: a trust region that shrinks while a held head is low), the curated term's
              weight sft_weight (1 + sum_h lambda_h) (a forward KL to data, as DDRL), the KL's weight
              likewise, or head h's advantage weight w_h + lambda_h. docs/results.md, Stage II holds
              its floor, measures them. --hold_undo also takes back an iteration whose probe ends
              below a floor (policy, EMA and optimizer restored; its multiplier's rise kept).
+  ema        what is judged and handed off is not theta but its average, theta_ema <- d theta_ema +
+             (1 - d) theta after each update, d = ema_decay from the first update (stability.EMA;
+             --ema_warmup=true warms d up from 0.1, as from scratch): the steps' noise, which costs
+             fidelity even with no reward at all, averages out around the start while the reward's
+             drift passes (docs/results.md, The step's noise and the EMA).
 """
 from dataclasses import dataclass, replace
 
