@@ -130,10 +130,10 @@ benchmarks: setup
 	$(PY) bench.py heads
 	$(PY) bench.py dpo_memory
 
-# Stage II's update rules raced on equal terms from sft_small (race.RACED: AWM without and with the floor, a fixed
-# curated term, the floor turning the KL, DiffusionNFT with the floor; 3 seeds each, 12,000 network evaluations per
-# run, diagnose's 64 held-out clips after each quarter; two runs at once): runs/race/race.{json,md}, a section of the
-# next report. Its time on 2 CPU cores: docs/results.md, Update rules raced.
+# Stage II's update rules raced on equal terms from sft_small (race.RACED: AWM without and with the floor on the old
+# defaults, the default, the floor turning the curated term or the KL, DiffusionNFT with the floor; 3 seeds each,
+# 12,000 network evaluations per run, diagnose's 64 held-out clips after each quarter; two runs at once):
+# runs/race/race.{json,md}, a section of the next report. Its time on 2 CPU cores: docs/results.md, Update rules raced.
 race: setup
 	$(PY) race.py
 

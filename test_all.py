@@ -2443,9 +2443,9 @@ def test_make_pipeline_takes_the_policy_and_refuses_an_unknown_one():
     assert "sft.py --init=checkpoints/base_wan.safetensors --out_dir=runs/pipeline_wan/sft" in wan.stdout
     assert "diagnose.py --ckpt=checkpoints/base_wan.safetensors" in wan.stdout and "base_small" not in wan.stdout
     assert "sft.py --init=checkpoints/base_small.safetensors --out_dir=runs/pipeline/sft" in dit.stdout
-    # Stage II's step is the policy's: the Wan's measured one, the DiT's unchanged
-    assert "--max_minutes=0 --iters=15 --lr=3e-4 --draw_t_mean=-2.0" in wan.stdout
-    assert "--max_minutes=0 --iters=15\n" in dit.stdout and "--lr=" not in dit.stdout
+    # Stage II's step is the policy's: the Wan's as it was measured, the DiT's the default
+    assert "--max_minutes=0 --iters=15 --lr=3e-4 --draw_t_mean=-2.0 --ema_warmup=true" in wan.stdout
+    assert "--max_minutes=0 --iters=10\n" in dit.stdout and "--lr=" not in dit.stdout
     assert "wan" not in dit.stdout.replace("requirements-wan", "")
     assert bad.returncode != 0 and "POLICY=unet: choose dit" in bad.stderr and "sft.py" not in bad.stdout
 
