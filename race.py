@@ -39,7 +39,7 @@ RULES = {
     "awm": [*BEFORE, "--update=awm", "--hold=", "--lr=3e-4"],       # the default before the floor
     "awm_floor": [*BEFORE, "--update=awm"],                          # the floor turns the lr
     "awm_floor_half": [*BEFORE, "--update=awm", "--hold_guard=0.5"],  # its guard at half a margin
-    "awm_floor_short_warmup": [*BEFORE, "--update=awm", "--warmup=2"],  # lr warmed up in 1 iteration
+    "awm_floor_short_warmup": [*BEFORE, "--update=awm", "--warmup=2"],  # lr warmed in 1 iteration
     "awm_floor_2x_lr": [*BEFORE, "--update=awm", "--lr=2e-4"],       # ... at twice the lr
     "awm_floor_1_5x_lr": [*BEFORE, "--update=awm", "--lr=1.5e-4"],   # ... at 1.5 times the lr
     "awm_floor_half_1_5x_lr": [*BEFORE, "--update=awm", "--lr=1.5e-4", "--hold_guard=0.5"],
@@ -50,9 +50,9 @@ RULES = {
     "awm_floor_undo_3x_lr": [*BEFORE, "--update=awm", "--lr=3e-4", "--hold_undo=true"],
     "awm_floor_undo_probe32_2x_lr": [*BEFORE, "--update=awm", "--lr=2e-4", "--hold_undo=true",
                                      "--hold_probe=32"],
-    "awm_floor_sft2_2x_lr": [*BEFORE, "--update=awm", "--lr=2e-4", "--sft_weight=2.0"],  # 4x curated
+    "awm_floor_sft2_2x_lr": [*BEFORE, "--update=awm", "--lr=2e-4", "--sft_weight=2.0"],  # 4x
     "awm_floor_sft2_3x_lr": [*BEFORE, "--update=awm", "--lr=3e-4", "--sft_weight=2.0"],
-    "awm_floor_curated": [*BEFORE, "--update=awm", "--hold_via=curated"],  # the floor turns DDRL's KL
+    "awm_floor_curated": [*BEFORE, "--update=awm", "--hold_via=curated"],  # turns DDRL's KL
     "awm_floor_kl": [*BEFORE, "--update=awm", "--hold_via=kl"],      # ... or the KL (adaptive KL)
     "nft_floor": [*BEFORE, "--update=nft", "--lr=3e-4"],             # DiffusionNFT under the floor
     "nft_floor_2x_lr": [*BEFORE, "--update=nft", "--lr=6e-4"],
@@ -60,7 +60,7 @@ RULES = {
     "awm_floor_ema_2x_lr": ["--update=awm", "--lr=2e-4", "--ema_warmup=false"],
     "awm_floor_ema_3x_lr": ["--update=awm", "--lr=3e-4", "--ema_warmup=false"],  # the default now
     "awm_floor_ema_3x_lr_every3": ["--update=awm", "--lr=3e-4", "--ema_warmup=false",
-                                   "--hold_every=3"],             # ... its probe every 3rd iteration
+                                   "--hold_every=3"],             # its probe every 3rd iteration
 }
 RACED = ("awm", "awm_floor", "awm_floor_ema_3x_lr", "awm_floor_curated", "awm_floor_kl",
          "nft_floor")                                     # make race's default field

@@ -88,7 +88,8 @@ class Config:
     ema_decay: float = 0.9        # EMA of the policy per update; evaluation and hand-off use it
     ema_warmup: bool = False      # true: warm its decay up from 0.1, as from scratch; false: the
                                   # decay from the first update, which averages out the steps' noise
-                                  # that cost fidelity (docs/results.md, The step's noise and the EMA)
+                                  # that costs fidelity (docs/results.md: The step's noise and
+                                  # the EMA)
     spike_factor: float = 10.0    # rollback when grad norm or KL exceeds this x its recent median
     # ---- ABLATIONS: each switch turns one idea off or swaps it (bench.py ablations runs them)
     window_start: int = 0         # first SDE step; -1 slides the window from high to low noise

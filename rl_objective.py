@@ -28,7 +28,8 @@ curated term and the floor are reward_rl.py's):
              RCPO): maximise the objective above subject to J_h >= s_h - m_h, J_h the head's mean on
              a training-split probe (hold_probe prompts, fixed noise, the EMA's ODE at eval_steps;
              never the held-out clips). One Lagrange multiplier per held head by dual ascent each
-             hold_every-th iteration, lambda_h <- max(0, lambda_h + hold_rate (s_h - hold_guard m_h - J_h) / m_h)
+             hold_every-th iteration,
+             lambda_h <- max(0, lambda_h + hold_rate (s_h - hold_guard m_h - J_h) / m_h)
              (stability.Floor), turns what --hold_via names: the step, lr / (1 + sum_h lambda_h)
              (the default: a trust region that shrinks while a held head is low), the curated term's
              weight sft_weight (1 + sum_h lambda_h) (a forward KL to data, as DDRL), the KL's weight
