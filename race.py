@@ -61,6 +61,8 @@ RULES = {
     "awm_floor_ema_3x_lr": ["--update=awm", "--lr=3e-4", "--ema_warmup=false"],  # the default now
     "awm_floor_ema_3x_lr_every3": ["--update=awm", "--lr=3e-4", "--ema_warmup=false",
                                    "--hold_every=3"],             # its probe every 3rd iteration
+    "awm_floor_ema_3x_lr_warmup4": ["--update=awm", "--lr=3e-4", "--ema_warmup=false",
+                                    "--warmup=4"],                # its lr warmed up in 2 iterations
 }
 RACED = ("awm", "awm_floor", "awm_floor_ema_3x_lr", "awm_floor_curated", "awm_floor_kl",
          "nft_floor")                                     # make race's default field
