@@ -373,6 +373,29 @@ def probe_levels(cfg, net, probe, judge, reward_fn, names, world, d):
     return {h: from_rank0(float(levels[names.index(h)]), d) for h in hold_margins(cfg)}
 
 
+def hold_floor(cfg, floor, inside, held, it):
+    """The FLOOR band: each hold_every-th iteration the held heads measured (held()) and the
+    multipliers moved; with --hold_undo (inside: the last weights inside the floor) a step that
+    left a head below its floor is taken back, since a smaller next step cannot undo a fall (what
+    it buys: docs/results.md, Update rules raced). Returns the floor's part of the log line."""
+    if floor is None:
+        return {}
+    measured = (it + 1) % cfg.hold_every == 0
+    if measured:
+        floor.update(held())
+    undone = bool(inside and measured and floor.broken())
+    if undone:
+        inside.restore()
+    elif inside and measured:
+        inside.take()
+    record = floor.record()
+    if cfg.hold_every > 1:
+        record["hold_measured"] = measured
+    if inside:
+        record["hold_undone"] = undone
+    return record
+
+
 # ----------------------------------------------------------------------------- LOG
 def health(cfg, policy, reference, roll, it):
     """|v| / |v_ref| on up to 8 of the iteration's clips, with noise of its own stream (the run's
@@ -564,17 +587,7 @@ def train(cfg: Config, reward_fn=None):
         stats = update_policy(now, policy, reference, opt, ema, guard, roll, adv[mine].to(d.device),
                               mine, it, gen, world, d, cost)
         # ================================================================ FLOOR
-        # the held heads measured, the multipliers moved; with --hold_undo a step that broke the
-        # floor is taken back, since a smaller next step cannot undo a fall (what it buys:
-        # docs/results.md, Update rules raced)
-        measured = floor is not None and (it + 1) % cfg.hold_every == 0
-        if measured:
-            floor.update(held())
-        undone = bool(inside and measured and floor.broken())
-        if undone:
-            inside.restore()
-        elif inside and measured:
-            inside.take()
+        held_log = hold_floor(cfg, floor, inside, held, it)
         # the iteration's cost, all ranks
         cost.end(d, rollouts, time.time() - t0)
         # ROLLBACK on a spike, decided on statistics every rank shares and any rank count gives
@@ -584,11 +597,6 @@ def train(cfg: Config, reward_fn=None):
         kl_ref = mean_over_ranks(sum(stats["kl_ref"]), d) / (cfg.epochs * cfg.minibatches)
         if not spikes.check(policy, opt, grad_norm=max(stats["grad_norm"]), kl_ref=kl_ref):
             spikes.snapshot(policy, opt)
-        held_log = floor.record() if floor else {}
-        if floor and cfg.hold_every > 1:
-            held_log["hold_measured"] = measured
-        if inside:
-            held_log["hold_undone"] = undone
         rec = record(it, names, scores, weights, zero_frac, adv, roll, stats, kl_ref=kl_ref,
                      lr=opt.param_groups[0]["lr"], **held_log, skipped=guard.skipped,
                      rollbacks=spikes.rollbacks, rollout_s=round(t_roll, 2),
