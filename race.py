@@ -63,6 +63,10 @@ RULES = {
                                    "--hold_every=3"],             # its probe every 3rd iteration
     "awm_floor_ema_3x_lr_warmup4": ["--update=awm", "--lr=3e-4", "--ema_warmup=false",
                                     "--warmup=4"],                # its lr warmed up in 2 iterations
+    # two optimizer steps a pass (half the rollouts each): the warmup and the EMA's lag in half the
+    # iterations (docs/results.md, Two steps a pass)
+    "awm_floor_ema_2x_lr_mb2": ["--update=awm", "--lr=2e-4", "--ema_warmup=false", "--minibatches=2"],
+    "awm_floor_ema_3x_lr_mb2": ["--update=awm", "--lr=3e-4", "--ema_warmup=false", "--minibatches=2"],
 }
 RACED = ("awm", "awm_floor", "awm_floor_ema_3x_lr", "awm_floor_curated", "awm_floor_kl",
          "nft_floor")                                     # make race's default field
