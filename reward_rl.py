@@ -71,7 +71,7 @@ class Config:
                                   # an iteration's evaluations); the multipliers move only then
     # ---- TRAINING
     update: str = "awm"           # the update rule, a row of rl_objective.RULES: awm, ppo or nft
-    lr: float = 3e-4              # AdamW learning rate, constant after warmup; the floor divides it
+    lr: float = 2e-4              # AdamW learning rate, constant after warmup; the floor divides it
     warmup: int = 10              # updates of linear warmup: Adam's first steps move weights by ~lr
     kl_weight: float = -1.0       # weight of the KL to the frozen input; -1: the rule's own
     draws: int = 2                # awm, nft: (t, noise) draws per rollout per update, one a group
@@ -83,7 +83,8 @@ class Config:
     sft_weight: float = 0.5       # weight of the flow loss on fresh curated clips (PPO-ptx)
     sft_batch: int = 32           # curated clips per update for it (the same on every rank)
     epochs: int = 2               # passes over each iteration's rollouts, fresh draws each
-    minibatches: int = 1          # optimizer updates per pass; with a noisy gradient, few is safer
+    minibatches: int = 2          # optimizer updates per pass: 2 take the warmup and the EMA's lag
+                                  # in half the iterations (docs/results.md: Two steps a pass)
     grad_clip: float = 1.0        # global grad-norm clip
     ema_decay: float = 0.9        # EMA of the policy per update; evaluation and hand-off use it
     ema_warmup: bool = False      # true: warm its decay up from 0.1, as from scratch; false: the
@@ -325,8 +326,11 @@ def update_policy(cfg, policy, reference, opt, ema, guard, roll, adv, mine, it, 
         for j, chunk in enumerate(order.chunk(cfg.minibatches)):
             n_update = (it * cfg.epochs + epoch) * cfg.minibatches + j      # every optimizer step
             rows = rows_of_rank(chunk, mine)
-            b = batch_of(roll, adv, rows, fresh=epoch == 0 and j == 0)
-            scale = d.ranks / len(chunk)
+            # a sharded rank with no row here still runs the passes (on_shard): on one of its rows
+            # weighted 0, since a network may refuse an empty batch (Wan's reshape does)
+            some = rows if len(rows) else torch.zeros(1, dtype=torch.long)
+            b = batch_of(roll, adv, some, fresh=epoch == 0 and j == 0)
+            scale = d.ranks / len(chunk) if len(rows) else 0.0
             loss = on_shard(len(rows), d, stats, lambda kept: rule_backward(
                 cfg, policy, reference, b, samples, scale, kept))
             if cfg.sft_weight > 0:

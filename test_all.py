@@ -114,14 +114,15 @@ def tiny_sft(out_dir, **kw):
 
 def tiny_rl(init, out_dir, **kw):
     base = dict(init=str(init), out_dir=str(out_dir), iters=2, prompts_per_iter=2, group_size=4, rollout_steps=4,
-                sde_window=2, eval_prompts=2, eval_steps=2, eval_every=100, ckpt_every=1, hold_probe=4, device="cpu")
+                sde_window=2, eval_prompts=2, eval_steps=2, eval_every=100, ckpt_every=1, hold_probe=4, device="cpu",
+                minibatches=1)  # one step a pass, as the tests were sized; stage_command runs the default's 2
     return reward_rl.Config(**{**base, **kw})
 
 
 def wan_rl(init, out_dir, **kw):
     base = dict(init=str(init), out_dir=str(out_dir), iters=1, prompts_per_iter=1, group_size=2, rollout_steps=2,
                 sde_window=1, eval_prompts=1, eval_steps=1, eval_every=100, ckpt_every=1, epochs=1, warmup=1, lr=1e-2,
-                sft_weight=0.0, std_floor=1e-6, hold_probe=2, device="cpu")
+                sft_weight=0.0, std_floor=1e-6, hold_probe=2, device="cpu", minibatches=1)
     return reward_rl.Config(**{**base, **kw})
 
 
@@ -2444,8 +2445,8 @@ def test_make_pipeline_takes_the_policy_and_refuses_an_unknown_one():
     assert "diagnose.py --ckpt=checkpoints/base_wan.safetensors" in wan.stdout and "base_small" not in wan.stdout
     assert "sft.py --init=checkpoints/base_small.safetensors --out_dir=runs/pipeline/sft" in dit.stdout
     # Stage II's step is the policy's: the Wan's as it was measured, the DiT's the default
-    assert "--max_minutes=0 --iters=15 --lr=3e-4 --draw_t_mean=-2.0 --ema_warmup=true" in wan.stdout
-    assert "--max_minutes=0 --iters=10\n" in dit.stdout and "--lr=" not in dit.stdout
+    assert "--max_minutes=0 --iters=15 --lr=3e-4 --draw_t_mean=-2.0 --ema_warmup=true --minibatches=1" in wan.stdout
+    assert "--max_minutes=0 --iters=15\n" in dit.stdout and "--lr=" not in dit.stdout
     assert "wan" not in dit.stdout.replace("requirements-wan", "")
     assert bad.returncode != 0 and "POLICY=unet: choose dit" in bad.stderr and "sft.py" not in bad.stdout
 
