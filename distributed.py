@@ -192,7 +192,8 @@ def rows_of_rank(rows, mine):
 def on_shard(n, d: Dist, stats, run):
     """run(stats) on this rank's n rows of a minibatch; its loss. A rank with no row adds nothing (zeros
     to the gradients' all-reduce), except sharded: each forward gathers weights with every rank, so it
-    runs its passes on the empty batch and their statistics are dropped."""
+    runs its passes anyway (the caller hands them one row weighted 0: a network may refuse an empty
+    batch) and their statistics are dropped."""
     if n:
         return run(stats)
     if d.sharded:
