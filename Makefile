@@ -11,9 +11,9 @@ RUN ?= $(if $(filter wan,$(POLICY)),runs/pipeline_wan,runs/pipeline)
 # Stage II on the pixel Wan: 15 iterations at lr 3e-4 with AWM's draws near the noise, where Wan's denoiser reads
 # the motion words (15 at 1e-4 moved nothing), with the EMA's decay warmed up and one optimizer step a pass, as when
 # it was measured (docs/results.md, Wan through the stages)
-# On the DiT, 15 iterations of the default step: at 10 the floor was still slowing it after a dip of its probe
-# (docs/results.md, Two steps a pass)
-RL_STEPS = $(if $(filter wan,$(POLICY)),--iters=15 --lr=3e-4 --draw_t_mean=-2.0 --ema_warmup=true --minibatches=1,--iters=15)
+# On the DiT, 13 iterations of the default step: at 10 the floor was still slowing it after a dip of its probe, 12
+# and 15 gain alike (docs/results.md, Two steps a pass)
+RL_STEPS = $(if $(filter wan,$(POLICY)),--iters=15 --lr=3e-4 --draw_t_mean=-2.0 --ema_warmup=true --minibatches=1,--iters=13)
 
 setup:
 	@$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q $(TORCH)
@@ -35,7 +35,7 @@ killtest: setup
 # (a diagnosis already made of the same file, settings and code is read back: from runs/diagnose_cache, and the base's
 # from checkpoints/diagnoses, shipped), then one page of it all: $(RUN)/report.html (offline, self-contained) and
 # report.md. Its CPU budget (docs/results.md, Pipeline at the CPU budget, against the full recipe): Stage I 800
-# steps of 16 clips (the script's default: 32), Stage II 15 iterations (30), Stage III 60 steps (150) on pairs of 48
+# steps of 16 clips (the script's default: 32), Stage II 13 iterations (30), Stage III 60 steps (150) on pairs of 48
 # prompts (64). Stage II runs all its iterations (--max_minutes=0: its time guard would cut a slower machine short
 # and change the table). Each run replaces $(RUN) (pass RUN=runs/other to keep an earlier one).
 pipeline: $(if $(filter wan,$(POLICY)),setup-wan,setup)

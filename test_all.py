@@ -2446,7 +2446,7 @@ def test_make_pipeline_takes_the_policy_and_refuses_an_unknown_one():
     assert "sft.py --init=checkpoints/base_small.safetensors --out_dir=runs/pipeline/sft" in dit.stdout
     # Stage II's step is the policy's: the Wan's as it was measured, the DiT's the default
     assert "--max_minutes=0 --iters=15 --lr=3e-4 --draw_t_mean=-2.0 --ema_warmup=true --minibatches=1" in wan.stdout
-    assert "--max_minutes=0 --iters=15\n" in dit.stdout and "--lr=" not in dit.stdout
+    assert "--max_minutes=0 --iters=13\n" in dit.stdout and "--lr=" not in dit.stdout
     assert "wan" not in dit.stdout.replace("requirements-wan", "")
     assert bad.returncode != 0 and "POLICY=unet: choose dit" in bad.stderr and "sft.py" not in bad.stdout
 
@@ -2692,28 +2692,27 @@ def test_wan_embed_cleans_prompts_as_wan_pipeline_does(tmp_path, monkeypatch):
 
 
 @needs_wan
-def test_wan_lora_stage_ii_runs_sharded_and_matches_one_process(wan_chain, tmp_path):
-    """The tiny Wan with LoRA, an AWM iteration of Stage II under FSDP2 on 2 ranks: each transformer block a unit, the
-    reference the policy's own blocks with the adapter off. It ends where one process does, and only the adapter moved."""
-    args = ["reward_rl.py", f"--init={wan_chain['sft']}", "--iters=1", "--prompts_per_iter=1", "--group_size=2",
+def test_wan_lora_stage_ii_runs_sharded_and_matches_one_process(tmp_path):
+    """The tiny Wan with LoRA, its transformer in bf16 and its factors in fp32, an AWM iteration of Stage II under
+    FSDP2 on 2 ranks: each transformer block a unit, the reference the policy's own blocks with the adapter off, one
+    rank with no rollout in a minibatch (2 rollouts, 2 minibatches). It ends where one process does, only the adapter
+    moved, and its factors stay fp32."""
+    import adapters
+    init = f"{tmp_path}/bf16.safetensors"
+    adapters.init_checkpoint([f"--out={init}", "--dtype=bfloat16"])
+    args = ["reward_rl.py", f"--init={init}", "--iters=1", "--prompts_per_iter=1", "--group_size=2",
             "--rollout_steps=2", "--sde_window=1", "--eval_prompts=2", "--eval_steps=1", "--ckpt_every=1", "--epochs=1",
             "--warmup=1", "--lr=1e-2", "--sft_batch=2", "--std_floor=1e-6", "--bf16=false", "--device=cpu"]
-    import adapters                                   # a bf16 transformer with fp32 factors shards and trains alike
-    adapters.init_checkpoint([f"--out={tmp_path}/bf16.safetensors", "--dtype=bfloat16"])
-    # both jobs and "one" side by side
-    fsdp = torchrun(args, tmp_path / "fsdp", "fsdp", **PIPES)
-    bf16_init = f"--init={tmp_path}/bf16.safetensors"
-    bf16_args = [bf16_init if a.startswith("--init=") else a for a in args]
-    bf16 = torchrun(bf16_args, tmp_path / "bf16", "fsdp", **PIPES)
+    fsdp = torchrun(args, tmp_path / "fsdp", "fsdp", **PIPES)              # beside "one"
     in_process(args, tmp_path / "one")
     finish(fsdp)
-    assert state_gap(tmp_path / "one", tmp_path / "fsdp") < 1e-4
-    before, after = (checkpoint.read_checkpoint(p)[0] for p in (wan_chain["sft"], tmp_path / "fsdp" / "ckpt.safetensors"))
+    # bf16 activations round at 2^-8 of a value, and the two layouts round differently (3e-4 measured); a rank's
+    # rows left out of the reduction flip the signs of Adam's first step, 2e-2 at this lr
+    assert state_gap(tmp_path / "one", tmp_path / "fsdp") < 1e-3
+    before, after = (checkpoint.read_checkpoint(p)[0] for p in (init, tmp_path / "fsdp" / "ckpt.safetensors"))
     moved = [k for k in after if k in before and not torch.equal(before[k], after[k])]
     assert moved and all("lora" in k for k in moved)
-    finish(bf16)
-    factors = checkpoint.read_checkpoint(tmp_path / "bf16" / "ckpt.safetensors")[0]
-    assert factors and all(v.dtype == torch.float32 for k, v in factors.items() if "lora" in k)
+    assert all(after[k].dtype == torch.float32 for k in moved)
 
 
 WAN_BASE = os.path.join(HERE, "checkpoints", "base_wan.safetensors")   # make base POLICY=wan
