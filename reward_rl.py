@@ -243,9 +243,9 @@ def sample_rollouts(cfg, policy, ema, sampler, it, gen, train_prompts, mine, dev
 
 
 # ----------------------------------------------------------------------------- REWARDS
-def reward_scores(cfg, clips, prompts, tokens, judge, reward_fn, names, world):
-    """The training reward of these clips, (n, heads), and the ensemble's spread (zeros without
-    it)."""
+def reward_scores(cfg, clips, prompts, tokens, judge, reward_fn, names, world, d):
+    """The training reward of this rank's clips and the ensemble's spread (zeros without it), each
+    gathered over the ranks: (all ranks' clips, heads), since a group's rewards span the ranks."""
     if reward_fn:
         heads = reward_fn(clips.cpu(), prompts)
     else:
@@ -257,7 +257,7 @@ def reward_scores(cfg, clips, prompts, tokens, judge, reward_fn, names, world):
         rm_scores = torch.stack([rm_mean[h] for h in names], 1)
         rm_std = torch.stack([rm_sd[h] for h in names], 1)
         scores = rm_scores if cfg.reward == "rm" else (scores + rm_scores) / 2
-    return scores, rm_std
+    return gather_rows(scores, d), gather_rows(rm_std, d)
 
 
 # ----------------------------------------------------------------------------- TRAINING
@@ -315,9 +315,12 @@ def update_policy(cfg, policy, reference, opt, ema, guard, roll, adv, mine, it, 
                   cost):
     """epochs x minibatches optimizer steps on the iteration's rollouts: the rule's loss and KL, the
     curated term, the gradient average, the warmup, the clip, the non-finite guard and the EMA.
-    adv: this rank's (n,). Returns the update statistics."""
+    adv: every rollout's (rollouts,). Returns the update statistics and the KL to the reference
+    per update, the same on every rank: each minibatch's mean over all its clips, however the
+    shuffle split them over ranks."""
     stats = defaultdict(list)
     rollouts = cfg.prompts_per_iter * cfg.group_size
+    adv = adv[mine].to(d.device)                                             # this rank's (n,)
     policy.train()
     for epoch in range(cfg.epochs):
         # over all ranks: draws match any rank count
@@ -347,7 +350,7 @@ def update_policy(cfg, policy, reference, opt, ema, guard, roll, adv, mine, it, 
                 ema.update(policy, n_update)                                  # EMA
             opt.zero_grad(set_to_none=True)
             cost.steps += 1
-    return stats
+    return stats, mean_over_ranks(sum(stats["kl_ref"]), d) / (cfg.epochs * cfg.minibatches)
 
 
 # ----------------------------------------------------------------------------- FLOOR
@@ -371,9 +374,9 @@ def probe_levels(cfg, net, probe, judge, reward_fn, names, world, d):
     tokens = data.tokenize(prompts[mine]).to(d.device)
     with bf16(cfg, d.device):
         clips = M.sample(net, tokens, noise[mine].to(d.device), cfg.eval_steps, cfg.cfg_scale)
-    scores = reward_scores(cfg, clips, prompts[mine], tokens, judge, reward_fn, names, world)[0]
+    scores = reward_scores(cfg, clips, prompts[mine], tokens, judge, reward_fn, names, world, d)[0]
     # (heads,) the whole probe
-    levels = gather_rows(scores, d).mean(0)
+    levels = scores.mean(0)
     return {h: from_rank0(float(levels[names.index(h)]), d) for h in hold_margins(cfg)}
 
 
@@ -430,30 +433,32 @@ def record(it, names, scores, weights, zero_frac, adv, roll, stats, **extra):
                 grad_norm=r4(max(stats["grad_norm"])), **extra)
 
 
-def evaluate_and_decide(cfg, it, rec, scores, names, ev, monitor, out_of_time, logf, log):
-    """Rank 0's end of an iteration: the log line, the held-out evaluation ev when one was due, and
-    whether to stop."""
-    logf.write(json.dumps(rec) + "\n")
-    hacked = False
-    if ev is not None:
-        logf.write(json.dumps({"eval": ev}) + "\n")
-        log(f"eval @{it + 1}: " + " ".join(f"{k}={v}" for k, v in ev.items() if k != "iter"))
-        # proxy vs truth on the heads the eval scores, at fixed weights (a curriculum's would
-        # move both)
-        fixed = R.advantage_weights(names, cfg.weights).tolist()
-        w = [(i, v) for i, (n, v) in enumerate(zip(names, fixed)) if n in ev]
-        truth = sum(v * ev[names[i]] for i, v in w)
-        proxy = sum(v * scores[:, i].mean().item() for i, v in w)
-        hacked = monitor.update(truth, proxy)
-        if hacked:
-            log(f"stopping: the held-out oracle reward fell {cfg.patience} evaluations in a row "
-                f"while the trained reward overstated it more and more (reward hacking); keeping "
-                f"the last checkpoint")
-    if out_of_time:
-        log(f"stopping: --max_minutes={cfg.max_minutes} or --max_nfe={cfg.max_nfe} reached after "
-            f"{it + 1} iterations")
-    logf.flush()
-    return hacked or out_of_time
+def evaluate_and_decide(cfg, it, rec, scores, names, ev, monitor, out_of_time, logf, log, d):
+    """The end of an iteration: rank 0 writes the log line and the held-out evaluation ev when one
+    was due, and decides whether to stop (the hacking monitor, the budgets); every rank obeys."""
+    stop = False
+    if d.main:
+        logf.write(json.dumps(rec) + "\n")
+        if ev is not None:
+            logf.write(json.dumps({"eval": ev}) + "\n")
+            log(f"eval @{it + 1}: " + " ".join(f"{k}={v}" for k, v in ev.items() if k != "iter"))
+            # proxy vs truth on the heads the eval scores, at fixed weights (a curriculum's would
+            # move both)
+            fixed = R.advantage_weights(names, cfg.weights).tolist()
+            w = [(i, v) for i, (n, v) in enumerate(zip(names, fixed)) if n in ev]
+            truth = sum(v * ev[names[i]] for i, v in w)
+            proxy = sum(v * scores[:, i].mean().item() for i, v in w)
+            stop = monitor.update(truth, proxy)
+            if stop:
+                log(f"stopping: the held-out oracle reward fell {cfg.patience} evaluations in a "
+                    f"row while the trained reward overstated it more and more (reward hacking); "
+                    f"keeping the last checkpoint")
+        if out_of_time:
+            log(f"stopping: --max_minutes={cfg.max_minutes} or --max_nfe={cfg.max_nfe} reached "
+                f"after {it + 1} iterations")
+        logf.flush()
+        stop = stop or out_of_time
+    return bool(from_rank0(stop, d))
 
 
 def out_of_budget(cfg, elapsed, last, cost, d):
@@ -576,11 +581,9 @@ def train(cfg: Config, reward_fn=None):
                                       d.device)
         t_roll = time.time() - t0
         # ================================================================ REWARDS
-        # (rollouts, heads) on every rank: a group's rewards span the ranks
+        # (rollouts, heads): every rank's rollouts
         scores, rm_std = reward_scores(cfg, clips, roll.prompts, roll.tokens, judge, reward_fn,
-                                       names, world)
-        scores = gather_rows(scores, d)
-        rm_std = gather_rows(rm_std, d)
+                                       names, world, d)
         # ================================================================ ADVANTAGES
         progress = it / max(1, cfg.iters - 1)
         weights = R.advantage_weights(names, cfg.weights, progress, cfg.curriculum)
@@ -588,17 +591,14 @@ def train(cfg: Config, reward_fn=None):
         adv, zero_frac = advantages(now, scores, rm_std, weights)
         # ================================================================ TRAINING
         t1 = time.time()
-        stats = update_policy(now, policy, reference, opt, ema, guard, roll, adv[mine].to(d.device),
-                              mine, it, gen, world, d, cost)
+        stats, kl_ref = update_policy(now, policy, reference, opt, ema, guard, roll, adv, mine, it,
+                                      gen, world, d, cost)
         # ================================================================ FLOOR
         held_log = hold_floor(cfg, floor, inside, held, it)
         # the iteration's cost, all ranks
         cost.end(d, rollouts, time.time() - t0)
         # ROLLBACK on a spike, decided on statistics every rank shares and any rank count gives
-        # alike
-        # (grad norm is global; the KL is each minibatch's mean over all its clips, however the
-        # shuffle split them over ranks)
-        kl_ref = mean_over_ranks(sum(stats["kl_ref"]), d) / (cfg.epochs * cfg.minibatches)
+        # alike (the grad norm is global, the KL reduced)
         if not spikes.check(policy, opt, grad_norm=max(stats["grad_norm"]), kl_ref=kl_ref):
             spikes.snapshot(policy, opt)
         rec = record(it, names, scores, weights, zero_frac, adv, roll, stats, kl_ref=kl_ref,
@@ -613,9 +613,8 @@ def train(cfg: Config, reward_fn=None):
         out_of_time = out_of_budget(cfg, time.time() - t_start, time.time() - t0, cost, d)
         due = (it + 1) % cfg.eval_every == 0 or it + 1 == cfg.iters or out_of_time
         ev = evaluate(it + 1) if due else None
-        stop = d.main and evaluate_and_decide(cfg, it, rec, scores, names, ev, monitor, out_of_time,
-                                              logf, log)
-        stop = bool(from_rank0(stop, d))
+        stop = evaluate_and_decide(cfg, it, rec, scores, names, ev, monitor, out_of_time, logf, log,
+                                   d)
         if (it + 1) % cfg.ckpt_every == 0 or it + 1 == cfg.iters or stop:
             save_run_state(state_path, policy, ema, opt, lineage(it + 1), it + 1, parts, logf,
                            d.main)
