@@ -2103,23 +2103,31 @@ def test_kill_minus_9_then_resume_gives_the_same_weights(stage, killed_runs):
 # Several processes (distributed.py): DDP and FSDP2 ranks, several nodes, under torchrun
 # ==================================================================================================
 
-def test_grpo_one_and_two_ranks_agree(trained_tiny, tmp_path):
-    """The same run on 1 and 2 ranks: same draws, same rollouts and rewards, the same decisions (the spike guard,
-    set tight here so that it rolls back, decides on reduced statistics; the floor, a hair under the start, takes
-    steps back on rank 0's levels), and the same weights on every rank."""
+@pytest.fixture(scope="module")
+def ranked_runs(trained_tiny, tmp_path_factory):
+    """Stage II with its guards acting, on 1 rank, 2 DDP ranks and 2 FSDP ranks side by side: the spike guard, set
+    tight so that it rolls back, and a floor a hair under the start, which takes steps back. Exit 0 includes: every
+    rank ended with the same weights; sharded, the rollbacks and the floor's undos restore shards. Returns the
+    folder, the command line, and the DDP job's result."""
+    root = tmp_path_factory.mktemp("ranks")
     args = ["reward_rl.py", f"--init={trained_tiny}", "--iters=6", "--prompts_per_iter=2", "--group_size=4",
             "--rollout_steps=4", "--eval_prompts=2", "--eval_steps=2", "--eval_every=4", "--device=cpu", "--lr=1e-3",
             "--warmup=1", "--minibatches=2", "--spike_factor=1.5", "--sft_batch=4", "--bf16=false",  # bf16 rounds by batch
-            "--hold=fidelity=0.0001,temporal=0.0001", "--hold_probe=2", "--hold_undo=true"]
-    # the three runs side by side; exit 0 includes: every rank ended with the same weights; sharded,
-    # the rollbacks and the floor's undos restore shards
-    ddp = torchrun(args, tmp_path / "r2", **PIPES)
-    fsdp = torchrun(args, tmp_path / "r2_fsdp", "fsdp", **PIPES)
-    in_process(args, tmp_path / "r1")
+            "--hold=fidelity=0.0001,temporal=0.0001", "--hold_probe=2", "--hold_undo=true", "--ckpt_every=1"]
+    ddp = torchrun(args, root / "r2", **PIPES)
+    fsdp = torchrun(args, root / "r2_fsdp", "fsdp", **PIPES)
+    in_process(args, root / "r1")
     two = finish(ddp)
     finish(fsdp)
+    return root, args, two
+
+
+def test_grpo_one_and_two_ranks_agree(ranked_runs):
+    """The same run on 1 and 2 ranks: same draws, same rollouts and rewards, the same decisions (the spike guard
+    decides on reduced statistics; the floor steps back on rank 0's levels), and the same weights on every rank."""
+    runs, _, two = ranked_runs
     assert "2 rank(s) x 4" in two.stdout + two.stderr and "terminate called" not in two.stderr
-    a, b = [[r for r in read_log(tmp_path / d / "log.jsonl") if "reward_instruction" in r] for d in ("r1", "r2")]
+    a, b = [[r for r in read_log(runs / d / "log.jsonl") if "reward_instruction" in r] for d in ("r1", "r2")]
     assert len(a) == len(b) == 6 and a[-1]["rollbacks"] > 0, a[-1]     # the guard acts (from the 6th)
     for ra, rb in zip(a, b):
         assert ra["reward_instruction"] == pytest.approx(rb["reward_instruction"], abs=1e-4)
@@ -2129,10 +2137,10 @@ def test_grpo_one_and_two_ranks_agree(trained_tiny, tmp_path):
         # levels' float rounding across rank layouts (~1e-7): ~1e-3 an iteration, on hundreds
         assert ra["hold_multiplier"] == pytest.approx(rb["hold_multiplier"], rel=1e-4, abs=1e-3)
     for name in ("ckpt.safetensors", "state.safetensors"):
-        wa, wb = checkpoint.read_checkpoint(tmp_path / "r1" / name)[0], checkpoint.read_checkpoint(tmp_path / "r2" / name)[0]
+        wa, wb = checkpoint.read_checkpoint(runs / "r1" / name)[0], checkpoint.read_checkpoint(runs / "r2" / name)[0]
         assert max(float((wa[k] - wb[k]).abs().max()) for k in wa if k.startswith(("model.", "ema.")) or "." in k) < 1e-4
-    assert state_gap(tmp_path / "r1", tmp_path / "r2_fsdp") < 1e-4
-    sharded = [r for r in read_log(tmp_path / "r2_fsdp" / "log.jsonl") if "rollbacks" in r]
+    assert state_gap(runs / "r1", runs / "r2_fsdp") < 1e-4
+    sharded = [r for r in read_log(runs / "r2_fsdp" / "log.jsonl") if "rollbacks" in r]
     assert [r["rollbacks"] for r in sharded] == [r["rollbacks"] for r in a]
     assert [r["hold_undone"] for r in sharded] == [r["hold_undone"] for r in a]
     assert {r["hold_undone"] for r in a} == {True, False}                  # both decisions were taken
@@ -2159,13 +2167,10 @@ def test_a_stage_trains_alike_on_one_rank_and_two_fsdp_ranks(stage, trained_tiny
         assert sharded[k] < 0.6 * whole[k], (k, sharded, whole)
 
 
-def test_an_fsdp_run_killed_and_resumed_gives_the_weights_of_an_uninterrupted_one(trained_tiny, tmp_path):
+def test_an_fsdp_run_killed_and_resumed_gives_the_weights_of_an_uninterrupted_one(ranked_runs, tmp_path):
     """kill -9 of the whole job (the launcher and its two ranks) mid-run; the resumed run, sharded again from the gathered
-    state file, ends bitwise where an uninterrupted FSDP run does, rollbacks included."""
-    args = [a for a in sharding_args("awm", trained_tiny, tmp_path) if not a.startswith(("--iters", "--ckpt_every"))]
-    args += ["--ckpt_every=1", "--iters=6", "--spike_factor=1.01"]   # the spike guard acts from the 6th
-    # the uninterrupted run, beside the killed ones
-    ref = torchrun(args, tmp_path / "ref", "fsdp", **PIPES)
+    state file, ends bitwise where the uninterrupted FSDP run of ranked_runs does, rollbacks and undos included."""
+    runs, args, _ = ranked_runs
     for delay in (1.0, 0.3, 0.0):                                  # a later kill can miss the end of a fast run
         shutil.rmtree(tmp_path / "kill", ignore_errors=True)
         p = torchrun(args, tmp_path / "kill", "fsdp", stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -2178,10 +2183,10 @@ def test_an_fsdp_run_killed_and_resumed_gives_the_weights_of_an_uninterrupted_on
         if not (tmp_path / "kill" / "ckpt.safetensors").exists():
             break
     assert not (tmp_path / "kill" / "ckpt.safetensors").exists()    # it was killed before its hand-off
-    finish(ref)
-    assert max(r["rollbacks"] for r in read_log(tmp_path / "ref" / "log.jsonl") if "rollbacks" in r) > 0
+    log = [r for r in read_log(runs / "r2_fsdp" / "log.jsonl") if "rollbacks" in r]
+    assert max(r["rollbacks"] for r in log) > 0 and any(r["hold_undone"] for r in log)
     torchrun(args + ["--resume=true"], tmp_path / "kill", "fsdp")
-    want, got = (checkpoint.read_checkpoint(tmp_path / run / "ckpt.safetensors")[0] for run in ("ref", "kill"))
+    want, got = (checkpoint.read_checkpoint(run / "ckpt.safetensors")[0] for run in (runs / "r2_fsdp", tmp_path / "kill"))
     assert all(torch.equal(want[k], got[k]) for k in want)
 
 
